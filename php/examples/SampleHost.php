@@ -1,0 +1,116 @@
+<?php
+/**
+ * A sample PCR_Utility_EmailHost, as PCR-360 implements it, storing Inquiries, thread entries,
+ * in-app Messages and the Error Log in SQLite (php8.2-sqlite3). Used by the README's main job.
+ */
+declare(strict_types=1);
+
+final class SampleHost implements PCR_Utility_EmailHost
+{
+    private SQLite3 $db;
+
+    public function __construct(string $path)
+    {
+        $this->db = new SQLite3($path);
+        $this->db->busyTimeout(10000);
+        $this->db->exec('PRAGMA journal_mode=WAL');
+        $this->db->exec('CREATE TABLE IF NOT EXISTS inquiries (
+            sd_number TEXT PRIMARY KEY, created TEXT, sender TEXT, subject TEXT, body TEXT,
+            attachments INTEGER, message_id TEXT, mailbox TEXT)');
+        $this->db->exec('CREATE TABLE IF NOT EXISTS thread (
+            id INTEGER PRIMARY KEY, sd_number TEXT, created TEXT, sender TEXT, subject TEXT, auto TEXT)');
+        $this->db->exec('CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, created TEXT, subject TEXT, recipients TEXT)');
+        $this->db->exec('CREATE TABLE IF NOT EXISTS error_log (id INTEGER PRIMARY KEY, created TEXT, message TEXT, context TEXT)');
+    }
+
+    /** Tenant 1 has a Default and a Service Desk account; tenant 2 only a Default one. */
+    public function emailAccounts(): array
+    {
+        $dir = dirname((string) ini_get('pcr_email.config'), 2) . '/email';
+        return [
+            ['RECID' => 101, 'TENANTS_RECID' => 1, 'ACCOUNT_TYPE' => 'default', 'EMAIL' => 'noreply@tenant1.example.edu',
+             'DISPLAY_NAME' => 'Tenant 1', 'OUTGOING_TRANSPORT_TYPE' => 'FILE', 'FILE_PATH' => "$dir/tenant1-default"],
+            ['RECID' => 102, 'TENANTS_RECID' => 1, 'ACCOUNT_TYPE' => 'service_desk', 'EMAIL' => 'servicedesk@tenant1.example.edu',
+             'DISPLAY_NAME' => 'Tenant 1 Service Desk', 'OUTGOING_TRANSPORT_TYPE' => 'FILE', 'FILE_PATH' => "$dir/tenant1-servicedesk"],
+            ['RECID' => 201, 'TENANTS_RECID' => 2, 'ACCOUNT_TYPE' => 'default', 'EMAIL' => 'noreply@tenant2.example.edu',
+             'OUTGOING_TRANSPORT_TYPE' => 'FILE', 'FILE_PATH' => "$dir/tenant2-default"],
+        ];
+    }
+
+    public function blockedEmails(): array
+    {
+        return ['*@spam.example', '/^\[SPAM\]/'];
+    }
+
+    public function createInquiry(array $mail): string
+    {
+        $n = (int) $this->db->querySingle('SELECT COUNT(*) FROM inquiries') + 1;
+        $sd = sprintf('IQ%s%05d', date('Y'), $n);
+        $st = $this->db->prepare('INSERT INTO inquiries VALUES (:sd, :c, :f, :s, :b, :a, :m, :mb)');
+        $st->bindValue(':sd', $sd);
+        $st->bindValue(':c', date('c'));
+        $st->bindValue(':f', $mail['from']['email'] ?? '');
+        $st->bindValue(':s', $mail['subject']);
+        $st->bindValue(':b', $mail['text']);
+        $st->bindValue(':a', count($mail['attachments']));
+        $st->bindValue(':m', $mail['message_id']);
+        $st->bindValue(':mb', $mail['account']['EMAIL'] ?? '');
+        $st->execute();
+        return $sd;
+    }
+
+    public function addToThread(string $sdNumber, array $mail): bool
+    {
+        $exists = $this->db->querySingle("SELECT COUNT(*) FROM inquiries WHERE sd_number = '"
+            . SQLite3::escapeString($sdNumber) . "'");
+        if (!$exists) {
+            return false;
+        }
+        $st = $this->db->prepare('INSERT INTO thread (sd_number, created, sender, subject, auto) VALUES (:sd, :c, :f, :s, :a)');
+        $st->bindValue(':sd', $sdNumber);
+        $st->bindValue(':c', date('c'));
+        $st->bindValue(':f', $mail['from']['email'] ?? '');
+        $st->bindValue(':s', $mail['subject']);
+        $st->bindValue(':a', $mail['auto']);
+        $st->execute();
+        return true;
+    }
+
+    public function deliverMessage(array $message): void
+    {
+        $st = $this->db->prepare('INSERT INTO messages (created, subject, recipients) VALUES (:c, :s, :r)');
+        $st->bindValue(':c', date('c'));
+        $st->bindValue(':s', $message['subject']);
+        $st->bindValue(':r', json_encode($message['to']));
+        $st->execute();
+    }
+
+    public function logError(string $message, array $context): void
+    {
+        $st = $this->db->prepare('INSERT INTO error_log (created, message, context) VALUES (:c, :m, :x)');
+        $st->bindValue(':c', date('c'));
+        $st->bindValue(':m', $message);
+        $st->bindValue(':x', json_encode($context));
+        $st->execute();
+    }
+
+    public function inquiries(): array
+    {
+        $out = [];
+        $r = $this->db->query('SELECT * FROM inquiries ORDER BY sd_number');
+        while ($row = $r->fetchArray(SQLITE3_ASSOC)) {
+            $out[] = $row;
+        }
+        return $out;
+    }
+
+    public function threadEntries(): array
+    {
+        $out = [];
+        $r = $this->db->query('SELECT * FROM thread ORDER BY id');
+        while ($row = $r->fetchArray(SQLITE3_ASSOC)) {
+            $out[] = $row;
+        }
+        return $out;
+    }
+}

@@ -1,0 +1,473 @@
+#!/usr/bin/env bash
+# Local servers for the integration tests, all on 127.0.0.1 (see tests/servers/README.md):
+#   scripts/test-servers.sh start    (re)start everything, write .testenv/env
+#   scripts/test-servers.sh stop     stop what `start` started (by recorded pid)
+#   scripts/test-servers.sh status   show what runs; exit 0 only when all is up
+# Ports are PCR_TEST_PORT_BASE (default 24800) + a fixed offset; latency of the delay proxy
+# is PCR_TEST_DELAY_MS (default 20).
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+BASE="${PCR_TEST_PORT_BASE:-24800}"
+case "$BASE" in '' | *[!0-9]*) die "PCR_TEST_PORT_BASE must be a number, got '$BASE'" ;; esac
+[ "$BASE" -ge 1024 ] && [ "$BASE" -le 65436 ] || die "PCR_TEST_PORT_BASE must be in 1024..65436"
+DELAY_MS="${PCR_TEST_DELAY_MS:-20}"
+SLOW_SECONDS=10 # DATA reply delay for "slow*" recipients
+HOST=127.0.0.1
+
+P_SMTP_STARTTLS=$((BASE + 0))
+P_SMTP_TLS=$((BASE + 1))
+P_SMTP_WRONGHOST=$((BASE + 2))
+P_SMTP_PLAIN=$((BASE + 3))
+P_SMTP_PLAINAUTH=$((BASE + 4))
+P_SILENT=$((BASE + 9))
+P_IMAP=$((BASE + 10))
+P_IMAPS=$((BASE + 11))
+P_POP3=$((BASE + 12))
+P_POP3S=$((BASE + 13))
+P_D_SMTP_STARTTLS=$((BASE + 20))
+P_D_SMTP_TLS=$((BASE + 21))
+P_D_SMTP_PLAIN=$((BASE + 22))
+P_D_IMAP=$((BASE + 23))
+P_D_IMAPS=$((BASE + 24))
+P_D_POP3=$((BASE + 25))
+P_D_POP3S=$((BASE + 26))
+P_CLOUD=$((BASE + 30)) # cloud_emulator.py (Microsoft identity + Graph, Google OAuth + Gmail)
+SPARE_FIRST=$((BASE + 50))
+SPARE_LAST=$((BASE + 99))
+
+T="$PCR_TESTENV"
+CERTS="$T/certs"
+PIDS="$T/pids"
+LOGS="$T/logs"
+SMTP_DROP="$T/smtp"
+USERS_FILE="$T/users"
+DOVECOT_DIR="$T/dovecot"
+DOVECOT_CONF="$DOVECOT_DIR/dovecot.conf"
+DOVECOT_PASSWD="$DOVECOT_DIR/passwd"
+# Unix socket paths are limited to ~108 bytes, so Dovecot's runtime dir stays short.
+DOVECOT_BASE_DIR="${TMPDIR:-/tmp}/pcr-dovecot-$(id -u)-$BASE"
+MAIL_ROOT="$T/mail"
+MSMTPRC="$T/msmtprc"
+SENDMAIL="$T/bin/sendmail"
+ENV_FILE="$T/env"
+DOVECOT_BIN=/usr/sbin/dovecot
+DOVECOT_LDA=/usr/lib/dovecot/dovecot-lda
+DOVEADM=/usr/bin/doveadm
+MSMTP_BIN=/usr/bin/msmtp
+PY="$PCR_VENV/bin/python"
+MAIL_DOMAIN=test.local
+
+# Mail users (<name>@test.local): every one can log in to IMAP/POP3 AND to the AUTH SMTP
+# listeners (a PCR-360 account has one login for incoming and outgoing).
+# Password scheme: pw-<name>-S3cret, except `quoted`, whose password exercises quoting.
+MAIL_USERS=(user other smoke smoke2 imapuser pop3user mbox1 mbox2 mbox3 mbox4 mbox5 mbox6 quoted
+    bench1 bench2 bench3 bench4)
+QUOTED_PASSWORD='Q"uo\ted pw*'
+password_for() {
+    if [ "$1" = quoted ]; then printf '%s' "$QUOTED_PASSWORD"; else printf 'pw-%s-S3cret' "$1"; fi
+}
+
+# The services `start` runs, each with .testenv/pids/<name>.pid and .testenv/logs/<name>.log.
+SERVICES=(smtp dovecot silent delay cloud)
+
+port_open() {
+    (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
+}
+
+pid_of() { # pid recorded for a service, if that process still runs the expected program
+    local name="$1" pidfile="$PIDS/$1.pid" pid expect
+    [ -f "$pidfile" ] || return 1
+    pid="$(tr -dc 0-9 <"$pidfile")"
+    [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
+    case "$name" in
+        smtp) expect="$PCR_SERVERS_SRC/smtp_server.py" ;;
+        silent) expect="$PCR_SERVERS_SRC/silent_server.py" ;;
+        delay) expect="$PCR_SERVERS_SRC/delay_proxy.py" ;;
+        cloud) expect="$PCR_SERVERS_SRC/cloud_emulator.py" ;;
+        dovecot) expect="$DOVECOT_CONF" ;;
+        *) return 1 ;;
+    esac
+    # Guard against a recycled pid: the process must still be the one we started.
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$expect" || return 1
+    printf '%s' "$pid"
+}
+
+stop_service() {
+    local name="$1" pid i
+    if pid="$(pid_of "$name")"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 100; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "$name (pid $pid) ignored SIGTERM for 10s; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        log "stopped $name (pid $pid)"
+    fi
+    rm -f "$PIDS/$name.pid"
+}
+
+cmd_stop() {
+    local s i
+    rm -f "$ENV_FILE"
+    for s in "${SERVICES[@]}"; do stop_service "$s"; done
+    # Dovecot's children exit with their master; give them a moment so the ports are free.
+    for ((i = 0; i < 50; i++)); do
+        port_open "$P_IMAP" || port_open "$P_POP3" || break
+        sleep 0.1
+    done
+}
+
+all_ports() {
+    echo "$P_SMTP_STARTTLS $P_SMTP_TLS $P_SMTP_WRONGHOST $P_SMTP_PLAIN $P_SMTP_PLAINAUTH $P_SILENT" \
+        "$P_IMAP $P_IMAPS $P_POP3 $P_POP3S $P_D_SMTP_STARTTLS $P_D_SMTP_TLS $P_D_SMTP_PLAIN" \
+        "$P_D_IMAP $P_D_IMAPS $P_D_POP3 $P_D_POP3S $P_CLOUD"
+}
+
+cmd_status() {
+    local s pid ok=0 p
+    for s in "${SERVICES[@]}"; do
+        if pid="$(pid_of "$s")"; then
+            echo "$s: running (pid $pid)"
+        else
+            echo "$s: not running"
+            ok=1
+        fi
+    done
+    for p in $(all_ports); do
+        port_open "$p" || { echo "port $p: not answering"; ok=1; }
+    done
+    [ "$ok" = 0 ] && echo "all test servers up (env: $ENV_FILE)"
+    return "$ok"
+}
+
+spawn() { # spawn <name> <command...>: start in background, stdio to its log, record pid
+    local name="$1"
+    shift
+    nohup "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
+    echo $! >"$PIDS/$name.pid"
+}
+
+fail_start() {
+    local name="$1" msg="$2"
+    {
+        echo "ERROR: $msg"
+        echo "---- last lines of $LOGS/$name.log ----"
+        tail -n 30 "$LOGS/$name.log" 2>/dev/null || true
+    } >&2
+    cmd_stop
+    exit 1
+}
+
+wait_ports() { # wait_ports <name> <port...>: bounded wait for a service's ports
+    local name="$1" p deadline
+    shift
+    deadline=$((SECONDS + 20))
+    for p in "$@"; do
+        until port_open "$p"; do
+            pid_of "$name" >/dev/null || fail_start "$name" "$name exited before port $p answered"
+            [ "$SECONDS" -lt "$deadline" ] || fail_start "$name" "$name: port $p not answering after 20s"
+            sleep 0.1
+        done
+    done
+}
+
+write_users() {
+    local u pw
+    : >"$USERS_FILE.tmp"
+    : >"$DOVECOT_PASSWD.tmp"
+    chmod 600 "$USERS_FILE.tmp" "$DOVECOT_PASSWD.tmp"
+    for u in "${MAIL_USERS[@]}"; do
+        pw="$(password_for "$u")"
+        printf '%s@%s:%s\n' "$u" "$MAIL_DOMAIN" "$pw" >>"$USERS_FILE.tmp"
+        printf '%s@%s:{PLAIN}%s\n' "$u" "$MAIL_DOMAIN" "$pw" >>"$DOVECOT_PASSWD.tmp"
+    done
+    mv -f "$USERS_FILE.tmp" "$USERS_FILE"
+    mv -f "$DOVECOT_PASSWD.tmp" "$DOVECOT_PASSWD"
+}
+
+# Dovecot never runs mail processes as uid 0 and refuses root login processes, so as root we
+# use Debian's `mail` user for mailbox access and `dovenull` for the login processes; internal
+# processes (auth, config, log) stay root so they can read files under a 0700 $HOME.
+# As a normal user, everything runs as that user.
+prepare_mail_root() {
+    rm -rf "$MAIL_ROOT"
+    MAIL_ROOT_REAL="$MAIL_ROOT"
+    if [ "$(id -u)" = 0 ]; then
+        MAIL_UID="$(id -u mail)"
+        MAIL_GID="$(id -g mail)"
+        LOGIN_USER=dovenull
+        id dovenull >/dev/null 2>&1 || LOGIN_USER=nobody
+        INTERNAL_USER=root
+        # The mail user must reach the maildirs; a checkout under /root (0700) is not
+        # traversable, so then the mailboxes live in $TMPDIR and .testenv/mail links there.
+        if ! setpriv --reuid="$MAIL_UID" --regid="$MAIL_GID" --clear-groups test -x "$T" 2>/dev/null; then
+            MAIL_ROOT_REAL="${TMPDIR:-/tmp}/pcr-mail-$BASE"
+            rm -rf "$MAIL_ROOT_REAL"
+            ln -s "$MAIL_ROOT_REAL" "$MAIL_ROOT"
+        fi
+        mkdir -p "$MAIL_ROOT_REAL"
+        chmod 755 "$MAIL_ROOT_REAL"
+    else
+        MAIL_UID="$(id -u)"
+        MAIL_GID="$(id -g)"
+        LOGIN_USER="$(id -un)"
+        INTERNAL_USER="$(id -un)"
+        mkdir -p "$MAIL_ROOT"
+    fi
+    # Empty maildirs up front, so a test may drop files into Maildir/new before any login.
+    local u
+    for u in "${MAIL_USERS[@]}"; do
+        mkdir -p "$MAIL_ROOT_REAL/$u@$MAIL_DOMAIN/Maildir/"{cur,new,tmp}
+    done
+    chown -R "$MAIL_UID:$MAIL_GID" "$MAIL_ROOT_REAL"
+}
+
+write_dovecot_conf() {
+    # Without root, nothing can chroot.
+    local chroot_lines="" anvil_block=""
+    if [ "$(id -u)" != 0 ]; then
+        chroot_lines="  chroot ="
+        anvil_block="service anvil {
+  chroot =
+}"
+    fi
+    cat >"$DOVECOT_CONF" <<EOF
+# Generated by scripts/test-servers.sh: our own Dovecot instance for the tests (not the
+# system one). Started as: $DOVECOT_BIN -F -c $DOVECOT_CONF
+instance_name = pcr-test-$BASE
+base_dir = $DOVECOT_BASE_DIR
+state_dir = $DOVECOT_DIR/state
+protocols = imap pop3
+listen = $HOST
+log_path = $LOGS/dovecot.log
+auth_verbose = yes
+
+default_internal_user = $INTERNAL_USER
+default_internal_group = $(id -gn "$INTERNAL_USER")
+default_login_user = $LOGIN_USER
+first_valid_uid = $MAIL_UID
+first_valid_gid = $MAIL_GID
+
+ssl = yes
+ssl_cert = <$CERTS/server.pem
+ssl_key = <$CERTS/server.key
+# Plaintext logins are allowed without TLS too (accounts with SSL = "").
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_failure_delay = 0
+
+passdb {
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u $DOVECOT_PASSWD
+}
+userdb {
+  driver = static
+  args = uid=$MAIL_UID gid=$MAIL_GID home=$MAIL_ROOT_REAL/%u
+}
+mail_location = maildir:~/Maildir
+namespace inbox {
+  inbox = yes
+}
+mail_max_userip_connections = 1000
+lda_mailbox_autocreate = yes
+lda_mailbox_autosubscribe = yes
+postmaster_address = postmaster@$MAIL_DOMAIN
+
+service imap-login {
+  inet_listener imap {
+    address = $HOST
+    port = $P_IMAP
+  }
+  inet_listener imaps {
+    address = $HOST
+    port = $P_IMAPS
+    ssl = yes
+  }
+$chroot_lines
+}
+service pop3-login {
+  inet_listener pop3 {
+    address = $HOST
+    port = $P_POP3
+  }
+  inet_listener pop3s {
+    address = $HOST
+    port = $P_POP3S
+    ssl = yes
+  }
+$chroot_lines
+}
+$anvil_block
+EOF
+}
+
+write_msmtp() {
+    # msmtp refuses a password-bearing rc file readable by others.
+    rm -f "$MSMTPRC"
+    (umask 077 && cat >"$MSMTPRC") <<EOF
+# Generated by scripts/test-servers.sh: relays to the STARTTLS+AUTH test SMTP server.
+defaults
+tls on
+tls_starttls on
+tls_trust_file $CERTS/ca.pem
+logfile $LOGS/msmtp.log
+timeout 30
+
+account test
+host $HOST
+port $P_SMTP_STARTTLS
+auth on
+user user@$MAIL_DOMAIN
+password $(password_for user)
+from sender@$MAIL_DOMAIN
+
+account default : test
+EOF
+    mkdir -p "$(dirname "$SENDMAIL")"
+    cat >"$SENDMAIL.tmp" <<EOF
+#!/bin/sh
+# sendmail-compatible wrapper (e.g. -i -f <from> -- <rcpts>, or -t) for the tests.
+exec $MSMTP_BIN -C "$MSMTPRC" "\$@"
+EOF
+    chmod 755 "$SENDMAIL.tmp"
+    mv -f "$SENDMAIL.tmp" "$SENDMAIL"
+}
+
+shq() { # single-quote for the shell
+    printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"
+}
+
+write_env() {
+    local u upper
+    {
+        echo "# Generated by scripts/test-servers.sh start; source it (or let tests/common read it)."
+        emit() { printf 'export %s=%s\n' "$1" "$(shq "$2")"; }
+        emit PCR_TESTENV "$T"
+        emit PCR_TEST_PORT_BASE "$BASE"
+        emit PCR_TEST_HOST "$HOST"
+        emit PCR_TEST_TLS_HOST localhost
+        emit PCR_TEST_WRONG_HOST other.example
+        emit PCR_TEST_CA "$CERTS/ca.pem"
+        emit PCR_TEST_CERT "$CERTS/server.pem"
+        emit PCR_TEST_KEY "$CERTS/server.key"
+        emit PCR_TEST_OTHER_CERT "$CERTS/other.pem"
+        emit PCR_TEST_OTHER_KEY "$CERTS/other.key"
+        emit PCR_TEST_PYTHON "$PY"
+        emit PCR_TEST_SERVERS_DIR "$PCR_SERVERS_SRC"
+        emit PCR_TEST_SPARE_PORT_FIRST "$SPARE_FIRST"
+        emit PCR_TEST_SPARE_PORT_LAST "$SPARE_LAST"
+        emit PCR_SMTP_STARTTLS_PORT "$P_SMTP_STARTTLS"
+        emit PCR_SMTP_TLS_PORT "$P_SMTP_TLS"
+        emit PCR_SMTP_WRONGHOST_PORT "$P_SMTP_WRONGHOST"
+        emit PCR_SMTP_PLAIN_PORT "$P_SMTP_PLAIN"
+        emit PCR_SMTP_PLAINAUTH_PORT "$P_SMTP_PLAINAUTH"
+        emit PCR_SMTP_DROP_DIR "$SMTP_DROP"
+        emit PCR_SMTP_SLOW_SECONDS "$SLOW_SECONDS"
+        emit PCR_SMTP_USER "user@$MAIL_DOMAIN"
+        emit PCR_SMTP_PASS "$(password_for user)"
+        emit PCR_SMTP_USER2 "other@$MAIL_DOMAIN"
+        emit PCR_SMTP_PASS2 "$(password_for other)"
+        emit PCR_SILENT_PORT "$P_SILENT"
+        emit PCR_IMAP_PORT "$P_IMAP"
+        emit PCR_IMAPS_PORT "$P_IMAPS"
+        emit PCR_POP3_PORT "$P_POP3"
+        emit PCR_POP3S_PORT "$P_POP3S"
+        emit PCR_IMAP_USER "imapuser@$MAIL_DOMAIN"
+        emit PCR_IMAP_PASS "$(password_for imapuser)"
+        emit PCR_POP3_USER "pop3user@$MAIL_DOMAIN"
+        emit PCR_POP3_PASS "$(password_for pop3user)"
+        emit PCR_MAIL_DOMAIN "$MAIL_DOMAIN"
+        emit PCR_MAIL_USERS "$(printf "%s@$MAIL_DOMAIN " "${MAIL_USERS[@]}" | sed 's/ $//')"
+        for u in "${MAIL_USERS[@]}"; do
+            upper="$(printf '%s' "$u" | tr '[:lower:]' '[:upper:]')"
+            emit "PCR_PASS_$upper" "$(password_for "$u")"
+        done
+        emit PCR_USERS_FILE "$USERS_FILE"
+        emit PCR_MAIL_ROOT "$MAIL_ROOT_REAL"
+        emit PCR_DOVECOT_CONF "$DOVECOT_CONF"
+        emit PCR_DOVECOT_BASE_DIR "$DOVECOT_BASE_DIR"
+        emit PCR_DOVECOT_LDA "$DOVECOT_LDA"
+        emit PCR_DOVEADM "$DOVEADM"
+        emit PCR_SENDMAIL "$SENDMAIL"
+        emit PCR_MSMTPRC "$MSMTPRC"
+        emit PCR_DELAY_MS "$DELAY_MS"
+        emit PCR_DELAY_SMTP_STARTTLS_PORT "$P_D_SMTP_STARTTLS"
+        emit PCR_DELAY_SMTP_TLS_PORT "$P_D_SMTP_TLS"
+        emit PCR_DELAY_SMTP_PLAIN_PORT "$P_D_SMTP_PLAIN"
+        emit PCR_DELAY_IMAP_PORT "$P_D_IMAP"
+        emit PCR_DELAY_IMAPS_PORT "$P_D_IMAPS"
+        emit PCR_DELAY_POP3_PORT "$P_D_POP3"
+        emit PCR_DELAY_POP3S_PORT "$P_D_POP3S"
+        emit PCR_CLOUD_PORT "$P_CLOUD"
+        emit PCR_CLOUD_URL "http://$HOST:$P_CLOUD"
+    } >"$ENV_FILE.tmp"
+    mv -f "$ENV_FILE.tmp" "$ENV_FILE"
+}
+
+cmd_start() {
+    local p
+    [ -x "$PY" ] && "$PY" -c 'import aiosmtpd' 2>/dev/null ||
+        die "no Python venv with aiosmtpd at $PCR_VENV: run scripts/install-deps.sh"
+    for p in "$DOVECOT_BIN" "$DOVECOT_LDA" "$DOVEADM" "$MSMTP_BIN" openssl setpriv; do
+        command -v "$p" >/dev/null || die "$p not found: run scripts/install-deps.sh"
+    done
+    mkdir -p "$PIDS" "$LOGS"
+    cmd_stop
+    for p in $(all_ports); do
+        port_open "$p" && die "port $p is already in use by another program (choose another block with PCR_TEST_PORT_BASE)"
+    done
+
+    bash "$PCR_SERVERS_SRC/gen-certs.sh" "$CERTS" || die "certificate generation failed"
+    mkdir -p "$DOVECOT_DIR/state"
+    rm -rf "$SMTP_DROP" "$DOVECOT_BASE_DIR"
+    mkdir -p "$SMTP_DROP"
+    : >"$LOGS/smtp.log"
+    : >"$LOGS/dovecot.log"
+    : >"$LOGS/silent.log"
+    : >"$LOGS/delay.log"
+    : >"$LOGS/cloud.log"
+    write_users
+    prepare_mail_root
+    write_dovecot_conf
+    write_msmtp
+    "$DOVECOT_BIN" -c "$DOVECOT_CONF" -n >/dev/null 2>"$LOGS/dovecot.log" ||
+        fail_start dovecot "invalid generated config $DOVECOT_CONF"
+
+    spawn dovecot "$DOVECOT_BIN" -F -c "$DOVECOT_CONF"
+    spawn smtp "$PY" -u "$PCR_SERVERS_SRC/smtp_server.py" --host "$HOST" \
+        --users "$USERS_FILE" --drop-dir "$SMTP_DROP" \
+        --cert "$CERTS/server.pem" --key "$CERTS/server.key" \
+        --other-cert "$CERTS/other.pem" --other-key "$CERTS/other.key" \
+        --starttls-port "$P_SMTP_STARTTLS" --tls-port "$P_SMTP_TLS" \
+        --wronghost-port "$P_SMTP_WRONGHOST" --plain-port "$P_SMTP_PLAIN" \
+        --plainauth-port "$P_SMTP_PLAINAUTH" --slow-seconds "$SLOW_SECONDS"
+    spawn silent "$PY" -u "$PCR_SERVERS_SRC/silent_server.py" --host "$HOST" --port "$P_SILENT"
+    spawn delay "$PY" -u "$PCR_SERVERS_SRC/delay_proxy.py" --host "$HOST" --delay-ms "$DELAY_MS" \
+        "$P_D_SMTP_STARTTLS:$HOST:$P_SMTP_STARTTLS" "$P_D_SMTP_TLS:$HOST:$P_SMTP_TLS" \
+        "$P_D_SMTP_PLAIN:$HOST:$P_SMTP_PLAIN" "$P_D_IMAP:$HOST:$P_IMAP" \
+        "$P_D_IMAPS:$HOST:$P_IMAPS" "$P_D_POP3:$HOST:$P_POP3" "$P_D_POP3S:$HOST:$P_POP3S"
+    spawn cloud "$PY" -u "$PCR_SERVERS_SRC/cloud_emulator.py" --host "$HOST" --port "$P_CLOUD"
+
+    wait_ports dovecot "$P_IMAP" "$P_IMAPS" "$P_POP3" "$P_POP3S"
+    wait_ports smtp "$P_SMTP_STARTTLS" "$P_SMTP_TLS" "$P_SMTP_WRONGHOST" "$P_SMTP_PLAIN" "$P_SMTP_PLAINAUTH"
+    wait_ports silent "$P_SILENT"
+    wait_ports delay "$P_D_SMTP_STARTTLS" "$P_D_SMTP_TLS" "$P_D_SMTP_PLAIN" "$P_D_IMAP" \
+        "$P_D_IMAPS" "$P_D_POP3" "$P_D_POP3S"
+    wait_ports cloud "$P_CLOUD"
+
+    write_env
+    log "test servers up on $HOST, ports $BASE..$((BASE + 30)); env: $ENV_FILE"
+}
+
+case "${1:-}" in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    restart) cmd_start ;;
+    *) die "usage: $0 start|stop|status" ;;
+esac

@@ -1,0 +1,545 @@
+//! The one normalised account shape, for the INI master and the tenant rows PHP hands over.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A password, client secret, token or key. Never printed: `Debug` and `Display` redact it.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The clear value, for the one place that hands it to a server.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// `master` for the INI account, else the tenant row's RECID.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AccountId {
+    Master,
+    Tenant(i64),
+}
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccountId::Master => f.write_str("master"),
+            AccountId::Tenant(id) => write!(f, "{id}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AccountType {
+    /// The INI account (one per application).
+    Master,
+    /// Tenant Default: sends everything but SD threads, never receives.
+    Default,
+    /// Tenant Service Desk: sends and receives Service Desk mail.
+    ServiceDesk,
+}
+
+impl AccountType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountType::Master => "master",
+            AccountType::Default => "default",
+            AccountType::ServiceDesk => "service_desk",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportType {
+    File,
+    Sendmail,
+    Smtp,
+    Office365,
+    Gmail,
+}
+
+impl TransportType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportType::File => "FILE",
+            TransportType::Sendmail => "SENDMAIL",
+            TransportType::Smtp => "SMTP",
+            TransportType::Office365 => "OFFICE365",
+            TransportType::Gmail => "GMAIL",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MailboxType {
+    Imap,
+    Pop3,
+    Maildir,
+    Office365,
+    Gmail,
+}
+
+impl MailboxType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MailboxType::Imap => "IMAP",
+            MailboxType::Pop3 => "POP3",
+            MailboxType::Maildir => "MAILDIR",
+            MailboxType::Office365 => "OFFICE365",
+            MailboxType::Gmail => "GMAIL",
+        }
+    }
+}
+
+/// `SSL` = implicit TLS, `TLS` = STARTTLS (required), `""` = none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SslMode {
+    None,
+    Ssl,
+    StartTls,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::None => "",
+            SslMode::Ssl => "SSL",
+            SslMode::StartTls => "TLS",
+        }
+    }
+}
+
+/// What happens to a message in its mailbox once the host accepted it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ProcessedAction {
+    Seen,
+    Delete,
+    Move(String),
+}
+
+/// Certificate checking for one account's servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// `VERIFY_CERT` (default true).
+    pub verify_cert: bool,
+    /// `CA_FILE`: a PEM file of extra trusted CAs.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            verify_cert: true,
+            ca_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub transport: TransportType,
+    /// SMTP only (required there).
+    pub host: Option<String>,
+    /// SMTP: defaults to 465 for SSL, 587 for TLS, 25 otherwise.
+    pub port: u16,
+    pub ssl: SslMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    pub mailbox: MailboxType,
+    /// IMAP / POP3 only (required there).
+    pub host: Option<String>,
+    /// IMAP: 993 for SSL, 143 otherwise; POP3: 995 for SSL, 110 otherwise.
+    pub port: u16,
+    pub ssl: SslMode,
+    /// `INCOMING_FOLDER` (IMAP folder, Graph folder, Gmail label), default INBOX.
+    pub folder: String,
+    /// `INCOMING_PATH` for MAILDIR.
+    pub path: Option<PathBuf>,
+    pub processed_action: ProcessedAction,
+    pub max_messages: usize,
+    pub max_message_bytes: u64,
+}
+
+/// The OAuth2 tab of an OFFICE365 / GMAIL tenant account.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OAuthSettings {
+    pub application_id: String,
+    pub secret_key: Option<Secret>,
+    pub authority_url: String,
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
+    pub scopes: Vec<String>,
+    /// Gmail service accounts: the key file's JSON (already read if a path was given).
+    pub service_account_json: Option<Secret>,
+    pub impersonate: Option<String>,
+    /// `API_BASE_URL`: Graph (`https://graph.microsoft.com/v1.0`) or Gmail
+    /// (`https://gmail.googleapis.com`) base; configurable so tests reach local emulators.
+    pub api_base_url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub id: AccountId,
+    pub tenants_recid: i64,
+    pub account_type: AccountType,
+    /// The From address.
+    pub email: String,
+    pub display_name: Option<String>,
+    /// One username for incoming and outgoing; defaults to `email`.
+    pub login: Option<String>,
+    /// Already decrypted when it was stored as `ENC:v1:`.
+    pub password: Option<Secret>,
+    pub outgoing: Option<Outgoing>,
+    pub incoming: Option<Incoming>,
+    pub sysadmin: Option<String>,
+    pub tls: TlsSettings,
+    /// FILE transport directory.
+    pub file_path: PathBuf,
+    pub sendmail_path: PathBuf,
+    /// Connect and read timeout for every server of this account.
+    pub timeout: Duration,
+    pub oauth: Option<OAuthSettings>,
+}
+
+impl Account {
+    /// The username to log in with: `LOGIN`, else `EMAIL`.
+    pub fn login_name(&self) -> &str {
+        self.login.as_deref().unwrap_or(&self.email)
+    }
+
+    /// The account as the public API shows it: no password, no secret, no token.
+    pub fn public_view(&self) -> serde_json::Value {
+        let outgoing = self.outgoing.as_ref().map(|o| {
+            serde_json::json!({
+                "OUTGOING_TRANSPORT_TYPE": o.transport.as_str(),
+                "OUTGOING_HOST": o.host,
+                "OUTGOING_PORT": o.port,
+                "OUTGOING_SSL": o.ssl.as_str(),
+            })
+        });
+        let incoming = self.incoming.as_ref().map(|i| {
+            serde_json::json!({
+                "INCOMING_MAILBOX_TYPE": i.mailbox.as_str(),
+                "INCOMING_HOST": i.host,
+                "INCOMING_PORT": i.port,
+                "INCOMING_SSL": i.ssl.as_str(),
+                "INCOMING_FOLDER": i.folder,
+                "INCOMING_PATH": i.path.as_ref().map(|p| p.display().to_string()),
+            })
+        });
+        let mut view = serde_json::json!({
+            "RECID": match &self.id {
+                AccountId::Master => serde_json::Value::from("master"),
+                AccountId::Tenant(id) => serde_json::Value::from(*id),
+            },
+            "TENANTS_RECID": self.tenants_recid,
+            "ACCOUNT_TYPE": self.account_type.as_str(),
+            "EMAIL": self.email,
+            "DISPLAY_NAME": self.display_name,
+            "LOGIN": self.login_name(),
+            "SYSADMIN": self.sysadmin,
+            "VERIFY_CERT": self.tls.verify_cert,
+        });
+        let map = view.as_object_mut().expect("object");
+        for part in [outgoing, incoming].into_iter().flatten() {
+            if let serde_json::Value::Object(fields) = part {
+                map.extend(fields);
+            }
+        }
+        view
+    }
+}
+
+// ----- Parsing and defaults (used by the INI reader and the tenant rows) -----
+
+impl AccountType {
+    /// `default` / `service_desk` (also `Default`, `Service Desk`, `servicedesk`) and `master`,
+    /// case-insensitively.
+    pub fn parse(value: &str) -> Option<AccountType> {
+        let norm: String = value
+            .trim()
+            .chars()
+            .filter(|c| !matches!(c, ' ' | '_' | '-'))
+            .collect::<String>()
+            .to_ascii_lowercase();
+        match norm.as_str() {
+            "master" | "masterdefault" => Some(AccountType::Master),
+            "default" | "tenantdefault" => Some(AccountType::Default),
+            "servicedesk" | "sd" => Some(AccountType::ServiceDesk),
+            _ => None,
+        }
+    }
+}
+
+impl TransportType {
+    /// `FILE`, `SENDMAIL`, `SMTP`, `OFFICE365`, `GMAIL`, case-insensitively.
+    pub fn parse(value: &str) -> Option<TransportType> {
+        match value.trim().to_ascii_uppercase().as_str() {
+            "FILE" => Some(TransportType::File),
+            "SENDMAIL" => Some(TransportType::Sendmail),
+            "SMTP" => Some(TransportType::Smtp),
+            "OFFICE365" | "O365" => Some(TransportType::Office365),
+            "GMAIL" => Some(TransportType::Gmail),
+            _ => None,
+        }
+    }
+
+    /// OFFICE365 and GMAIL: OAuth, tenant accounts only.
+    pub fn is_cloud(self) -> bool {
+        matches!(self, TransportType::Office365 | TransportType::Gmail)
+    }
+}
+
+impl MailboxType {
+    /// `IMAP`, `POP3`, `MAILDIR`, `OFFICE365`, `GMAIL`, case-insensitively.
+    pub fn parse(value: &str) -> Option<MailboxType> {
+        match value.trim().to_ascii_uppercase().as_str() {
+            "IMAP" => Some(MailboxType::Imap),
+            "POP3" | "POP" => Some(MailboxType::Pop3),
+            "MAILDIR" => Some(MailboxType::Maildir),
+            "OFFICE365" | "O365" => Some(MailboxType::Office365),
+            "GMAIL" => Some(MailboxType::Gmail),
+            _ => None,
+        }
+    }
+
+    /// OFFICE365 and GMAIL: OAuth, tenant accounts only.
+    pub fn is_cloud(self) -> bool {
+        matches!(self, MailboxType::Office365 | MailboxType::Gmail)
+    }
+}
+
+impl SslMode {
+    /// `SSL`, `TLS` (also `STARTTLS`) or empty (also `NONE`), case-insensitively.
+    pub fn parse(value: &str) -> Option<SslMode> {
+        match value.trim().to_ascii_uppercase().as_str() {
+            "" | "NONE" => Some(SslMode::None),
+            "SSL" => Some(SslMode::Ssl),
+            "TLS" | "STARTTLS" => Some(SslMode::StartTls),
+            _ => None,
+        }
+    }
+}
+
+impl ProcessedAction {
+    /// `seen`, `delete` or `move:<folder>` (keyword case-insensitive, folder kept as written).
+    pub fn parse(value: &str) -> Option<ProcessedAction> {
+        let value = value.trim();
+        let lower = value.to_ascii_lowercase();
+        match lower.as_str() {
+            "seen" => Some(ProcessedAction::Seen),
+            "delete" => Some(ProcessedAction::Delete),
+            _ if lower.starts_with("move:") => {
+                let folder = value[5..].trim();
+                (!folder.is_empty() && !folder.chars().any(char::is_control))
+                    .then(|| ProcessedAction::Move(folder.to_string()))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn as_string(&self) -> String {
+        match self {
+            ProcessedAction::Seen => "seen".to_string(),
+            ProcessedAction::Delete => "delete".to_string(),
+            ProcessedAction::Move(folder) => format!("move:{folder}"),
+        }
+    }
+}
+
+impl Outgoing {
+    /// SMTP: 465 for SSL, 587 for TLS, 25 otherwise; the cloud APIs 443; FILE/SENDMAIL 0.
+    pub fn default_port(transport: TransportType, ssl: SslMode) -> u16 {
+        match (transport, ssl) {
+            (TransportType::Smtp, SslMode::Ssl) => 465,
+            (TransportType::Smtp, SslMode::StartTls) => 587,
+            (TransportType::Smtp, SslMode::None) => 25,
+            (TransportType::Office365 | TransportType::Gmail, _) => 443,
+            (TransportType::File | TransportType::Sendmail, _) => 0,
+        }
+    }
+}
+
+impl Incoming {
+    /// IMAP: 993 for SSL, 143 otherwise; POP3: 995 for SSL, 110 otherwise; the cloud APIs
+    /// 443; MAILDIR 0.
+    pub fn default_port(mailbox: MailboxType, ssl: SslMode) -> u16 {
+        match (mailbox, ssl) {
+            (MailboxType::Imap, SslMode::Ssl) => 993,
+            (MailboxType::Imap, _) => 143,
+            (MailboxType::Pop3, SslMode::Ssl) => 995,
+            (MailboxType::Pop3, _) => 110,
+            (MailboxType::Office365 | MailboxType::Gmail, _) => 443,
+            (MailboxType::Maildir, _) => 0,
+        }
+    }
+}
+
+/// A boolean as PHP configurations write it: `true/false/on/off/yes/no/1/0` (any case) and
+/// `""` (false). `None` for anything else.
+pub fn parse_bool(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" => Some(true),
+        "" | "0" | "false" | "off" | "no" | "none" | "null" => Some(false),
+        _ => None,
+    }
+}
+
+/// A TCP port, 1..=65535.
+pub fn parse_port(value: &str) -> Option<u16> {
+    value.trim().parse::<u16>().ok().filter(|p| *p != 0)
+}
+
+/// Why `value` is not usable as one email address (`None` when it is). Deliberately simple:
+/// one `@`-separated local part and domain, no spaces, no control characters, nothing that
+/// would let the value add a header or a recipient.
+pub fn address_problem(value: &str) -> Option<&'static str> {
+    if value.chars().any(char::is_control) {
+        return Some("contains a line break or control character");
+    }
+    if value
+        .chars()
+        .any(|c| c.is_whitespace() || "<>,;\"()[]\\".contains(c))
+    {
+        return Some("is not a plain address (no spaces, <>, commas or quotes)");
+    }
+    match value.rsplit_once('@') {
+        Some((local, domain))
+            if !local.is_empty()
+                && !domain.is_empty()
+                && !domain.contains('@')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.') =>
+        {
+            None
+        }
+        _ => Some("is not an email address (expected name@domain)"),
+    }
+}
+
+/// Why `value` is not usable as a server host name (`None` when it is).
+pub fn host_problem(value: &str) -> Option<&'static str> {
+    if value.contains("://") {
+        return Some("must be a host name only (the encryption goes in the SSL key)");
+    }
+    if value
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || "/\\@".contains(c))
+    {
+        return Some("is not a host name");
+    }
+    let bracketed = value.starts_with('[') && value.ends_with(']');
+    if value.contains(':') && !bracketed && value.parse::<std::net::Ipv6Addr>().is_err() {
+        return Some("must be a host name only (the port goes in the PORT key)");
+    }
+    None
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn enum_parsers() {
+        assert_eq!(
+            AccountType::parse("Service Desk"),
+            Some(AccountType::ServiceDesk)
+        );
+        assert_eq!(
+            AccountType::parse("service_desk"),
+            Some(AccountType::ServiceDesk)
+        );
+        assert_eq!(AccountType::parse("DEFAULT"), Some(AccountType::Default));
+        assert_eq!(AccountType::parse("admin"), None);
+        assert_eq!(TransportType::parse(" smtp "), Some(TransportType::Smtp));
+        assert_eq!(TransportType::parse("IMAP"), None);
+        assert_eq!(MailboxType::parse("Maildir"), Some(MailboxType::Maildir));
+        assert_eq!(MailboxType::parse("MBOX"), None);
+        assert_eq!(SslMode::parse(""), Some(SslMode::None));
+        assert_eq!(SslMode::parse("tls"), Some(SslMode::StartTls));
+        assert_eq!(SslMode::parse("yes"), None);
+        assert_eq!(ProcessedAction::parse("SEEN"), Some(ProcessedAction::Seen));
+        assert_eq!(
+            ProcessedAction::parse("move: Done/PCR "),
+            Some(ProcessedAction::Move("Done/PCR".into()))
+        );
+        assert_eq!(ProcessedAction::parse("move:"), None);
+        assert_eq!(ProcessedAction::parse("archive"), None);
+        assert_eq!(ProcessedAction::Move("X".into()).as_string(), "move:X");
+    }
+
+    #[test]
+    fn default_ports() {
+        assert_eq!(
+            Outgoing::default_port(TransportType::Smtp, SslMode::Ssl),
+            465
+        );
+        assert_eq!(
+            Outgoing::default_port(TransportType::Smtp, SslMode::StartTls),
+            587
+        );
+        assert_eq!(
+            Outgoing::default_port(TransportType::Smtp, SslMode::None),
+            25
+        );
+        assert_eq!(Incoming::default_port(MailboxType::Imap, SslMode::Ssl), 993);
+        assert_eq!(
+            Incoming::default_port(MailboxType::Imap, SslMode::StartTls),
+            143
+        );
+        assert_eq!(Incoming::default_port(MailboxType::Pop3, SslMode::Ssl), 995);
+        assert_eq!(
+            Incoming::default_port(MailboxType::Pop3, SslMode::None),
+            110
+        );
+    }
+
+    #[test]
+    fn scalar_parsers() {
+        for t in ["1", "true", "On", "YES"] {
+            assert_eq!(parse_bool(t), Some(true), "{t}");
+        }
+        for f in ["", "0", "false", "Off", "no"] {
+            assert_eq!(parse_bool(f), Some(false), "{f}");
+        }
+        assert_eq!(parse_bool("maybe"), None);
+        assert_eq!(parse_port("465"), Some(465));
+        assert_eq!(parse_port("0"), None);
+        assert_eq!(parse_port("65536"), None);
+        assert_eq!(parse_port("-1"), None);
+        assert_eq!(parse_port("25a"), None);
+        assert_eq!(address_problem("a@b.c"), None);
+        assert!(address_problem("a@b.c\r\nBcc: x@y").is_some());
+        assert!(address_problem("Name <a@b.c>").is_some());
+        assert!(address_problem("a@").is_some());
+        assert!(address_problem("ab.c").is_some());
+        assert_eq!(host_problem("mail.pcr.com"), None);
+        assert_eq!(host_problem("::1"), None);
+        assert_eq!(host_problem("127.0.0.1"), None);
+        assert!(host_problem("mail.pcr.com:587").is_some());
+        assert!(host_problem("ssl://mail.pcr.com").is_some());
+        assert!(host_problem("mail pcr").is_some());
+    }
+}

@@ -1,0 +1,345 @@
+//! Configuration: the ZF1-style INI file (`ini`), the normalised accounts (`account`) and the
+//! encrypted secrets (`secrets`). `Settings::load` is the one entry point the manager uses.
+
+pub mod account;
+pub mod ini;
+mod normalise;
+mod rows;
+pub mod secrets;
+
+pub use account::*;
+pub use rows::{account_from_row, accounts_from_rows};
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{ConfigLocation, Result};
+use normalise::{Field, Fields, Identity};
+
+/// Defaults every account takes when its own row does not say otherwise (the INI's `email.*`
+/// values for these keys, or the built-in defaults of SPEC §2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountDefaults {
+    pub file_path: PathBuf,
+    pub sendmail_path: PathBuf,
+    pub timeout: Duration,
+    pub incoming_folder: String,
+    pub processed_action: ProcessedAction,
+    pub max_messages: usize,
+    pub max_message_bytes: u64,
+    pub tls: TlsSettings,
+}
+
+/// Everything one environment of the INI file says about email.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config_file: PathBuf,
+    pub environment: String,
+    /// `constants.SEND_EMAIL` (default true).
+    pub send_email: bool,
+    /// `constants.DISABLE_EMAIL` (default false).
+    pub disable_email: bool,
+    /// The `email.*` account, when the section has one: any of `email.EMAIL`,
+    /// `email.OUTGOING_TRANSPORT_TYPE` or `email.INCOMING_MAILBOX_TYPE` is set.
+    pub master: Option<Account>,
+    pub state_dir: PathBuf,
+    pub key_file: PathBuf,
+    pub log_file: Option<PathBuf>,
+    /// `email.SYSADMIN`: alerted when incoming mail cannot be processed.
+    pub sysadmin: Option<String>,
+    /// `email.SD_NUMBER_PATTERN` (a regex), already checked to compile.
+    pub sd_number_pattern: String,
+    pub defaults: AccountDefaults,
+}
+
+/// The default SD Number pattern: a type prefix, an optional date part (YY up to YYYYMMDD),
+/// then a 5-digit sequence, e.g. `SO201700043`.
+pub const DEFAULT_SD_NUMBER_PATTERN: &str =
+    r"\b(?:IQ|SO|IN|ES|PR|PB|SR|IR|WO|CR|RQ|TK)(?:\d{2}|\d{4}|\d{6}|\d{8})?\d{5}\b";
+
+pub const DEFAULT_CONFIG_FILE: &str = "/var/www/pcr360/configs/pcr360.ini";
+
+pub fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `/usr/sbin/sendmail`, the SENDMAIL transport's default program.
+pub const DEFAULT_SENDMAIL_PATH: &str = "/usr/sbin/sendmail";
+/// `email.MAX_MESSAGES` default: messages read per mailbox per run.
+pub const DEFAULT_MAX_MESSAGES: usize = 500;
+/// `email.MAX_MESSAGE_BYTES` default: 50 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 50 * 1024 * 1024;
+/// The key file's name when `email.KEY_FILE` is not set (beside the INI file).
+pub const DEFAULT_KEY_FILE_NAME: &str = "pcr360-email.key";
+
+/// The directory relative paths of `config_file` resolve against (absolute when possible).
+pub(crate) fn ini_dir(config_file: &Path) -> PathBuf {
+    let absolute = std::path::absolute(config_file).unwrap_or_else(|_| config_file.to_path_buf());
+    match absolute.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A sibling of the INI file's directory: `/var/www/pcr360/configs/pcr360.ini` → `/var/www/pcr360/<name>`.
+fn beside_ini_dir(dir: &Path, name: &str) -> PathBuf {
+    match dir.parent() {
+        Some(parent) => parent.join(name),
+        None => dir.join(name),
+    }
+}
+
+impl AccountDefaults {
+    /// The built-in defaults of SPEC §2 for an INI file in `ini_dir`.
+    pub fn builtin(ini_dir: &Path) -> AccountDefaults {
+        AccountDefaults {
+            file_path: beside_ini_dir(ini_dir, "email"),
+            sendmail_path: PathBuf::from(DEFAULT_SENDMAIL_PATH),
+            timeout: default_timeout(),
+            incoming_folder: "INBOX".to_string(),
+            processed_action: ProcessedAction::Seen,
+            max_messages: DEFAULT_MAX_MESSAGES,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            tls: TlsSettings::default(),
+        }
+    }
+}
+
+/// The `email.*` keys this extension reads besides the account keys.
+const SETTINGS_KEYS: &[&str] = &["STATE_DIR", "KEY_FILE", "LOG_FILE", "SD_NUMBER_PATTERN"];
+
+impl Settings {
+    /// Reads `file` and resolves `environment` (with `[child : parent]` inheritance).
+    ///
+    /// - `constants.SEND_EMAIL` (default true) and `constants.DISABLE_EMAIL` (default false).
+    /// - The master account exists when any of `email.EMAIL`, `email.OUTGOING_TRANSPORT_TYPE`
+    ///   or `email.INCOMING_MAILBOX_TYPE` is set; it is then checked like a tenant account
+    ///   (EMAIL required, SMTP/IMAP/POP3 need a host, MAILDIR a path, ...). OFFICE365 / GMAIL
+    ///   are refused here (tenant accounts only).
+    /// - Relative paths are relative to the INI file's directory. Defaults: `FILE_PATH` =
+    ///   `email/` and `STATE_DIR` = `email-state/` beside that directory, `KEY_FILE` =
+    ///   `pcr360-email.key` in it.
+    /// - The master password: an `ENC:v1:` value is decrypted here, which opens the existing
+    ///   key file (a missing one is an error); a plain value never touches the key file (so a
+    ///   configuration without encrypted values never creates one) and is reported once by
+    ///   `secrets::take_cleartext_warnings`.
+    /// - `email.*` keys are case-sensitive, as in PHP; a known key written in another case
+    ///   (`email.password`) is an error rather than silently ignored. Unknown `email.*` keys
+    ///   are ignored (the application may have its own).
+    pub fn load(file: &Path, environment: &str) -> Result<Settings> {
+        let ini = ini::IniFile::load(file)?;
+        let section = ini.section(environment)?;
+        // Absolute, so relative paths in tenant rows resolve the same later whatever the
+        // process's working directory has become.
+        let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+        Settings::from_section(&section, &file, environment)
+    }
+
+    /// The settings an environment with no `email.*` and no `constants.*` keys has.
+    pub fn without_file(config_file: &Path, environment: &str) -> Settings {
+        let dir = ini_dir(config_file);
+        Settings {
+            config_file: config_file.to_path_buf(),
+            environment: environment.to_string(),
+            send_email: true,
+            disable_email: false,
+            master: None,
+            state_dir: beside_ini_dir(&dir, "email-state"),
+            key_file: dir.join(DEFAULT_KEY_FILE_NAME),
+            log_file: None,
+            sysadmin: None,
+            sd_number_pattern: DEFAULT_SD_NUMBER_PATTERN.to_string(),
+            defaults: AccountDefaults::builtin(&dir),
+        }
+    }
+
+    /// Only the key file environment `environment` of `file` names (for encrypting a value
+    /// while the rest of the configuration may still be incomplete).
+    pub fn key_file_for(file: &Path, environment: &str) -> Result<PathBuf> {
+        let ini = ini::IniFile::load(file)?;
+        let section = ini.section(environment)?;
+        let fields = email_fields(&section)?;
+        let dir = ini_dir(file);
+        Ok(fields
+            .path("KEY_FILE", &dir)?
+            .unwrap_or_else(|| dir.join(DEFAULT_KEY_FILE_NAME)))
+    }
+
+    fn from_section(section: &ini::Section, file: &Path, environment: &str) -> Result<Settings> {
+        let dir = ini_dir(file);
+        let mut settings = Settings::without_file(file, environment);
+
+        let constant = |name: &str, default: bool| -> Result<bool> {
+            let key = format!("constants.{name}");
+            match section.get(&key) {
+                None => Ok(default),
+                Some(v) => parse_bool(&v.raw).ok_or_else(|| {
+                    section.error(
+                        &key,
+                        format!(
+                            "`{}` is not a boolean (true/false, on/off, yes/no, 1/0)",
+                            normalise::printable(v.raw.trim())
+                        ),
+                    )
+                }),
+            }
+        };
+        settings.send_email = constant("SEND_EMAIL", true)?;
+        settings.disable_email = constant("DISABLE_EMAIL", false)?;
+
+        let fields = email_fields(section)?;
+        if let Some(dir_path) = fields.path("STATE_DIR", &dir)? {
+            settings.state_dir = dir_path;
+        }
+        if let Some(key_file) = fields.path("KEY_FILE", &dir)? {
+            settings.key_file = key_file;
+        }
+        settings.log_file = fields.path("LOG_FILE", &dir)?;
+        if let Some(pattern) = fields.get("SD_NUMBER_PATTERN") {
+            if let Err(e) = regex::Regex::new(pattern) {
+                let detail = e.to_string();
+                let last = detail
+                    .lines()
+                    .last()
+                    .unwrap_or("invalid")
+                    .trim()
+                    .to_string();
+                return Err(fields.err(
+                    "SD_NUMBER_PATTERN",
+                    format!("is not a valid regular expression: {last}"),
+                ));
+            }
+            settings.sd_number_pattern = pattern.to_string();
+        }
+        settings.defaults = normalise::operational(&fields, &settings.defaults, &dir)?;
+
+        let present = ["EMAIL", "OUTGOING_TRANSPORT_TYPE", "INCOMING_MAILBOX_TYPE"]
+            .iter()
+            .any(|k| fields.get(k).is_some());
+        let sysadmin_only = fields.line("SYSADMIN")?.map(str::to_string);
+        if present {
+            let tenants_recid = match fields.get("TENANTS_RECID") {
+                None => 0,
+                Some(v) => v.parse::<i64>().map_err(|_| {
+                    fields.err(
+                        "TENANTS_RECID",
+                        format!("`{}` is not a whole number", normalise::printable(v)),
+                    )
+                })?,
+            };
+            if let Some(kind) = fields.get("ACCOUNT_TYPE") {
+                if !matches!(
+                    AccountType::parse(kind),
+                    Some(AccountType::Master | AccountType::Default)
+                ) {
+                    return Err(fields.err(
+                        "ACCOUNT_TYPE",
+                        format!(
+                            "the INI account is the master account; `{}` is not allowed here \
+                             (write master, or leave it out)",
+                            normalise::printable(kind)
+                        ),
+                    ));
+                }
+            }
+            let key_file = settings.key_file.clone();
+            let mut store: Option<secrets::KeyStore> = None;
+            let mut reveal = |value: &str, key: &str, location: ConfigLocation| {
+                if secrets::is_encrypted(value) {
+                    if store.is_none() {
+                        let opened = secrets::KeyStore::open_existing(&key_file).map_err(|e| {
+                            let detail = match &e {
+                                crate::Error::Config { message, .. } => message.clone(),
+                                other => other.to_string(),
+                            };
+                            crate::Error::config(
+                                location.clone(),
+                                format!(
+                                    "cannot decrypt this value: {detail} (key file {})",
+                                    key_file.display()
+                                ),
+                            )
+                        })?;
+                        store = Some(opened);
+                    }
+                    store.as_ref().expect("opened").decrypt_at(value, location)
+                } else {
+                    secrets::note_cleartext("master", key, value);
+                    Ok(Secret::new(value))
+                }
+            };
+            let master = normalise::build_account(
+                &fields,
+                Identity {
+                    id: AccountId::Master,
+                    account_type: AccountType::Master,
+                    tenants_recid,
+                    allow_cloud: false,
+                },
+                settings.defaults.clone(),
+                None,
+                &dir,
+                &mut reveal,
+            )?;
+            settings.master = Some(master);
+        }
+        settings.sysadmin = sysadmin_only;
+        Ok(settings)
+    }
+}
+
+/// The section's `email.*` keys, by unprefixed name. A known key in the wrong letter case is
+/// an error (PHP keys are case-sensitive, so it would otherwise be silently ignored).
+fn email_fields(section: &ini::Section) -> Result<Fields> {
+    let mut fields = Fields::new(
+        ConfigLocation {
+            file: Some(section.file.clone()),
+            line: Some(section.line),
+            account: Some("master".to_string()),
+            key: None,
+        },
+        "email.",
+    );
+    let known = normalise::ACCOUNT_KEYS.iter().chain(SETTINGS_KEYS);
+    let known: Vec<&str> = known.copied().collect();
+    for (full_key, value) in section.with_prefix("email.") {
+        let name = &full_key["email.".len()..];
+        if !known.contains(&name) {
+            if let Some(proper) = known.iter().find(|k| k.eq_ignore_ascii_case(name)) {
+                return Err(section.error(
+                    full_key,
+                    format!(
+                        "unknown key {full_key}: did you mean email.{proper}? \
+                         (INI keys are case-sensitive)"
+                    ),
+                ));
+            }
+            continue;
+        }
+        // A bare `false` reads as "" in PHP, which would mean "not set": a boolean key keeps
+        // what was written, and a present but empty one is false.
+        let text = if normalise::BOOLEAN_KEYS.contains(&name) {
+            if value.raw.trim().is_empty() {
+                "0".to_string()
+            } else {
+                value.raw.clone()
+            }
+        } else {
+            value.text().to_string()
+        };
+        fields.insert(
+            name,
+            Field {
+                value: text,
+                location: ConfigLocation {
+                    file: Some(section.file.clone()),
+                    line: Some(value.line),
+                    account: Some("master".to_string()),
+                    key: Some(full_key.to_string()),
+                },
+                constant: value.constant.clone(),
+            },
+        );
+    }
+    Ok(fields)
+}

@@ -1,0 +1,55 @@
+//! The application side of the contract (`PCR_Utility_EmailHost` in PHP), as the core sees it.
+//!
+//! The PHP boundary implements this trait by calling the PHP object's methods; tests implement
+//! it in Rust. Every call happens on the thread that called into the extension (PHP's thread):
+//! the trait is deliberately not `Send`.
+
+use serde_json::Value;
+
+use crate::error::Result;
+
+pub trait Host {
+    /// Tenant email account rows (SPEC §3), as a JSON list of objects.
+    fn email_accounts(&mut self) -> Result<Value>;
+    /// Blocked Emails patterns (`*` wildcards, `/regex/`).
+    fn blocked_emails(&mut self) -> Result<Vec<String>>;
+    /// Creates an Inquiry from `$mail`; returns its SD number.
+    fn create_inquiry(&mut self, mail: &Value) -> Result<String>;
+    /// Adds `$mail` to the thread of `sd_number`; false when there is no such item.
+    fn add_to_thread(&mut self, sd_number: &str, mail: &Value) -> Result<bool>;
+    /// Delivers a message in-app (SEND_EMAIL = false).
+    fn deliver_message(&mut self, message: &Value) -> Result<()>;
+    /// Writes to the application's Error Log. Must not fail the caller: errors are swallowed.
+    fn log_error(&mut self, message: &str, context: &Value);
+}
+
+/// A host that has nothing and logs nowhere: used when the manager has no PHP host (sending
+/// with the INI master only).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHost;
+
+impl Host for NoHost {
+    fn email_accounts(&mut self) -> Result<Value> {
+        Ok(Value::Array(Vec::new()))
+    }
+    fn blocked_emails(&mut self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    fn create_inquiry(&mut self, _mail: &Value) -> Result<String> {
+        Err(crate::Error::Host(
+            "no PCR_Utility_EmailHost was given (constructor or setDefaultHost)".into(),
+        ))
+    }
+    fn add_to_thread(&mut self, _sd_number: &str, _mail: &Value) -> Result<bool> {
+        Err(crate::Error::Host(
+            "no PCR_Utility_EmailHost was given (constructor or setDefaultHost)".into(),
+        ))
+    }
+    fn deliver_message(&mut self, _message: &Value) -> Result<()> {
+        Err(crate::Error::Host(
+            "SEND_EMAIL is false but no PCR_Utility_EmailHost was given to deliver the message in-app"
+                .into(),
+        ))
+    }
+    fn log_error(&mut self, _message: &str, _context: &Value) {}
+}

@@ -1,0 +1,500 @@
+//! The MAILDIR mailbox: a Maildir on the web server itself (`INCOMING_PATH`, with `new/`,
+//! `cur/` and `tmp/`).
+//!
+//! - A message's id is the unique part of its file name (before the `:2,` info), which stays
+//!   the same when a mail client moves it from `new/` to `cur/` or changes its flags.
+//! - `list` = the files in `new/` and `cur/` (never `tmp/`: files there are still being
+//!   written) whose id is not yet recorded as done for this account and directory in the
+//!   state store (key-value namespace [`done_namespace`]); sizes come from the file metadata.
+//! - Another process may take a file between `list` and `fetch_each` or the action: a file
+//!   that vanished is looked for once more (it may have moved to `cur/` with new flags) and
+//!   otherwise passed over without error.
+//! - `seen` moves the file to `cur/` with the `S` flag added (other flags kept) and records it
+//!   as done (the file stays, and being read by someone else must not hide a message);
+//!   `delete` unlinks it; `move:<folder>` renames it into the Maildir++ folder
+//!   `.<folder>/cur` (created when missing; `/` in the name is the hierarchy separator `.`,
+//!   non-ASCII is modified UTF-7 as Dovecot writes it). Quarantine moves to `.PCR-Failed`.
+//! - Skipped messages are recorded as done and left untouched.
+//! - Records of files that later disappear are kept (a few bytes each): the store offers no
+//!   listing to prune them by, and a stale record can only hide a file with the same unique
+//!   name, which Maildir delivery never reuses.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, ErrorKind, Read};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::config::{Account, MailboxType, ProcessedAction};
+use crate::error::{Error, Result};
+use crate::incoming::imap::utf7;
+use crate::incoming::{Fetched, Flow, Listed, Mailbox};
+use crate::state::StateStore;
+
+/// The Maildir++ folder quarantined messages are moved to.
+pub const QUARANTINE_FOLDER: &str = "PCR-Failed";
+
+/// The state store namespace holding the ids this account has finished in `root`.
+pub fn done_namespace(account: &str, root: &Path) -> String {
+    format!("maildir-done:{account}:{}", root.display())
+}
+
+/// One message file.
+#[derive(Debug, Clone)]
+struct Entry {
+    id: String,
+    path: PathBuf,
+    size: u64,
+    modified: SystemTime,
+    in_cur: bool,
+}
+
+/// One Maildir of one account.
+#[derive(Debug)]
+pub struct MaildirMailbox {
+    account: String,
+    root: PathBuf,
+    label: String,
+    action: ProcessedAction,
+    namespace: String,
+    /// Where each listed id was last seen.
+    located: HashMap<String, PathBuf>,
+    state: StateStore,
+}
+
+/// The unique part of a Maildir file name (everything before the first `:`).
+pub fn unique_part(name: &str) -> &str {
+    name.split(':').next().unwrap_or(name)
+}
+
+/// The file name with flag `flag` added to its `:2,` info (flags kept sorted, no repeats);
+/// a name without info (or with an unknown one) gets `:2,<flag>`.
+pub fn with_flag(name: &str, flag: char) -> String {
+    let unique = unique_part(name);
+    let mut flags: Vec<char> = match name.split_once(':') {
+        Some((_, info)) => match info.strip_prefix("2,") {
+            Some(existing) => existing.chars().collect(),
+            None => Vec::new(),
+        },
+        None => Vec::new(),
+    };
+    flags.push(flag);
+    flags.sort_unstable();
+    flags.dedup();
+    format!("{unique}:2,{}", flags.into_iter().collect::<String>())
+}
+
+/// The file name as it must be in a `cur/` directory (with `:2,` info).
+fn cur_name(name: &str) -> String {
+    if name.contains(':') {
+        name.to_string()
+    } else {
+        format!("{name}:2,")
+    }
+}
+
+/// The Maildir++ directory name of `folder` (`.Done`, `.Archive.2024`).
+pub fn folder_dir_name(folder: &str) -> Option<String> {
+    let folder = folder.trim();
+    if folder.is_empty() || folder.chars().any(char::is_control) {
+        return None;
+    }
+    let name = format!(".{}", utf7::encode(folder).replace('/', "."));
+    (name != "." && name != "..").then_some(name)
+}
+
+fn vanished(e: &io::Error) -> bool {
+    e.kind() == ErrorKind::NotFound
+}
+
+impl MaildirMailbox {
+    /// Opens the Maildir named by the account's `INCOMING_PATH` (it must have `cur/` and
+    /// `new/`; it is not created).
+    pub fn open(account: &Account, state: StateStore) -> Result<MaildirMailbox> {
+        let id = account.id.to_string();
+        let incoming = account.incoming.as_ref().ok_or_else(|| {
+            Error::account_key(
+                &id,
+                "INCOMING_MAILBOX_TYPE",
+                "the account has no incoming mailbox",
+            )
+        })?;
+        if incoming.mailbox != MailboxType::Maildir {
+            return Err(Error::account_key(
+                &id,
+                "INCOMING_MAILBOX_TYPE",
+                format!("is {}, not MAILDIR", incoming.mailbox.as_str()),
+            ));
+        }
+        let root = incoming.path.clone().ok_or_else(|| {
+            Error::account_key(
+                &id,
+                "INCOMING_PATH",
+                "a MAILDIR mailbox needs INCOMING_PATH",
+            )
+        })?;
+        if let ProcessedAction::Move(folder) = &incoming.processed_action {
+            if folder_dir_name(folder).is_none() {
+                return Err(Error::account_key(
+                    &id,
+                    "PROCESSED_ACTION",
+                    format!("'{folder}' is not usable as a Maildir++ folder name"),
+                ));
+            }
+        }
+        MaildirMailbox::at(&id, &root, incoming.processed_action.clone(), state)
+    }
+
+    /// Opens the Maildir `root` for `account` (`master` or a RECID) directly.
+    pub fn at(
+        account: &str,
+        root: &Path,
+        action: ProcessedAction,
+        state: StateStore,
+    ) -> Result<MaildirMailbox> {
+        let label = root.display().to_string();
+        for sub in ["cur", "new"] {
+            let dir = root.join(sub);
+            match fs::metadata(&dir) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::mailbox(
+                        account,
+                        &label,
+                        format!("not a Maildir: {sub}/ is not a directory"),
+                    ))
+                }
+                Err(e) => {
+                    return Err(Error::mailbox(
+                        account,
+                        &label,
+                        format!("not a usable Maildir: cannot open {sub}/: {e}"),
+                    ))
+                }
+            }
+        }
+        Ok(MaildirMailbox {
+            account: account.to_string(),
+            root: root.to_path_buf(),
+            label,
+            action,
+            namespace: done_namespace(account, root),
+            located: HashMap::new(),
+            state,
+        })
+    }
+
+    fn error(&self, message: impl Into<String>) -> Error {
+        Error::mailbox(&self.account, &self.label, message)
+    }
+
+    /// Every message file in `new/` and `cur/`, oldest first; a file that vanishes while
+    /// being looked at is left out.
+    fn scan(&self) -> Result<Vec<Entry>> {
+        let mut entries = Vec::new();
+        for (sub, in_cur) in [("new", false), ("cur", true)] {
+            let dir = self.root.join(sub);
+            let listing =
+                fs::read_dir(&dir).map_err(|e| self.error(format!("cannot read {sub}/: {e}")))?;
+            for item in listing {
+                let item = match item {
+                    Ok(item) => item,
+                    Err(e) if vanished(&e) => continue,
+                    Err(e) => return Err(self.error(format!("cannot read {sub}/: {e}"))),
+                };
+                let name = item.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                let meta = match item.metadata() {
+                    Ok(meta) => meta,
+                    Err(e) if vanished(&e) => continue,
+                    Err(e) => return Err(self.error(format!("cannot read {sub}/{name}: {e}"))),
+                };
+                if !meta.is_file() {
+                    continue;
+                }
+                entries.push(Entry {
+                    id: unique_part(&name).to_string(),
+                    path: item.path(),
+                    size: meta.len(),
+                    modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    in_cur,
+                });
+            }
+        }
+        entries.sort_by(|a, b| a.modified.cmp(&b.modified).then_with(|| a.id.cmp(&b.id)));
+        Ok(entries)
+    }
+
+    /// Rescans and remembers where every id is now.
+    fn relocate_all(&mut self) -> Result<()> {
+        for entry in self.scan()? {
+            self.located.insert(entry.id, entry.path);
+        }
+        Ok(())
+    }
+
+    /// Runs `op` on the file of `id`; when it vanished, looks for it once more (`rescanned`
+    /// tells whether that already happened in this batch). `Ok(None)`: the file is gone.
+    fn with_file<T>(
+        &mut self,
+        id: &str,
+        rescanned: &mut bool,
+        mut op: impl FnMut(&Path) -> io::Result<T>,
+    ) -> Result<Option<T>> {
+        for attempt in 0..2 {
+            if let Some(path) = self.located.get(id).cloned() {
+                match op(&path) {
+                    Ok(value) => return Ok(Some(value)),
+                    Err(e) if vanished(&e) => {}
+                    Err(e) => {
+                        return Err(self.error(format!(
+                            "cannot handle {}: {e}",
+                            path.strip_prefix(&self.root).unwrap_or(&path).display()
+                        )))
+                    }
+                }
+            }
+            if attempt == 0 && !*rescanned {
+                *rescanned = true;
+                self.located.remove(id);
+                self.relocate_all()?;
+            } else {
+                break;
+            }
+        }
+        self.located.remove(id);
+        Ok(None)
+    }
+
+    fn record_done(&self, id: &str, what: &str) -> Result<()> {
+        self.state.set_kv(&self.namespace, id, what)
+    }
+
+    fn is_done(&self, id: &str) -> Result<bool> {
+        Ok(self.state.get_kv(&self.namespace, id)?.is_some())
+    }
+
+    /// Creates the Maildir++ folder (`cur/`, `new/`, `tmp/`, `maildirfolder`) when missing.
+    fn folder_dir(&self, folder: &str) -> Result<PathBuf> {
+        let name = folder_dir_name(folder)
+            .ok_or_else(|| self.error(format!("'{folder}' is not a usable folder name")))?;
+        let dir = self.root.join(name);
+        for sub in ["cur", "new", "tmp"] {
+            fs::create_dir_all(dir.join(sub))
+                .map_err(|e| self.error(format!("cannot create the folder '{folder}': {e}")))?;
+        }
+        let marker = dir.join("maildirfolder");
+        if !marker.exists() {
+            fs::write(&marker, b"")
+                .map_err(|e| self.error(format!("cannot create the folder '{folder}': {e}")))?;
+        }
+        Ok(dir)
+    }
+
+    /// Moves each message into `folder/cur`, keeping its name and flags.
+    fn move_to(&mut self, ids: &[String], folder: &str) -> Result<()> {
+        let target_dir = self.folder_dir(folder)?.join("cur");
+        let mut rescanned = false;
+        let mut first_error = None;
+        for id in ids {
+            let moved = self.with_file(id, &mut rescanned, |path| {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let target = target_dir.join(cur_name(&name));
+                if target.exists() {
+                    // Moved there before (a rerun after a crash): drop this copy.
+                    fs::remove_file(path)
+                } else {
+                    fs::rename(path, &target)
+                }
+            });
+            match moved {
+                Ok(_) => {
+                    self.located.remove(id);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Mailbox for MaildirMailbox {
+    fn protocol(&self) -> &'static str {
+        "MAILDIR"
+    }
+
+    fn list(&mut self) -> Result<Vec<Listed>> {
+        let entries = self.scan()?;
+        self.located.clear();
+        let mut listed: Vec<Listed> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for entry in entries {
+            if let Some(&at) = index.get(&entry.id) {
+                // The same message in new/ and cur/ (a client moving it right now).
+                if entry.in_cur {
+                    self.located.insert(entry.id.clone(), entry.path);
+                    listed[at].size = entry.size;
+                }
+                continue;
+            }
+            if self.is_done(&entry.id)? {
+                continue;
+            }
+            index.insert(entry.id.clone(), listed.len());
+            listed.push(Listed {
+                id: entry.id.clone(),
+                size: entry.size,
+            });
+            self.located.insert(entry.id, entry.path);
+        }
+        Ok(listed)
+    }
+
+    fn fetch_each(&mut self, ids: &[String], sink: &mut dyn FnMut(Fetched) -> Flow) -> Result<()> {
+        let mut rescanned = false;
+        for id in ids {
+            if !self.located.contains_key(id) && !rescanned {
+                rescanned = true;
+                self.relocate_all()?;
+            }
+            let raw = self.with_file(id, &mut rescanned, |path| {
+                let mut file = fs::File::open(path)?;
+                let mut raw =
+                    Vec::with_capacity(file.metadata().map(|m| m.len() as usize).unwrap_or(0));
+                file.read_to_end(&mut raw)?;
+                Ok(raw)
+            })?;
+            if let Some(raw) = raw {
+                if sink(Fetched {
+                    id: id.clone(),
+                    raw,
+                }) == Flow::Stop
+                {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_processed(&mut self, ids: &[String]) -> Result<()> {
+        match self.action.clone() {
+            ProcessedAction::Seen => {
+                let cur = self.root.join("cur");
+                let mut rescanned = false;
+                let mut first_error = None;
+                for id in ids {
+                    let renamed = self.with_file(id, &mut rescanned, |path| {
+                        let name = path
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        let target = cur.join(with_flag(&name, 'S'));
+                        if target != path {
+                            fs::rename(path, &target)?;
+                        }
+                        Ok(target)
+                    });
+                    match renamed {
+                        Ok(Some(target)) => {
+                            self.located.insert(id.clone(), target);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                            continue;
+                        }
+                    }
+                    // The file stays: remember it is done (even if someone took it).
+                    if let Err(e) = self.record_done(id, "processed") {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                first_error.map_or(Ok(()), Err)
+            }
+            ProcessedAction::Delete => {
+                let mut rescanned = false;
+                let mut first_error = None;
+                for id in ids {
+                    match self.with_file(id, &mut rescanned, |path| fs::remove_file(path)) {
+                        Ok(_) => {
+                            self.located.remove(id);
+                        }
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                first_error.map_or(Ok(()), Err)
+            }
+            ProcessedAction::Move(folder) => self.move_to(ids, &folder),
+        }
+    }
+
+    fn mark_skipped(&mut self, ids: &[String]) -> Result<()> {
+        for id in ids {
+            self.record_done(id, "skipped")?;
+        }
+        Ok(())
+    }
+
+    fn quarantine(&mut self, ids: &[String]) -> Result<bool> {
+        self.move_to(ids, QUARANTINE_FOLDER)?;
+        Ok(true)
+    }
+
+    fn count(&mut self) -> Result<usize> {
+        Ok(self.scan()?.len())
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_flags() {
+        assert_eq!(
+            unique_part("1700000000.M1P2.host:2,RS"),
+            "1700000000.M1P2.host"
+        );
+        assert_eq!(unique_part("1700000000.M1P2.host"), "1700000000.M1P2.host");
+        assert_eq!(with_flag("u", 'S'), "u:2,S");
+        assert_eq!(with_flag("u:2,", 'S'), "u:2,S");
+        assert_eq!(with_flag("u:2,RT", 'S'), "u:2,RST");
+        assert_eq!(with_flag("u:2,FS", 'S'), "u:2,FS");
+        assert_eq!(with_flag("u:1,xyz", 'S'), "u:2,S");
+        assert_eq!(cur_name("u"), "u:2,");
+        assert_eq!(cur_name("u:2,S"), "u:2,S");
+    }
+
+    #[test]
+    fn folder_names_stay_inside_the_maildir() {
+        assert_eq!(folder_dir_name("Done").as_deref(), Some(".Done"));
+        assert_eq!(
+            folder_dir_name("Archive/2024").as_deref(),
+            Some(".Archive.2024")
+        );
+        assert_eq!(folder_dir_name("Geprüft").as_deref(), Some(".Gepr&APw-ft"));
+        assert_eq!(
+            folder_dir_name("PCR-Failed").as_deref(),
+            Some(".PCR-Failed")
+        );
+        assert_eq!(folder_dir_name("."), None);
+        assert_eq!(folder_dir_name(""), None);
+        assert_eq!(folder_dir_name("a\nb"), None);
+        // Slashes become dots, so no name can leave the Maildir.
+        assert_eq!(folder_dir_name("../etc").as_deref(), Some("....etc"));
+    }
+}

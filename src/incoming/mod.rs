@@ -1,0 +1,110 @@
+//! Mailboxes: one module per mailbox type behind one trait. Each mailbox runs in its own
+//! thread during `eventCheckMail`; the PHP host is only ever called from PHP's thread, by
+//! `crate::inbound`, which drives this trait.
+//!
+//! The contract that keeps mail from being lost or doubled:
+//! - `list` and `fetch_each` never change the mailbox (IMAP `BODY.PEEK[]`, POP3 RETR without
+//!   DELE, Maildir reads);
+//! - `mark_processed` is only called for messages the host has accepted (or that were
+//!   skipped on purpose), after the state store has recorded them as done;
+//! - `finish` commits (IMAP EXPUNGE as needed / LOGOUT, POP3 QUIT); dropping a mailbox without
+//!   `finish` commits nothing (POP3: no QUIT, so no DELE takes effect).
+
+pub mod gmail;
+pub mod graph;
+pub mod imap;
+pub mod maildir;
+pub mod pop3;
+pub mod pop3_mailbox;
+
+use crate::config::{Account, MailboxType};
+use crate::error::{Error, Result};
+use crate::state::StateStore;
+
+/// One message as the listing sees it, before download.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The mailbox's stable id: IMAP UID (decimal), POP3 UIDL, Maildir file name (unique part).
+    pub id: String,
+    /// The size the server reports (bytes), used to refuse oversized messages before download.
+    pub size: u64,
+}
+
+/// A downloaded message: the raw bytes, exactly as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub id: String,
+    pub raw: Vec<u8>,
+}
+
+/// What the consumer of `fetch_each` wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Stop downloading (the run's time budget is spent, or the consumer is gone).
+    Stop,
+}
+
+pub trait Mailbox: Send {
+    /// The protocol name for summaries: `IMAP`, `POP3`, `MAILDIR`, `OFFICE365`, `GMAIL`.
+    fn protocol(&self) -> &'static str;
+
+    /// Messages that may be new: everything after the mailbox's cursor (IMAP: UIDs above the
+    /// stored high-water mark for the current UIDVALIDITY; POP3: UIDLs not in the ledger;
+    /// Maildir: files not in the ledger). In mailbox order, oldest first.
+    fn list(&mut self) -> Result<Vec<Listed>>;
+
+    /// Downloads `ids` in as few round trips as possible (one pipelined/batched request, not
+    /// one per message), handing each message to `sink` as soon as it is complete so memory
+    /// stays bounded. Stops early when `sink` returns `Flow::Stop`.
+    fn fetch_each(&mut self, ids: &[String], sink: &mut dyn FnMut(Fetched) -> Flow) -> Result<()>;
+
+    /// Applies PROCESSED_ACTION (`seen`, `delete`, `move:<folder>`) to messages the host
+    /// accepted, in one batch where the protocol allows.
+    fn mark_processed(&mut self, ids: &[String]) -> Result<()>;
+
+    /// Records that these need nothing more (skipped on purpose: blocked sender, auto-reply,
+    /// our own mail, oversized, already processed elsewhere) WITHOUT changing them in the
+    /// mailbox — nothing is deleted or moved that did not become an Inquiry or thread entry.
+    /// Cursors (the IMAP high-water mark) may advance past them.
+    fn mark_skipped(&mut self, ids: &[String]) -> Result<()>;
+
+    /// Moves messages that failed three runs out of the way (IMAP: folder `PCR-Failed`).
+    /// Returns false where the protocol has no such place (POP3, Maildir: the ledger does it).
+    fn quarantine(&mut self, ids: &[String]) -> Result<bool>;
+
+    /// The number of messages in the folder, for `checkAccount` (no side effects).
+    fn count(&mut self) -> Result<usize>;
+
+    /// Commits what was marked and closes the connection cleanly.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// Opens the account's incoming mailbox (connected and logged in for IMAP/POP3). The mailbox
+/// keeps `state` (its own connection to the state store) for its cursors and marks.
+/// OFFICE365 and GMAIL mailboxes are not supported yet.
+pub fn open(account: &Account, state: StateStore) -> Result<Box<dyn Mailbox>> {
+    let id = account.id.to_string();
+    let incoming = account.incoming.as_ref().ok_or_else(|| {
+        Error::account_key(
+            &id,
+            "INCOMING_MAILBOX_TYPE",
+            "the account has no incoming mailbox",
+        )
+    })?;
+    match incoming.mailbox {
+        MailboxType::Imap => Ok(Box::new(imap::ImapMailbox::connect(account, state)?)),
+        MailboxType::Pop3 => Ok(Box::new(pop3_mailbox::Pop3Mailbox::connect(
+            account, state,
+        )?)),
+        MailboxType::Maildir => Ok(Box::new(maildir::MaildirMailbox::open(account, state)?)),
+        kind @ (MailboxType::Office365 | MailboxType::Gmail) => Err(Error::mailbox(
+            &id,
+            kind.as_str(),
+            format!(
+                "reading {} mailboxes is not supported yet (INCOMING_MAILBOX_TYPE)",
+                kind.as_str()
+            ),
+        )),
+    }
+}

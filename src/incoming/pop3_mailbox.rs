@@ -1,0 +1,290 @@
+//! The POP3 mailbox: the [`Mailbox`] trait over our POP3 client ([`super::pop3`]).
+//!
+//! - `list` = `UIDL` + `LIST`, minus the UIDLs recorded as done for this account, login and
+//!   server in the state store (namespace [`done_namespace`]): skipped and quarantined
+//!   messages, which stay on the server because POP3 has no flags or folders.
+//! - `fetch_each` = pipelined `RETR` (when the server offers PIPELINING), in batches of at
+//!   most [`BATCH_BYTES`] so that a `Flow::Stop` takes effect soon.
+//! - `mark_processed` = `DELE` of exactly those messages; only `QUIT`, sent by `finish`,
+//!   makes the server remove them. Any failure drops the connection WITHOUT `QUIT`, so no
+//!   `DELE` of this session takes effect; the next run lists those messages again and the
+//!   Message-ID ledger re-applies only the `DELE`.
+//! - `quarantine` records the UIDLs as done and returns false (POP3 has no place to move
+//!   them; the ledger tells the rest).
+
+use std::collections::HashMap;
+
+use crate::config::{Account, MailboxType, Secret};
+use crate::error::{Error, Result};
+use crate::incoming::imap::plan_batches;
+use crate::incoming::pop3::{self, Pop3Session, Transaction};
+use crate::incoming::{Fetched, Flow, Listed, Mailbox};
+use crate::net::{self, MaybeTls};
+use crate::state::StateStore;
+
+/// RETR batches hold at most this many bytes (by LIST size), or one larger message.
+pub const BATCH_BYTES: u64 = 8 * 1024 * 1024;
+/// Slack over the announced size allowed when reading a message.
+const SIZE_SLACK: u64 = 64 * 1024;
+
+/// The state store namespace of the UIDLs `account` has finished on `login@host`.
+pub fn done_namespace(account: &str, login: &str, host: &str) -> String {
+    format!("pop3-done:{account}:{login}@{}", host.to_ascii_lowercase())
+}
+
+/// One POP3 maildrop, logged in (and therefore locked by the server until `finish`).
+pub struct Pop3Mailbox {
+    account: String,
+    server: String,
+    session: Option<Pop3Session<MaybeTls, Transaction>>,
+    poisoned: Option<String>,
+    namespace: String,
+    max_message_bytes: u64,
+    /// UIDL → (message number in this session, size), from `list`.
+    listed: HashMap<String, (u32, u64)>,
+    state: StateStore,
+}
+
+impl std::fmt::Debug for Pop3Mailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pop3Mailbox")
+            .field("account", &self.account)
+            .field("server", &self.server)
+            .field("connected", &self.session.is_some())
+            .finish()
+    }
+}
+
+impl Pop3Mailbox {
+    /// Connects as the account says (SSL, STLS required for TLS, or plain) and logs in.
+    pub fn connect(account: &Account, state: StateStore) -> Result<Pop3Mailbox> {
+        let id = account.id.to_string();
+        let incoming = account.incoming.as_ref().ok_or_else(|| {
+            Error::account_key(
+                &id,
+                "INCOMING_MAILBOX_TYPE",
+                "the account has no incoming mailbox",
+            )
+        })?;
+        if incoming.mailbox != MailboxType::Pop3 {
+            return Err(Error::account_key(
+                &id,
+                "INCOMING_MAILBOX_TYPE",
+                format!("is {}, not POP3", incoming.mailbox.as_str()),
+            ));
+        }
+        let host = incoming
+            .host
+            .as_deref()
+            .filter(|h| !h.trim().is_empty())
+            .ok_or_else(|| {
+                Error::account_key(&id, "INCOMING_HOST", "a POP3 mailbox needs a server name")
+            })?;
+        let password: Secret = account
+            .password
+            .clone()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| {
+                Error::account_key(&id, "PASSWORD", "a POP3 mailbox needs a password")
+            })?;
+        let login = account.login_name();
+        let session = pop3::connect(
+            &id,
+            host,
+            incoming.port,
+            incoming.ssl,
+            &account.tls,
+            account.timeout,
+        )?
+        .login(login, &password)?;
+        Ok(Pop3Mailbox {
+            account: id.clone(),
+            server: net::server_label(host, incoming.port),
+            session: Some(session),
+            poisoned: None,
+            namespace: done_namespace(&id, login, host),
+            max_message_bytes: incoming.max_message_bytes,
+            listed: HashMap::new(),
+            state,
+        })
+    }
+
+    fn error(&self, message: impl Into<String>) -> Error {
+        Error::mailbox(&self.account, &self.server, message)
+    }
+
+    /// Runs one client call; any error drops the connection (no QUIT: nothing is committed).
+    fn run<T>(
+        &mut self,
+        op: impl FnOnce(&mut Pop3Session<MaybeTls, Transaction>) -> Result<T>,
+    ) -> Result<T> {
+        let Some(session) = self.session.as_mut() else {
+            return Err(self.error(format!(
+                "the connection was dropped after an earlier error ({}); nothing marked in \
+                 this session was committed",
+                self.poisoned.as_deref().unwrap_or("closed")
+            )));
+        };
+        match op(session) {
+            Ok(value) => Ok(value),
+            Err(e) => {
+                self.session = None;
+                if self.poisoned.is_none() {
+                    self.poisoned = Some(match &e {
+                        Error::Mailbox(m) => m.message.clone(),
+                        other => other.to_string(),
+                    });
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn numbers(&self, ids: &[String]) -> Vec<(u32, String)> {
+        let mut out: Vec<(u32, String)> = ids
+            .iter()
+            .filter_map(|id| self.listed.get(id).map(|(n, _)| (*n, id.clone())))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    fn record_done(&self, ids: &[String], what: &str) -> Result<()> {
+        for id in ids {
+            self.state.set_kv(&self.namespace, id, what)?;
+        }
+        Ok(())
+    }
+}
+
+impl Mailbox for Pop3Mailbox {
+    fn protocol(&self) -> &'static str {
+        "POP3"
+    }
+
+    fn list(&mut self) -> Result<Vec<Listed>> {
+        let uidls = self.run(|s| s.uidl())?;
+        let sizes: HashMap<u32, u64> = self
+            .run(|s| s.list())?
+            .into_iter()
+            .map(|e| (e.number, e.size))
+            .collect();
+        let mut uidls = uidls;
+        uidls.sort_by_key(|e| e.number);
+        self.listed.clear();
+        let mut listed = Vec::new();
+        for entry in uidls {
+            if self.listed.contains_key(&entry.uid) {
+                // A server must not repeat a UIDL; if it does, the first copy is the one.
+                continue;
+            }
+            let size = sizes.get(&entry.number).copied().unwrap_or(0);
+            if self.state.get_kv(&self.namespace, &entry.uid)?.is_some() {
+                continue;
+            }
+            self.listed.insert(entry.uid.clone(), (entry.number, size));
+            listed.push(Listed {
+                id: entry.uid,
+                size,
+            });
+        }
+        Ok(listed)
+    }
+
+    fn fetch_each(&mut self, ids: &[String], sink: &mut dyn FnMut(Fetched) -> Flow) -> Result<()> {
+        let wanted = self.numbers(ids);
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let uidl_of: HashMap<u32, String> = wanted.iter().cloned().collect();
+        let numbers: Vec<u32> = wanted.iter().map(|(n, _)| *n).collect();
+        let size_of: HashMap<u32, u64> = wanted
+            .iter()
+            .filter_map(|(n, id)| self.listed.get(id).map(|(_, size)| (*n, *size)))
+            .collect();
+        let largest = size_of.values().copied().max().unwrap_or(0);
+        let max_bytes = self
+            .max_message_bytes
+            .max(largest)
+            .saturating_add(SIZE_SLACK);
+        let batches = plan_batches(
+            &numbers,
+            |n| size_of.get(&n).copied(),
+            BATCH_BYTES,
+            usize::MAX,
+        );
+        let mut stopped = false;
+        for batch in batches {
+            self.run(|s| {
+                s.retr_each(&batch, max_bytes, |number, result| {
+                    // `-ERR` for one message (gone meanwhile): nothing to hand over.
+                    if let (false, Ok(raw), Some(id)) = (stopped, result, uidl_of.get(&number)) {
+                        if sink(Fetched {
+                            id: id.clone(),
+                            raw,
+                        }) == Flow::Stop
+                        {
+                            stopped = true;
+                        }
+                    }
+                })
+            })?;
+            if stopped {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_processed(&mut self, ids: &[String]) -> Result<()> {
+        let wanted = self.numbers(ids);
+        let unknown = ids.len() - wanted.len();
+        if wanted.is_empty() && unknown == 0 {
+            return Ok(());
+        }
+        let numbers: Vec<u32> = wanted.iter().map(|(n, _)| *n).collect();
+        let results = self.run(|s| s.dele_many(&numbers))?;
+        let refused: Vec<String> = results
+            .into_iter()
+            .filter_map(|(n, r)| r.err().map(|text| format!("message {n}: {text}")))
+            .collect();
+        if !refused.is_empty() {
+            return Err(self.error(format!(
+                "the server refused to delete {} message(s): {}",
+                refused.len(),
+                refused.join("; ")
+            )));
+        }
+        if unknown > 0 {
+            return Err(self.error(format!(
+                "{unknown} message(s) to delete were not listed in this session"
+            )));
+        }
+        Ok(())
+    }
+
+    fn mark_skipped(&mut self, ids: &[String]) -> Result<()> {
+        self.record_done(ids, "skipped")
+    }
+
+    fn quarantine(&mut self, ids: &[String]) -> Result<bool> {
+        self.record_done(ids, "quarantined")?;
+        Ok(false)
+    }
+
+    fn count(&mut self) -> Result<usize> {
+        Ok(self.run(|s| s.stat())?.count as usize)
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        match self.session.take() {
+            Some(session) => session.quit(),
+            None => Err(self.error(format!(
+                "the connection was dropped after an earlier error ({}); nothing marked in \
+                 this session was committed",
+                self.poisoned.as_deref().unwrap_or("closed")
+            ))),
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! `pcr_email`: PCR-360's email, in Rust. The core in this crate knows nothing of PHP;
+//! `php` (feature `php`) is the thin ext-php-rs boundary.
+
+pub mod config;
+pub mod error;
+pub mod host;
+pub mod http;
+pub mod inbound;
+pub mod incoming;
+pub mod log;
+pub mod manager;
+pub mod mime;
+pub mod net;
+pub mod oauth;
+pub mod outgoing;
+pub mod routing;
+pub mod state;
+pub mod threading;
+
+#[cfg(feature = "php")]
+pub mod php;
+
+pub use error::{Error, Result};

@@ -1,0 +1,502 @@
+//! The orchestration behind `PCR_Utility_EmailManager`: routing a message to its account,
+//! keeping one transport per account alive between calls, logging failures once, and the
+//! account checks. Incoming mail is in `crate::inbound`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::secrets::{self, KeyStore};
+use crate::config::{accounts_from_rows, Account, AccountId, Settings};
+use crate::error::{Error, Result};
+use crate::host::Host;
+use crate::log::Logger;
+use crate::outgoing::{self, build, BuiltMessage, MessageRequest, Transport};
+use crate::routing::{self, MailKind, Route};
+
+/// The label of the key derived for the keyed hash in our Message-IDs.
+const THREAD_KEY_LABEL: &str = "pcr_email message-id v1";
+
+pub struct Manager {
+    pub settings: Settings,
+    logger: Logger,
+    keys: Option<KeyStore>,
+    /// One transport per account (and configuration): SMTP connections are reused across
+    /// `send()` calls for the life of the PHP object.
+    transports: HashMap<String, Box<dyn Transport>>,
+}
+
+/// The outcome of routing one message.
+enum Prepared {
+    /// Ready for the transport keyed `key`.
+    Deliver {
+        key: String,
+        account: Box<Account>,
+        built: BuiltMessage,
+    },
+    /// Finished without a transport (disabled, redirected, skipped).
+    Done(Value),
+}
+
+impl Manager {
+    pub fn open(config_file: &Path, environment: &str) -> Result<Manager> {
+        let settings = Settings::load(config_file, environment)?;
+        Ok(Manager::with_settings(settings))
+    }
+
+    pub fn with_settings(settings: Settings) -> Manager {
+        Manager {
+            logger: Logger::new(settings.log_file.clone()),
+            settings,
+            keys: None,
+            transports: HashMap::new(),
+        }
+    }
+
+    pub fn logger(&mut self) -> &mut Logger {
+        &mut self.logger
+    }
+
+    /// The key store (`KEY_FILE`), created on first use.
+    pub fn keys(&mut self) -> Result<&KeyStore> {
+        if self.keys.is_none() {
+            self.keys = Some(KeyStore::open(&self.settings.key_file)?);
+        }
+        Ok(self.keys.as_ref().expect("just opened"))
+    }
+
+    /// The key of the keyed hash in our Message-IDs (threading).
+    pub fn thread_key(&mut self) -> Result<[u8; 32]> {
+        Ok(self.keys()?.derive_key(THREAD_KEY_LABEL))
+    }
+
+    /// The tenant accounts the host lists, normalised. A bad row is logged (once) and left
+    /// out; it never hides the good ones.
+    pub fn tenant_accounts(&mut self, host: &mut dyn Host) -> Vec<Account> {
+        let rows = match host.email_accounts() {
+            Ok(rows) => rows,
+            Err(e) => {
+                self.logger.error(
+                    host,
+                    &format!("pcr_email: cannot read the tenant email accounts: {e}"),
+                    &Value::Null,
+                );
+                return Vec::new();
+            }
+        };
+        if rows.as_array().is_none_or(|r| r.is_empty()) {
+            return Vec::new();
+        }
+        // Encrypted values need the key file; plain ones must not create it.
+        let needs_key = rows.to_string().contains("ENC:");
+        if needs_key {
+            if let Err(e) = self.keys() {
+                self.logger.error(host, &e.to_string(), &Value::Null);
+                return Vec::new();
+            }
+        }
+        let ephemeral = KeyStore::from_key(rand::random());
+        let keys = if needs_key {
+            self.keys.as_ref().unwrap_or(&ephemeral)
+        } else {
+            &ephemeral
+        };
+        let (accounts, errors) = accounts_from_rows(&rows, &self.settings, keys);
+        for e in errors {
+            let text = e.to_string();
+            self.logger.once(host, &text.clone(), &text, &Value::Null);
+        }
+        self.log_cleartext(host);
+        accounts
+    }
+
+    fn log_cleartext(&mut self, host: &mut dyn Host) {
+        for warning in secrets::take_cleartext_warnings() {
+            self.logger
+                .once(host, &warning.clone(), &warning, &Value::Null);
+        }
+    }
+
+    /// `send()`: validates, routes (SPEC §4) and delivers one message.
+    pub fn send(&mut self, host: &mut dyn Host, message: &Value) -> Result<Value> {
+        match self.prepare(host, message)? {
+            Prepared::Done(result) => Ok(result),
+            Prepared::Deliver {
+                key,
+                account,
+                built,
+            } => {
+                let transport = self.transport(&key, &account)?;
+                let outcome = transport.send(&built);
+                match outcome {
+                    Ok(delivery) => Ok(sent_result(&account, &built, &delivery)),
+                    Err(e) => {
+                        self.log_send_failure(host, &account, &built, &e);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// `sendBatch()`: one result per message, in order; a bad message is a `failed` result,
+    /// never an exception. Messages of one account share its connections and go out
+    /// concurrently.
+    pub fn send_batch(&mut self, host: &mut dyn Host, messages: &[Value]) -> Vec<Value> {
+        let mut results: Vec<Option<Value>> = vec![None; messages.len()];
+        let mut pending: Vec<(usize, String, Box<Account>, BuiltMessage)> = Vec::new();
+        for (i, message) in messages.iter().enumerate() {
+            match self.prepare(host, message) {
+                Ok(Prepared::Done(result)) => results[i] = Some(result),
+                Ok(Prepared::Deliver {
+                    key,
+                    account,
+                    built,
+                }) => match self.transport(&key, &account) {
+                    Ok(_) => pending.push((i, key, account, built)),
+                    Err(e) => results[i] = Some(failed_result(&e)),
+                },
+                Err(e) => results[i] = Some(failed_result(&e)),
+            }
+        }
+        if !pending.is_empty() {
+            let keys: Vec<&String> = {
+                let mut keys: Vec<&String> = pending.iter().map(|p| &p.1).collect();
+                keys.sort();
+                keys.dedup();
+                keys
+            };
+            let transports: Vec<&dyn Transport> =
+                keys.iter().map(|k| self.transports[*k].as_ref()).collect();
+            let jobs: Vec<outgoing::BatchJob<'_>> = pending
+                .iter()
+                .map(|(_, key, _, built)| outgoing::BatchJob {
+                    message: built,
+                    transport: keys.iter().position(|k| *k == key).expect("transport key"),
+                })
+                .collect();
+            let outcomes =
+                outgoing::send_batch(&jobs, &transports, outgoing::DEFAULT_BATCH_PARALLELISM);
+            let mut failures = Vec::new();
+            for ((i, _, account, built), outcome) in pending.iter().zip(outcomes) {
+                results[*i] = Some(match outcome {
+                    Ok(delivery) => sent_result(account, built, &delivery),
+                    Err(e) => {
+                        let result = failed_result(&e);
+                        failures.push((account.clone(), built.clone(), e));
+                        result
+                    }
+                });
+            }
+            for (account, built, e) in failures {
+                self.log_send_failure(host, &account, &built, &e);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| failed_result(&Error::message("not processed"))))
+            .collect()
+    }
+
+    /// Validation, the SEND_EMAIL / DISABLE_EMAIL switches, routing and building.
+    fn prepare(&mut self, host: &mut dyn Host, message: &Value) -> Result<Prepared> {
+        // A malformed message is an error whatever the switches say: the caller has a bug.
+        let request = MessageRequest::from_json(message)?;
+        let kind = request.kind;
+        if self.settings.disable_email {
+            return Ok(Prepared::Done(status_result("disabled")));
+        }
+        if !self.settings.send_email {
+            host.deliver_message(&in_app_message(&request))?;
+            return Ok(Prepared::Done(status_result("redirected")));
+        }
+        let accounts = self.tenant_accounts(host);
+        let (default, service_desk) = routing::select_tenant_accounts(&accounts, request.tenant);
+        let routed = routing::route(
+            kind,
+            default,
+            service_desk,
+            self.settings.master.as_ref(),
+            self.settings.send_email,
+            self.settings.disable_email,
+        );
+        let account = match routed {
+            Route::Send(account) => Box::new(account.clone()),
+            Route::Disabled => return Ok(Prepared::Done(status_result("disabled"))),
+            Route::Redirect => {
+                host.deliver_message(&in_app_message(&request))?;
+                return Ok(Prepared::Done(status_result("redirected")));
+            }
+            Route::Skipped(reason) => {
+                let text = format!(
+                    "pcr_email: {} mail for tenant {} was not sent: {reason}",
+                    kind.as_str(),
+                    request.tenant
+                );
+                let context = json!({
+                    "kind": kind.as_str(),
+                    "tenant": request.tenant,
+                    "subject": request.subject,
+                });
+                self.logger.error(host, &text, &context);
+                let mut result = status_result("skipped");
+                result["reason"] = Value::from(reason);
+                return Ok(Prepared::Done(result));
+            }
+        };
+        let thread_key = if request.sd_number.is_some() || request.in_reply_to.is_some() {
+            self.thread_key()?
+        } else {
+            // Without an SD item nothing refers back to this message: no key file needed.
+            rand::random()
+        };
+        let built = build(&request, &account, &thread_key)?;
+        let key = transport_key(&account);
+        Ok(Prepared::Deliver {
+            key,
+            account,
+            built,
+        })
+    }
+
+    fn transport(&mut self, key: &str, account: &Account) -> Result<&dyn Transport> {
+        if !self.transports.contains_key(key) {
+            let transport = outgoing::transport_for(account)?;
+            self.transports.insert(key.to_string(), transport);
+        }
+        Ok(self.transports[key].as_ref())
+    }
+
+    fn log_send_failure(
+        &mut self,
+        host: &mut dyn Host,
+        account: &Account,
+        built: &BuiltMessage,
+        error: &Error,
+    ) {
+        let mut context = json!({
+            "account": account.id.to_string(),
+            "message_id": built.message_id,
+            "recipients": built.recipients.len(),
+        });
+        if let Error::Transport(t) = error {
+            context["server"] = Value::from(t.server.clone());
+            context["code"] = json!(t.code);
+            context["transient"] = Value::from(t.transient);
+        }
+        self.logger
+            .error(host, &format!("pcr_email: {error}"), &context);
+    }
+
+    /// `resolveAccount()`: the account routing picks, secret-free; null when none would send.
+    pub fn resolve_account(
+        &mut self,
+        host: &mut dyn Host,
+        kind: &str,
+        tenant: i64,
+    ) -> Result<Option<Value>> {
+        let kind = MailKind::parse(kind)?;
+        let accounts = self.tenant_accounts(host);
+        let (default, service_desk) = routing::select_tenant_accounts(&accounts, tenant);
+        Ok(
+            match routing::route(
+                kind,
+                default,
+                service_desk,
+                self.settings.master.as_ref(),
+                self.settings.send_email,
+                self.settings.disable_email,
+            ) {
+                Route::Send(account) => Some(account.public_view()),
+                _ => None,
+            },
+        )
+    }
+
+    /// Finds `master` or a tenant RECID.
+    pub fn find_account(&mut self, host: &mut dyn Host, recid: &str) -> Result<Account> {
+        let recid = recid.trim();
+        if recid.eq_ignore_ascii_case("master") {
+            return self.settings.master.clone().ok_or_else(|| {
+                Error::message(format!(
+                    "the INI file {} has no email.* account in [{}]",
+                    self.settings.config_file.display(),
+                    self.settings.environment
+                ))
+            });
+        }
+        let id: i64 = recid.parse().map_err(|_| {
+            Error::message(format!(
+                "'{recid}' is not an account: use 'master' or a tenant email account's RECID"
+            ))
+        })?;
+        self.tenant_accounts(host)
+            .into_iter()
+            .find(|a| a.id == AccountId::Tenant(id))
+            .ok_or_else(|| {
+                Error::message(format!(
+                    "no tenant email account with RECID {id} (or its row is invalid: see the Error Log)"
+                ))
+            })
+    }
+
+    /// `checkAccount()`: connects and authenticates to the account's outgoing server (or
+    /// checks the FILE directory / sendmail binary) without sending; reports, never throws
+    /// for a failed check.
+    pub fn check_account(&mut self, host: &mut dyn Host, recid: &str) -> Result<Value> {
+        let account = self.find_account(host, recid)?;
+        let outgoing = match &account.outgoing {
+            None => Value::Null,
+            Some(_) => match outgoing::transport_for(&account).and_then(|t| t.check()) {
+                Ok(report) => report.to_json(),
+                Err(e) => check_error(&account, &e),
+            },
+        };
+        let ok = outgoing.get("ok").and_then(Value::as_bool).unwrap_or(true);
+        let mut view = account.public_view();
+        view["outgoing"] = outgoing;
+        view["ok"] = Value::from(ok);
+        Ok(view)
+    }
+
+    pub fn event_check_mail(&mut self, host: &mut dyn Host, data: &Value) -> Result<Value> {
+        crate::inbound::event_check_mail(self, host, data)
+    }
+
+    /// `encryptPassword()`: `ENC:v1:` with the key file of that INI file and environment.
+    pub fn encrypt_password(plain: &str, config_file: &Path, environment: &str) -> Result<String> {
+        secrets::encrypt_for_config(plain, config_file, environment)
+    }
+}
+
+/// The cache key of an account's transport: its id and every setting the transport uses, so
+/// a changed row (new password, new server) gets a new transport. The password enters only
+/// as a hash.
+fn transport_key(account: &Account) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(account.password.as_ref().map(|p| p.expose()).unwrap_or(""));
+    format!(
+        "{}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{}",
+        account.id,
+        account.outgoing,
+        account.login_name(),
+        account.tls,
+        account.file_path,
+        account.sendmail_path,
+        account.timeout,
+        hex(&hasher.finalize()[..8]),
+    )
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn account_json(account: &Account) -> Value {
+    match account.id {
+        AccountId::Master => Value::from("master"),
+        AccountId::Tenant(id) => Value::from(id),
+    }
+}
+
+fn status_result(status: &str) -> Value {
+    json!({
+        "status": status,
+        "account": null,
+        "transport": null,
+        "from": null,
+        "message_id": null,
+    })
+}
+
+fn sent_result(account: &Account, built: &BuiltMessage, delivery: &outgoing::Delivery) -> Value {
+    let mut result = json!({
+        "status": delivery.status.as_str(),
+        "account": account_json(account),
+        "transport": account.outgoing.as_ref().map(|o| o.transport.as_str()),
+        "from": built.from,
+        "message_id": built.message_id,
+    });
+    if let Some(path) = &delivery.path {
+        result["path"] = Value::from(path.display().to_string());
+    }
+    result
+}
+
+/// A `sendBatch()` entry for a message that was not delivered.
+fn failed_result(error: &Error) -> Value {
+    let mut result = json!({
+        "status": "failed",
+        "error": error.to_string(),
+        "exception": exception_class(error),
+    });
+    if let Error::Transport(t) = error {
+        result["account"] = Value::from(t.account.clone());
+        result["server"] = Value::from(t.server.clone());
+        result["smtp_code"] = json!(t.code);
+        result["transient"] = Value::from(t.transient);
+    }
+    result
+}
+
+/// The PHP exception class `send()` would have thrown for this error.
+pub fn exception_class(error: &Error) -> &'static str {
+    match error {
+        Error::Config { .. } => "PCR_Utility_EmailConfigException",
+        Error::Transport(_) => "PCR_Utility_EmailTransportException",
+        Error::Mailbox(_) => "PCR_Utility_EmailMailboxException",
+        Error::Auth { .. } => "PCR_Utility_EmailAuthException",
+        Error::Message(_) | Error::Host(_) => "PCR_Utility_EmailException",
+    }
+}
+
+fn check_error(account: &Account, error: &Error) -> Value {
+    let mut report = json!({
+        "transport": account.outgoing.as_ref().map(|o| o.transport.as_str()),
+        "ok": false,
+        "error": error.to_string(),
+    });
+    if let Error::Transport(t) = error {
+        report["server"] = Value::from(t.server.clone());
+        report["code"] = json!(t.code);
+        report["transient"] = Value::from(t.transient);
+    }
+    report
+}
+
+/// The in-app Message handed to `deliverMessage()` when SEND_EMAIL is false: recipients,
+/// subject, content and attachments (SPEC §4; facts: Messages).
+fn in_app_message(request: &MessageRequest) -> Value {
+    use base64::Engine;
+    let list = |v: &[outgoing::message::EmailAddress]| -> Value {
+        Value::Array(v.iter().map(|a| a.to_json()).collect())
+    };
+    let mut subject = request.subject.clone();
+    if let Some(sd) = &request.sd_number {
+        if !subject.contains(sd.as_str()) {
+            subject = format!("[{sd}] {subject}");
+        }
+    }
+    json!({
+        "to": list(&request.to),
+        "cc": list(&request.cc),
+        "bcc": list(&request.bcc),
+        "reply_to": list(&request.reply_to),
+        "subject": subject,
+        "text": request.text,
+        "html": request.html,
+        "attachments": request.attachments.iter().map(|a| json!({
+            "filename": a.filename,
+            "content_type": a.content_type,
+            "size": a.data.len(),
+            "inline": a.inline,
+            "content_id": a.content_id,
+            "content_base64": base64::engine::general_purpose::STANDARD.encode(&a.data),
+        })).collect::<Vec<_>>(),
+        "kind": request.kind.as_str(),
+        "tenant": request.tenant,
+        "sd_number": request.sd_number,
+    })
+}

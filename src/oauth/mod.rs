@@ -1,0 +1,977 @@
+//! OAuth 2.0 for the cloud accounts: OFFICE365 (Microsoft identity platform, delegated sign-in)
+//! and GMAIL (Google: a signed-in personal account, or a service account with domain-wide
+//! delegation).
+//!
+//! Hand-rolled over [`crate::http`] rather than with the `oauth2` crate: the grants are small
+//! and fully specified (RFC 6749 authorization code, RFC 7636 PKCE S256, RFC 7523 JWT bearer,
+//! which `oauth2` does not offer), the endpoints come from per-account configuration at run
+//! time, and the error handling (refused grant → re-authenticate, rotation, CAS) is ours anyway.
+//!
+//! The flow the PHP side drives:
+//! 1. [`authorization_url`]: the administrator clicks "Click to Authenticate"; a random `state`
+//!    and the PKCE verifier are kept (encrypted, 10 minutes) in the state store.
+//! 2. The provider redirects to `https://<host>/core/oauth2/validated?code=..&state=..`;
+//!    [`complete_authorization`] exchanges the code, stores the refresh token encrypted and
+//!    returns the signed-in mailbox.
+//! 3. From then on [`TokenManager`] hands out access tokens, refreshing them before expiry and
+//!    saving every rotated refresh token at once; [`status`] reports on it without network.
+
+pub mod api;
+mod jwt;
+pub mod tokens;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use api::{ApiClient, ApiError};
+pub use tokens::TokenManager;
+
+use crate::config::secrets::KeyStore;
+use crate::config::{Account, AccountId, MailboxType, Settings, TransportType};
+use crate::error::{Error, Result};
+use crate::http::{query, Body, HttpClient, Method, Request, Role};
+use crate::state::{PendingAuth, StateStore};
+use tokens::{
+    grant_error, now_secs, AccountLock, TokenReply, ACCESS, KV_ERROR, KV_MAILBOX, REFRESH,
+};
+
+pub const MICROSOFT_AUTHORITY: &str = "https://login.microsoftonline.com/common";
+pub const MICROSOFT_AUTHORIZE_PATH: &str = "/oauth2/v2.0/authorize";
+pub const MICROSOFT_TOKEN_PATH: &str = "/oauth2/v2.0/token";
+/// Delegated Graph permissions the product needs (Mail.ReadWrite to mark, move and delete).
+pub const MICROSOFT_DEFAULT_SCOPES: &str =
+    "openid profile offline_access User.Read Mail.ReadWrite Mail.Send";
+pub const GRAPH_BASE: &str = "https://graph.microsoft.com/v1.0";
+pub const GOOGLE_AUTHORIZE_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
+pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
+pub const GOOGLE_DEFAULT_SCOPES: &str = "https://mail.google.com/";
+pub const GMAIL_BASE: &str = "https://gmail.googleapis.com";
+/// How long a sign-in may take between `authorization_url` and `complete_authorization`.
+pub const PENDING_AUTH_TTL: Duration = Duration::from_secs(600);
+/// kv namespace remembering consumed `state` values (hashed), to tell "used" from "unknown".
+const KV_USED_STATE: &str = "oauth-state-used";
+
+/// The identity provider of a cloud account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Provider {
+    /// OFFICE365: Microsoft identity platform and Graph.
+    Microsoft,
+    /// GMAIL: Google OAuth and the Gmail API.
+    Google,
+}
+
+impl Provider {
+    /// The provider of an account whose outgoing or incoming type is OFFICE365 or GMAIL; any
+    /// other account is a configuration error.
+    pub fn of(account: &Account) -> Result<Provider> {
+        let out = account.outgoing.as_ref().map(|o| o.transport);
+        let inc = account.incoming.as_ref().map(|i| i.mailbox);
+        if out == Some(TransportType::Office365) || inc == Some(MailboxType::Office365) {
+            Ok(Provider::Microsoft)
+        } else if out == Some(TransportType::Gmail) || inc == Some(MailboxType::Gmail) {
+            Ok(Provider::Google)
+        } else {
+            Err(Error::account_key(
+                &account.id.to_string(),
+                "OUTGOING_TRANSPORT_TYPE",
+                "OAuth2 sign-in is only for OFFICE365 and GMAIL accounts",
+            ))
+        }
+    }
+
+    /// `OFFICE365` or `GMAIL`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Microsoft => "OFFICE365",
+            Provider::Google => "GMAIL",
+        }
+    }
+
+    /// The service's name for messages.
+    pub fn service(self) -> &'static str {
+        match self {
+            Provider::Microsoft => "Microsoft 365",
+            Provider::Google => "Google",
+        }
+    }
+}
+
+/// Where the OAuth state lives: the state store directory and the key file that encrypts the
+/// tokens (both from the INI: `STATE_DIR`, `KEY_FILE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthEnv {
+    pub state_dir: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl OAuthEnv {
+    pub fn from_settings(settings: &Settings) -> OAuthEnv {
+        OAuthEnv {
+            state_dir: settings.state_dir.clone(),
+            key_file: settings.key_file.clone(),
+        }
+    }
+
+    /// A new connection to the state store.
+    pub fn open_store(&self) -> Result<StateStore> {
+        StateStore::open(&self.state_dir)
+    }
+
+    /// The key store (the key file is created on first use).
+    pub fn open_keys(&self) -> Result<KeyStore> {
+        KeyStore::open(&self.key_file)
+    }
+}
+
+/// One account's resolved OAuth endpoints and scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    pub authorize: String,
+    pub token: String,
+    pub api_base: String,
+    pub scopes: Vec<String>,
+}
+
+/// The account's endpoints: `AUTHORITY_URL` + the (relative or absolute) endpoint paths, or
+/// the provider's public defaults; the scopes (Microsoft always with `offline_access`, without
+/// which there is no refresh token); `API_BASE_URL` or the public API. Plain `http://` is
+/// accepted only for loopback addresses (local emulators).
+pub fn endpoints(account: &Account, provider: Provider) -> Result<Endpoints> {
+    let id = account.id.to_string();
+    let Some(oauth) = &account.oauth else {
+        return Err(Error::account_key(
+            &id,
+            "OAUTH",
+            format!("{} needs the account's OAuth2 settings", provider.as_str()),
+        ));
+    };
+    let trim = |s: &str| s.trim().trim_end_matches('/').to_string();
+    let authority = trim(&oauth.authority_url);
+    let join = |key: &str, value: &str, default: &str| -> Result<String> {
+        let value = value.trim();
+        let url = if value.is_empty() {
+            match provider {
+                Provider::Microsoft => format!(
+                    "{}{default}",
+                    if authority.is_empty() {
+                        MICROSOFT_AUTHORITY
+                    } else {
+                        &authority
+                    }
+                ),
+                Provider::Google => default.to_string(),
+            }
+        } else if value.starts_with("https://") || value.starts_with("http://") {
+            value.to_string()
+        } else if !authority.is_empty() {
+            format!("{authority}/{}", value.trim_start_matches('/'))
+        } else if provider == Provider::Microsoft {
+            format!("{MICROSOFT_AUTHORITY}/{}", value.trim_start_matches('/'))
+        } else {
+            return Err(Error::account_key(
+                &id,
+                key,
+                "a path needs the Authentication Authority URL (or give the full URL)",
+            ));
+        };
+        check_url(&id, key, &url)?;
+        Ok(url)
+    };
+    let (authorize, token) = match provider {
+        Provider::Microsoft => (
+            join(
+                "OAUTH.AUTHORIZATION_ENDPOINT",
+                &oauth.authorization_endpoint,
+                MICROSOFT_AUTHORIZE_PATH,
+            )?,
+            join(
+                "OAUTH.TOKEN_ENDPOINT",
+                &oauth.token_endpoint,
+                MICROSOFT_TOKEN_PATH,
+            )?,
+        ),
+        Provider::Google => (
+            join(
+                "OAUTH.AUTHORIZATION_ENDPOINT",
+                &oauth.authorization_endpoint,
+                GOOGLE_AUTHORIZE_URL,
+            )?,
+            join(
+                "OAUTH.TOKEN_ENDPOINT",
+                &oauth.token_endpoint,
+                GOOGLE_TOKEN_URL,
+            )?,
+        ),
+    };
+    let mut scopes: Vec<String> = oauth.scopes.iter().map(|s| s.trim().to_string()).collect();
+    scopes.retain(|s| !s.is_empty());
+    if scopes.is_empty() {
+        let default = match provider {
+            Provider::Microsoft => MICROSOFT_DEFAULT_SCOPES,
+            Provider::Google => GOOGLE_DEFAULT_SCOPES,
+        };
+        scopes = default.split(' ').map(str::to_string).collect();
+    }
+    if provider == Provider::Microsoft
+        && !scopes
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case("offline_access"))
+    {
+        scopes.push("offline_access".to_string());
+    }
+    let api_base = match oauth.api_base_url.as_deref().map(trim) {
+        Some(base) if !base.is_empty() => base,
+        _ => match provider {
+            Provider::Microsoft => GRAPH_BASE.to_string(),
+            Provider::Google => GMAIL_BASE.to_string(),
+        },
+    };
+    check_url(&id, "OAUTH.API_BASE_URL", &api_base)?;
+    Ok(Endpoints {
+        authorize,
+        token,
+        api_base,
+        scopes,
+    })
+}
+
+/// An `https://` URL, or `http://` to a loopback host only (tokens and secrets never travel
+/// in clear over a network).
+pub(crate) fn check_url(account: &str, key: &str, url: &str) -> Result<()> {
+    let bad = |m: &str| Error::account_key(account, key, m.to_string());
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(bad("the URL contains spaces or control characters"));
+    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(bad("not a URL (https://...)"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') {
+        return Err(bad("the URL has no host (or carries user info)"));
+    }
+    match scheme.to_ascii_lowercase().as_str() {
+        "https" => Ok(()),
+        "http" => {
+            let host = authority
+                .rsplit_once(':')
+                .filter(|(h, p)| !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .map_or(authority, |(h, _)| h);
+            if matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
+                Ok(())
+            } else {
+                Err(bad(
+                    "plain http:// is only allowed for a local test server; use https://",
+                ))
+            }
+        }
+        _ => Err(bad("not an http(s) URL")),
+    }
+}
+
+/// The application (client) id, required for a sign-in.
+pub(crate) fn client_id(account: &Account) -> Result<String> {
+    let id = account
+        .oauth
+        .as_ref()
+        .map(|o| o.application_id.trim().to_string())
+        .unwrap_or_default();
+    if id.is_empty() {
+        return Err(Error::account_key(
+            &account.id.to_string(),
+            "OAUTH.APPLICATION_ID",
+            "the Application ID (client id) is missing",
+        ));
+    }
+    Ok(id)
+}
+
+fn is_service_account(account: &Account, provider: Provider) -> bool {
+    provider == Provider::Google
+        && account
+            .oauth
+            .as_ref()
+            .is_some_and(|o| o.service_account_json.is_some())
+}
+
+/// What a pending sign-in remembers (encrypted in the state store).
+#[derive(Serialize, Deserialize)]
+struct Pending {
+    recid: i64,
+    provider: String,
+    client_id: String,
+    redirect_uri: String,
+    verifier: String,
+}
+
+fn random_b64(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rngs::OsRng.fill_bytes(&mut buf);
+    URL_SAFE_NO_PAD.encode(buf)
+}
+
+fn pkce_challenge(verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
+}
+
+fn state_key(state: &str) -> String {
+    let digest = Sha256::digest(state.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checks the redirect URI PHP passes (`https://<host>/core/oauth2/validated`).
+fn check_redirect_uri(uri: &str) -> Result<()> {
+    let ok = (uri.starts_with("https://") || uri.starts_with("http://"))
+        && !uri.contains('#')
+        && !uri.chars().any(|c| c.is_control() || c.is_whitespace())
+        && uri.len() <= 2000
+        && uri
+            .split_once("://")
+            .is_some_and(|(_, r)| !r.is_empty() && !r.starts_with('/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::message(
+            "the redirect URI must be an absolute http(s) URL without a fragment, e.g. \
+             https://pcr360.example.edu/core/oauth2/validated",
+        ))
+    }
+}
+
+/// The authorization-code URL to send the administrator's browser to ("Click to
+/// Authenticate"): PKCE S256, a random `state` kept with the verifier, the account and the
+/// redirect URI for [`PENDING_AUTH_TTL`]. Microsoft: `response_mode=query` and
+/// `prompt=select_account`; Google: `access_type=offline` and `prompt=consent` (so a refresh
+/// token is issued on every sign-in). The account's EMAIL is passed as `login_hint`.
+pub fn authorization_url(
+    account: &Account,
+    redirect_uri: &str,
+    store: &StateStore,
+    keys: &KeyStore,
+) -> Result<String> {
+    let provider = Provider::of(account)?;
+    let id = account.id.to_string();
+    let AccountId::Tenant(recid) = account.id else {
+        return Err(Error::auth(
+            &id,
+            "OAuth2 sign-in is for tenant accounts only",
+        ));
+    };
+    if is_service_account(account, provider) {
+        return Err(Error::auth(
+            &id,
+            "a Gmail service account needs no sign-in: it signs its own requests with its key \
+             (SERVICE_ACCOUNT_JSON) and acts as IMPERSONATE",
+        ));
+    }
+    check_redirect_uri(redirect_uri)?;
+    let ep = endpoints(account, provider)?;
+    let client_id = client_id(account)?;
+    let verifier = random_b64(64);
+    let state = random_b64(32);
+    let pending = Pending {
+        recid,
+        provider: provider.as_str().to_string(),
+        client_id: client_id.clone(),
+        redirect_uri: redirect_uri.to_string(),
+        verifier: verifier.clone(),
+    };
+    let sealed = keys.encrypt(&serde_json::to_string(&pending).expect("plain struct"));
+    store.put_pending_auth(
+        &state,
+        &sealed,
+        now_secs() + PENDING_AUTH_TTL.as_secs() as i64,
+    )?;
+    let scope = ep.scopes.join(" ");
+    let challenge = pkce_challenge(&verifier);
+    let mut params: Vec<(&str, &str)> = vec![
+        ("client_id", &client_id),
+        ("response_type", "code"),
+        ("redirect_uri", redirect_uri),
+        ("scope", &scope),
+        ("state", &state),
+        ("code_challenge", &challenge),
+        ("code_challenge_method", "S256"),
+    ];
+    match provider {
+        Provider::Microsoft => {
+            params.push(("response_mode", "query"));
+            params.push(("prompt", "select_account"));
+        }
+        Provider::Google => {
+            params.push(("access_type", "offline"));
+            params.push(("prompt", "consent"));
+        }
+    }
+    if crate::config::address_problem(&account.email).is_none() {
+        params.push(("login_hint", &account.email));
+    }
+    let sep = if ep.authorize.contains('?') { '&' } else { '?' };
+    Ok(format!("{}{sep}{}", ep.authorize, query(&params)))
+}
+
+/// A completed sign-in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorized {
+    pub recid: i64,
+    pub provider: Provider,
+    /// The signed-in mailbox (Graph `mail`, else `userPrincipalName`; Gmail `emailAddress`).
+    pub mailbox: String,
+    /// True when the mailbox is not the account's EMAIL (OFFICE365 then sends as `mailbox`).
+    pub differs_from_email: bool,
+}
+
+impl Authorized {
+    /// `{recid, provider, mailbox, differs_from_email}` for the PHP array.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "recid": self.recid,
+            "provider": self.provider.as_str(),
+            "mailbox": self.mailbox,
+            "differs_from_email": self.differs_from_email,
+        })
+    }
+}
+
+/// Finishes a sign-in from the redirect's `state` and `code`: the state must be pending
+/// (unknown, already used and expired states are distinct `Auth` errors), the account
+/// (looked up in `accounts` by the RECID kept with the state) must still be the same OAuth
+/// application; the code is exchanged with the client secret and the PKCE verifier, the
+/// refresh token stored encrypted, and the signed-in mailbox looked up and returned.
+pub fn complete_authorization(
+    state: &str,
+    code: &str,
+    accounts: &[Account],
+    store: &StateStore,
+    keys: &KeyStore,
+) -> Result<Authorized> {
+    const NOBODY: &str = "unknown";
+    let state = state.trim();
+    let restart = "click \"Click to Authenticate\" on the tenant email's OAuth2 tab again";
+    if state.is_empty() {
+        return Err(Error::auth(
+            NOBODY,
+            format!("the sign-in reply has no state parameter; {restart}"),
+        ));
+    }
+    let used_key = state_key(state);
+    let pending = match store.take_pending_auth(state)? {
+        PendingAuth::Valid(data) => {
+            store.set_kv(KV_USED_STATE, &used_key, "used")?;
+            data
+        }
+        PendingAuth::Expired => {
+            store.set_kv(KV_USED_STATE, &used_key, "expired")?;
+            return Err(Error::auth(
+                NOBODY,
+                format!(
+                    "this sign-in took longer than {} minutes and expired; {restart}",
+                    PENDING_AUTH_TTL.as_secs() / 60
+                ),
+            ));
+        }
+        PendingAuth::Unknown => {
+            let message = match store.get_kv(KV_USED_STATE, &used_key)?.as_deref() {
+                Some("used") => format!(
+                    "this sign-in reply was already used (a reply can complete only one \
+                     sign-in; was the page reloaded?); {restart} if the account is not signed in"
+                ),
+                Some(_) => format!("this sign-in expired; {restart}"),
+                None => format!(
+                    "this sign-in reply is unknown (it was not started by this PCR-360 server, \
+                     or its state parameter was altered); {restart}"
+                ),
+            };
+            return Err(Error::auth(NOBODY, message));
+        }
+    };
+    let pending: Pending = serde_json::from_str(keys.decrypt(pending.expose())?.expose())
+        .map_err(|_| Error::auth(NOBODY, format!("the pending sign-in is damaged; {restart}")))?;
+    let id = pending.recid.to_string();
+    let account = accounts
+        .iter()
+        .find(|a| a.id == AccountId::Tenant(pending.recid))
+        .ok_or_else(|| {
+            Error::auth(
+                &id,
+                "the email account this sign-in was started for no longer exists",
+            )
+        })?;
+    let provider = Provider::of(account)?;
+    if provider.as_str() != pending.provider || client_id(account)? != pending.client_id {
+        return Err(Error::auth(
+            &id,
+            format!("the account's OAuth2 settings changed during the sign-in; {restart}"),
+        ));
+    }
+    let code = code.trim();
+    if code.is_empty() {
+        return Err(Error::auth(
+            &id,
+            format!(
+                "the sign-in reply has no authorization code (was the sign-in cancelled or \
+                 consent refused?); {restart}"
+            ),
+        ));
+    }
+    let ep = endpoints(account, provider)?;
+    let http = HttpClient::new(&account.tls, account.timeout)?;
+    let scope = ep.scopes.join(" ");
+    let mut form: Vec<(&str, &str)> = vec![
+        ("grant_type", "authorization_code"),
+        ("code", code),
+        ("redirect_uri", &pending.redirect_uri),
+        ("client_id", &pending.client_id),
+        ("code_verifier", &pending.verifier),
+    ];
+    let secret = account.oauth.as_ref().and_then(|o| o.secret_key.clone());
+    if let Some(secret) = &secret {
+        form.push(("client_secret", secret.expose()));
+    }
+    if provider == Provider::Microsoft {
+        form.push(("scope", &scope));
+    }
+    let now = now_secs();
+    let reply = http
+        .execute(&Request::new(Method::Post, &ep.token).with_body(Body::Form(&form)))
+        .and_then(|r| r.json::<TokenReply>())
+        .map_err(|e| {
+            if e.has_code("invalid_grant") {
+                Error::auth(
+                    &id,
+                    format!(
+                        "{} refused the authorization code ({}): it expired, was already used, \
+                         or the redirect URI differs from the one registered; {restart}",
+                        provider.service(),
+                        e.detail
+                    ),
+                )
+            } else {
+                grant_error(e, provider, false, &id, &ep.token, Role::Authorize)
+            }
+        })?;
+    let Some(refresh) = reply.refresh_token.clone().filter(|t| !t.is_empty()) else {
+        return Err(Error::auth(
+            &id,
+            match provider {
+                Provider::Microsoft => "Microsoft issued no refresh token: add offline_access to \
+                                        the Scopes and sign in again"
+                    .to_string(),
+                Provider::Google => "Google issued no refresh token: remove the app's access in \
+                                     the Google account's security settings and sign in again"
+                    .to_string(),
+            },
+        ));
+    };
+    let access = crate::config::Secret::new(reply.access_token.clone());
+    let mailbox = signed_in_mailbox(&http, provider, &ep.api_base, &access, &id)?;
+    {
+        let _lock = AccountLock::acquire(&tokens::lock_dir(store), &id, account.timeout * 2)?;
+        store.save_token(&id, REFRESH, &keys.encrypt(&refresh), None)?;
+        store.save_token(
+            &id,
+            ACCESS,
+            &keys.encrypt(&reply.access_token),
+            Some(reply.use_until(now)),
+        )?;
+    }
+    store.set_kv(KV_MAILBOX, &id, &mailbox)?;
+    store.delete_kv(KV_ERROR, &id)?;
+    Ok(Authorized {
+        recid: pending.recid,
+        provider,
+        differs_from_email: !mailbox.eq_ignore_ascii_case(&account.email),
+        mailbox,
+    })
+}
+
+/// The mailbox an access token belongs to: Graph `GET /me` (`mail`, else
+/// `userPrincipalName`) or Gmail `GET /gmail/v1/users/{user}/profile` (`emailAddress`).
+pub(crate) fn signed_in_mailbox(
+    http: &HttpClient,
+    provider: Provider,
+    api_base: &str,
+    token: &crate::config::Secret,
+    account: &str,
+) -> Result<String> {
+    let url = match provider {
+        Provider::Microsoft => format!("{api_base}/me?$select=mail,userPrincipalName"),
+        Provider::Google => format!("{api_base}/gmail/v1/users/me/profile"),
+    };
+    let value: serde_json::Value = http
+        .execute(&Request::new(Method::Get, &url).with_bearer(token))
+        .and_then(|r| r.json())
+        .map_err(|e| {
+            Error::auth(
+                account,
+                format!("cannot look up the signed-in mailbox: {e}"),
+            )
+        })?;
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(|v| v.as_str())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let mailbox = match provider {
+        Provider::Microsoft => field("mail").or_else(|| field("userPrincipalName")),
+        Provider::Google => field("emailAddress"),
+    };
+    match mailbox {
+        Some(m) if crate::config::address_problem(m).is_none() => Ok(m.to_string()),
+        _ => Err(Error::auth(
+            account,
+            format!(
+                "{}: the reply names no mailbox address",
+                crate::http::endpoint_label(Method::Get, &url)
+            ),
+        )),
+    }
+}
+
+/// What `checkAccount()` shows about an account's OAuth state, from the state store only (no
+/// network, no side effects).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthStatus {
+    pub provider: Provider,
+    pub service_account: bool,
+    /// A refresh token is stored (or, for a service account, its key is configured).
+    pub authorized: bool,
+    /// The cached access token is usable until then (Unix seconds).
+    pub access_token_valid_until: Option<i64>,
+    /// When the refresh token was last saved (Unix seconds).
+    pub refresh_token_saved_at: Option<i64>,
+    /// The signed-in mailbox (service accounts: IMPERSONATE).
+    pub mailbox: Option<String>,
+    /// The last token error (e.g. the refresh token was revoked), cleared by a success.
+    pub last_error: Option<String>,
+}
+
+impl OAuthStatus {
+    pub fn to_json(&self) -> serde_json::Value {
+        let now = now_secs();
+        serde_json::json!({
+            "provider": self.provider.as_str(),
+            "service_account": self.service_account,
+            "authorized": self.authorized,
+            "access_token_valid": self.access_token_valid_until.is_some_and(|t| t > now),
+            "access_token_valid_until": self.access_token_valid_until,
+            "refresh_token_saved_at": self.refresh_token_saved_at,
+            "mailbox": self.mailbox,
+            "last_error": self.last_error,
+        })
+    }
+}
+
+/// The account's OAuth state, read from the store.
+pub fn status(account: &Account, store: &StateStore) -> Result<OAuthStatus> {
+    let provider = Provider::of(account)?;
+    let id = account.id.to_string();
+    let service_account = is_service_account(account, provider);
+    let refresh = store.load_token(&id, REFRESH)?;
+    let access = store.load_token(&id, ACCESS)?;
+    let mailbox = if service_account {
+        account
+            .oauth
+            .as_ref()
+            .and_then(|o| o.impersonate.clone())
+            .or_else(|| Some(account.email.clone()))
+    } else {
+        store.get_kv(KV_MAILBOX, &id)?
+    };
+    Ok(OAuthStatus {
+        provider,
+        service_account,
+        authorized: service_account || refresh.is_some(),
+        access_token_valid_until: access.and_then(|a| a.expires_at),
+        refresh_token_saved_at: refresh.map(|r| r.version / 1000),
+        mailbox,
+        last_error: store.get_kv(KV_ERROR, &id)?,
+    })
+}
+
+/// The signed-in mailbox of an account: remembered from the sign-in, else looked up with a
+/// token (and remembered). Service accounts act as IMPERSONATE.
+pub fn mailbox_address(api: &ApiClient) -> std::result::Result<String, ApiError> {
+    if let Some(subject) = api.tokens().impersonated() {
+        return Ok(subject.to_string());
+    }
+    let account = api.account().to_string();
+    if let Some(known) = api.tokens().store().get_kv(KV_MAILBOX, &account)? {
+        return Ok(known);
+    }
+    let url = match api.tokens().provider() {
+        Provider::Microsoft => api.url("/me?$select=mail,userPrincipalName"),
+        Provider::Google => api.url("/gmail/v1/users/me/profile"),
+    };
+    let value: serde_json::Value = api
+        .send(Request::new(Method::Get, &url))?
+        .json()
+        .map_err(ApiError::Http)?;
+    let pick = |name: &str| {
+        value
+            .get(name)
+            .and_then(|v| v.as_str())
+            .map(str::trim)
+            .filter(|v| crate::config::address_problem(v).is_none())
+            .map(str::to_string)
+    };
+    let mailbox = match api.tokens().provider() {
+        Provider::Microsoft => pick("mail").or_else(|| pick("userPrincipalName")),
+        Provider::Google => pick("emailAddress"),
+    }
+    .ok_or_else(|| {
+        Error::auth(
+            &account,
+            format!(
+                "{}: the reply names no mailbox address",
+                crate::http::endpoint_label(Method::Get, &url)
+            ),
+        )
+    })?;
+    api.tokens()
+        .store()
+        .set_kv(KV_MAILBOX, &account, &mailbox)?;
+    Ok(mailbox)
+}
+
+/// The sending transport of an OFFICE365 (Graph) or GMAIL (Gmail API) account.
+pub fn transport_for(
+    account: &Account,
+    env: &OAuthEnv,
+) -> Result<Box<dyn crate::outgoing::Transport>> {
+    match account.outgoing.as_ref().map(|o| o.transport) {
+        Some(TransportType::Office365) => Ok(Box::new(
+            crate::outgoing::graph::GraphTransport::new(account, env)?,
+        )),
+        Some(TransportType::Gmail) => Ok(Box::new(crate::outgoing::gmail::GmailTransport::new(
+            account, env,
+        )?)),
+        _ => Err(Error::account_key(
+            &account.id.to_string(),
+            "OUTGOING_TRANSPORT_TYPE",
+            "not an OFFICE365 or GMAIL transport",
+        )),
+    }
+}
+
+/// The incoming mailbox of an OFFICE365 (Graph) or GMAIL (Gmail API) account; `state` keeps
+/// what was finished.
+pub fn open_mailbox(
+    account: &Account,
+    env: &OAuthEnv,
+    state: StateStore,
+) -> Result<Box<dyn crate::incoming::Mailbox>> {
+    match account.incoming.as_ref().map(|i| i.mailbox) {
+        Some(MailboxType::Office365) => Ok(Box::new(crate::incoming::graph::GraphMailbox::open(
+            account, env, state,
+        )?)),
+        Some(MailboxType::Gmail) => Ok(Box::new(crate::incoming::gmail::GmailMailbox::open(
+            account, env, state,
+        )?)),
+        _ => Err(Error::account_key(
+            &account.id.to_string(),
+            "INCOMING_MAILBOX_TYPE",
+            "not an OFFICE365 or GMAIL mailbox",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{OAuthSettings, Outgoing, SslMode, TlsSettings};
+
+    pub(crate) fn account(provider: Provider, oauth: OAuthSettings) -> Account {
+        Account {
+            id: AccountId::Tenant(7),
+            tenants_recid: 1,
+            account_type: crate::config::AccountType::ServiceDesk,
+            email: "sd@pcr.example.edu".into(),
+            display_name: Some("Service Desk".into()),
+            login: None,
+            password: None,
+            outgoing: Some(Outgoing {
+                transport: match provider {
+                    Provider::Microsoft => TransportType::Office365,
+                    Provider::Google => TransportType::Gmail,
+                },
+                host: None,
+                port: 443,
+                ssl: SslMode::Ssl,
+            }),
+            incoming: None,
+            sysadmin: None,
+            tls: TlsSettings::default(),
+            file_path: "/tmp".into(),
+            sendmail_path: "/usr/sbin/sendmail".into(),
+            timeout: Duration::from_secs(5),
+            oauth: Some(oauth),
+        }
+    }
+
+    #[test]
+    fn microsoft_endpoints_from_authority_and_paths() {
+        let a = account(
+            Provider::Microsoft,
+            OAuthSettings {
+                application_id: "app".into(),
+                authority_url: "https://login.microsoftonline.com/contoso.onmicrosoft.com/".into(),
+                authorization_endpoint: "/oauth2/v2.0/authorize".into(),
+                token_endpoint: "oauth2/v2.0/token".into(),
+                scopes: vec!["openid".into(), "mail.send".into()],
+                ..Default::default()
+            },
+        );
+        let ep = endpoints(&a, Provider::Microsoft).unwrap();
+        assert_eq!(
+            ep.authorize,
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/authorize"
+        );
+        assert_eq!(
+            ep.token,
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        assert_eq!(ep.scopes, ["openid", "mail.send", "offline_access"]);
+        assert_eq!(ep.api_base, GRAPH_BASE);
+    }
+
+    #[test]
+    fn defaults_when_fields_are_empty() {
+        let a = account(Provider::Google, OAuthSettings::default());
+        let ep = endpoints(&a, Provider::Google).unwrap();
+        assert_eq!(ep.authorize, GOOGLE_AUTHORIZE_URL);
+        assert_eq!(ep.token, GOOGLE_TOKEN_URL);
+        assert_eq!(ep.scopes, [GOOGLE_DEFAULT_SCOPES]);
+        assert_eq!(ep.api_base, GMAIL_BASE);
+        let m = account(Provider::Microsoft, OAuthSettings::default());
+        let ep = endpoints(&m, Provider::Microsoft).unwrap();
+        assert_eq!(
+            ep.token,
+            format!("{MICROSOFT_AUTHORITY}{MICROSOFT_TOKEN_PATH}")
+        );
+        assert!(ep.scopes.iter().any(|s| s == "Mail.ReadWrite"));
+    }
+
+    #[test]
+    fn clear_text_http_only_to_loopback() {
+        assert!(check_url("7", "K", "http://127.0.0.1:24880/x").is_ok());
+        assert!(check_url("7", "K", "http://localhost/x").is_ok());
+        assert!(check_url("7", "K", "https://graph.microsoft.com/v1.0").is_ok());
+        let err = check_url(
+            "7",
+            "OAUTH.TOKEN_ENDPOINT",
+            "http://login.example.com/token",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("OAUTH.TOKEN_ENDPOINT"), "{err}");
+        assert!(check_url("7", "K", "http://127.0.0.1.evil.com/x").is_err());
+        assert!(check_url("7", "K", "https://user:pw@host/x").is_err());
+        assert!(check_url("7", "K", "ftp://host/x").is_err());
+    }
+
+    #[test]
+    fn pkce_matches_rfc7636_appendix_b() {
+        assert_eq!(
+            pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        );
+    }
+
+    #[test]
+    fn authorization_urls_carry_pkce_and_provider_specifics() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&dir.path().join("s")).unwrap();
+        let keys = KeyStore::from_key([7; 32]);
+        let a = account(
+            Provider::Google,
+            OAuthSettings {
+                application_id: "cid.apps.googleusercontent.com".into(),
+                ..Default::default()
+            },
+        );
+        let url = authorization_url(
+            &a,
+            "https://pcr.example.edu/core/oauth2/validated",
+            &store,
+            &keys,
+        )
+        .unwrap();
+        assert!(url.starts_with("https://accounts.google.com/o/oauth2/v2/auth?client_id=cid.apps"));
+        for part in [
+            "response_type=code",
+            "code_challenge_method=S256",
+            "access_type=offline",
+            "prompt=consent",
+            "redirect_uri=https%3A%2F%2Fpcr.example.edu%2Fcore%2Foauth2%2Fvalidated",
+            "scope=https%3A%2F%2Fmail.google.com%2F",
+            "login_hint=sd%40pcr.example.edu",
+        ] {
+            assert!(url.contains(part), "{part} missing in {url}");
+        }
+        let bad = authorization_url(&a, "/core/oauth2/validated", &store, &keys).unwrap_err();
+        assert!(bad.to_string().contains("redirect URI"), "{bad}");
+    }
+
+    #[test]
+    fn states_unknown_reused_and_expired_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&dir.path().join("s")).unwrap();
+        let keys = KeyStore::from_key([7; 32]);
+        let err = complete_authorization("nope", "code", &[], &store, &keys).unwrap_err();
+        assert!(err.to_string().contains("unknown"), "{err}");
+        // A pending state whose account vanished is consumed: its replay says "already used".
+        let a = account(
+            Provider::Microsoft,
+            OAuthSettings {
+                application_id: "app".into(),
+                ..Default::default()
+            },
+        );
+        let url = authorization_url(&a, "https://h/core/oauth2/validated", &store, &keys).unwrap();
+        let state = url
+            .split(['?', '&'])
+            .find_map(|p| p.strip_prefix("state="))
+            .unwrap()
+            .to_string();
+        let err = complete_authorization(&state, "code", &[], &store, &keys).unwrap_err();
+        assert!(err.to_string().contains("no longer exists"), "{err}");
+        let err = complete_authorization(&state, "code", &[], &store, &keys).unwrap_err();
+        assert!(err.to_string().contains("already used"), "{err}");
+        store
+            .put_pending_auth("old-state", &keys.encrypt("{}"), now_secs() - 5)
+            .unwrap();
+        let err = complete_authorization("old-state", "code", &[], &store, &keys).unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+        let err = complete_authorization("old-state", "code", &[], &store, &keys).unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+        assert!(matches!(err, Error::Auth { .. }));
+    }
+
+    #[test]
+    fn service_accounts_need_no_sign_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&dir.path().join("s")).unwrap();
+        let keys = KeyStore::from_key([7; 32]);
+        let a = account(
+            Provider::Google,
+            OAuthSettings {
+                service_account_json: Some(crate::config::Secret::new("{}")),
+                impersonate: Some("box@corp.example".into()),
+                ..Default::default()
+            },
+        );
+        let err =
+            authorization_url(&a, "https://h/core/oauth2/validated", &store, &keys).unwrap_err();
+        assert!(err.to_string().contains("needs no sign-in"), "{err}");
+        let st = status(&a, &store).unwrap();
+        assert!(st.service_account && st.authorized);
+        assert_eq!(st.mailbox.as_deref(), Some("box@corp.example"));
+    }
+}

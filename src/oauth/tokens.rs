@@ -1,0 +1,513 @@
+//! Access tokens for one OFFICE365 / GMAIL account: cached (encrypted) in the state store,
+//! refreshed shortly before they expire, with every rotated refresh token saved at once.
+//!
+//! Several PHP processes (and the mailbox threads of one process) may need a token at the same
+//! moment. A refresh is therefore done under an exclusive lock file per account
+//! (`STATE_DIR/oauth-locks/<account>.lock`, `flock`, released by the kernel even after
+//! `kill -9`): whoever waited re-reads the store and uses the token just obtained instead of
+//! refreshing again. That matters with providers that invalidate a refresh token once it is
+//! used: two concurrent refreshes with the same token would make one of them fail. The refresh
+//! token itself is saved with compare-and-swap on its version, so a refresh can never replace a
+//! token stored meanwhile by a new authorization.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::jwt::ServiceAccountKey;
+use super::{endpoints, OAuthEnv, Provider};
+use crate::config::secrets::KeyStore;
+use crate::config::{Account, Secret};
+use crate::error::{Error, Result};
+use crate::http::{Body, HttpClient, HttpError, Method, Request, Role};
+use crate::state::StateStore;
+
+/// Token kind of the (encrypted) refresh token in the state store.
+pub const REFRESH: &str = "oauth_refresh";
+/// Token kind of the (encrypted) cached access token; its `expires_at` is the time we stop
+/// using it (a little before the provider's expiry).
+pub const ACCESS: &str = "oauth_access";
+/// kv namespace: the signed-in mailbox address per account.
+pub const KV_MAILBOX: &str = "oauth-mailbox";
+/// kv namespace: the last token error per account (no secret in it), cleared on success.
+pub const KV_ERROR: &str = "oauth-error";
+/// A token is renewed this long before it expires (at most a quarter of its lifetime).
+const RENEW_BEFORE_SECS: i64 = 60;
+/// `grant_type` of RFC 7523.
+pub(crate) const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+/// The token endpoint's success reply (RFC 6749 §5.1). Deliberately not `Debug`.
+#[derive(Deserialize)]
+pub(crate) struct TokenReply {
+    pub access_token: String,
+    #[serde(default, deserialize_with = "number_or_string")]
+    pub expires_in: Option<i64>,
+    #[serde(default)]
+    pub refresh_token: Option<String>,
+}
+
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        N(i64),
+        S(String),
+    }
+    Ok(match Option::<Either>::deserialize(d)? {
+        Some(Either::N(n)) => Some(n),
+        Some(Either::S(s)) => s.trim().parse().ok(),
+        None => None,
+    })
+}
+
+impl TokenReply {
+    /// When to stop using the access token (Unix seconds): its expiry minus a margin.
+    pub fn use_until(&self, now: i64) -> i64 {
+        let lifetime = self.expires_in.unwrap_or(3600).max(1);
+        now + lifetime - RENEW_BEFORE_SECS.min(lifetime / 4)
+    }
+}
+
+/// How the account gets a new access token.
+enum Grant {
+    /// A refresh token from the authorization-code sign-in.
+    Refresh {
+        client_id: String,
+        client_secret: Option<Secret>,
+        token_url: String,
+        /// Microsoft wants the scopes again on refresh; Google does not.
+        scope: Option<String>,
+    },
+    /// A Gmail service account: a JWT assertion signed with its key.
+    ServiceAccount {
+        key: Box<ServiceAccountKey>,
+        subject: String,
+        scope: String,
+        token_url: String,
+    },
+}
+
+/// The access tokens of one account. `Sync`: a transport shares it between sending threads.
+pub struct TokenManager {
+    account: String,
+    provider: Provider,
+    grant: Grant,
+    http: HttpClient,
+    store: Mutex<StateStore>,
+    keys: KeyStore,
+    lock_dir: PathBuf,
+    lock_wait: Duration,
+    role: Role,
+}
+
+impl std::fmt::Debug for TokenManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenManager")
+            .field("account", &self.account)
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenManager {
+    /// The token source of `account` (an OFFICE365 or GMAIL account). `role` decides how a
+    /// network failure at the token endpoint is reported (`Transport`, `Mailbox` or `Auth`).
+    pub fn new(account: &Account, env: &OAuthEnv, role: Role) -> Result<TokenManager> {
+        let provider = Provider::of(account)?;
+        let id = account.id.to_string();
+        let ep = endpoints(account, provider)?;
+        let oauth = account.oauth.as_ref().expect("endpoints() checked OAUTH");
+        let grant = match (&oauth.service_account_json, provider) {
+            (Some(json), Provider::Google) => {
+                let key = ServiceAccountKey::parse(json.expose(), &id)?;
+                let token_url = if oauth.token_endpoint.trim().is_empty() {
+                    key.token_uri
+                        .clone()
+                        .unwrap_or_else(|| super::GOOGLE_TOKEN_URL.to_string())
+                } else {
+                    ep.token.clone()
+                };
+                super::check_url(&id, "OAUTH.TOKEN_ENDPOINT", &token_url)?;
+                Grant::ServiceAccount {
+                    key: Box::new(key),
+                    subject: oauth
+                        .impersonate
+                        .clone()
+                        .unwrap_or_else(|| account.email.clone()),
+                    scope: ep.scopes.join(" "),
+                    token_url,
+                }
+            }
+            _ => Grant::Refresh {
+                client_id: super::client_id(account)?,
+                client_secret: oauth.secret_key.clone(),
+                token_url: ep.token.clone(),
+                scope: (provider == Provider::Microsoft).then(|| ep.scopes.join(" ")),
+            },
+        };
+        let store = env.open_store()?;
+        Ok(TokenManager {
+            account: id,
+            provider,
+            grant,
+            http: HttpClient::new(&account.tls, account.timeout)?,
+            lock_dir: lock_dir(&store),
+            store: Mutex::new(store),
+            keys: env.open_keys()?,
+            lock_wait: account.timeout.max(Duration::from_secs(5)) * 2,
+            role,
+        })
+    }
+
+    /// The same manager with another HTTP client (e.g. another retry policy).
+    pub fn with_http(mut self, http: HttpClient) -> TokenManager {
+        self.http = http;
+        self
+    }
+
+    /// `master` or the RECID, as errors name it.
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    /// True for a Gmail service account (no sign-in, no refresh token).
+    pub fn is_service_account(&self) -> bool {
+        matches!(self.grant, Grant::ServiceAccount { .. })
+    }
+
+    /// The mailbox a service account acts as (`IMPERSONATE`).
+    pub fn impersonated(&self) -> Option<&str> {
+        match &self.grant {
+            Grant::ServiceAccount { subject, .. } => Some(subject),
+            Grant::Refresh { .. } => None,
+        }
+    }
+
+    /// The state store this manager uses (also for the callers' own bookkeeping).
+    pub fn store(&self) -> MutexGuard<'_, StateStore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A usable access token: the cached one while it is fresh, else a new one.
+    pub fn access_token(&self) -> Result<Secret> {
+        if let Some(token) = self.cached(None)? {
+            return Ok(token);
+        }
+        self.renew(None)
+    }
+
+    /// A new access token after the API rejected `rejected` (401): another process's newer
+    /// token when there is one, else a refresh.
+    pub fn refresh_after_rejection(&self, rejected: &Secret) -> Result<Secret> {
+        self.renew(Some(rejected))
+    }
+
+    /// The cached access token when it is still fresh and is not `rejected`.
+    fn cached(&self, rejected: Option<&Secret>) -> Result<Option<Secret>> {
+        let Some(stored) = self.store().load_token(&self.account, ACCESS)? else {
+            return Ok(None);
+        };
+        let fresh = stored.expires_at.is_some_and(|until| until > now_secs());
+        if !fresh {
+            return Ok(None);
+        }
+        let token = self.keys.decrypt(stored.value.expose())?;
+        Ok((rejected != Some(&token)).then_some(token))
+    }
+
+    fn renew(&self, rejected: Option<&Secret>) -> Result<Secret> {
+        let _lock = AccountLock::acquire(&self.lock_dir, &self.account, self.lock_wait)?;
+        // Someone else may have refreshed while we waited for the lock.
+        if let Some(token) = self.cached(rejected)? {
+            return Ok(token);
+        }
+        let result = match &self.grant {
+            Grant::Refresh { .. } => self.refresh_grant(),
+            Grant::ServiceAccount { .. } => self.jwt_grant(),
+        };
+        match &result {
+            Ok(_) => {
+                let _ = self.store().delete_kv(KV_ERROR, &self.account);
+            }
+            Err(e @ (Error::Auth { .. } | Error::Config { .. })) => {
+                let _ = self.store().set_kv(KV_ERROR, &self.account, &e.to_string());
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    fn refresh_grant(&self) -> Result<Secret> {
+        let Grant::Refresh {
+            client_id,
+            client_secret,
+            token_url,
+            scope,
+        } = &self.grant
+        else {
+            unreachable!("refresh_grant on a service account")
+        };
+        let Some(stored) = self.store().load_token(&self.account, REFRESH)? else {
+            return Err(Error::auth(
+                &self.account,
+                format!(
+                    "the account is not signed in to {} yet: open the tenant email's OAuth2 tab \
+                     and click \"Click to Authenticate\"",
+                    self.provider.service()
+                ),
+            ));
+        };
+        let refresh_token = self.keys.decrypt(stored.value.expose())?;
+        let mut form: Vec<(&str, &str)> = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose()),
+            ("client_id", client_id),
+        ];
+        if let Some(secret) = client_secret {
+            form.push(("client_secret", secret.expose()));
+        }
+        if let Some(scope) = scope {
+            form.push(("scope", scope));
+        }
+        let now = now_secs();
+        let reply = self
+            .http
+            .execute(&Request::new(Method::Post, token_url).with_body(Body::Form(&form)))
+            .and_then(|r| r.json::<TokenReply>());
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => return Err(self.grant_error(e, token_url)),
+        };
+        // Save a rotated refresh token before anything else can fail.
+        if let Some(new_refresh) = reply.refresh_token.as_deref().filter(|t| !t.is_empty()) {
+            if new_refresh != refresh_token.expose() {
+                let sealed = self.keys.encrypt(new_refresh);
+                // `None`: a new sign-in stored another token meanwhile; it wins.
+                let _ = self.store().replace_token(
+                    &self.account,
+                    REFRESH,
+                    Some(stored.version),
+                    &sealed,
+                    None,
+                )?;
+            }
+        }
+        self.cache_access(&reply, now)
+    }
+
+    fn jwt_grant(&self) -> Result<Secret> {
+        let Grant::ServiceAccount {
+            key,
+            subject,
+            scope,
+            token_url,
+        } = &self.grant
+        else {
+            unreachable!("jwt_grant without a service account")
+        };
+        let now = now_secs();
+        let assertion = key.assertion(subject, scope, token_url, now, &self.account)?;
+        let form = [
+            ("grant_type", JWT_BEARER),
+            ("assertion", assertion.as_str()),
+        ];
+        let reply = self
+            .http
+            .execute(&Request::new(Method::Post, token_url).with_body(Body::Form(&form)))
+            .and_then(|r| r.json::<TokenReply>());
+        match reply {
+            Ok(reply) => self.cache_access(&reply, now),
+            Err(e) => Err(self.grant_error(e, token_url)),
+        }
+    }
+
+    fn cache_access(&self, reply: &TokenReply, now: i64) -> Result<Secret> {
+        if reply.access_token.is_empty() {
+            return Err(Error::auth(
+                &self.account,
+                "the token endpoint returned an empty access token",
+            ));
+        }
+        let sealed = self.keys.encrypt(&reply.access_token);
+        self.store()
+            .save_token(&self.account, ACCESS, &sealed, Some(reply.use_until(now)))?;
+        Ok(Secret::new(reply.access_token.clone()))
+    }
+
+    /// The error for a failed token request: `Auth` when the grant itself was refused (the
+    /// administrator must act), else by role.
+    fn grant_error(&self, e: HttpError, token_url: &str) -> Error {
+        grant_error(
+            e,
+            self.provider,
+            self.is_service_account(),
+            &self.account,
+            token_url,
+            self.role,
+        )
+    }
+}
+
+/// Maps a token endpoint failure: refused grants and clients are `Auth` errors telling the
+/// administrator what to do; network trouble follows `role`.
+pub(crate) fn grant_error(
+    e: HttpError,
+    provider: Provider,
+    service_account: bool,
+    account: &str,
+    token_url: &str,
+    role: Role,
+) -> Error {
+    let service = provider.service();
+    if e.has_code("invalid_grant") && service_account {
+        return Error::auth(
+            account,
+            format!(
+                "Google refused the service account's signed request ({}): check the key file, \
+                 the IMPERSONATE mailbox and the server clock",
+                e.detail
+            ),
+        );
+    }
+    if e.has_code("invalid_grant") {
+        return Error::auth(
+            account,
+            format!(
+                "the {service} refresh token was revoked or has expired ({}); an administrator \
+                 must sign in again: open the tenant email's OAuth2 tab and click \"Click to RE \
+                 Authenticate\"",
+                e.detail
+            ),
+        );
+    }
+    if e.has_code("invalid_client") || e.has_code("unauthorized_client") {
+        let what = if service_account {
+            "the service account is not allowed to act for the mailbox: grant it domain-wide \
+             delegation for the scopes in the Google Workspace admin console"
+        } else {
+            "check the Application ID and the Secret KEY (a client secret expires; create a new \
+             one and save it on the OAuth2 tab)"
+        };
+        return Error::auth(
+            account,
+            format!("{service} rejected the application ({}): {what}", e.detail),
+        );
+    }
+    if e.has_code("invalid_scope") {
+        return Error::auth(
+            account,
+            format!(
+                "{service} refused the Scopes ({}): check the OAuth2 tab",
+                e.detail
+            ),
+        );
+    }
+    let server = crate::http::endpoint_label(Method::Post, token_url);
+    let server = server.trim_start_matches("POST ").to_string();
+    e.into_error(role, account, &server)
+}
+
+/// The directory of the per-account lock files, beside the state database.
+pub(crate) fn lock_dir(store: &StateStore) -> PathBuf {
+    store
+        .path()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("oauth-locks")
+}
+
+/// An exclusive `flock` on one account's lock file, held until dropped.
+pub(crate) struct AccountLock {
+    _file: File,
+}
+
+impl AccountLock {
+    pub(crate) fn acquire(dir: &Path, account: &str, wait: Duration) -> Result<AccountLock> {
+        let fail = |what: String| {
+            Error::auth(
+                account,
+                format!("cannot lock the OAuth token of the account ({what})"),
+            )
+        };
+        if !dir.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+        }
+        let name: String = account
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let path = dir.join(format!("{name}.lock"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        let deadline = Instant::now() + wait;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(AccountLock { _file: file }),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(fail(format!(
+                        "another process has been renewing it for over {} s",
+                        wait.as_secs()
+                    )))
+                }
+                Err(TryLockError::Error(e)) => {
+                    return Err(fail(format!("{}: {e}", path.display())))
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expires_in_may_be_a_string_and_renewal_comes_early() {
+        let r: TokenReply =
+            serde_json::from_str(r#"{"access_token":"a","expires_in":"3600"}"#).unwrap();
+        assert_eq!(r.use_until(1000), 1000 + 3600 - 60);
+        let r: TokenReply = serde_json::from_str(r#"{"access_token":"a","expires_in":8}"#).unwrap();
+        assert_eq!(r.use_until(1000), 1000 + 8 - 2);
+        let r: TokenReply = serde_json::from_str(r#"{"access_token":"a"}"#).unwrap();
+        assert_eq!(r.use_until(0), 3600 - 60);
+    }
+
+    #[test]
+    fn the_lock_excludes_a_second_holder_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = AccountLock::acquire(dir.path(), "7", Duration::from_secs(1)).unwrap();
+        let err = AccountLock::acquire(dir.path(), "7", Duration::from_millis(100))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("renewing"), "{err}");
+        let other = AccountLock::acquire(dir.path(), "8", Duration::from_millis(100));
+        assert!(other.is_ok());
+        drop(first);
+        assert!(AccountLock::acquire(dir.path(), "7", Duration::from_millis(100)).is_ok());
+    }
+}

@@ -1,0 +1,157 @@
+//! `PCR_Utility_EmailHost`: the PHP interface, and the core `Host` implemented over a PHP object.
+
+use ext_php_rs::convert::FromZval;
+use ext_php_rs::flags::DataType;
+use ext_php_rs::prelude::*;
+use ext_php_rs::types::{ZendHashTable, Zval};
+use ext_php_rs::zend::{ClassEntry, ExecutorGlobals};
+use serde_json::Value;
+
+use super::convert::{json_to_table, zval_to_json};
+use crate::error::{Error, Result};
+use crate::host::Host;
+
+pub const HOST_INTERFACE: &str = "PCR_Utility_EmailHost";
+
+/// The application's side of the contract: the extension calls these from PHP's thread.
+#[php_interface]
+#[php(name = "PCR_Utility_EmailHost")]
+// Only its generated PHP interface is used: PHP classes implement it, Rust calls them by name.
+#[allow(non_snake_case, dead_code)]
+pub trait EmailHost {
+    /// Tenant email account rows (same keys as the INI, plus RECID, TENANTS_RECID,
+    /// ACCOUNT_TYPE, SYSADMIN and OAUTH).
+    fn email_accounts(&self) -> Vec<Zval>;
+    /// Blocked Emails patterns: `*` wildcards, or `/regex/` matched on address and subject.
+    fn blocked_emails(&self) -> Vec<Zval>;
+    /// Creates an Inquiry from `$mail`; returns its SD number.
+    fn create_inquiry(&self, mail: &ZendHashTable) -> String;
+    /// Adds `$mail` to the thread of `$sdNumber`; false when there is no such item.
+    fn add_to_thread(&self, sdNumber: String, mail: &ZendHashTable) -> bool;
+    /// Delivers a message in-app (SEND_EMAIL = false).
+    fn deliver_message(&self, message: &ZendHashTable);
+    /// Writes to the application's Error Log.
+    fn log_error(&self, message: String, context: &ZendHashTable);
+}
+
+/// A PHP argument that must implement `PCR_Utility_EmailHost`; holds a reference to the object.
+pub struct HostArg(pub Zval);
+
+impl<'a> FromZval<'a> for HostArg {
+    const TYPE: DataType = DataType::object(HOST_INTERFACE);
+
+    fn from_zval(zval: &'a Zval) -> Option<Self> {
+        let object = zval.object()?;
+        let interface = ClassEntry::try_find(HOST_INTERFACE)?;
+        if !object.instance_of(interface) {
+            return None;
+        }
+        Some(HostArg(zval.shallow_clone()))
+    }
+}
+
+/// The core `Host` over a PHP object. A PHP exception thrown by a host method is taken off the
+/// engine here (so it does not escape into the caller's PHP code) and becomes `Error::Host`:
+/// the core decides what a failure means (a mail stays in its mailbox and is retried).
+pub struct PhpHost {
+    object: Zval,
+}
+
+impl PhpHost {
+    pub fn new(object: Zval) -> Self {
+        PhpHost { object }
+    }
+
+    fn call(&self, method: &str, args: Vec<&dyn ext_php_rs::convert::IntoZvalDyn>) -> Result<Zval> {
+        let result = self.object.try_call_method(method, args);
+        if let Some(exception) = ExecutorGlobals::take_exception() {
+            let class = exception
+                .get_class_name()
+                .unwrap_or_else(|_| "Exception".into());
+            let message = exception
+                .try_call_method("getMessage", vec![])
+                .ok()
+                .and_then(|m| m.string())
+                .unwrap_or_default();
+            return Err(Error::Host(format!(
+                "{HOST_INTERFACE}::{method}() threw {class}: {message}"
+            )));
+        }
+        result.map_err(|e| {
+            Error::Host(format!(
+                "{HOST_INTERFACE}::{method}() could not be called: {e}"
+            ))
+        })
+    }
+
+    fn table(value: &Value, what: &str) -> Result<ext_php_rs::boxed::ZBox<ZendHashTable>> {
+        json_to_table(value).map_err(|e| Error::Host(format!("cannot pass {what} to PHP: {e}")))
+    }
+
+    fn list(&self, method: &str) -> Result<Value> {
+        let value = self.call(method, vec![])?;
+        if value.array().is_none() {
+            return Err(Error::Host(format!(
+                "{HOST_INTERFACE}::{method}() must return an array"
+            )));
+        }
+        zval_to_json(&value).map_err(|e| Error::Host(format!("{method}(): {e}")))
+    }
+}
+
+impl Host for PhpHost {
+    fn email_accounts(&mut self) -> Result<Value> {
+        let value = self.list("emailAccounts")?;
+        Ok(match value {
+            // An associative array of rows keyed by RECID is accepted too.
+            Value::Object(map) => Value::Array(map.into_iter().map(|(_, row)| row).collect()),
+            other => other,
+        })
+    }
+
+    fn blocked_emails(&mut self) -> Result<Vec<String>> {
+        let value = self.list("blockedEmails")?;
+        let items: Vec<Value> = match value {
+            Value::Object(map) => map.into_iter().map(|(_, v)| v).collect(),
+            Value::Array(items) => items,
+            _ => Vec::new(),
+        };
+        Ok(items
+            .into_iter()
+            .filter_map(|v| match v {
+                Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn create_inquiry(&mut self, mail: &Value) -> Result<String> {
+        let table = Self::table(mail, "$mail")?;
+        let value = self.call("createInquiry", vec![&table])?;
+        match value.string() {
+            Some(sd) if !sd.trim().is_empty() => Ok(sd.trim().to_string()),
+            _ => Err(Error::Host(format!(
+                "{HOST_INTERFACE}::createInquiry() must return the new SD number"
+            ))),
+        }
+    }
+
+    fn add_to_thread(&mut self, sd_number: &str, mail: &Value) -> Result<bool> {
+        let table = Self::table(mail, "$mail")?;
+        let value = self.call("addToThread", vec![&sd_number, &table])?;
+        Ok(value.bool().unwrap_or(false))
+    }
+
+    fn deliver_message(&mut self, message: &Value) -> Result<()> {
+        let table = Self::table(message, "the message")?;
+        self.call("deliverMessage", vec![&table])?;
+        Ok(())
+    }
+
+    fn log_error(&mut self, message: &str, context: &Value) {
+        // The Error Log must never make things worse: a failing logger is ignored.
+        if let Ok(table) = Self::table(context, "the context") {
+            let _ = self.call("logError", vec![&message, &table]);
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! `PCR_Utility_EmailManager`: argument conversion and nothing else; the work is in
+//! `crate::manager`.
+
+// Parameter names are PHP's (`$configFile`): the macro takes them from the Rust names.
+#![allow(non_snake_case)]
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+
+use ext_php_rs::convert::FromZval;
+use ext_php_rs::exception::PhpResult;
+use ext_php_rs::flags::DataType;
+use ext_php_rs::prelude::*;
+use ext_php_rs::types::{ZendHashTable, Zval};
+use serde_json::Value;
+
+use super::convert::{zval_to_json, PhpJson};
+use super::exceptions::to_php;
+use super::host::{HostArg, PhpHost};
+use super::settings;
+use crate::error::Error;
+use crate::host::{Host, NoHost};
+use crate::manager::Manager;
+
+thread_local! {
+    /// `setDefaultHost()`: PHP is single-threaded here (NTS); cleared at request shutdown so no
+    /// object outlives its request.
+    static DEFAULT_HOST: RefCell<Option<Zval>> = const { RefCell::new(None) };
+}
+
+pub fn clear_default_host() {
+    DEFAULT_HOST.with(|h| h.borrow_mut().take());
+}
+
+/// `$data` of `eventCheckMail`: `array|string|object|null` (the arginfo is patched to say so).
+pub struct AnyValue(pub Value);
+
+impl<'a> FromZval<'a> for AnyValue {
+    const TYPE: DataType = DataType::Mixed;
+    const NULLABLE: bool = true;
+
+    fn from_zval(zval: &'a Zval) -> Option<Self> {
+        if zval.is_null() || zval.array().is_some() || zval.object().is_some() || zval.is_string() {
+            return zval_to_json(zval).ok().map(AnyValue);
+        }
+        None
+    }
+
+    fn from_missing() -> Option<Self> {
+        Some(AnyValue(Value::Null))
+    }
+}
+
+/// `$recid` of `checkAccount`: `int|string` (the arginfo is patched to say so).
+pub struct Recid(pub String);
+
+impl<'a> FromZval<'a> for Recid {
+    const TYPE: DataType = DataType::Mixed;
+
+    fn from_zval(zval: &'a Zval) -> Option<Self> {
+        if let Some(i) = zval.long() {
+            return Some(Recid(i.to_string()));
+        }
+        zval.str().map(|s| Recid(s.trim().to_string()))
+    }
+}
+
+fn json(table: &ZendHashTable, what: &str) -> PhpResult<Value> {
+    let mut z = Zval::new();
+    z.set_hashtable(table.to_owned());
+    zval_to_json(&z).map_err(|e| to_php(Error::message(format!("{what}: {e}"))))
+}
+
+#[php_class]
+#[php(name = "PCR_Utility_EmailManager")]
+pub struct EmailManager {
+    core: Manager,
+    host: Option<Zval>,
+}
+
+impl EmailManager {
+    /// The host for this call: the constructor's, else `setDefaultHost()`'s, else none.
+    fn with_host<T>(&mut self, f: impl FnOnce(&mut Manager, &mut dyn Host) -> T) -> T {
+        let object = self
+            .host
+            .as_ref()
+            .map(Zval::shallow_clone)
+            .or_else(|| DEFAULT_HOST.with(|h| h.borrow().as_ref().map(Zval::shallow_clone)));
+        match object {
+            Some(object) => {
+                let mut host = PhpHost::new(object);
+                f(&mut self.core, &mut host)
+            }
+            None => f(&mut self.core, &mut NoHost),
+        }
+    }
+
+    fn has_host(&self) -> bool {
+        self.host.is_some() || DEFAULT_HOST.with(|h| h.borrow().is_some())
+    }
+}
+
+#[php_impl]
+impl EmailManager {
+    /// Reads the INI file (`pcr_email.config` by default) for the environment
+    /// (`pcr_email.environment`, else `APPLICATION_ENV`, else `prod`).
+    pub fn __construct(
+        configFile: Option<String>,
+        environment: Option<String>,
+        host: Option<HostArg>,
+    ) -> PhpResult<Self> {
+        let file = configFile
+            .filter(|f| !f.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(settings::config_file);
+        let env = environment
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(settings::environment);
+        let core = Manager::open(&file, &env).map_err(to_php)?;
+        Ok(EmailManager {
+            core,
+            host: host.map(|h| h.0),
+        })
+    }
+
+    /// The host used by managers constructed without one (e.g. by the event system).
+    pub fn set_default_host(host: HostArg) {
+        DEFAULT_HOST.with(|h| *h.borrow_mut() = Some(host.0));
+    }
+
+    /// The System Check Email event: reads every Service Desk mailbox and returns the summary.
+    pub fn event_check_mail(&mut self, data: AnyValue) -> PhpResult<PhpJson> {
+        if !self.has_host() {
+            return Err(to_php(Error::message(
+                "eventCheckMail needs a PCR_Utility_EmailHost: pass one to the constructor or call PCR_Utility_EmailManager::setDefaultHost()",
+            )));
+        }
+        self.with_host(|core, host| core.event_check_mail(host, &data.0))
+            .map(PhpJson)
+            .map_err(to_php)
+    }
+
+    /// Sends one message; see the README for the keys.
+    pub fn send(&mut self, message: &ZendHashTable) -> PhpResult<PhpJson> {
+        let message = json(message, "send()")?;
+        self.with_host(|core, host| core.send(host, &message))
+            .map(PhpJson)
+            .map_err(to_php)
+    }
+
+    /// Sends many messages over shared connections; one result per message, never throws for
+    /// one bad message.
+    pub fn send_batch(&mut self, messages: &ZendHashTable) -> PhpResult<PhpJson> {
+        let messages = json(messages, "sendBatch()")?;
+        let list: Vec<Value> = match messages {
+            Value::Array(items) => items,
+            Value::Object(map) => map.into_iter().map(|(_, v)| v).collect(),
+            _ => Vec::new(),
+        };
+        Ok(PhpJson(Value::Array(
+            self.with_host(|core, host| core.send_batch(host, &list)),
+        )))
+    }
+
+    /// The account routing picks for this kind of mail and tenant, without secrets.
+    #[php(defaults(kind = "\"general\"", tenant = 0))]
+    pub fn resolve_account(&mut self, kind: String, tenant: i64) -> PhpResult<Option<PhpJson>> {
+        self.with_host(|core, host| core.resolve_account(host, &kind, tenant))
+            .map(|v| v.map(PhpJson))
+            .map_err(to_php)
+    }
+
+    /// Connects and authenticates to the account's servers without sending or changing mail.
+    pub fn check_account(&mut self, recid: Recid) -> PhpResult<PhpJson> {
+        self.with_host(|core, host| core.check_account(host, &recid.0))
+            .map(PhpJson)
+            .map_err(to_php)
+    }
+
+    /// Encrypts a password for the INI file or a tenant row (`ENC:v1:...`).
+    pub fn encrypt_password(
+        plain: String,
+        configFile: Option<String>,
+        environment: Option<String>,
+    ) -> PhpResult<String> {
+        let file = configFile
+            .filter(|f| !f.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(settings::config_file);
+        let env = environment
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(settings::environment);
+        Manager::encrypt_password(&plain, &file, &env).map_err(to_php)
+    }
+}

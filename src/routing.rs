@@ -1,0 +1,456 @@
+//! Who sends and who receives (SPEC §4). Pure functions over already-loaded accounts.
+//!
+//! | kind           | account used, first that can send                  |
+//! |----------------|----------------------------------------------------|
+//! | `general`      | tenant Default → INI master                        |
+//! | `service_desk` | tenant Service Desk → tenant Default → INI master  |
+//! | `sd_thread`    | tenant Service Desk only                           |
+//!
+//! `DISABLE_EMAIL` wins over everything (nothing sent, received or redirected); then
+//! `SEND_EMAIL = false` redirects every message to in-app Messages. An account only counts for
+//! sending when it has outgoing settings.
+
+use std::fmt;
+
+use crate::config::{Account, AccountType, MailboxType};
+use crate::error::{Error, Result};
+
+/// What a message is, which decides the accounts it may go out through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MailKind {
+    /// Everything but Service Desk mail (the default).
+    #[default]
+    General,
+    /// Service Desk notifications.
+    ServiceDesk,
+    /// Replies on a Service Desk item's thread: only the tenant's Service Desk account.
+    SdThread,
+}
+
+impl MailKind {
+    pub const ALL: [MailKind; 3] = [MailKind::General, MailKind::ServiceDesk, MailKind::SdThread];
+
+    /// `general`, `service_desk` or `sd_thread` (any case); anything else is an
+    /// [`Error::Message`].
+    pub fn parse(value: &str) -> Result<MailKind> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "general" => Ok(MailKind::General),
+            "service_desk" => Ok(MailKind::ServiceDesk),
+            "sd_thread" => Ok(MailKind::SdThread),
+            _ => Err(Error::message(format!(
+                "unknown mail kind `{}` (expected general, service_desk or sd_thread)",
+                value.chars().take(40).collect::<String>().escape_default()
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MailKind::General => "general",
+            MailKind::ServiceDesk => "service_desk",
+            MailKind::SdThread => "sd_thread",
+        }
+    }
+}
+
+impl fmt::Display for MailKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What happens to one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// Send it through this account.
+    Send(&'a Account),
+    /// `SEND_EMAIL` is false: hand it to the host's in-app Messages (status `redirected`).
+    Redirect,
+    /// `DISABLE_EMAIL` is true: drop it (status `disabled`).
+    Disabled,
+    /// No account can send it (status `skipped`); the reason is for the log.
+    Skipped(&'static str),
+}
+
+/// The route of one message of `kind` for a tenant whose Default and Service Desk accounts are
+/// given (see [`select_tenant_accounts`]).
+pub fn route<'a>(
+    kind: MailKind,
+    tenant_default: Option<&'a Account>,
+    tenant_sd: Option<&'a Account>,
+    master: Option<&'a Account>,
+    send_email: bool,
+    disable_email: bool,
+) -> Route<'a> {
+    if disable_email {
+        return Route::Disabled;
+    }
+    if !send_email {
+        return Route::Redirect;
+    }
+    let candidates: &[Option<&'a Account>] = match kind {
+        MailKind::General => &[tenant_default, master],
+        MailKind::ServiceDesk => &[tenant_sd, tenant_default, master],
+        MailKind::SdThread => &[tenant_sd],
+    };
+    match candidates
+        .iter()
+        .flatten()
+        .find(|account| account.outgoing.is_some())
+    {
+        Some(account) => Route::Send(account),
+        None => Route::Skipped(match kind {
+            MailKind::General => {
+                "no account can send it: neither the tenant's Default account nor the INI \
+                 master account has outgoing settings"
+            }
+            MailKind::ServiceDesk => {
+                "no account can send it: none of the tenant's Service Desk account, its \
+                 Default account and the INI master account has outgoing settings"
+            }
+            MailKind::SdThread => {
+                "SD thread mail is only sent through the tenant's Service Desk account, and \
+                 the tenant has none with outgoing settings"
+            }
+        }),
+    }
+}
+
+/// The tenant's Default and Service Desk accounts, in that order. When a tenant has several of
+/// one type, the first that has outgoing settings is taken, else the first.
+pub fn select_tenant_accounts(
+    accounts: &[Account],
+    tenant: i64,
+) -> (Option<&Account>, Option<&Account>) {
+    let pick = |kind: AccountType| {
+        let mut of_kind = accounts
+            .iter()
+            .filter(|a| a.account_type == kind && a.tenants_recid == tenant);
+        let first = of_kind.clone().next();
+        of_kind.find(|a| a.outgoing.is_some()).or(first)
+    };
+    (pick(AccountType::Default), pick(AccountType::ServiceDesk))
+}
+
+/// The mailboxes `eventCheckMail` reads: every tenant Service Desk account with incoming
+/// settings, then the INI master if it has incoming settings; none when email is disabled or
+/// `SEND_EMAIL` is false. Default accounts never receive. An account whose mailbox is the same
+/// as one already listed (see [`same_mailbox`]) is left out, so one mailbox is never read
+/// twice into two sets of Inquiries; the tenant's account wins over the master.
+pub fn incoming_accounts<'a>(
+    accounts: &'a [Account],
+    master: Option<&'a Account>,
+    send_email: bool,
+    disable_email: bool,
+) -> Vec<&'a Account> {
+    if disable_email || !send_email {
+        return Vec::new();
+    }
+    let mut chosen: Vec<&'a Account> = Vec::new();
+    let tenants = accounts
+        .iter()
+        .filter(|a| a.account_type == AccountType::ServiceDesk);
+    for account in tenants.chain(master) {
+        if account.incoming.is_some() && !chosen.iter().any(|c| same_mailbox(c, account)) {
+            chosen.push(account);
+        }
+    }
+    chosen
+}
+
+/// True when both accounts read the same mailbox: same type, server, port, login and folder
+/// (MAILDIR: the same directory).
+pub fn same_mailbox(a: &Account, b: &Account) -> bool {
+    let (Some(ia), Some(ib)) = (&a.incoming, &b.incoming) else {
+        return false;
+    };
+    if ia.mailbox != ib.mailbox {
+        return false;
+    }
+    let lower = |s: Option<&str>| s.map(str::to_ascii_lowercase);
+    match ia.mailbox {
+        MailboxType::Maildir => ia.path == ib.path,
+        MailboxType::Imap | MailboxType::Pop3 => {
+            lower(ia.host.as_deref()) == lower(ib.host.as_deref())
+                && ia.port == ib.port
+                && a.login_name().eq_ignore_ascii_case(b.login_name())
+                && (ia.mailbox == MailboxType::Pop3 || ia.folder == ib.folder)
+        }
+        MailboxType::Office365 | MailboxType::Gmail => {
+            a.login_name().eq_ignore_ascii_case(b.login_name()) && ia.folder == ib.folder
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::*;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    fn account(id: AccountId, kind: AccountType, tenant: i64, outgoing: bool) -> Account {
+        Account {
+            id,
+            tenants_recid: tenant,
+            account_type: kind,
+            email: "a@example.edu".into(),
+            display_name: None,
+            login: None,
+            password: None,
+            outgoing: outgoing.then_some(Outgoing {
+                transport: TransportType::File,
+                host: None,
+                port: 0,
+                ssl: SslMode::None,
+            }),
+            incoming: None,
+            sysadmin: None,
+            tls: TlsSettings::default(),
+            file_path: PathBuf::from("/tmp"),
+            sendmail_path: PathBuf::from("/usr/sbin/sendmail"),
+            timeout: Duration::from_secs(30),
+            oauth: None,
+        }
+    }
+
+    fn with_incoming(mut a: Account, host: &str, login: &str) -> Account {
+        a.login = Some(login.into());
+        a.incoming = Some(Incoming {
+            mailbox: MailboxType::Imap,
+            host: Some(host.into()),
+            port: 993,
+            ssl: SslMode::Ssl,
+            folder: "INBOX".into(),
+            path: None,
+            processed_action: ProcessedAction::Seen,
+            max_messages: 500,
+            max_message_bytes: 1 << 20,
+        });
+        a
+    }
+
+    /// The expectation table, written out by hand from SPEC §4 (not computed): for each state
+    /// of (tenant Default, tenant Service Desk, master) — `-` absent, `n` present without
+    /// outgoing settings, `y` present with them — the account `general`, `service_desk` and
+    /// `sd_thread` mail goes out through (`x` = skipped).
+    const TABLE: &str = "
+        - - - | x x x
+        - - n | x x x
+        - - y | M M x
+        - n - | x x x
+        - n n | x x x
+        - n y | M M x
+        - y - | x S S
+        - y n | x S S
+        - y y | M S S
+        n - - | x x x
+        n - n | x x x
+        n - y | M M x
+        n n - | x x x
+        n n n | x x x
+        n n y | M M x
+        n y - | x S S
+        n y n | x S S
+        n y y | M S S
+        y - - | D D x
+        y - n | D D x
+        y - y | D D x
+        y n - | D D x
+        y n n | D D x
+        y n y | D D x
+        y y - | D S S
+        y y n | D S S
+        y y y | D S S
+    ";
+
+    fn make(state: &str, id: AccountId, kind: AccountType) -> Option<Account> {
+        match state {
+            "-" => None,
+            "n" => Some(account(id, kind, 5, false)),
+            "y" => Some(account(id, kind, 5, true)),
+            other => panic!("bad table state {other}"),
+        }
+    }
+
+    #[test]
+    fn every_combination_matches_the_table() {
+        let mut checked = 0;
+        for row in TABLE.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let (states, expected) = row.split_once('|').unwrap();
+            let states: Vec<&str> = states.split_whitespace().collect();
+            let expected: Vec<&str> = expected.split_whitespace().collect();
+            let d = make(states[0], AccountId::Tenant(1), AccountType::Default);
+            let s = make(states[1], AccountId::Tenant(2), AccountType::ServiceDesk);
+            let m = make(states[2], AccountId::Master, AccountType::Master);
+            for (kind, want) in MailKind::ALL.iter().zip(&expected) {
+                for send_email in [true, false] {
+                    for disable_email in [true, false] {
+                        let got = route(
+                            *kind,
+                            d.as_ref(),
+                            s.as_ref(),
+                            m.as_ref(),
+                            send_email,
+                            disable_email,
+                        );
+                        let ctx =
+                            format!("{row} kind={kind} send={send_email} disable={disable_email}");
+                        match (disable_email, send_email, *want) {
+                            (true, _, _) => assert_eq!(got, Route::Disabled, "{ctx}"),
+                            (false, false, _) => assert_eq!(got, Route::Redirect, "{ctx}"),
+                            (false, true, "x") => {
+                                assert!(matches!(got, Route::Skipped(_)), "{ctx}: {got:?}")
+                            }
+                            (false, true, who) => {
+                                let expected = match who {
+                                    "D" => d.as_ref(),
+                                    "S" => s.as_ref(),
+                                    "M" => m.as_ref(),
+                                    other => panic!("bad table entry {other}"),
+                                }
+                                .unwrap();
+                                match got {
+                                    Route::Send(a) => {
+                                        assert!(std::ptr::eq(a, expected), "{ctx}: {:?}", a.id)
+                                    }
+                                    other => panic!("{ctx}: {other:?}"),
+                                }
+                            }
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 27 * 3 * 4);
+    }
+
+    #[test]
+    fn skip_reasons_say_why() {
+        let Route::Skipped(reason) = route(MailKind::SdThread, None, None, None, true, false)
+        else {
+            panic!()
+        };
+        assert!(reason.contains("Service Desk"), "{reason}");
+    }
+
+    #[test]
+    fn kind_parse() {
+        assert_eq!(MailKind::parse("general").unwrap(), MailKind::General);
+        assert_eq!(
+            MailKind::parse(" Service_Desk ").unwrap(),
+            MailKind::ServiceDesk
+        );
+        assert_eq!(MailKind::parse("sd_thread").unwrap(), MailKind::SdThread);
+        for bad in ["", "sd", "service desk", "x\r\ny"] {
+            let e = MailKind::parse(bad).unwrap_err();
+            assert!(matches!(e, Error::Message(_)), "{bad}");
+            assert!(!e.to_string().contains('\n'));
+        }
+        for kind in MailKind::ALL {
+            assert_eq!(MailKind::parse(kind.as_str()).unwrap(), kind);
+        }
+    }
+
+    #[test]
+    fn selects_the_tenants_accounts() {
+        let accounts = vec![
+            account(AccountId::Tenant(1), AccountType::Default, 1, true),
+            account(AccountId::Tenant(2), AccountType::ServiceDesk, 1, true),
+            account(AccountId::Tenant(3), AccountType::Default, 2, false),
+            account(AccountId::Tenant(4), AccountType::Default, 2, true),
+            account(AccountId::Tenant(5), AccountType::ServiceDesk, 3, false),
+        ];
+        let ids = |(d, s): (Option<&Account>, Option<&Account>)| {
+            (d.map(|a| a.id.clone()), s.map(|a| a.id.clone()))
+        };
+        assert_eq!(
+            ids(select_tenant_accounts(&accounts, 1)),
+            (Some(AccountId::Tenant(1)), Some(AccountId::Tenant(2)))
+        );
+        // Two Defaults: the one that can send.
+        assert_eq!(
+            ids(select_tenant_accounts(&accounts, 2)),
+            (Some(AccountId::Tenant(4)), None)
+        );
+        // Only one that cannot send: still returned (route() then skips it).
+        assert_eq!(
+            ids(select_tenant_accounts(&accounts, 3)),
+            (None, Some(AccountId::Tenant(5)))
+        );
+        assert_eq!(ids(select_tenant_accounts(&accounts, 9)), (None, None));
+    }
+
+    #[test]
+    fn incoming_reads_sd_accounts_and_master_only() {
+        let master = with_incoming(
+            account(AccountId::Master, AccountType::Master, 0, true),
+            "mail.pcr.com",
+            "master@pcr.com",
+        );
+        let accounts = vec![
+            // A Default account never receives, even if incoming settings slipped through.
+            with_incoming(
+                account(AccountId::Tenant(1), AccountType::Default, 1, true),
+                "imap.t1",
+                "d@t1",
+            ),
+            with_incoming(
+                account(AccountId::Tenant(2), AccountType::ServiceDesk, 1, true),
+                "imap.t1",
+                "sd@t1",
+            ),
+            account(AccountId::Tenant(3), AccountType::ServiceDesk, 2, true),
+            with_incoming(
+                account(AccountId::Tenant(4), AccountType::ServiceDesk, 3, false),
+                "imap.t3",
+                "sd@t3",
+            ),
+        ];
+        let ids = |list: Vec<&Account>| list.into_iter().map(|a| a.id.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            ids(incoming_accounts(&accounts, Some(&master), true, false)),
+            vec![
+                AccountId::Tenant(2),
+                AccountId::Tenant(4),
+                AccountId::Master
+            ]
+        );
+        assert!(incoming_accounts(&accounts, Some(&master), false, false).is_empty());
+        assert!(incoming_accounts(&accounts, Some(&master), true, true).is_empty());
+        assert!(incoming_accounts(&accounts, Some(&master), false, true).is_empty());
+        let no_incoming_master = account(AccountId::Master, AccountType::Master, 0, true);
+        assert_eq!(
+            ids(incoming_accounts(
+                &accounts,
+                Some(&no_incoming_master),
+                true,
+                false
+            )),
+            vec![AccountId::Tenant(2), AccountId::Tenant(4)]
+        );
+    }
+
+    #[test]
+    fn one_mailbox_is_read_once() {
+        let master = with_incoming(
+            account(AccountId::Master, AccountType::Master, 0, true),
+            "Mail.PCR.com",
+            "SD@pcr.com",
+        );
+        let sd = with_incoming(
+            account(AccountId::Tenant(7), AccountType::ServiceDesk, 0, true),
+            "mail.pcr.com",
+            "sd@pcr.com",
+        );
+        let accounts = vec![sd];
+        let got = incoming_accounts(&accounts, Some(&master), true, false);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].id, AccountId::Tenant(7));
+        assert!(same_mailbox(&accounts[0], &master));
+        let mut other_folder = master.clone();
+        other_folder.incoming.as_mut().unwrap().folder = "Support".into();
+        assert!(!same_mailbox(&accounts[0], &other_folder));
+    }
+}

@@ -1,0 +1,735 @@
+//! The incoming ledger: the protocol that turns each incoming message into exactly one
+//! Inquiry (or thread entry) per account.
+//!
+//! For each message, the incoming code:
+//! 1. [`StateStore::claim`]s its dedupe key (one `BEGIN IMMEDIATE` transaction), right before
+//!    handling it (not in bulk: see "attempts" below), and acts on the [`Claim`]:
+//!    `New`/`Retry` → process it (`Retry` with `attempts >= MAX_ATTEMPTS` → quarantine it
+//!    instead); `Done` → only re-apply the mailbox action (the host is never called again);
+//!    `Busy` → leave it for this run; `Quarantined` → only re-apply the quarantine action.
+//! 2. after the host returned, [`StateStore::complete`]s it (committed before the mailbox is
+//!    touched), or [`StateStore::fail`]s it when the host or the parser failed (the returned
+//!    attempt count reaching [`MAX_ATTEMPTS`] → [`StateStore::quarantine`]), or
+//!    [`StateStore::skip`]s it (blocked, own mail, auto-reply, oversized: done, counted once).
+//! 3. on a clean end of the run, [`StateStore::release_owned`] gives back what it claimed but
+//!    never handled.
+//!
+//! A row is `in_progress` while a run owns it. Another run may take it over when the owner is
+//! dead: its lease ran out (the lease is renewed by every claim of the owner and by
+//! [`StateStore::renew_lease`]), or it ran on this machine and its process is gone (so after a
+//! `kill -9` the next run takes over at once, see [`Owner`]). A takeover counts as a failed
+//! attempt, since nobody knows whether the dead run had already called the host: a message
+//! that crashes PHP every time is quarantined after three runs instead of blocking the mailbox
+//! forever.
+//!
+//! The same key claimed again by the run that owns it is `Busy` (two copies of one message in
+//! one mailbox are handled once). A row that is `done` is never changed again: a second
+//! `complete` (possible only after a lease ran out under a slow host) keeps the first outcome.
+
+use rusqlite::{params, OptionalExtension, Row, Transaction};
+
+use super::{now_ms, Owner, StateStore};
+use crate::error::Result;
+
+/// After this many failed attempts a message is quarantined.
+pub const MAX_ATTEMPTS: u32 = 3;
+/// The prefix of the outcome [`StateStore::skip`] records (`skipped: <reason>`).
+pub const SKIPPED_PREFIX: &str = "skipped: ";
+/// Stored error texts are cut to this many characters.
+const MAX_ERROR_CHARS: usize = 2000;
+
+/// What [`StateStore::claim`] decided for one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Never seen: now in progress, owned by the caller.
+    New,
+    /// Already handled: the caller only re-applies the mailbox action (never the host).
+    /// A skipped message's outcome starts with [`SKIPPED_PREFIX`]; see [`Claim::is_skipped`].
+    Done { outcome: String },
+    /// A live run owns it (possibly the caller's own run): leave it alone this run.
+    Busy,
+    /// An earlier attempt failed or its run died: now owned by the caller. `attempts` counts
+    /// the failed attempts so far; at [`MAX_ATTEMPTS`] or more, quarantine it.
+    Retry { attempts: u32 },
+    /// Given up on: the caller only re-applies the quarantine action.
+    Quarantined,
+}
+
+impl Claim {
+    /// True for a `Done` whose outcome was recorded by [`StateStore::skip`] (the message never
+    /// reached the host, so it must not be deleted from the mailbox).
+    pub fn is_skipped(&self) -> bool {
+        matches!(self, Claim::Done { outcome } if outcome.starts_with(SKIPPED_PREFIX))
+    }
+}
+
+/// Where a ledger row stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LedgerState {
+    InProgress,
+    Failed,
+    Done,
+    Quarantined,
+}
+
+impl LedgerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerState::InProgress => "in_progress",
+            LedgerState::Failed => "failed",
+            LedgerState::Done => "done",
+            LedgerState::Quarantined => "quarantined",
+        }
+    }
+
+    fn parse(text: &str) -> Option<LedgerState> {
+        Some(match text {
+            "in_progress" => LedgerState::InProgress,
+            "failed" => LedgerState::Failed,
+            "done" => LedgerState::Done,
+            "quarantined" => LedgerState::Quarantined,
+            _ => return None,
+        })
+    }
+}
+
+/// One ledger row, for reports and diagnostics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub account: String,
+    pub key: String,
+    pub mailbox_ref: Option<String>,
+    pub state: LedgerState,
+    pub outcome: Option<String>,
+    pub sd_number: Option<String>,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// The run id of the owner while in progress.
+    pub owner: Option<String>,
+    /// Unix milliseconds.
+    pub first_seen_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// How many ledger rows of one account are in each state (skipped ones apart from done).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerCounts {
+    pub in_progress: u64,
+    pub failed: u64,
+    pub done: u64,
+    pub skipped: u64,
+    pub quarantined: u64,
+}
+
+const ENTRY_COLUMNS: &str = "account, key, mailbox_ref, state, outcome, sd_number, attempts, \
+                             last_error, owner_run, first_seen, updated_at";
+
+fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<LedgerEntry> {
+    let state: String = r.get(3)?;
+    Ok(LedgerEntry {
+        account: r.get(0)?,
+        key: r.get(1)?,
+        mailbox_ref: r.get(2)?,
+        state: LedgerState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                3,
+                rusqlite::types::Type::Text,
+                format!("unknown ledger state {state:?}").into(),
+            )
+        })?,
+        outcome: r.get(4)?,
+        sd_number: r.get(5)?,
+        attempts: r.get(6)?,
+        last_error: r.get(7)?,
+        owner: r.get(8)?,
+        first_seen_ms: r.get(9)?,
+        updated_ms: r.get(10)?,
+    })
+}
+
+fn truncate(text: &str) -> String {
+    match text.char_indices().nth(MAX_ERROR_CHARS) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
+/// The columns of a row's owner as stored.
+struct StoredOwner {
+    state: String,
+    outcome: Option<String>,
+    attempts: u32,
+    run: Option<String>,
+    host: Option<String>,
+    machine: Option<String>,
+    boot: Option<String>,
+    pidns: Option<String>,
+    pid: Option<u32>,
+    start: Option<i64>,
+    lease_until: Option<i64>,
+}
+
+impl StoredOwner {
+    fn owner(&self) -> Option<Owner> {
+        Some(Owner::from_parts(
+            self.run.clone()?,
+            self.host.clone().unwrap_or_default(),
+            self.machine.clone().unwrap_or_default(),
+            self.boot.clone().unwrap_or_default(),
+            self.pidns.clone().unwrap_or_default(),
+            self.pid.unwrap_or(0),
+            self.start.map_or(0, |s| u64::try_from(s).unwrap_or(0)),
+        ))
+    }
+}
+
+fn set_owner(
+    tx: &Transaction<'_>,
+    account: &str,
+    key: &str,
+    owner: &Owner,
+    lease_until: i64,
+    attempts: u32,
+    last_error: Option<&str>,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE ledger SET state='in_progress', attempts=?3,
+           last_error=COALESCE(?4, last_error), owner_run=?5, owner_host=?6, owner_machine=?7,
+           owner_boot=?8, owner_pidns=?9, owner_pid=?10, owner_start=?11, lease_until=?12,
+           updated_at=?13
+         WHERE account=?1 AND key=?2",
+        params![
+            account,
+            key,
+            attempts,
+            last_error,
+            owner.run_id(),
+            owner.host(),
+            owner.machine_id(),
+            owner.boot_id(),
+            owner.pid_ns(),
+            owner.pid(),
+            i64::try_from(owner.start_ticks()).unwrap_or(i64::MAX),
+            lease_until,
+            now_ms(),
+        ],
+    )
+    .map(|_| ())
+}
+
+const CLEAR_OWNER: &str =
+    "owner_run=NULL, owner_host=NULL, owner_machine=NULL, owner_boot=NULL, owner_pidns=NULL, \
+     owner_pid=NULL, owner_start=NULL, lease_until=NULL";
+
+impl StateStore {
+    fn lease_until(&self, now: i64) -> i64 {
+        now.saturating_add(i64::try_from(self.lease().as_millis()).unwrap_or(i64::MAX))
+    }
+
+    /// Decides, in one write transaction, who handles the message `key` of `account` (see the
+    /// module documentation). `mailbox_ref` (IMAP `folder/uidvalidity/uid`, POP3 UIDL, Maildir
+    /// file name) is recorded for [`StateStore::entry_by_ref`]. Also renews `owner`'s lease.
+    pub fn claim(
+        &self,
+        account: &str,
+        key: &str,
+        mailbox_ref: Option<&str>,
+        owner: &Owner,
+    ) -> Result<Claim> {
+        let now = now_ms();
+        let lease_until = self.lease_until(now);
+        self.write(account, "claim a message", |tx| {
+            tx.execute(
+                "UPDATE ledger SET lease_until=?2 WHERE owner_run=?1 AND state='in_progress'",
+                params![owner.run_id(), lease_until],
+            )?;
+            let row = tx
+                .query_row(
+                    "SELECT state, outcome, attempts, owner_run, owner_host, owner_machine,
+                            owner_boot, owner_pidns, owner_pid, owner_start, lease_until
+                     FROM ledger WHERE account=?1 AND key=?2",
+                    params![account, key],
+                    |r| {
+                        Ok(StoredOwner {
+                            state: r.get(0)?,
+                            outcome: r.get(1)?,
+                            attempts: r.get(2)?,
+                            run: r.get(3)?,
+                            host: r.get(4)?,
+                            machine: r.get(5)?,
+                            boot: r.get(6)?,
+                            pidns: r.get(7)?,
+                            pid: r.get(8)?,
+                            start: r.get(9)?,
+                            lease_until: r.get(10)?,
+                        })
+                    },
+                )
+                .optional()?;
+            let Some(row) = row else {
+                tx.execute(
+                    "INSERT INTO ledger (account, key, mailbox_ref, state, attempts,
+                       first_seen, updated_at) VALUES (?1, ?2, ?3, 'in_progress', 0, ?4, ?4)",
+                    params![account, key, mailbox_ref, now],
+                )?;
+                set_owner(tx, account, key, owner, lease_until, 0, None)?;
+                return Ok(Claim::New);
+            };
+            if let Some(r) = mailbox_ref {
+                tx.execute(
+                    "UPDATE ledger SET mailbox_ref=?3
+                     WHERE account=?1 AND key=?2 AND mailbox_ref IS NOT ?3",
+                    params![account, key, r],
+                )?;
+            }
+            match LedgerState::parse(&row.state) {
+                Some(LedgerState::Done) => Ok(Claim::Done {
+                    outcome: row.outcome.unwrap_or_default(),
+                }),
+                Some(LedgerState::Quarantined) => Ok(Claim::Quarantined),
+                Some(LedgerState::Failed) => {
+                    set_owner(tx, account, key, owner, lease_until, row.attempts, None)?;
+                    Ok(Claim::Retry {
+                        attempts: row.attempts,
+                    })
+                }
+                Some(LedgerState::InProgress) | None => {
+                    let previous = row.owner();
+                    let ours = previous
+                        .as_ref()
+                        .is_some_and(|p| p.run_id() == owner.run_id());
+                    let expired = row.lease_until.is_none_or(|until| until <= now);
+                    let dead = previous.as_ref().is_none_or(|p| owner.sees_dead(p));
+                    if ours || !(expired || dead) {
+                        return Ok(Claim::Busy);
+                    }
+                    let why = match &previous {
+                        Some(p) if expired => {
+                            format!("the lease of {p} ran out before it finished")
+                        }
+                        Some(p) => format!("{p} stopped before it finished"),
+                        None => "its previous run is unknown".to_string(),
+                    };
+                    let attempts = row.attempts.saturating_add(1);
+                    set_owner(tx, account, key, owner, lease_until, attempts, Some(&why))?;
+                    Ok(Claim::Retry { attempts })
+                }
+            }
+        })
+    }
+
+    /// Records that the host accepted the message (`outcome` such as `inquiry` or `threaded`,
+    /// the SD number it returned): done for good. Commit this before touching the mailbox.
+    /// A row already done keeps its first outcome.
+    pub fn complete(
+        &self,
+        account: &str,
+        key: &str,
+        outcome: &str,
+        sd_number: Option<&str>,
+    ) -> Result<()> {
+        self.settle(account, key, LedgerState::Done, outcome, sd_number, None)
+    }
+
+    /// Records a skipped message (blocked sender, our own mail, auto-reply without SD item,
+    /// oversized) as done with outcome `skipped: <reason>`: counted once, never reconsidered.
+    pub fn skip(&self, account: &str, key: &str, reason: &str) -> Result<()> {
+        let outcome = format!("{SKIPPED_PREFIX}{reason}");
+        self.settle(account, key, LedgerState::Done, &outcome, None, None)
+    }
+
+    /// Gives up on a message (after [`MAX_ATTEMPTS`] failures): it is never retried; `reason`
+    /// is kept as its last error. A message already done stays done.
+    pub fn quarantine(&self, account: &str, key: &str, reason: &str) -> Result<()> {
+        self.settle(
+            account,
+            key,
+            LedgerState::Quarantined,
+            "quarantined",
+            None,
+            Some(reason),
+        )
+    }
+
+    fn settle(
+        &self,
+        account: &str,
+        key: &str,
+        state: LedgerState,
+        outcome: &str,
+        sd_number: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<()> {
+        let now = now_ms();
+        let error = error.map(truncate);
+        self.write(account, "record a processed message", |tx| {
+            tx.execute(
+                &format!(
+                    "INSERT INTO ledger (account, key, state, outcome, sd_number, attempts,
+                       last_error, first_seen, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?7)
+                     ON CONFLICT (account, key) DO UPDATE SET state=excluded.state,
+                       outcome=excluded.outcome, sd_number=excluded.sd_number,
+                       last_error=COALESCE(excluded.last_error, ledger.last_error),
+                       updated_at=excluded.updated_at, {CLEAR_OWNER}
+                     WHERE ledger.state != 'done'"
+                ),
+                params![account, key, state.as_str(), outcome, sd_number, error, now],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Records a failed attempt (the host threw, parsing failed): the row is released for the
+    /// next run and the number of failed attempts so far is returned; at [`MAX_ATTEMPTS`] the
+    /// caller quarantines it. A row already done or quarantined is left as it is.
+    pub fn fail(&self, account: &str, key: &str, error: &str) -> Result<u32> {
+        let now = now_ms();
+        let error = truncate(error);
+        self.write(account, "record a failed message", |tx| {
+            let row: Option<(String, u32)> = tx
+                .query_row(
+                    "SELECT state, attempts FROM ledger WHERE account=?1 AND key=?2",
+                    params![account, key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            match row {
+                None => {
+                    tx.execute(
+                        "INSERT INTO ledger (account, key, state, attempts, last_error,
+                           first_seen, updated_at) VALUES (?1, ?2, 'failed', 1, ?3, ?4, ?4)",
+                        params![account, key, error, now],
+                    )?;
+                    Ok(1)
+                }
+                Some((state, attempts)) if state == "done" || state == "quarantined" => {
+                    Ok(attempts)
+                }
+                Some((_, attempts)) => {
+                    let attempts = attempts.saturating_add(1);
+                    tx.execute(
+                        &format!(
+                            "UPDATE ledger SET state='failed', attempts=?3, last_error=?4,
+                               updated_at=?5, {CLEAR_OWNER} WHERE account=?1 AND key=?2"
+                        ),
+                        params![account, key, attempts, error, now],
+                    )?;
+                    Ok(attempts)
+                }
+            }
+        })
+    }
+
+    /// Gives back one message `owner` claimed but did not hand to the host (not counted as an
+    /// attempt). True when `owner` held it.
+    pub fn release(&self, account: &str, key: &str, owner: &Owner) -> Result<bool> {
+        self.write(account, "release a message", |tx| {
+            release_where(
+                tx,
+                "account=?2 AND key=?3",
+                params![owner.run_id(), account, key],
+            )
+            .map(|n| n > 0)
+        })
+    }
+
+    /// On a clean end of a run: gives back every message `owner` still holds (claimed but never
+    /// handed to the host). Returns how many.
+    pub fn release_owned(&self, owner: &Owner) -> Result<usize> {
+        self.write(super::NO_ACCOUNT, "release the run's messages", |tx| {
+            release_where(tx, "1=1", params![owner.run_id()])
+        })
+    }
+
+    /// Extends the lease of every message `owner` holds (call it during long host calls).
+    pub fn renew_lease(&self, owner: &Owner) -> Result<usize> {
+        let lease_until = self.lease_until(now_ms());
+        self.write(super::NO_ACCOUNT, "renew the run's lease", |tx| {
+            tx.execute(
+                "UPDATE ledger SET lease_until=?2 WHERE owner_run=?1 AND state='in_progress'",
+                params![owner.run_id(), lease_until],
+            )
+        })
+    }
+
+    /// The ledger row of one message.
+    pub fn entry(&self, account: &str, key: &str) -> Result<Option<LedgerEntry>> {
+        self.read(account, "read the ledger", |c| {
+            c.query_row(
+                &format!("SELECT {ENTRY_COLUMNS} FROM ledger WHERE account=?1 AND key=?2"),
+                params![account, key],
+                entry_from_row,
+            )
+            .optional()
+        })
+    }
+
+    /// The most recent ledger row recorded for a mailbox reference (e.g. a POP3 UIDL), so a
+    /// message already settled need not be downloaded again.
+    pub fn entry_by_ref(&self, account: &str, mailbox_ref: &str) -> Result<Option<LedgerEntry>> {
+        self.read(account, "read the ledger", |c| {
+            c.query_row(
+                &format!(
+                    "SELECT {ENTRY_COLUMNS} FROM ledger WHERE account=?1 AND mailbox_ref=?2
+                     ORDER BY updated_at DESC LIMIT 1"
+                ),
+                params![account, mailbox_ref],
+                entry_from_row,
+            )
+            .optional()
+        })
+    }
+
+    /// The quarantined messages of `account`, oldest first.
+    pub fn quarantined(&self, account: &str) -> Result<Vec<LedgerEntry>> {
+        self.read(account, "read the ledger", |c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM ledger WHERE account=?1 AND state='quarantined'
+                 ORDER BY first_seen"
+            ))?;
+            let rows = stmt.query_map(params![account], entry_from_row)?;
+            rows.collect()
+        })
+    }
+
+    /// How many messages of `account` are in each state.
+    pub fn counts(&self, account: &str) -> Result<LedgerCounts> {
+        self.read(account, "count the ledger", |c| {
+            let mut stmt = c.prepare(
+                "SELECT state, substr(COALESCE(outcome, ''), 1, ?2) = ?3, count(*)
+                 FROM ledger WHERE account=?1 GROUP BY 1, 2",
+            )?;
+            let mut counts = LedgerCounts::default();
+            let mut rows = stmt.query(params![account, SKIPPED_PREFIX.len(), SKIPPED_PREFIX])?;
+            while let Some(r) = rows.next()? {
+                let state: String = r.get(0)?;
+                let skipped: bool = r.get(1)?;
+                let n: u64 = r.get(2)?;
+                match LedgerState::parse(&state) {
+                    Some(LedgerState::InProgress) => counts.in_progress += n,
+                    Some(LedgerState::Failed) => counts.failed += n,
+                    Some(LedgerState::Done) if skipped => counts.skipped += n,
+                    Some(LedgerState::Done) => counts.done += n,
+                    Some(LedgerState::Quarantined) => counts.quarantined += n,
+                    None => {}
+                }
+            }
+            Ok(counts)
+        })
+    }
+
+    /// Forgets a message (an administrator wants a quarantined one tried again): the next run
+    /// treats it as new. True when there was a row.
+    pub fn forget(&self, account: &str, key: &str) -> Result<bool> {
+        self.write(account, "forget a message", |tx| {
+            tx.execute(
+                "DELETE FROM ledger WHERE account=?1 AND key=?2",
+                params![account, key],
+            )
+            .map(|n| n > 0)
+        })
+    }
+}
+
+/// Releases the in-progress rows of owner `?1` matching `filter`: rows with no failed attempt
+/// are removed (as if never claimed), the others go back to `failed`.
+fn release_where(
+    tx: &Transaction<'_>,
+    filter: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> rusqlite::Result<usize> {
+    let removed = tx.execute(
+        &format!(
+            "DELETE FROM ledger WHERE owner_run=?1 AND state='in_progress' AND attempts=0
+             AND {filter}"
+        ),
+        params,
+    )?;
+    let returned = tx.execute(
+        &format!(
+            "UPDATE ledger SET state='failed', {CLEAR_OWNER}
+             WHERE owner_run=?1 AND state='in_progress' AND {filter}"
+        ),
+        params,
+    )?;
+    Ok(removed + returned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, StateStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn the_claim_protocol_from_new_to_done() {
+        let (_dir, s) = store();
+        let run = Owner::new_run();
+        assert_eq!(s.claim("7", "<a@x>", Some("u1"), &run).unwrap(), Claim::New);
+        // The same run meeting a second copy of the message leaves it alone.
+        assert_eq!(
+            s.claim("7", "<a@x>", Some("u2"), &run).unwrap(),
+            Claim::Busy
+        );
+        // Another account has its own ledger.
+        assert_eq!(s.claim("8", "<a@x>", None, &run).unwrap(), Claim::New);
+        s.complete("7", "<a@x>", "inquiry", Some("SO201700043"))
+            .unwrap();
+        let next = Owner::new_run();
+        assert_eq!(
+            s.claim("7", "<a@x>", None, &next).unwrap(),
+            Claim::Done {
+                outcome: "inquiry".into()
+            }
+        );
+        let e = s.entry("7", "<a@x>").unwrap().unwrap();
+        assert_eq!(e.state, LedgerState::Done);
+        assert_eq!(e.sd_number.as_deref(), Some("SO201700043"));
+        assert_eq!(e.owner, None);
+        assert_eq!(e.mailbox_ref.as_deref(), Some("u2"));
+        // A late second completion does not replace the first.
+        s.complete("7", "<a@x>", "threaded", Some("SO1")).unwrap();
+        let e = s.entry("7", "<a@x>").unwrap().unwrap();
+        assert_eq!(e.outcome.as_deref(), Some("inquiry"));
+        assert_eq!(e.sd_number.as_deref(), Some("SO201700043"));
+    }
+
+    #[test]
+    fn failures_count_up_to_quarantine() {
+        let (_dir, s) = store();
+        for attempt in 1..=MAX_ATTEMPTS {
+            let run = Owner::new_run();
+            let claim = s.claim("m", "k", None, &run).unwrap();
+            if attempt == 1 {
+                assert_eq!(claim, Claim::New);
+            } else {
+                assert_eq!(
+                    claim,
+                    Claim::Retry {
+                        attempts: attempt - 1
+                    }
+                );
+            }
+            assert_eq!(s.fail("m", "k", "host threw: boom").unwrap(), attempt);
+        }
+        s.quarantine("m", "k", "failed 3 times: host threw: boom")
+            .unwrap();
+        let run = Owner::new_run();
+        assert_eq!(s.claim("m", "k", None, &run).unwrap(), Claim::Quarantined);
+        let q = s.quarantined("m").unwrap();
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].attempts, MAX_ATTEMPTS);
+        assert!(q[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("failed 3 times"));
+        // Once done, failing or quarantining changes nothing.
+        assert_eq!(s.claim("m", "d", None, &run).unwrap(), Claim::New);
+        s.complete("m", "d", "inquiry", None).unwrap();
+        assert_eq!(s.fail("m", "d", "late").unwrap(), 0);
+        s.quarantine("m", "d", "late").unwrap();
+        assert_eq!(s.entry("m", "d").unwrap().unwrap().state, LedgerState::Done);
+        // An administrator can let it be tried again.
+        assert!(s.forget("m", "k").unwrap());
+        assert_eq!(s.claim("m", "k", None, &run).unwrap(), Claim::New);
+    }
+
+    #[test]
+    fn skipped_messages_are_done_and_counted_apart() {
+        let (_dir, s) = store();
+        let run = Owner::new_run();
+        for k in ["a", "b", "c", "d", "e"] {
+            assert_eq!(s.claim("m", k, None, &run).unwrap(), Claim::New);
+        }
+        s.skip("m", "a", "blocked sender").unwrap();
+        s.complete("m", "b", "inquiry", Some("IQ00001")).unwrap();
+        s.fail("m", "c", "parse error").unwrap();
+        s.quarantine("m", "d", "too many failures").unwrap();
+        let claim = s.claim("m", "a", None, &Owner::new_run()).unwrap();
+        assert!(claim.is_skipped(), "{claim:?}");
+        assert_eq!(
+            claim,
+            Claim::Done {
+                outcome: "skipped: blocked sender".into()
+            }
+        );
+        assert!(!s.claim("m", "b", None, &run).unwrap().is_skipped());
+        assert_eq!(
+            s.counts("m").unwrap(),
+            LedgerCounts {
+                in_progress: 1,
+                failed: 1,
+                done: 1,
+                skipped: 1,
+                quarantined: 1
+            }
+        );
+    }
+
+    #[test]
+    fn release_gives_back_unhandled_claims_without_counting_an_attempt() {
+        let (_dir, s) = store();
+        let run = Owner::new_run();
+        assert_eq!(s.claim("m", "fresh", None, &run).unwrap(), Claim::New);
+        assert_eq!(s.claim("m", "done", None, &run).unwrap(), Claim::New);
+        s.complete("m", "done", "inquiry", None).unwrap();
+        s.fail("m", "retried", "x").unwrap();
+        assert_eq!(
+            s.claim("m", "retried", None, &run).unwrap(),
+            Claim::Retry { attempts: 1 }
+        );
+        let other = Owner::new_run();
+        assert_eq!(s.claim("m", "theirs", None, &other).unwrap(), Claim::New);
+
+        assert!(!s.release("m", "theirs", &run).unwrap());
+        assert_eq!(s.release_owned(&run).unwrap(), 2);
+        assert_eq!(s.entry("m", "fresh").unwrap(), None);
+        let e = s.entry("m", "retried").unwrap().unwrap();
+        assert_eq!((e.state, e.attempts), (LedgerState::Failed, 1));
+        assert_eq!(
+            s.entry("m", "done").unwrap().unwrap().state,
+            LedgerState::Done
+        );
+        assert_eq!(
+            s.entry("m", "theirs").unwrap().unwrap().state,
+            LedgerState::InProgress
+        );
+        let next = Owner::new_run();
+        assert_eq!(s.claim("m", "fresh", None, &next).unwrap(), Claim::New);
+        assert_eq!(
+            s.claim("m", "retried", None, &next).unwrap(),
+            Claim::Retry { attempts: 1 }
+        );
+        assert!(s.release("m", "fresh", &next).unwrap());
+        assert_eq!(s.entry("m", "fresh").unwrap(), None);
+    }
+
+    #[test]
+    fn entry_by_ref_finds_a_settled_uidl() {
+        let (_dir, s) = store();
+        let run = Owner::new_run();
+        s.claim("pop", "<m1@x>", Some("UIDL-1"), &run).unwrap();
+        s.complete("pop", "<m1@x>", "inquiry", Some("IQ00002"))
+            .unwrap();
+        let e = s.entry_by_ref("pop", "UIDL-1").unwrap().unwrap();
+        assert_eq!(e.key, "<m1@x>");
+        assert_eq!(e.state, LedgerState::Done);
+        assert_eq!(s.entry_by_ref("pop", "UIDL-2").unwrap(), None);
+        assert_eq!(s.entry_by_ref("other", "UIDL-1").unwrap(), None);
+    }
+
+    #[test]
+    fn long_errors_are_cut() {
+        let (_dir, s) = store();
+        let long = "é".repeat(MAX_ERROR_CHARS + 50);
+        s.fail("m", "k", &long).unwrap();
+        let stored = s.entry("m", "k").unwrap().unwrap().last_error.unwrap();
+        assert_eq!(stored.chars().count(), MAX_ERROR_CHARS + 1);
+    }
+}

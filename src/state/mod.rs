@@ -1,0 +1,822 @@
+//! The state store: one SQLite database (`STATE_DIR/pcr_email.sqlite`) shared by every PHP
+//! process that sends or receives mail.
+//!
+//! # What it holds
+//! - `ledger`: one row per incoming message per account, keyed by the dedupe key (the
+//!   Message-ID, or `sha256:<hex>` of the raw message). It is what makes a message become an
+//!   Inquiry exactly once, across crashes, reruns and overlapping runs (see [`ledger`]).
+//! - `imap_marks`: per account and folder, the UIDVALIDITY and the UID below which every
+//!   message is settled; `kv`: other cursors (POP3, Graph, Gmail) by namespace and key.
+//! - `sent`: the Message-IDs we sent, with the SD number and account (threading replies).
+//! - `tokens`: OAuth tokens, already encrypted by the caller (opaque strings here), each with a
+//!   version so that two processes refreshing at once never replace a newer token by an older.
+//! - `pending_auth`: OAuth authorizations in flight (state → caller's data), taken once.
+//! - `alerts`: "SYSADMIN was already told about this" markers.
+//!
+//! # Concurrency and crash safety
+//! The database runs in WAL mode with `synchronous=FULL`, so a committed transaction survives
+//! `kill -9` and power loss, and readers never block the writer. Every read-modify-write is one
+//! `BEGIN IMMEDIATE` transaction: the write lock is taken up front, so two processes cannot both
+//! read "not claimed" and both claim. Waiting for the lock is bounded by `busy_timeout` (30 s);
+//! past that the caller gets an error naming the database, never a hang.
+//!
+//! Each [`StateStore`] owns one connection; it is `Send` (a mailbox thread may take or open its
+//! own) but not `Sync`. The schema version is kept in `PRAGMA user_version` and upgraded by
+//! [`migrate`] inside a write transaction, so two processes opening a fresh file at once
+//! cannot both create it. The directory is created 0700 and the database file 0600 (SQLite
+//! gives its `-wal`/`-shm` files the database file's mode). Keep `STATE_DIR` on a local disk:
+//! SQLite's locking does not work over NFS.
+//!
+//! Errors opening or upgrading the database are `Error::Config` naming the file; errors later
+//! are `Error::Mailbox` naming the account and the file. None carries a stored value.
+
+pub mod ledger;
+pub mod owner;
+
+pub use ledger::{Claim, LedgerCounts, LedgerEntry, LedgerState, MAX_ATTEMPTS, SKIPPED_PREFIX};
+pub use owner::{process_alive, process_start_ticks, Owner};
+
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
+
+use crate::config::Secret;
+use crate::error::{ConfigLocation, Error, Result};
+
+/// The database's file name inside `STATE_DIR`.
+pub const DB_FILE: &str = "pcr_email.sqlite";
+/// The schema version this code writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+/// How long another process waits for the write lock before giving up with an error.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a claim stays owned without being renewed before another run may take it over.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15 * 60);
+/// Expired pending authorizations are kept this long (so a late callback is told "expired",
+/// not "unknown"), then purged.
+const PENDING_AUTH_GRACE_SECS: i64 = 24 * 3600;
+/// The account name used in errors of operations that belong to no account.
+const NO_ACCOUNT: &str = "state";
+
+/// The embedded database. One connection per value; open one per thread that needs it.
+pub struct StateStore {
+    conn: Connection,
+    path: PathBuf,
+    lease: Duration,
+}
+
+impl std::fmt::Debug for StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateStore")
+            .field("path", &self.path)
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
+/// An OAuth token as stored: the caller's (encrypted) value, its expiry and its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredToken {
+    pub value: Secret,
+    /// Unix seconds, as the caller gave it.
+    pub expires_at: Option<i64>,
+    /// Monotonic per account and kind: a save with a lower version never replaces this one.
+    pub version: i64,
+}
+
+/// What `take_pending_auth` found for a state parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PendingAuth {
+    /// The state was pending and is now consumed: the caller's data.
+    Valid(Secret),
+    /// The state was issued but its time ran out (now consumed).
+    Expired,
+    /// Never issued, already used, or expired long ago.
+    Unknown,
+}
+
+impl StateStore {
+    /// Opens (creating when missing) `state_dir/pcr_email.sqlite`; the directory is created
+    /// with mode 0700 when it does not exist.
+    pub fn open(state_dir: &Path) -> Result<StateStore> {
+        if !state_dir.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(state_dir)
+                .map_err(|e| {
+                    open_error(
+                        state_dir,
+                        format!("cannot create the state directory (STATE_DIR): {e}"),
+                    )
+                })?;
+        }
+        StateStore::open_file(&state_dir.join(DB_FILE))
+    }
+
+    /// Opens (creating when missing, mode 0600) the database file at `path`.
+    pub fn open_file(path: &Path) -> Result<StateStore> {
+        prepare_file(path)?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(path, flags)
+            .map_err(|e| open_error(path, format!("cannot open the state database: {e}")))?;
+        let configure = |conn: &Connection| -> rusqlite::Result<String> {
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            let mode: String =
+                conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            Ok(mode)
+        };
+        // Switching a fresh file to WAL needs an exclusive lock, and SQLite answers "busy"
+        // at once (without waiting) when two first openers would deadlock: retry those.
+        let deadline = Instant::now() + BUSY_TIMEOUT;
+        let mode = retry_busy(deadline, || configure(&conn))
+            .map_err(|e| open_error(path, format!("cannot use the state database: {e}")))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(open_error(
+                path,
+                format!(
+                    "the state database cannot use WAL mode (got {mode}); \
+                     is STATE_DIR on a local disk?"
+                ),
+            ));
+        }
+        retry_busy(deadline, || match migrate(&conn) {
+            Err(MigrateError::Sql(e)) => Err(e),
+            other => Ok(other),
+        })
+        .map_err(MigrateError::Sql)
+        .and_then(|r| r)
+        .map_err(|e| match e {
+            MigrateError::Sql(e) => {
+                open_error(path, format!("cannot set up the state database: {e}"))
+            }
+            MigrateError::TooNew(v) => open_error(
+                path,
+                format!(
+                    "the state database has schema version {v}, newer than this extension's \
+                     {SCHEMA_VERSION}; upgrade the extension or use another STATE_DIR"
+                ),
+            ),
+        })?;
+        Ok(StateStore {
+            conn,
+            path: path.to_path_buf(),
+            lease: DEFAULT_LEASE,
+        })
+    }
+
+    /// The same store with another claim lease (the default is [`DEFAULT_LEASE`]).
+    pub fn with_lease(mut self, lease: Duration) -> StateStore {
+        self.lease = lease;
+        self
+    }
+
+    /// The same store waiting at most `timeout` for another process's write lock (the
+    /// default is [`BUSY_TIMEOUT`]); past it an operation fails with an error.
+    pub fn with_busy_timeout(self, timeout: Duration) -> Result<StateStore> {
+        self.conn
+            .busy_timeout(timeout)
+            .map_err(|e| open_error(&self.path, format!("cannot set the busy timeout: {e}")))?;
+        Ok(self)
+    }
+
+    /// The lease this store gives the claims it makes.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction and commits; any error rolls back.
+    pub(crate) fn write<T>(
+        &self,
+        account: &str,
+        what: &str,
+        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        let run = || -> rusqlite::Result<T> {
+            let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+            let value = f(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        };
+        run().map_err(|e| self.db_error(account, what, e))
+    }
+
+    /// Runs a read-only query on the current committed state.
+    pub(crate) fn read<T>(
+        &self,
+        account: &str,
+        what: &str,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        f(&self.conn).map_err(|e| self.db_error(account, what, e))
+    }
+
+    fn db_error(&self, account: &str, what: &str, e: rusqlite::Error) -> Error {
+        Error::mailbox(
+            account,
+            &self.path.display().to_string(),
+            format!("state database: cannot {what}: {e}"),
+        )
+    }
+
+    // ---- IMAP marks and other cursors -------------------------------------------------
+
+    /// The `(UIDVALIDITY, low-water UID)` recorded for `folder` of `account`: every message
+    /// with a UID below the low-water mark is settled (done or quarantined).
+    pub fn imap_mark(&self, account: &str, folder: &str) -> Result<Option<(u32, u32)>> {
+        self.read(account, "read the IMAP mark", |c| {
+            c.query_row(
+                "SELECT uidvalidity, low_water_uid FROM imap_marks WHERE account=?1 AND folder=?2",
+                params![account, folder],
+                |r| Ok((r.get::<_, u32>(0)?, r.get::<_, u32>(1)?)),
+            )
+            .optional()
+        })
+    }
+
+    /// Records the IMAP mark of `folder`. The caller must not move the low-water mark past a
+    /// message that is not settled, or that message would never be fetched again.
+    pub fn set_imap_mark(
+        &self,
+        account: &str,
+        folder: &str,
+        uidvalidity: u32,
+        low_water_uid: u32,
+    ) -> Result<()> {
+        self.write(account, "save the IMAP mark", |tx| {
+            tx.execute(
+                "INSERT INTO imap_marks (account, folder, uidvalidity, low_water_uid, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (account, folder) DO UPDATE SET uidvalidity=excluded.uidvalidity,
+                   low_water_uid=excluded.low_water_uid, updated_at=excluded.updated_at",
+                params![account, folder, uidvalidity, low_water_uid, now_ms()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// A value saved with [`StateStore::set_kv`] (POP3, Graph, Gmail cursors and the like).
+    pub fn get_kv(&self, namespace: &str, key: &str) -> Result<Option<String>> {
+        self.read(NO_ACCOUNT, "read a saved cursor", |c| {
+            c.query_row(
+                "SELECT value FROM kv WHERE namespace=?1 AND key=?2",
+                params![namespace, key],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    /// Saves (replaces) a value under `namespace` and `key`.
+    pub fn set_kv(&self, namespace: &str, key: &str, value: &str) -> Result<()> {
+        self.write(NO_ACCOUNT, "save a cursor", |tx| {
+            tx.execute(
+                "INSERT INTO kv (namespace, key, value, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value,
+                   updated_at=excluded.updated_at",
+                params![namespace, key, value, now_ms()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Removes a saved value; true when there was one.
+    pub fn delete_kv(&self, namespace: &str, key: &str) -> Result<bool> {
+        self.write(NO_ACCOUNT, "delete a cursor", |tx| {
+            tx.execute(
+                "DELETE FROM kv WHERE namespace=?1 AND key=?2",
+                params![namespace, key],
+            )
+            .map(|n| n > 0)
+        })
+    }
+
+    // ---- Message-IDs we sent ----------------------------------------------------------
+
+    /// Remembers that we sent `message_id` for SD item `sd_number` from `account`, so a reply
+    /// naming it in In-Reply-To/References is threaded to that item. Angle brackets and
+    /// surrounding spaces are ignored.
+    pub fn record_sent(&self, message_id: &str, sd_number: &str, account: &str) -> Result<()> {
+        let id = normalize_message_id(message_id);
+        if id.is_empty() {
+            return Err(Error::message("cannot record an empty Message-ID as sent"));
+        }
+        self.write(account, "record a sent Message-ID", |tx| {
+            tx.execute(
+                "INSERT INTO sent (message_id, sd_number, account, sent_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (message_id) DO UPDATE SET sd_number=excluded.sd_number,
+                   account=excluded.account, sent_at=excluded.sent_at",
+                params![id, sd_number, account, now_ms()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The SD number a Message-ID we sent belongs to.
+    pub fn sent_sd_number(&self, message_id: &str) -> Result<Option<String>> {
+        let id = normalize_message_id(message_id);
+        self.read(NO_ACCOUNT, "look up a sent Message-ID", |c| {
+            c.query_row(
+                "SELECT sd_number FROM sent WHERE message_id=?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    // ---- OAuth tokens -----------------------------------------------------------------
+
+    /// The token of `kind` (e.g. `refresh`, `access`) stored for `account`.
+    pub fn load_token(&self, account: &str, kind: &str) -> Result<Option<StoredToken>> {
+        self.read(account, "read a stored token", |c| {
+            c.query_row(
+                "SELECT value, expires_at, version FROM tokens WHERE account=?1 AND kind=?2",
+                params![account, kind],
+                |r| {
+                    Ok(StoredToken {
+                        value: Secret::new(r.get::<_, String>(0)?),
+                        expires_at: r.get(1)?,
+                        version: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    /// Stores a token unconditionally (a fresh authorization). Its version is the current time
+    /// in milliseconds, or one more than the stored version when that is higher; returned.
+    pub fn save_token(
+        &self,
+        account: &str,
+        kind: &str,
+        value: &str,
+        expires_at: Option<i64>,
+    ) -> Result<i64> {
+        self.write(account, "save a token", |tx| {
+            let old: Option<i64> = tx
+                .query_row(
+                    "SELECT version FROM tokens WHERE account=?1 AND kind=?2",
+                    params![account, kind],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let version = now_ms().max(old.map_or(i64::MIN, |v| v.saturating_add(1)));
+            upsert_token(tx, account, kind, value, expires_at, version)?;
+            Ok(version)
+        })
+    }
+
+    /// Stores a token only when `version` (e.g. the millisecond its refresh was issued) is
+    /// higher than the stored one: a slower concurrent refresh never overwrites a newer
+    /// token. True when it was stored.
+    pub fn save_token_if_newer(
+        &self,
+        account: &str,
+        kind: &str,
+        value: &str,
+        expires_at: Option<i64>,
+        version: i64,
+    ) -> Result<bool> {
+        self.write(account, "save a token", |tx| {
+            let n = tx.execute(
+                "INSERT INTO tokens (account, kind, value, expires_at, version, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (account, kind) DO UPDATE SET value=excluded.value,
+                   expires_at=excluded.expires_at, version=excluded.version,
+                   updated_at=excluded.updated_at
+                 WHERE excluded.version > tokens.version",
+                params![account, kind, value, expires_at, version, now_ms()],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    /// Compare-and-swap: stores the token only when the stored version is still `expected`
+    /// (`None`: no token stored yet). Returns the new version, or `None` when another process
+    /// changed it first (reload and use theirs).
+    pub fn replace_token(
+        &self,
+        account: &str,
+        kind: &str,
+        expected: Option<i64>,
+        value: &str,
+        expires_at: Option<i64>,
+    ) -> Result<Option<i64>> {
+        self.write(account, "save a token", |tx| {
+            let current: Option<i64> = tx
+                .query_row(
+                    "SELECT version FROM tokens WHERE account=?1 AND kind=?2",
+                    params![account, kind],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if current != expected {
+                return Ok(None);
+            }
+            let version = now_ms().max(current.map_or(i64::MIN, |v| v.saturating_add(1)));
+            upsert_token(tx, account, kind, value, expires_at, version)?;
+            Ok(Some(version))
+        })
+    }
+
+    /// Forgets a token (the account was disconnected); true when there was one.
+    pub fn delete_token(&self, account: &str, kind: &str) -> Result<bool> {
+        self.write(account, "delete a token", |tx| {
+            tx.execute(
+                "DELETE FROM tokens WHERE account=?1 AND kind=?2",
+                params![account, kind],
+            )
+            .map(|n| n > 0)
+        })
+    }
+
+    // ---- Pending OAuth authorizations -------------------------------------------------
+
+    /// Keeps the caller's `data` (PKCE verifier, account RECID, redirect URI, ... serialized)
+    /// for the authorization `state` until `expires_at` (Unix seconds). Also purges
+    /// authorizations that expired more than a day ago. A state already pending is an error.
+    pub fn put_pending_auth(&self, state: &str, data: &str, expires_at: i64) -> Result<()> {
+        let now = now_secs();
+        let inserted = self.write(NO_ACCOUNT, "save a pending authorization", |tx| {
+            tx.execute(
+                "DELETE FROM pending_auth WHERE expires_at < ?1",
+                params![now - PENDING_AUTH_GRACE_SECS],
+            )?;
+            tx.execute(
+                "INSERT INTO pending_auth (state, data, expires_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (state) DO NOTHING",
+                params![state, data, expires_at, now],
+            )
+        })?;
+        if inserted == 0 {
+            return Err(Error::auth(
+                NO_ACCOUNT,
+                "an authorization with this state parameter is already pending",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Consumes the pending authorization `state`: its data when still valid, `Expired` when
+    /// its time ran out, `Unknown` when never issued or already taken (a replayed callback).
+    pub fn take_pending_auth(&self, state: &str) -> Result<PendingAuth> {
+        let now = now_secs();
+        self.write(NO_ACCOUNT, "take a pending authorization", |tx| {
+            let row: Option<(String, i64)> = tx
+                .query_row(
+                    "SELECT data, expires_at FROM pending_auth WHERE state=?1",
+                    params![state],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((data, expires_at)) = row else {
+                return Ok(PendingAuth::Unknown);
+            };
+            tx.execute("DELETE FROM pending_auth WHERE state=?1", params![state])?;
+            Ok(if expires_at <= now {
+                PendingAuth::Expired
+            } else {
+                PendingAuth::Valid(Secret::new(data))
+            })
+        })
+    }
+
+    // ---- Alerts -----------------------------------------------------------------------
+
+    /// True the first time it is called for `key`, across all processes; false afterwards
+    /// until [`StateStore::clear_alert`]. Use it to alert SYSADMIN once per problem.
+    pub fn alert_once(&self, key: &str) -> Result<bool> {
+        self.write(NO_ACCOUNT, "record an alert", |tx| {
+            tx.execute(
+                "INSERT INTO alerts (key, first_at) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+                params![key, now_ms()],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    /// Forgets an alert (the problem was resolved), so the next occurrence alerts again.
+    pub fn clear_alert(&self, key: &str) -> Result<bool> {
+        self.write(NO_ACCOUNT, "clear an alert", |tx| {
+            tx.execute("DELETE FROM alerts WHERE key=?1", params![key])
+                .map(|n| n > 0)
+        })
+    }
+}
+
+fn upsert_token(
+    tx: &Transaction<'_>,
+    account: &str,
+    kind: &str,
+    value: &str,
+    expires_at: Option<i64>,
+    version: i64,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO tokens (account, kind, value, expires_at, version, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (account, kind) DO UPDATE SET value=excluded.value,
+           expires_at=excluded.expires_at, version=excluded.version,
+           updated_at=excluded.updated_at",
+        params![account, kind, value, expires_at, version, now_ms()],
+    )
+    .map(|_| ())
+}
+
+/// `<id@host>` and ` id@host ` are the same Message-ID.
+pub fn normalize_message_id(id: &str) -> String {
+    let id = id.trim();
+    let id = id.strip_prefix('<').unwrap_or(id);
+    let id = id.strip_suffix('>').unwrap_or(id);
+    id.trim().to_string()
+}
+
+fn open_error(path: &Path, message: String) -> Error {
+    Error::config(
+        ConfigLocation {
+            file: Some(path.display().to_string()),
+            key: Some("STATE_DIR".to_string()),
+            ..Default::default()
+        },
+        message,
+    )
+}
+
+/// Creates the database file with mode 0600 when missing, and tightens a looser mode.
+fn prepare_file(path: &Path) -> Result<()> {
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            let meta = fs::metadata(path)
+                .map_err(|e| open_error(path, format!("cannot read the state database: {e}")))?;
+            if !meta.is_file() {
+                return Err(open_error(path, "the state database is not a file".into()));
+            }
+            if meta.permissions().mode() & 0o077 != 0 {
+                fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|e| {
+                    open_error(
+                        path,
+                        format!("the state database is readable by others and cannot be made private: {e}"),
+                    )
+                })?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(open_error(
+            path,
+            format!("cannot create the state database: {e}"),
+        )),
+    }
+}
+
+/// Runs `f` again while SQLite reports the database busy or locked, until `deadline`.
+fn retry_busy<T>(
+    deadline: Instant,
+    mut f: impl FnMut() -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    loop {
+        match f() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 20 + 1));
+            }
+            other => return other,
+        }
+    }
+}
+
+enum MigrateError {
+    Sql(rusqlite::Error),
+    TooNew(i64),
+}
+
+impl From<rusqlite::Error> for MigrateError {
+    fn from(e: rusqlite::Error) -> Self {
+        MigrateError::Sql(e)
+    }
+}
+
+/// Brings the schema from its `user_version` up to [`SCHEMA_VERSION`], one step at a time,
+/// inside one write transaction (a concurrent opener waits, then finds it done).
+fn migrate(conn: &Connection) -> std::result::Result<(), MigrateError> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if current == SCHEMA_VERSION {
+        return Ok(());
+    }
+    if current > SCHEMA_VERSION {
+        return Err(MigrateError::TooNew(current));
+    }
+    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    let mut version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(MigrateError::TooNew(version));
+    }
+    while version < SCHEMA_VERSION {
+        match version {
+            0 => tx.execute_batch(SCHEMA_V1)?,
+            _ => unreachable!("every version below SCHEMA_VERSION has a step"),
+        }
+        version += 1;
+    }
+    tx.pragma_update(None, "user_version", version)?;
+    tx.commit()?;
+    Ok(())
+}
+
+const SCHEMA_V1: &str = "
+CREATE TABLE ledger (
+    account      TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    mailbox_ref  TEXT,
+    state        TEXT NOT NULL CHECK (state IN ('in_progress', 'failed', 'done', 'quarantined')),
+    outcome      TEXT,
+    sd_number    TEXT,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    owner_run    TEXT,
+    owner_host   TEXT,
+    owner_machine TEXT,
+    owner_boot   TEXT,
+    owner_pidns  TEXT,
+    owner_pid    INTEGER,
+    owner_start  INTEGER,
+    lease_until  INTEGER,
+    first_seen   INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL,
+    PRIMARY KEY (account, key)
+) WITHOUT ROWID;
+CREATE INDEX ledger_owner ON ledger (owner_run) WHERE owner_run IS NOT NULL;
+CREATE INDEX ledger_ref ON ledger (account, mailbox_ref) WHERE mailbox_ref IS NOT NULL;
+CREATE INDEX ledger_state ON ledger (account, state);
+
+CREATE TABLE imap_marks (
+    account       TEXT NOT NULL,
+    folder        TEXT NOT NULL,
+    uidvalidity   INTEGER NOT NULL,
+    low_water_uid INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    PRIMARY KEY (account, folder)
+) WITHOUT ROWID;
+
+CREATE TABLE kv (
+    namespace  TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (namespace, key)
+) WITHOUT ROWID;
+
+CREATE TABLE sent (
+    message_id TEXT PRIMARY KEY NOT NULL,
+    sd_number  TEXT NOT NULL,
+    account    TEXT NOT NULL,
+    sent_at    INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE tokens (
+    account    TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    expires_at INTEGER,
+    version    INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (account, kind)
+) WITHOUT ROWID;
+
+CREATE TABLE pending_auth (
+    state      TEXT PRIMARY KEY NOT NULL,
+    data       TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE alerts (
+    key      TEXT PRIMARY KEY NOT NULL,
+    first_at INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now_secs() -> i64 {
+    now_ms() / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, StateStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&dir.path().join("state")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn a_store_can_move_to_a_mailbox_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<StateStore>();
+        let (_dir, s) = store();
+        let handle = std::thread::spawn(move || s.alert_once("from a thread").unwrap());
+        assert!(handle.join().unwrap());
+    }
+
+    #[test]
+    fn message_ids_are_compared_without_brackets() {
+        let (_dir, s) = store();
+        s.record_sent("<abc.1@pcr.example.edu>", "SO201700043", "7")
+            .unwrap();
+        assert_eq!(
+            s.sent_sd_number(" abc.1@pcr.example.edu ")
+                .unwrap()
+                .as_deref(),
+            Some("SO201700043")
+        );
+        assert_eq!(s.sent_sd_number("<other@x>").unwrap(), None);
+        assert!(s.record_sent("<>", "SO1", "7").is_err());
+    }
+
+    #[test]
+    fn kv_and_marks_round_trip_and_are_scoped() {
+        let (_dir, s) = store();
+        assert_eq!(s.imap_mark("master", "INBOX").unwrap(), None);
+        s.set_imap_mark("master", "INBOX", 42, 100).unwrap();
+        s.set_imap_mark("master", "INBOX", 43, 1).unwrap();
+        assert_eq!(s.imap_mark("master", "INBOX").unwrap(), Some((43, 1)));
+        assert_eq!(s.imap_mark("7", "INBOX").unwrap(), None);
+        s.set_kv("pop3", "7", "uidl-cursor").unwrap();
+        assert_eq!(
+            s.get_kv("pop3", "7").unwrap().as_deref(),
+            Some("uidl-cursor")
+        );
+        assert_eq!(s.get_kv("graph", "7").unwrap(), None);
+        assert!(s.delete_kv("pop3", "7").unwrap());
+        assert!(!s.delete_kv("pop3", "7").unwrap());
+    }
+
+    #[test]
+    fn token_debug_output_hides_the_value() {
+        let (_dir, s) = store();
+        s.save_token("7", "refresh", "ENC:v1:k:c2VjcmV0", Some(10))
+            .unwrap();
+        let t = s.load_token("7", "refresh").unwrap().unwrap();
+        assert_eq!(t.value.expose(), "ENC:v1:k:c2VjcmV0");
+        assert!(!format!("{t:?}").contains("c2VjcmV0"));
+    }
+
+    #[test]
+    fn a_duplicate_pending_state_is_refused() {
+        let (_dir, s) = store();
+        s.put_pending_auth("st", "{}", now_secs() + 600).unwrap();
+        let err = s
+            .put_pending_auth("st", "{}", now_secs() + 600)
+            .unwrap_err();
+        assert!(matches!(err, Error::Auth { .. }), "{err}");
+    }
+
+    #[test]
+    fn long_expired_authorizations_are_purged() {
+        let (_dir, s) = store();
+        s.put_pending_auth("old", "{}", now_secs() - PENDING_AUTH_GRACE_SECS - 10)
+            .unwrap();
+        s.put_pending_auth("new", "{}", now_secs() + 600).unwrap();
+        assert_eq!(s.take_pending_auth("old").unwrap(), PendingAuth::Unknown);
+        assert!(matches!(
+            s.take_pending_auth("new").unwrap(),
+            PendingAuth::Valid(_)
+        ));
+    }
+}
