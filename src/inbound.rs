@@ -1,15 +1,966 @@
-//! Incoming mail into Inquiries and threads (in progress).
+//! The System Check Email event: every Service Desk mailbox into Inquiries and thread entries
+//! (SPEC §5, §6, §8).
+//!
+//! Each mailbox is read in its own thread (listing, size checks, batched download), and every
+//! downloaded message is handed over a small bounded channel to the calling thread — PHP's —
+//! which alone talks to the host. Per message, in this order:
+//! 1. parse (never fails), claim its key (Message-ID, else a hash of the bytes) in the state
+//!    store: a message already done, or being processed by another run, is never given to the
+//!    host again;
+//! 2. decide: our own mail, blocked senders and auto-replies/bounces that name no item are
+//!    skipped; an SD number in the subject, or a reference to a Message-ID we sent for an item
+//!    (with a valid keyed hash), goes to `addToThread`; anything else (or `false` from it) to
+//!    `createInquiry`;
+//! 3. record the outcome in the state store, and only then tell the mailbox thread to apply
+//!    PROCESSED_ACTION. A host failure leaves the message where it is; the third failed run
+//!    quarantines it and alerts SYSADMIN once.
+//!
+//! The mailbox threads apply the actions in one batch after their download is complete, then
+//! commit (`finish`). A crash anywhere leaves either an unclaimed message (retried), a claimed
+//! one whose owner is dead (taken over, counted as an attempt), or a done one whose mailbox
+//! action is re-applied by the next run — never a second Inquiry from our side.
 
-use serde_json::Value;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::time::Instant;
 
+use regex::Regex;
+use serde_json::{json, Value};
+
+use crate::config::{Account, AccountId};
 use crate::error::{Error, Result};
 use crate::host::Host;
+use crate::incoming::{self, Fetched, Flow, Listed};
 use crate::manager::Manager;
+use crate::mime::{self, AutoKind, ParsedMail};
+use crate::oauth::OAuthEnv;
+use crate::state::{Claim, Owner, StateStore, MAX_ATTEMPTS};
+use crate::threading;
 
-pub fn event_check_mail(
-    _manager: &mut Manager,
-    _host: &mut dyn Host,
-    _data: &Value,
-) -> Result<Value> {
-    Err(Error::message("eventCheckMail is not available yet"))
+/// Messages in flight between the mailbox threads and PHP's thread (memory stays bounded).
+const CHANNEL_CAPACITY: usize = 2;
+
+/// What a mailbox thread tells PHP's thread.
+enum Event {
+    /// The listing: how many messages will be downloaded, how many wait for the next run.
+    Listed {
+        mailbox: usize,
+        deferred: usize,
+    },
+    /// A message over MAX_MESSAGE_BYTES: not downloaded.
+    Oversized {
+        mailbox: usize,
+        listed: Listed,
+    },
+    Message {
+        mailbox: usize,
+        fetched: Fetched,
+    },
+    /// Every message of this mailbox has been handed over: its decisions can be closed.
+    Downloaded {
+        mailbox: usize,
+    },
+    /// The thread ended; `error` when the mailbox could not be read (completely).
+    Finished {
+        mailbox: usize,
+        error: Option<Error>,
+    },
+}
+
+/// What PHP's thread decided for one message; applied by its mailbox thread.
+#[derive(Debug)]
+enum Decision {
+    /// The host accepted it (or it was already done): PROCESSED_ACTION.
+    Processed(String),
+    /// Skipped on purpose: left in place, but needs nothing more.
+    Skipped(String),
+    /// Failed three runs: out of the way.
+    Quarantine(String),
+}
+
+#[derive(Debug, Default)]
+struct MailboxSummary {
+    account: String,
+    email: String,
+    protocol: String,
+    fetched: u64,
+    inquiries: u64,
+    threaded: u64,
+    skipped: u64,
+    skip_reasons: BTreeMap<String, u64>,
+    duplicates: u64,
+    failed: u64,
+    quarantined: u64,
+    deferred: u64,
+    errors: Vec<String>,
+}
+
+impl MailboxSummary {
+    fn skip(&mut self, reason: &str) {
+        self.skipped += 1;
+        *self.skip_reasons.entry(reason.to_string()).or_default() += 1;
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "account": account_value(&self.account),
+            "email": self.email,
+            "protocol": self.protocol,
+            "fetched": self.fetched,
+            "inquiries": self.inquiries,
+            "threaded": self.threaded,
+            "skipped": self.skipped,
+            "skip_reasons": self.skip_reasons,
+            "duplicates": self.duplicates,
+            "failed": self.failed,
+            "quarantined": self.quarantined,
+            "deferred": self.deferred,
+            "errors": self.errors,
+        })
+    }
+}
+
+fn account_value(id: &str) -> Value {
+    id.parse::<i64>()
+        .map(Value::from)
+        .unwrap_or_else(|_| Value::from(id))
+}
+
+/// `host` from the event's Data: a JSON string, an array/object, or a bare host name.
+pub fn event_host(data: &Value) -> Result<String> {
+    const HOW: &str = "the System Check Email event's Data must name the virtual host that \
+                       receives the mail, e.g. {\"host\":\"pcr360.example.edu\"}";
+    let object = match data {
+        Value::Object(_) => data.clone(),
+        Value::String(text) if text.trim_start().starts_with('{') => serde_json::from_str(text)
+            .map_err(|e| Error::message(format!("{HOW}; the Data is not valid JSON ({e})")))?,
+        Value::String(text) if is_host_name(text.trim()) => json!({ "host": text.trim() }),
+        _ => return Err(Error::message(format!("{HOW}; no host was given"))),
+    };
+    match object.get("host").and_then(Value::as_str).map(str::trim) {
+        Some(host) if is_host_name(host) => Ok(host.to_string()),
+        Some(_) => Err(Error::message(format!("{HOW}; 'host' is not a host name"))),
+        None => Err(Error::message(format!("{HOW}; 'host' is missing"))),
+    }
+}
+
+fn is_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+}
+
+/// The Blocked Emails list: `*` wildcards on the sender address, or `/regex/flags` on the
+/// sender address and the subject (PCRE-style, lookarounds included).
+pub struct Blocklist {
+    wildcards: Vec<Regex>,
+    patterns: Vec<fancy_regex::Regex>,
+}
+
+impl Blocklist {
+    /// Compiles the host's patterns; a pattern that does not compile is returned as an error
+    /// text (and ignored) so one typo does not unblock everything else.
+    pub fn new(patterns: &[String]) -> (Blocklist, Vec<String>) {
+        let mut list = Blocklist {
+            wildcards: Vec::new(),
+            patterns: Vec::new(),
+        };
+        let mut errors = Vec::new();
+        for pattern in patterns {
+            let p = pattern.trim();
+            if p.len() >= 2 && p.starts_with('/') && p.rfind('/').is_some_and(|i| i > 0) {
+                let end = p.rfind('/').unwrap_or(0);
+                let body = &p[1..end];
+                let mut flags = String::new();
+                for f in p[end + 1..].chars() {
+                    match f {
+                        'i' | 'm' | 's' | 'x' => flags.push(f),
+                        'u' | 'D' | 'U' => {}
+                        _ => {}
+                    }
+                }
+                let source = if flags.is_empty() {
+                    body.to_string()
+                } else {
+                    format!("(?{flags}){body}")
+                };
+                match fancy_regex::RegexBuilder::new(&source)
+                    .backtrack_limit(100_000)
+                    .build()
+                {
+                    Ok(re) => list.patterns.push(re),
+                    Err(e) => errors.push(format!(
+                        "Blocked Emails pattern {p:?} is not a valid regular expression ({e}); ignored"
+                    )),
+                }
+            } else if !p.is_empty() {
+                let source = format!(
+                    "(?i)^{}$",
+                    p.split('*')
+                        .map(regex::escape)
+                        .collect::<Vec<_>>()
+                        .join(".*")
+                );
+                match Regex::new(&source) {
+                    Ok(re) => list.wildcards.push(re),
+                    Err(e) => errors.push(format!("Blocked Emails pattern {p:?}: {e}; ignored")),
+                }
+            }
+        }
+        (list, errors)
+    }
+
+    /// True when the sender or the subject is blocked.
+    pub fn blocks(&self, sender: &str, subject: &str) -> bool {
+        self.wildcards.iter().any(|re| re.is_match(sender))
+            || self.patterns.iter().any(|re| {
+                re.is_match(sender).unwrap_or(false) || re.is_match(subject).unwrap_or(false)
+            })
+    }
+}
+
+/// Everything PHP's thread needs while processing one run.
+struct Run<'a> {
+    manager: &'a mut Manager,
+    host: &'a mut dyn Host,
+    vhost: String,
+    state: StateStore,
+    owner: Owner,
+    sd_pattern: Regex,
+    thread_key: Option<[u8; 32]>,
+    blocklist: Blocklist,
+    own_addresses: HashSet<String>,
+    attachments_dir: PathBuf,
+    seq: u64,
+}
+
+pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value) -> Result<Value> {
+    let started = Instant::now();
+    let vhost = event_host(data)?;
+    let settings = manager.settings.clone();
+    let base = json!({
+        "host": vhost,
+        "environment": settings.environment,
+    });
+    if settings.disable_email {
+        return Ok(finish_summary(base, "disabled", &[], started));
+    }
+    if !settings.send_email {
+        return Ok(finish_summary(base, "send_email_off", &[], started));
+    }
+    let tenant_accounts = manager.tenant_accounts(host);
+    let mailboxes: Vec<Account> = crate::routing::incoming_accounts(
+        &tenant_accounts,
+        settings.master.as_ref(),
+        settings.send_email,
+        settings.disable_email,
+    )
+    .into_iter()
+    .cloned()
+    .collect();
+    if mailboxes.is_empty() {
+        return Ok(finish_summary(base, "ok", &[], started));
+    }
+
+    let state = StateStore::open(&settings.state_dir)?;
+    let sd_pattern = Regex::new(&settings.sd_number_pattern).map_err(|e| {
+        Error::account_key("master", "SD_NUMBER_PATTERN", format!("not a regex: {e}"))
+    })?;
+    let thread_key = match manager.thread_key() {
+        Ok(k) => Some(k),
+        Err(e) => {
+            manager.logger().error(
+                host,
+                &format!("pcr_email: replies cannot be matched by Message-ID: {e}"),
+                &Value::Null,
+            );
+            None
+        }
+    };
+    let blocked = match host.blocked_emails() {
+        Ok(list) => list,
+        Err(e) => {
+            manager.logger().error(
+                host,
+                &format!("pcr_email: cannot read the Blocked Emails list: {e}"),
+                &Value::Null,
+            );
+            Vec::new()
+        }
+    };
+    let (blocklist, pattern_errors) = Blocklist::new(&blocked);
+    for e in pattern_errors {
+        manager.logger().once(host, &e.clone(), &e, &Value::Null);
+    }
+    let mut own_addresses: HashSet<String> = tenant_accounts
+        .iter()
+        .chain(settings.master.as_ref())
+        .map(|a| a.email.trim().to_ascii_lowercase())
+        .filter(|e| !e.is_empty())
+        .collect();
+    own_addresses.extend(
+        [settings.sysadmin.as_deref()]
+            .into_iter()
+            .flatten()
+            .map(str::to_ascii_lowercase),
+    );
+    let owner = Owner::new_run();
+    let attachments_dir = settings.state_dir.join("attachments").join(format!(
+        "run-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+
+    let mut summaries: Vec<MailboxSummary> = mailboxes
+        .iter()
+        .map(|a| MailboxSummary {
+            account: a.id.to_string(),
+            email: a.email.clone(),
+            protocol: a
+                .incoming
+                .as_ref()
+                .map(|i| i.mailbox.as_str().to_string())
+                .unwrap_or_default(),
+            ..Default::default()
+        })
+        .collect();
+
+    let env = manager.oauth_env();
+    let mut run = Run {
+        manager,
+        host,
+        vhost: vhost.clone(),
+        state,
+        owner,
+        sd_pattern,
+        thread_key,
+        blocklist,
+        own_addresses,
+        attachments_dir,
+        seq: 0,
+    };
+
+    std::thread::scope(|scope| {
+        let (events_tx, events_rx) = sync_channel::<Event>(CHANNEL_CAPACITY);
+        let mut decisions: Vec<Sender<Decision>> = Vec::new();
+        for (i, account) in mailboxes.iter().enumerate() {
+            let (tx, rx) = channel::<Decision>();
+            decisions.push(tx);
+            let events = events_tx.clone();
+            let env = env.clone();
+            let state_dir = settings.state_dir.clone();
+            std::thread::Builder::new()
+                .name(format!("pcr-email-mailbox-{}", account.id))
+                .spawn_scoped(scope, move || {
+                    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        read_mailbox(i, account, &env, &state_dir, &events, rx)
+                    }));
+                    let error = match read {
+                        Ok(result) => result.err(),
+                        Err(_) => Some(Error::mailbox(
+                            &account.id.to_string(),
+                            &account.email,
+                            "internal error while reading the mailbox; nothing was changed in it",
+                        )),
+                    };
+                    let _ = events.send(Event::Finished { mailbox: i, error });
+                })
+                .map_err(|e| Error::message(format!("cannot start a mailbox thread: {e}")))?;
+        }
+        drop(events_tx);
+        run.process_events(&mailboxes, &mut summaries, events_rx, decisions);
+        Ok::<(), Error>(())
+    })?;
+
+    let _ = run.state.release_owned(&run.owner);
+    let _ = std::fs::remove_dir_all(&run.attachments_dir);
+    Ok(finish_summary(base, "ok", &summaries, started))
+}
+
+fn finish_summary(
+    mut base: Value,
+    status: &str,
+    mailboxes: &[MailboxSummary],
+    started: Instant,
+) -> Value {
+    let total = |f: fn(&MailboxSummary) -> u64| -> u64 { mailboxes.iter().map(f).sum() };
+    base["status"] = Value::from(status);
+    base["mailboxes"] = Value::Array(mailboxes.iter().map(MailboxSummary::to_json).collect());
+    base["totals"] = json!({
+        "mailboxes": mailboxes.len(),
+        "fetched": total(|m| m.fetched),
+        "inquiries": total(|m| m.inquiries),
+        "threaded": total(|m| m.threaded),
+        "skipped": total(|m| m.skipped),
+        "duplicates": total(|m| m.duplicates),
+        "failed": total(|m| m.failed),
+        "quarantined": total(|m| m.quarantined),
+        "deferred": total(|m| m.deferred),
+        "errors": total(|m| m.errors.len() as u64),
+    });
+    base["duration_ms"] = Value::from(started.elapsed().as_millis() as u64);
+    base
+}
+
+/// One mailbox thread: list, download (handing each message over), then apply the decisions
+/// and commit. Never calls the host.
+fn read_mailbox(
+    index: usize,
+    account: &Account,
+    env: &OAuthEnv,
+    state_dir: &Path,
+    events: &SyncSender<Event>,
+    decisions: Receiver<Decision>,
+) -> Result<()> {
+    let incoming = account
+        .incoming
+        .as_ref()
+        .ok_or_else(|| Error::message("the account has no incoming settings"))?;
+    let state = StateStore::open(state_dir)?;
+    let mut mailbox = incoming::open(account, env, state)?;
+    let listed = mailbox.list()?;
+    let mut wanted = Vec::new();
+    let mut deferred = 0;
+    for item in listed {
+        if item.size > incoming.max_message_bytes {
+            if events
+                .send(Event::Oversized {
+                    mailbox: index,
+                    listed: item,
+                })
+                .is_err()
+            {
+                return Ok(());
+            }
+        } else if wanted.len() < incoming.max_messages {
+            wanted.push(item.id);
+        } else {
+            deferred += 1;
+        }
+    }
+    if events
+        .send(Event::Listed {
+            mailbox: index,
+            deferred,
+        })
+        .is_err()
+    {
+        return Ok(());
+    }
+    let download = mailbox.fetch_each(&wanted, &mut |fetched| match events.send(Event::Message {
+        mailbox: index,
+        fetched,
+    }) {
+        Ok(()) => Flow::Continue,
+        Err(_) => Flow::Stop,
+    });
+    // Whatever was downloaded and decided is applied, even when the download broke off.
+    let _ = events.send(Event::Downloaded { mailbox: index });
+    let (mut processed, mut skipped, mut quarantine) = (Vec::new(), Vec::new(), Vec::new());
+    // The sender side is dropped by PHP's thread once it has processed every event.
+    for decision in decisions {
+        match decision {
+            Decision::Processed(id) => processed.push(id),
+            Decision::Skipped(id) => skipped.push(id),
+            Decision::Quarantine(id) => quarantine.push(id),
+        }
+    }
+    if !processed.is_empty() {
+        mailbox.mark_processed(&processed)?;
+    }
+    if !skipped.is_empty() {
+        mailbox.mark_skipped(&skipped)?;
+    }
+    if !quarantine.is_empty() {
+        mailbox.quarantine(&quarantine)?;
+    }
+    download?;
+    mailbox.finish()
+}
+
+/// How one message ended for the summary.
+enum Outcome {
+    Inquiry,
+    Threaded,
+    Skipped(&'static str),
+    Duplicate,
+    /// Another live run is on it: nothing to do this run.
+    Busy,
+    Failed,
+    Quarantined,
+    /// Quarantined by an earlier run but still in the folder: moved again, not counted.
+    StillQuarantined,
+}
+
+impl Run<'_> {
+    fn process_events(
+        &mut self,
+        mailboxes: &[Account],
+        summaries: &mut [MailboxSummary],
+        events: Receiver<Event>,
+        decisions: Vec<Sender<Decision>>,
+    ) {
+        // Owned here: dropping a mailbox's sender is what lets its thread commit.
+        let mut decisions: Vec<Option<Sender<Decision>>> =
+            decisions.into_iter().map(Some).collect();
+        for event in events {
+            match event {
+                Event::Listed { mailbox, deferred } => {
+                    summaries[mailbox].deferred += deferred as u64;
+                }
+                Event::Oversized { mailbox, listed } => {
+                    let account = &mailboxes[mailbox];
+                    if let Some(decision) = self.oversized(account, &listed) {
+                        summaries[mailbox].skip("oversized");
+                        send(&decisions[mailbox], decision);
+                    }
+                }
+                Event::Message { mailbox, fetched } => {
+                    summaries[mailbox].fetched += 1;
+                    let account = &mailboxes[mailbox];
+                    let id = fetched.id.clone();
+                    let outcome = self.process(account, fetched);
+                    let summary = &mut summaries[mailbox];
+                    let decision = match outcome {
+                        Outcome::Inquiry => {
+                            summary.inquiries += 1;
+                            Some(Decision::Processed(id))
+                        }
+                        Outcome::Threaded => {
+                            summary.threaded += 1;
+                            Some(Decision::Processed(id))
+                        }
+                        Outcome::Skipped(reason) => {
+                            summary.skip(reason);
+                            Some(Decision::Skipped(id))
+                        }
+                        Outcome::Duplicate => {
+                            summary.duplicates += 1;
+                            Some(Decision::Processed(id))
+                        }
+                        Outcome::Busy => {
+                            summary.deferred += 1;
+                            None
+                        }
+                        Outcome::Failed => {
+                            summary.failed += 1;
+                            None
+                        }
+                        Outcome::Quarantined => {
+                            summary.failed += 1;
+                            summary.quarantined += 1;
+                            Some(Decision::Quarantine(id))
+                        }
+                        Outcome::StillQuarantined => Some(Decision::Quarantine(id)),
+                    };
+                    if let Some(decision) = decision {
+                        send(&decisions[mailbox], decision);
+                    }
+                }
+                Event::Downloaded { mailbox } => {
+                    // Every decision for it is sent: closing the channel lets it commit.
+                    decisions[mailbox] = None;
+                }
+                Event::Finished { mailbox, error } => {
+                    decisions[mailbox] = None;
+                    if let Some(error) = error {
+                        self.mailbox_failed(&mailboxes[mailbox], &mut summaries[mailbox], error);
+                    }
+                }
+            }
+        }
+        drop(decisions);
+    }
+
+    fn oversized(&mut self, account: &Account, listed: &Listed) -> Option<Decision> {
+        let id = account.id.to_string();
+        let key = format!("oversized:{}", listed.id);
+        match self.state.claim(&id, &key, Some(&listed.id), &self.owner) {
+            Ok(Claim::New) | Ok(Claim::Retry { .. }) => {}
+            Ok(Claim::Done { .. }) | Ok(Claim::Quarantined) => {
+                return Some(Decision::Skipped(listed.id.clone()))
+            }
+            Ok(Claim::Busy) => return None,
+            Err(e) => {
+                self.log(&format!("pcr_email: {e}"), json!({"account": id}));
+                return None;
+            }
+        }
+        let limit = account
+            .incoming
+            .as_ref()
+            .map(|i| i.max_message_bytes)
+            .unwrap_or(0);
+        let text = format!(
+            "pcr_email: a message of {} bytes in the mailbox of account {id} ({}) is larger than \
+             MAX_MESSAGE_BYTES ({limit}); it was not downloaded and stays in the mailbox",
+            listed.size, account.email
+        );
+        self.log(
+            &text,
+            json!({"account": id, "message": listed.id, "size": listed.size}),
+        );
+        let _ = self.state.skip(&id, &key, "oversized");
+        self.alert(
+            account,
+            &format!("oversized:{id}:{}", listed.id),
+            "An incoming email is too large to process",
+            &text,
+        );
+        Some(Decision::Skipped(listed.id.clone()))
+    }
+
+    /// One downloaded message, start to end.
+    fn process(&mut self, account: &Account, fetched: Fetched) -> Outcome {
+        let id = account.id.to_string();
+        let parsed = mime::parse(&fetched.raw, &self.sd_pattern);
+        let key = parsed.message_key.clone();
+        let mailbox_ref = fetched.id.clone();
+        drop(fetched);
+        let claim = match self.state.claim(&id, &key, Some(&mailbox_ref), &self.owner) {
+            Ok(claim) => claim,
+            Err(e) => {
+                self.log(&format!("pcr_email: {e}"), json!({"account": id}));
+                return Outcome::Busy;
+            }
+        };
+        match claim {
+            Claim::Done { .. } => return Outcome::Duplicate,
+            Claim::Busy => return Outcome::Busy,
+            Claim::Quarantined => return Outcome::StillQuarantined,
+            Claim::Retry { attempts } if attempts >= MAX_ATTEMPTS => {
+                let reason = format!("failed {attempts} times");
+                return self.quarantine(account, &key, &parsed, &reason);
+            }
+            Claim::New | Claim::Retry { .. } => {}
+        }
+        let verdict = self.deliver(account, &parsed);
+        match verdict {
+            Ok(Delivered::Inquiry(sd)) => {
+                self.settle_done(&id, &key, "inquiry", Some(&sd));
+                Outcome::Inquiry
+            }
+            Ok(Delivered::Thread(sd)) => {
+                self.settle_done(&id, &key, "threaded", Some(&sd));
+                Outcome::Threaded
+            }
+            Ok(Delivered::Skipped(reason)) => {
+                if let Err(e) = self.state.skip(&id, &key, reason) {
+                    self.log(&format!("pcr_email: {e}"), json!({"account": id}));
+                }
+                Outcome::Skipped(reason)
+            }
+            Err(error) => {
+                let text = format!(
+                    "pcr_email: incoming email {:?} from {} in the mailbox of account {id} was not \
+                     processed and stays in the mailbox: {error}",
+                    parsed.subject,
+                    sender(&parsed),
+                );
+                self.log(
+                    &text,
+                    json!({"account": id, "message_id": parsed.message_id, "key": key}),
+                );
+                match self.state.fail(&id, &key, &error.to_string()) {
+                    Ok(attempts) if attempts >= MAX_ATTEMPTS => {
+                        let reason = format!("failed {attempts} times; last error: {error}");
+                        self.quarantine(account, &key, &parsed, &reason)
+                    }
+                    Ok(_) => Outcome::Failed,
+                    Err(e) => {
+                        self.log(&format!("pcr_email: {e}"), json!({"account": id}));
+                        Outcome::Failed
+                    }
+                }
+            }
+        }
+    }
+
+    fn settle_done(&mut self, id: &str, key: &str, outcome: &str, sd: Option<&str>) {
+        if let Err(e) = self.state.complete(id, key, outcome, sd) {
+            self.log(
+                &format!("pcr_email: the outcome of {key} could not be recorded: {e}"),
+                json!({"account": id}),
+            );
+        }
+    }
+
+    fn quarantine(
+        &mut self,
+        account: &Account,
+        key: &str,
+        parsed: &ParsedMail,
+        reason: &str,
+    ) -> Outcome {
+        let id = account.id.to_string();
+        if let Err(e) = self.state.quarantine(&id, key, reason) {
+            self.log(&format!("pcr_email: {e}"), json!({"account": id}));
+        }
+        let text = format!(
+            "pcr_email: incoming email {:?} from {} (Message-ID {}) in the mailbox of account {id} \
+             ({}) was quarantined ({reason}); it is kept in the mailbox folder PCR-Failed (IMAP) \
+             or left in place, and will not be retried",
+            parsed.subject,
+            sender(parsed),
+            parsed.message_id.as_deref().unwrap_or("none"),
+            account.email,
+        );
+        self.log(&text, json!({"account": id, "key": key}));
+        self.alert(
+            account,
+            &format!("quarantine:{id}:{key}"),
+            "An incoming email could not be processed",
+            &text,
+        );
+        Outcome::Quarantined
+    }
+
+    /// The decision of SPEC §6 and the host call.
+    fn deliver(&mut self, account: &Account, parsed: &ParsedMail) -> Result<Delivered> {
+        let from = parsed
+            .from
+            .as_ref()
+            .map(|f| f.email.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        if !from.is_empty() && self.own_addresses.contains(&from) {
+            return Ok(Delivered::Skipped("own mail"));
+        }
+        if self.blocklist.blocks(&from, &parsed.subject) {
+            return Ok(Delivered::Skipped("blocked"));
+        }
+        let item = parsed.sd_number.clone().or_else(|| {
+            let key = self.thread_key?;
+            let ids = parsed
+                .in_reply_to
+                .iter()
+                .chain(parsed.references.iter())
+                .map(String::as_str);
+            threading::verify_any(ids, &key)
+        });
+        let mut mail = self.mail_array(account, parsed, item.as_deref())?;
+        let result = (|| {
+            if let Some(sd) = &item {
+                if self.host.add_to_thread(sd, &mail)? {
+                    return Ok(Delivered::Thread(sd.clone()));
+                }
+            }
+            match parsed.auto {
+                Some(AutoKind::AutoReply) => return Ok(Delivered::Skipped("auto-reply")),
+                Some(AutoKind::Bounce) => return Ok(Delivered::Skipped("bounce")),
+                None => {}
+            }
+            if item.is_some() {
+                // The named item does not exist: a new Inquiry, without the dangling number.
+                mail["sd_number"] = Value::Null;
+            }
+            let sd = self.host.create_inquiry(&mail)?;
+            Ok(Delivered::Inquiry(sd))
+        })();
+        self.remove_attachments(&mail);
+        result
+    }
+
+    /// `$mail` (SPEC §5): the parsed message plus the account, the host and the attachment
+    /// files.
+    fn mail_array(
+        &mut self,
+        account: &Account,
+        parsed: &ParsedMail,
+        item: Option<&str>,
+    ) -> Result<Value> {
+        let mut mail = serde_json::to_value(parsed)
+            .map_err(|e| Error::message(format!("cannot represent the message: {e}")))?;
+        mail["account"] = json!({
+            "RECID": match account.id {
+                AccountId::Master => Value::from("master"),
+                AccountId::Tenant(id) => Value::from(id),
+            },
+            "EMAIL": account.email,
+            "TENANTS_RECID": account.tenants_recid,
+        });
+        mail["host"] = Value::from(self.vhost.clone());
+        mail["sd_number"] = item.map(Value::from).unwrap_or(Value::Null);
+        if !parsed.attachments.is_empty() {
+            self.seq += 1;
+            let dir = self.attachments_dir.join(self.seq.to_string());
+            create_private_dir(&dir)?;
+            let list = mail["attachments"]
+                .as_array_mut()
+                .expect("attachments is a list");
+            for (i, (entry, attachment)) in list.iter_mut().zip(&parsed.attachments).enumerate() {
+                // Each attachment in its own directory: two parts may share a file name.
+                let sub = dir.join(i.to_string());
+                create_private_dir(&sub)?;
+                let path = sub.join(&attachment.filename);
+                std::fs::write(&path, &attachment.data).map_err(|e| {
+                    Error::message(format!(
+                        "cannot write attachment {} to {}: {e}",
+                        attachment.filename,
+                        sub.display()
+                    ))
+                })?;
+                entry["path"] = Value::from(path.display().to_string());
+            }
+        }
+        Ok(mail)
+    }
+
+    fn remove_attachments(&self, mail: &Value) {
+        if let Some(list) = mail["attachments"].as_array() {
+            for entry in list {
+                if let Some(path) = entry["path"].as_str() {
+                    let _ = std::fs::remove_file(path);
+                    if let Some(dir) = Path::new(path).parent() {
+                        let _ = std::fs::remove_dir(dir);
+                        if let Some(parent) = dir.parent() {
+                            let _ = std::fs::remove_dir(parent);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn mailbox_failed(&mut self, account: &Account, summary: &mut MailboxSummary, error: Error) {
+        let id = account.id.to_string();
+        let text = format!(
+            "pcr_email: mailbox of account {id} ({}): {error}",
+            account.email
+        );
+        summary.errors.push(error.to_string());
+        self.log(&text, json!({"account": id}));
+        if matches!(error, Error::Auth { .. }) {
+            self.alert(
+                account,
+                &format!("auth:{id}"),
+                "An email account needs to be authenticated again",
+                &text,
+            );
+        }
+    }
+
+    fn log(&mut self, text: &str, context: Value) {
+        self.manager.logger().error(self.host, text, &context);
+    }
+
+    /// Emails SYSADMIN (the account's, else the INI's) once per `key` across runs and
+    /// processes, through the ordinary routing of that account's tenant.
+    fn alert(&mut self, account: &Account, key: &str, subject: &str, text: &str) {
+        let Some(to) = account
+            .sysadmin
+            .clone()
+            .or_else(|| self.manager.settings.sysadmin.clone())
+            .filter(|s| !s.trim().is_empty())
+        else {
+            return;
+        };
+        match self.state.alert_once(key) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                self.log(&format!("pcr_email: {e}"), Value::Null);
+                return;
+            }
+        }
+        let message = json!({
+            "to": to,
+            "subject": format!("[PCR-360] {subject}"),
+            "text": format!(
+                "{text}\n\nHost: {}\nEnvironment: {}\n\nThis alert is sent once per problem.",
+                self.vhost, self.manager.settings.environment
+            ),
+            "tenant": account.tenants_recid,
+            "headers": {"Auto-Submitted": "auto-generated"},
+        });
+        if let Err(e) = self.manager.send(self.host, &message) {
+            let line = format!("pcr_email: the SYSADMIN alert to {to} could not be sent: {e}");
+            self.manager.logger().to_file("error", &line, &Value::Null);
+        }
+    }
+}
+
+/// What the host did with a message.
+enum Delivered {
+    Inquiry(String),
+    Thread(String),
+    Skipped(&'static str),
+}
+
+fn send(channel: &Option<Sender<Decision>>, decision: Decision) {
+    if let Some(channel) = channel {
+        let _ = channel.send(decision);
+    }
+}
+
+fn sender(parsed: &ParsedMail) -> String {
+    parsed
+        .from
+        .as_ref()
+        .map(|f| f.email.clone())
+        .unwrap_or_else(|| "an unknown sender".into())
+}
+
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::message(format!("cannot create {}: {e}", dir.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_event_host_comes_from_every_documented_form() {
+        assert_eq!(
+            event_host(&json!({"host": "pcr360.example.edu"})).unwrap(),
+            "pcr360.example.edu"
+        );
+        assert_eq!(
+            event_host(&json!("{\"host\":\"pcr360.example.edu\"}")).unwrap(),
+            "pcr360.example.edu"
+        );
+        assert_eq!(
+            event_host(&json!("pcr360.example.edu")).unwrap(),
+            "pcr360.example.edu"
+        );
+        for bad in [
+            json!(null),
+            json!({}),
+            json!("{not json"),
+            json!({"host": "a b"}),
+            json!(5),
+        ] {
+            let err = event_host(&bad).unwrap_err().to_string();
+            assert!(err.contains("host"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn blocked_emails_follow_the_product_rules() {
+        let (list, errors) = Blocklist::new(&[
+            "*@spam.example".into(),
+            "exact@block.example".into(),
+            "/^\\[SPAM\\]/i".into(),
+            "/@(?!pcr\\.com)/".into(),
+            "/(unclosed/".into(),
+        ]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(list.blocks("x@SPAM.example", "hello"));
+        assert!(list.blocks("exact@block.example", "hello"));
+        assert!(list.blocks("a@pcr.com", "[spam] buy now"));
+        // The whitelist form: everything not from pcr.com is blocked.
+        assert!(list.blocks("someone@gmail.com", "hello"));
+        let (whitelist, _) = Blocklist::new(&["/@(?!pcr\\.com)/".into()]);
+        assert!(!whitelist.blocks("staff@pcr.com", "hello"));
+        assert!(whitelist.blocks("someone@gmail.com", "hello"));
+        let (wild, _) = Blocklist::new(&["*@spam.example".into()]);
+        assert!(!wild.blocks("spam.example@good.example", "x"));
+        assert!(!wild.blocks("a@good.example", "from *@spam.example"));
+    }
 }

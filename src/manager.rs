@@ -59,6 +59,11 @@ impl Manager {
         &mut self.logger
     }
 
+    /// Where OAuth accounts keep their tokens.
+    pub fn oauth_env(&self) -> crate::oauth::OAuthEnv {
+        crate::oauth::OAuthEnv::from_settings(&self.settings)
+    }
+
     /// The key store (`KEY_FILE`), created on first use.
     pub fn keys(&mut self) -> Result<&KeyStore> {
         if self.keys.is_none() {
@@ -263,7 +268,7 @@ impl Manager {
 
     fn transport(&mut self, key: &str, account: &Account) -> Result<&dyn Transport> {
         if !self.transports.contains_key(key) {
-            let transport = outgoing::transport_for(account)?;
+            let transport = outgoing::transport_for(account, &self.oauth_env())?;
             self.transports.insert(key.to_string(), transport);
         }
         Ok(self.transports[key].as_ref())
@@ -349,14 +354,21 @@ impl Manager {
         let account = self.find_account(host, recid)?;
         let outgoing = match &account.outgoing {
             None => Value::Null,
-            Some(_) => match outgoing::transport_for(&account).and_then(|t| t.check()) {
-                Ok(report) => report.to_json(),
-                Err(e) => check_error(&account, &e),
-            },
+            Some(_) => {
+                match outgoing::transport_for(&account, &self.oauth_env()).and_then(|t| t.check()) {
+                    Ok(report) => report.to_json(),
+                    Err(e) => check_error(&account, &e),
+                }
+            }
         };
-        let ok = outgoing.get("ok").and_then(Value::as_bool).unwrap_or(true);
+        let mut ok = outgoing.get("ok").and_then(Value::as_bool).unwrap_or(true);
         let mut view = account.public_view();
         view["outgoing"] = outgoing;
+        if crate::manager_oauth::is_cloud_account(&account) {
+            let oauth = self.check_cloud_account(&account);
+            ok &= oauth["ok"].as_bool().unwrap_or(false);
+            view["oauth"] = oauth;
+        }
         view["ok"] = Value::from(ok);
         Ok(view)
     }
@@ -377,8 +389,15 @@ impl Manager {
 fn transport_key(account: &Account) -> String {
     let mut hasher = Sha256::new();
     hasher.update(account.password.as_ref().map(|p| p.expose()).unwrap_or(""));
+    // OFFICE365 / GMAIL: the OAuth2 tab (its secrets, which `Debug` redacts, as a hash too).
+    if let Some(oauth) = &account.oauth {
+        for secret in [&oauth.secret_key, &oauth.service_account_json] {
+            hasher.update([0]);
+            hasher.update(secret.as_ref().map(|s| s.expose()).unwrap_or(""));
+        }
+    }
     format!(
-        "{}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{}",
+        "{}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
         account.id,
         account.outgoing,
         account.login_name(),
@@ -386,6 +405,7 @@ fn transport_key(account: &Account) -> String {
         account.file_path,
         account.sendmail_path,
         account.timeout,
+        account.oauth,
         hex(&hasher.finalize()[..8]),
     )
 }
@@ -416,7 +436,7 @@ fn sent_result(account: &Account, built: &BuiltMessage, delivery: &outgoing::Del
         "status": delivery.status.as_str(),
         "account": account_json(account),
         "transport": account.outgoing.as_ref().map(|o| o.transport.as_str()),
-        "from": built.from,
+        "from": delivery.from.as_deref().unwrap_or(&built.from),
         "message_id": built.message_id,
     });
     if let Some(path) = &delivery.path {

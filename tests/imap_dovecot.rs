@@ -688,18 +688,23 @@ fn without_move_and_uidplus_the_fallbacks_touch_only_our_messages() {
 fn open_dispatches_by_mailbox_type() {
     let state = State::new();
     let (folder, _) = folder_with("open", 1, 200);
-    let mut mailbox =
-        incoming::open(&imaps(&folder, ProcessedAction::Seen), state.store()).unwrap();
+    let mut mailbox = incoming::open(
+        &imaps(&folder, ProcessedAction::Seen),
+        &no_oauth(),
+        state.store(),
+    )
+    .unwrap();
     assert_eq!(mailbox.protocol(), "IMAP");
     assert_eq!(mailbox.list().unwrap().len(), 1);
     mailbox.finish().unwrap();
 
     let mut cloud = imaps("INBOX", ProcessedAction::Seen);
     cloud.incoming.as_mut().unwrap().mailbox = MailboxType::Office365;
-    let err = incoming::open(&cloud, state.store())
+    let err = incoming::open(&cloud, &no_oauth(), state.store())
         .err()
-        .expect("not supported");
-    assert!(err.to_string().contains("not supported yet"), "{err}");
+        .expect("a cloud mailbox without OAuth settings");
+    // Handed to the Graph mailbox, which needs the OAuth2 tab: never read over IMAP instead.
+    assert!(!err.to_string().contains("not supported"), "{err}");
 }
 
 #[test]
@@ -861,4 +866,12 @@ fn the_test_proxy_strips_capabilities_cleanly() {
         ),
         "a1 OK [CAPABILITY IMAP4rev1] Logged in\r\n"
     );
+}
+
+/// These mailboxes keep no tokens: the OAuth environment is never touched.
+fn no_oauth() -> pcr_email::oauth::OAuthEnv {
+    pcr_email::oauth::OAuthEnv {
+        state_dir: std::env::temp_dir().join("pcr-email-unused-state"),
+        key_file: std::env::temp_dir().join("pcr-email-unused.key"),
+    }
 }

@@ -312,8 +312,17 @@ fn a_missing_or_broken_maildir_is_a_clear_error() {
 fn open_dispatches_to_maildir() {
     let f = Fixture::new();
     f.put("new", "1.A.host", &msg(1), 1);
-    let mut mailbox = incoming::open(&f.account(ProcessedAction::Seen), f.state()).unwrap();
+    let mut mailbox =
+        incoming::open(&f.account(ProcessedAction::Seen), &no_oauth(), f.state()).unwrap();
     assert_eq!(mailbox.protocol(), "MAILDIR");
     assert_eq!(mailbox.list().unwrap().len(), 1);
     mailbox.finish().unwrap();
+}
+
+/// These mailboxes keep no tokens: the OAuth environment is never touched.
+fn no_oauth() -> pcr_email::oauth::OAuthEnv {
+    pcr_email::oauth::OAuthEnv {
+        state_dir: std::env::temp_dir().join("pcr-email-unused-state"),
+        key_file: std::env::temp_dir().join("pcr-email-unused.key"),
+    }
 }

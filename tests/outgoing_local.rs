@@ -60,7 +60,7 @@ fn file_transport_writes_every_message_once_from_many_threads() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("email");
     let acc = account(TransportType::File, &dir, PathBuf::new());
-    let transport: Arc<dyn Transport> = Arc::from(transport_for(&acc).unwrap());
+    let transport: Arc<dyn Transport> = Arc::from(transport_for(&acc, &no_oauth()).unwrap());
     let threads: Vec<_> = (0..8)
         .map(|t| {
             let transport = Arc::clone(&transport);
@@ -97,7 +97,7 @@ fn file_transport_writes_every_message_once_from_many_threads() {
 fn file_transport_through_send_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let acc = account(TransportType::File, tmp.path(), PathBuf::new());
-    let transport = transport_for(&acc).unwrap();
+    let transport = transport_for(&acc, &no_oauth()).unwrap();
     let messages: Vec<BuiltMessage> = (0..30)
         .map(|i| built(&acc, json!("a@test.local"), &format!("b{i}")))
         .collect();
@@ -120,7 +120,7 @@ fn file_transport_through_send_batch() {
 fn sendmail_via_msmtp_reaches_the_smtp_server() {
     let tmp = tempfile::tempdir().unwrap();
     let acc = account(TransportType::Sendmail, tmp.path(), sendmail_path());
-    let transport = transport_for(&acc).unwrap();
+    let transport = transport_for(&acc, &no_oauth()).unwrap();
     assert_eq!(transport.check().unwrap().transport, "SENDMAIL");
     let token = unique_token("sendmail");
     let msg = built(
@@ -147,7 +147,7 @@ fn sendmail_via_msmtp_reaches_the_smtp_server() {
 fn sendmail_reports_a_refused_recipient_with_its_code() {
     let tmp = tempfile::tempdir().unwrap();
     let acc = account(TransportType::Sendmail, tmp.path(), sendmail_path());
-    let transport = transport_for(&acc).unwrap();
+    let transport = transport_for(&acc, &no_oauth()).unwrap();
     let err = transport
         .send(&built(
             &acc,
@@ -170,7 +170,7 @@ fn missing_sendmail_binary_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("sbin/sendmail");
     let acc = account(TransportType::Sendmail, tmp.path(), missing.clone());
-    let transport = transport_for(&acc).unwrap();
+    let transport = transport_for(&acc, &no_oauth()).unwrap();
     let err = transport
         .send(&built(&acc, json!("a@test.local"), "x"))
         .unwrap_err();
@@ -182,4 +182,12 @@ fn missing_sendmail_binary_is_a_clear_error() {
         "{text}"
     );
     assert!(transport.check().is_err());
+}
+
+/// These transports keep no tokens: the OAuth environment is never touched.
+fn no_oauth() -> pcr_email::oauth::OAuthEnv {
+    pcr_email::oauth::OAuthEnv {
+        state_dir: std::env::temp_dir().join("pcr-email-unused-state"),
+        key_file: std::env::temp_dir().join("pcr-email-unused.key"),
+    }
 }

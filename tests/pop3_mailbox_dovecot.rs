@@ -170,6 +170,7 @@ fn stls_skipped_and_quarantined_messages_stay_but_are_not_listed_again() {
 
     let mut again = incoming::open(
         &account(SslMode::StartTls),
+        &no_oauth(),
         StateStore::open(&state_dir).unwrap(),
     )
     .unwrap();
@@ -223,4 +224,12 @@ fn a_wrong_password_is_an_auth_error_that_does_not_show_it() {
     let text = format!("{err} {err:?}");
     assert!(matches!(err, Error::Auth { .. }), "{text}");
     assert!(!text.contains(wrong), "{text}");
+}
+
+/// These mailboxes keep no tokens: the OAuth environment is never touched.
+fn no_oauth() -> pcr_email::oauth::OAuthEnv {
+    pcr_email::oauth::OAuthEnv {
+        state_dir: std::env::temp_dir().join("pcr-email-unused-state"),
+        key_file: std::env::temp_dir().join("pcr-email-unused.key"),
+    }
 }

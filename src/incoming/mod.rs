@@ -82,8 +82,12 @@ pub trait Mailbox: Send {
 
 /// Opens the account's incoming mailbox (connected and logged in for IMAP/POP3). The mailbox
 /// keeps `state` (its own connection to the state store) for its cursors and marks.
-/// OFFICE365 and GMAIL mailboxes are not supported yet.
-pub fn open(account: &Account, state: StateStore) -> Result<Box<dyn Mailbox>> {
+/// OFFICE365 and GMAIL mailboxes keep their tokens in `env` (STATE_DIR, KEY_FILE).
+pub fn open(
+    account: &Account,
+    env: &crate::oauth::OAuthEnv,
+    state: StateStore,
+) -> Result<Box<dyn Mailbox>> {
     let id = account.id.to_string();
     let incoming = account.incoming.as_ref().ok_or_else(|| {
         Error::account_key(
@@ -98,13 +102,8 @@ pub fn open(account: &Account, state: StateStore) -> Result<Box<dyn Mailbox>> {
             account, state,
         )?)),
         MailboxType::Maildir => Ok(Box::new(maildir::MaildirMailbox::open(account, state)?)),
-        kind @ (MailboxType::Office365 | MailboxType::Gmail) => Err(Error::mailbox(
-            &id,
-            kind.as_str(),
-            format!(
-                "reading {} mailboxes is not supported yet (INCOMING_MAILBOX_TYPE)",
-                kind.as_str()
-            ),
-        )),
+        MailboxType::Office365 | MailboxType::Gmail => {
+            crate::oauth::open_mailbox(account, env, state)
+        }
     }
 }

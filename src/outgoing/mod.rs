@@ -47,6 +47,9 @@ pub struct Delivery {
     pub path: Option<PathBuf>,
     /// Where it went: `host:port`, the sendmail path or the FILE directory.
     pub server: String,
+    /// The From the message went out with when the transport changed it (OFFICE365 sends as
+    /// the signed-in mailbox); `None`: as built.
+    pub from: Option<String>,
 }
 
 /// What `check()` verified, step by step, for `checkAccount()`.
@@ -88,9 +91,12 @@ pub trait Transport: Send + Sync {
     fn kind(&self) -> TransportType;
 }
 
-/// The transport for an account's outgoing settings. OFFICE365 and GMAIL are not available yet
-/// (a configuration error naming the account); an account without outgoing settings is one too.
-pub fn transport_for(account: &Account) -> Result<Box<dyn Transport>> {
+/// The transport for an account's outgoing settings; OFFICE365 and GMAIL keep their tokens in
+/// `env` (STATE_DIR, KEY_FILE). An account without outgoing settings is a configuration error.
+pub fn transport_for(
+    account: &Account,
+    env: &crate::oauth::OAuthEnv,
+) -> Result<Box<dyn Transport>> {
     let id = account.id.to_string();
     let Some(outgoing) = &account.outgoing else {
         return Err(Error::account_key(
@@ -103,11 +109,9 @@ pub fn transport_for(account: &Account) -> Result<Box<dyn Transport>> {
         TransportType::File => Ok(Box::new(file::FileTransport::new(account))),
         TransportType::Sendmail => Ok(Box::new(sendmail::SendmailTransport::new(account))),
         TransportType::Smtp => Ok(Box::new(smtp::SmtpTransport::new(account)?)),
-        other @ (TransportType::Office365 | TransportType::Gmail) => Err(Error::account_key(
-            &id,
-            "OUTGOING_TRANSPORT_TYPE",
-            format!("sending with {} is not supported yet", other.as_str()),
-        )),
+        TransportType::Office365 | TransportType::Gmail => {
+            crate::oauth::transport_for(account, env)
+        }
     }
 }
 
@@ -203,6 +207,7 @@ mod tests {
                     status: DeliveryStatus::Sent,
                     path: None,
                     server: msg.message_id.clone(),
+                    from: None,
                 }),
             }
         }
