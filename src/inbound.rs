@@ -243,6 +243,7 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     let base = json!({
         "host": vhost,
         "environment": settings.environment,
+        "errors": [],
     });
     if settings.disable_email {
         return Ok(finish_summary(base, "disabled", &[], started));
@@ -251,6 +252,9 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         return Ok(finish_summary(base, "send_email_off", &[], started));
     }
     let tenant_accounts = manager.tenant_accounts(host);
+    // Rows that could not be used show on the Events screen, not only in the Error Log.
+    let mut base = base;
+    base["errors"] = json!(manager.row_errors);
     let mailboxes: Vec<Account> = crate::routing::incoming_accounts(
         &tenant_accounts,
         settings.master.as_ref(),
@@ -261,7 +265,12 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     .cloned()
     .collect();
     if mailboxes.is_empty() {
-        return Ok(finish_summary(base, "ok", &[], started));
+        let status = if manager.row_errors.is_empty() {
+            "ok"
+        } else {
+            "errors"
+        };
+        return Ok(finish_summary(base, status, &[], started));
     }
 
     let state = StateStore::open(&settings.state_dir)?;
@@ -294,20 +303,17 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     for e in pattern_errors {
         manager.logger().once(host, &e.clone(), &e, &Value::Null);
     }
-    let mut own_addresses: HashSet<String> = tenant_accounts
+    // Our sending addresses only: SYSADMIN is a person, whose requests are ordinary mail.
+    let own_addresses: HashSet<String> = tenant_accounts
         .iter()
         .chain(settings.master.as_ref())
         .map(|a| a.email.trim().to_ascii_lowercase())
         .filter(|e| !e.is_empty())
         .collect();
-    own_addresses.extend(
-        [settings.sysadmin.as_deref()]
-            .into_iter()
-            .flatten()
-            .map(str::to_ascii_lowercase),
-    );
     let owner = Owner::new_run();
-    let attachments_dir = settings.state_dir.join("attachments").join(format!(
+    let attachments_root = settings.state_dir.join("attachments");
+    remove_dead_runs_attachments(&attachments_root, &owner);
+    let attachments_dir = attachments_root.join(format!(
         "run-{}-{}",
         std::process::id(),
         rand::random::<u32>()
@@ -376,7 +382,11 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
 
     let _ = run.state.release_owned(&run.owner);
     let _ = std::fs::remove_dir_all(&run.attachments_dir);
-    Ok(finish_summary(base, "ok", &summaries, started))
+    // "errors": some mailbox or account could not be read completely (see each entry).
+    let failed = summaries.iter().any(|m| !m.errors.is_empty())
+        || base["errors"].as_array().is_some_and(|e| !e.is_empty());
+    let status = if failed { "errors" } else { "ok" };
+    Ok(finish_summary(base, status, &summaries, started))
 }
 
 fn finish_summary(
@@ -486,6 +496,8 @@ enum Outcome {
     Threaded,
     Skipped(&'static str),
     Duplicate,
+    /// Skipped by an earlier run (or copy): left in place again, counted as a duplicate.
+    SkippedBefore,
     /// Another live run is on it: nothing to do this run.
     Busy,
     Failed,
@@ -540,6 +552,10 @@ impl Run<'_> {
                             summary.duplicates += 1;
                             Some(Decision::Processed(id))
                         }
+                        Outcome::SkippedBefore => {
+                            summary.duplicates += 1;
+                            Some(Decision::Skipped(id))
+                        }
                         Outcome::Busy => {
                             summary.deferred += 1;
                             None
@@ -565,8 +581,14 @@ impl Run<'_> {
                 }
                 Event::Finished { mailbox, error } => {
                     decisions[mailbox] = None;
-                    if let Some(error) = error {
-                        self.mailbox_failed(&mailboxes[mailbox], &mut summaries[mailbox], error);
+                    match error {
+                        Some(error) => {
+                            self.mailbox_failed(&mailboxes[mailbox], &mut summaries[mailbox], error)
+                        }
+                        // Read fine: a later login failure is a new outage, alerted again.
+                        None => {
+                            let _ = self.state.clear_alert(&auth_alert_key(&mailboxes[mailbox]));
+                        }
                     }
                 }
             }
@@ -627,6 +649,9 @@ impl Run<'_> {
             }
         };
         match claim {
+            // Skipped earlier (a run that died before its mailbox actions, a second copy):
+            // it never reached the host, so it must not get PROCESSED_ACTION (delete, move).
+            Claim::Done { .. } if claim.is_skipped() => return Outcome::SkippedBefore,
             Claim::Done { .. } => return Outcome::Duplicate,
             Claim::Busy => return Outcome::Busy,
             Claim::Quarantined => return Outcome::StillQuarantined,
@@ -784,6 +809,9 @@ impl Run<'_> {
         mail["sd_number"] = item.map(Value::from).unwrap_or(Value::Null);
         if !parsed.attachments.is_empty() {
             self.seq += 1;
+            if self.seq == 1 {
+                write_run_owner(&self.attachments_dir, &self.owner)?;
+            }
             let dir = self.attachments_dir.join(self.seq.to_string());
             create_private_dir(&dir)?;
             let list = mail["attachments"]
@@ -834,7 +862,7 @@ impl Run<'_> {
         if matches!(error, Error::Auth { .. }) {
             self.alert(
                 account,
-                &format!("auth:{id}"),
+                &auth_alert_key(account),
                 "An email account needs to be authenticated again",
                 &text,
             );
@@ -894,12 +922,62 @@ fn send(channel: &Option<Sender<Decision>>, decision: Decision) {
     }
 }
 
+/// The alert-once key of an account's login failure; cleared by its next successful read.
+fn auth_alert_key(account: &Account) -> String {
+    format!("auth:{}", account.id)
+}
+
 fn sender(parsed: &ParsedMail) -> String {
     parsed
         .from
         .as_ref()
         .map(|f| f.email.clone())
         .unwrap_or_else(|| "an unknown sender".into())
+}
+
+/// The file in a run's attachment directory naming its owner (see [`remove_dead_runs_attachments`]).
+const RUN_OWNER_FILE: &str = "owner";
+
+/// Creates the run's attachment directory with the file naming its owner.
+fn write_run_owner(dir: &Path, owner: &Owner) -> Result<()> {
+    create_private_dir(dir)?;
+    let text = [
+        owner.run_id().to_string(),
+        owner.host().to_string(),
+        owner.machine_id().to_string(),
+        owner.boot_id().to_string(),
+        owner.pid_ns().to_string(),
+        owner.pid().to_string(),
+        owner.start_ticks().to_string(),
+    ]
+    .join("\n");
+    std::fs::write(dir.join(RUN_OWNER_FILE), text)
+        .map_err(|e| Error::message(format!("cannot write into {}: {e}", dir.display())))
+}
+
+/// Removes the attachment files of runs that died during a host call (kill -9): nobody else
+/// would. Runs still alive, of another machine, or of unknown owner are left alone.
+fn remove_dead_runs_attachments(root: &Path, me: &Owner) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Ok(text) = std::fs::read_to_string(dir.join(RUN_OWNER_FILE)) else {
+            continue;
+        };
+        let f: Vec<&str> = text.lines().collect();
+        let (Some(pid), Some(ticks)) = (
+            f.get(5).and_then(|v| v.parse().ok()),
+            f.get(6).and_then(|v| v.parse().ok()),
+        ) else {
+            continue;
+        };
+        let other = Owner::from_parts(f[0], f[1], f[2], f[3], f[4], pid, ticks);
+        if me.sees_dead(&other) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {
@@ -939,6 +1017,165 @@ mod tests {
             let err = event_host(&bad).unwrap_err().to_string();
             assert!(err.contains("host"), "{bad}: {err}");
         }
+    }
+
+    /// Records what the event asked of the application.
+    #[derive(Default)]
+    struct RecordingHost {
+        calls: Vec<String>,
+    }
+
+    impl Host for RecordingHost {
+        fn email_accounts(&mut self) -> Result<Value> {
+            Ok(json!([]))
+        }
+        fn blocked_emails(&mut self) -> Result<Vec<String>> {
+            Ok(Vec::new())
+        }
+        fn create_inquiry(&mut self, mail: &Value) -> Result<String> {
+            self.calls
+                .push(format!("createInquiry {}", mail["message_id"]));
+            Ok("IQ00001".into())
+        }
+        fn add_to_thread(&mut self, sd_number: &str, _mail: &Value) -> Result<bool> {
+            self.calls.push(format!("addToThread {sd_number}"));
+            Ok(false)
+        }
+        fn deliver_message(&mut self, _message: &Value) -> Result<()> {
+            Ok(())
+        }
+        fn log_error(&mut self, _message: &str, _context: &Value) {}
+    }
+
+    /// A master account reading a Maildir (PROCESSED_ACTION delete) in a temporary directory,
+    /// with `extra` INI lines: (directory, Maildir, INI file, state directory).
+    fn maildir_master(extra: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let maildir = dir.path().join("Maildir");
+        for sub in ["new", "cur", "tmp"] {
+            std::fs::create_dir_all(maildir.join(sub)).unwrap();
+        }
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(dir.path().join("configs")).unwrap();
+        let ini = dir.path().join("configs").join("pcr360.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[prod]\nemail.EMAIL = \"desk@example.edu\"\n\
+                 email.INCOMING_MAILBOX_TYPE = \"MAILDIR\"\nemail.INCOMING_PATH = \"{}\"\n\
+                 email.PROCESSED_ACTION = \"delete\"\nemail.STATE_DIR = \"{}\"\n{extra}",
+                maildir.display(),
+                state.display()
+            ),
+        )
+        .unwrap();
+        (dir, maildir, ini, state)
+    }
+
+    fn run_event(ini: &Path, host: &mut RecordingHost) -> Value {
+        let mut manager = Manager::open(ini, "prod").unwrap();
+        event_check_mail(&mut manager, host, &json!({"host": "pcr360.example.edu"})).unwrap()
+    }
+
+    #[test]
+    fn a_message_skipped_by_a_run_that_died_never_gets_the_processed_action() {
+        let (_dir, maildir, ini, state_dir) = maildir_master("");
+        let file = maildir.join("new").join("1700000000.M1P1.test");
+        std::fs::write(
+            &file,
+            "From: someone@example.org\r\nTo: desk@example.edu\r\nSubject: Out of office\r\n\
+             Auto-Submitted: auto-replied\r\nMessage-ID: <ooo@example.org>\r\n\r\nAway.\r\n",
+        )
+        .unwrap();
+        // What a run leaves when it dies after recording the skip, before its mailbox actions.
+        let state = StateStore::open(&state_dir).unwrap();
+        let dead = Owner::new_run();
+        let key = "ooo@example.org";
+        assert_eq!(
+            state
+                .claim("master", key, Some("1700000000.M1P1.test"), &dead)
+                .unwrap(),
+            Claim::New
+        );
+        state.skip("master", key, "auto-reply").unwrap();
+        drop(state);
+
+        let mut host = RecordingHost::default();
+        let summary = run_event(&ini, &mut host);
+        assert_eq!(summary["totals"]["duplicates"], 1, "{summary}");
+        assert_eq!(summary["totals"]["errors"], 0, "{summary}");
+        assert!(host.calls.is_empty(), "{:?}", host.calls);
+        assert!(
+            file.exists(),
+            "the skipped message never reached the host: it must not be deleted"
+        );
+    }
+
+    #[test]
+    fn mail_from_sysadmin_is_a_request_and_mail_from_our_accounts_is_not() {
+        let (_dir, maildir, ini, _) = maildir_master("email.SYSADMIN = \"admin@example.edu\"\n");
+        for (name, from) in [
+            ("1.M1P1.a", "Admin <ADMIN@example.edu>"),
+            ("2.M1P1.b", "desk@example.edu"),
+        ] {
+            std::fs::write(
+                maildir.join("new").join(name),
+                format!("From: {from}\r\nSubject: {name}\r\nMessage-ID: <{name}@x>\r\n\r\nHi\r\n"),
+            )
+            .unwrap();
+        }
+        let mut host = RecordingHost::default();
+        let summary = run_event(&ini, &mut host);
+        assert_eq!(host.calls, ["createInquiry \"1.M1P1.a@x\""], "{summary}");
+        assert_eq!(
+            summary["mailboxes"][0]["skip_reasons"]["own mail"], 1,
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn a_successful_read_ends_the_login_failure_alert() {
+        let (_dir, _maildir, ini, state_dir) = maildir_master("");
+        let state = StateStore::open(&state_dir).unwrap();
+        assert!(state.alert_once("auth:master").unwrap());
+        assert!(!state.alert_once("auth:master").unwrap(), "alerted once");
+        run_event(&ini, &mut RecordingHost::default());
+        assert!(
+            state.alert_once("auth:master").unwrap(),
+            "after a good read, the next login failure is alerted again"
+        );
+    }
+
+    #[test]
+    fn only_the_attachment_directories_of_dead_runs_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let me = Owner::new_run();
+        let pid = std::process::id();
+        let live = me.sibling(
+            "live-run",
+            pid,
+            crate::state::process_start_ticks(pid).unwrap(),
+        );
+        // A pid that no longer exists (or was recycled: another start time).
+        let gone = std::process::Command::new("true").spawn().unwrap();
+        let gone_pid = gone.id();
+        let mut gone = gone;
+        gone.wait().unwrap();
+        let dead = me.sibling("dead-run", gone_pid, 1);
+        let remote = Owner::from_parts("far-run", "elsewhere", "m2", "b2", "ns2", gone_pid, 1);
+        for (name, owner) in [("live", &live), ("dead", &dead), ("remote", &remote)] {
+            let dir = root.path().join(name);
+            write_run_owner(&dir, owner).unwrap();
+            std::fs::write(dir.join("report.pdf"), b"customer data").unwrap();
+        }
+        std::fs::create_dir_all(root.path().join("unknown")).unwrap();
+        remove_dead_runs_attachments(root.path(), &me);
+        let mut left: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["live", "remote", "unknown"]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod inbound;
 pub mod incoming;
 pub mod log;
 pub mod manager;
+pub mod manager_oauth;
 pub mod mime;
 pub mod net;
 pub mod oauth;

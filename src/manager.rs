@@ -15,6 +15,7 @@ use crate::host::Host;
 use crate::log::Logger;
 use crate::outgoing::{self, build, BuiltMessage, MessageRequest, Transport};
 use crate::routing::{self, MailKind, Route};
+use crate::state::StateStore;
 
 /// The label of the key derived for the keyed hash in our Message-IDs.
 const THREAD_KEY_LABEL: &str = "pcr_email message-id v1";
@@ -26,16 +27,21 @@ pub struct Manager {
     /// One transport per account (and configuration): SMTP connections are reused across
     /// `send()` calls for the life of the PHP object.
     transports: HashMap<String, Box<dyn Transport>>,
+    /// The tenant rows that could not be used at the last `tenant_accounts()` (secret-free).
+    pub row_errors: Vec<String>,
+}
+
+/// A message routed and built, ready for the transport keyed `key`.
+struct Job {
+    key: String,
+    account: Box<Account>,
+    built: BuiltMessage,
+    sd_number: Option<String>,
 }
 
 /// The outcome of routing one message.
 enum Prepared {
-    /// Ready for the transport keyed `key`.
-    Deliver {
-        key: String,
-        account: Box<Account>,
-        built: BuiltMessage,
-    },
+    Deliver(Job),
     /// Finished without a transport (disabled, redirected, skipped).
     Done(Value),
 }
@@ -52,6 +58,7 @@ impl Manager {
             settings,
             keys: None,
             transports: HashMap::new(),
+            row_errors: Vec::new(),
         }
     }
 
@@ -80,9 +87,12 @@ impl Manager {
     /// The tenant accounts the host lists, normalised. A bad row is logged (once) and left
     /// out; it never hides the good ones.
     pub fn tenant_accounts(&mut self, host: &mut dyn Host) -> Vec<Account> {
+        self.row_errors.clear();
         let rows = match host.email_accounts() {
             Ok(rows) => rows,
             Err(e) => {
+                self.row_errors
+                    .push(format!("cannot read the tenant email accounts: {e}"));
                 self.logger.error(
                     host,
                     &format!("pcr_email: cannot read the tenant email accounts: {e}"),
@@ -109,6 +119,7 @@ impl Manager {
             &ephemeral
         };
         let (accounts, errors) = accounts_from_rows(&rows, &self.settings, keys);
+        self.row_errors = errors.iter().map(|e| e.to_string()).collect();
         for e in errors {
             let text = e.to_string();
             self.logger.once(host, &text.clone(), &text, &Value::Null);
@@ -128,15 +139,19 @@ impl Manager {
     pub fn send(&mut self, host: &mut dyn Host, message: &Value) -> Result<Value> {
         match self.prepare(host, message)? {
             Prepared::Done(result) => Ok(result),
-            Prepared::Deliver {
+            Prepared::Deliver(Job {
                 key,
                 account,
                 built,
-            } => {
+                sd_number,
+            }) => {
                 let transport = self.transport(&key, &account)?;
                 let outcome = transport.send(&built);
                 match outcome {
-                    Ok(delivery) => Ok(sent_result(&account, &built, &delivery)),
+                    Ok(delivery) => {
+                        self.record_sent(host, &account, &built, sd_number.as_deref());
+                        Ok(sent_result(&account, &built, &delivery))
+                    }
                     Err(e) => {
                         self.log_send_failure(host, &account, &built, &e);
                         Err(e)
@@ -151,16 +166,12 @@ impl Manager {
     /// concurrently.
     pub fn send_batch(&mut self, host: &mut dyn Host, messages: &[Value]) -> Vec<Value> {
         let mut results: Vec<Option<Value>> = vec![None; messages.len()];
-        let mut pending: Vec<(usize, String, Box<Account>, BuiltMessage)> = Vec::new();
+        let mut pending: Vec<(usize, Job)> = Vec::new();
         for (i, message) in messages.iter().enumerate() {
             match self.prepare(host, message) {
                 Ok(Prepared::Done(result)) => results[i] = Some(result),
-                Ok(Prepared::Deliver {
-                    key,
-                    account,
-                    built,
-                }) => match self.transport(&key, &account) {
-                    Ok(_) => pending.push((i, key, account, built)),
+                Ok(Prepared::Deliver(job)) => match self.transport(&job.key, &job.account) {
+                    Ok(_) => pending.push((i, job)),
                     Err(e) => results[i] = Some(failed_result(&e)),
                 },
                 Err(e) => results[i] = Some(failed_result(&e)),
@@ -168,7 +179,7 @@ impl Manager {
         }
         if !pending.is_empty() {
             let keys: Vec<&String> = {
-                let mut keys: Vec<&String> = pending.iter().map(|p| &p.1).collect();
+                let mut keys: Vec<&String> = pending.iter().map(|(_, job)| &job.key).collect();
                 keys.sort();
                 keys.dedup();
                 keys
@@ -177,26 +188,45 @@ impl Manager {
                 keys.iter().map(|k| self.transports[*k].as_ref()).collect();
             let jobs: Vec<outgoing::BatchJob<'_>> = pending
                 .iter()
-                .map(|(_, key, _, built)| outgoing::BatchJob {
-                    message: built,
-                    transport: keys.iter().position(|k| *k == key).expect("transport key"),
+                .map(|(_, job)| outgoing::BatchJob {
+                    message: &job.built,
+                    transport: keys
+                        .iter()
+                        .position(|k| **k == job.key)
+                        .expect("transport key"),
                 })
                 .collect();
             let outcomes =
                 outgoing::send_batch(&jobs, &transports, outgoing::DEFAULT_BATCH_PARALLELISM);
             let mut failures = Vec::new();
-            for ((i, _, account, built), outcome) in pending.iter().zip(outcomes) {
+            let mut sent = Vec::new();
+            for ((i, job), outcome) in pending.iter().zip(outcomes) {
                 results[*i] = Some(match outcome {
-                    Ok(delivery) => sent_result(account, built, &delivery),
+                    Ok(delivery) => {
+                        sent.push(*i);
+                        sent_result(&job.account, &job.built, &delivery)
+                    }
                     Err(e) => {
                         let result = failed_result(&e);
-                        failures.push((account.clone(), built.clone(), e));
+                        failures.push((*i, e));
                         result
                     }
                 });
             }
-            for (account, built, e) in failures {
-                self.log_send_failure(host, &account, &built, &e);
+            let job = |i: usize| {
+                &pending
+                    .iter()
+                    .find(|(j, _)| *j == i)
+                    .expect("pending job")
+                    .1
+            };
+            for (i, e) in failures {
+                let job = job(i);
+                self.log_send_failure(host, &job.account, &job.built, &e);
+            }
+            for i in sent {
+                let job = job(i);
+                self.record_sent(host, &job.account, &job.built, job.sd_number.as_deref());
             }
         }
         results
@@ -259,11 +289,12 @@ impl Manager {
         };
         let built = build(&request, &account, &thread_key)?;
         let key = transport_key(&account);
-        Ok(Prepared::Deliver {
+        Ok(Prepared::Deliver(Job {
             key,
             account,
             built,
-        })
+            sd_number: request.sd_number.clone(),
+        }))
     }
 
     fn transport(&mut self, key: &str, account: &Account) -> Result<&dyn Transport> {
@@ -272,6 +303,26 @@ impl Manager {
             self.transports.insert(key.to_string(), transport);
         }
         Ok(self.transports[key].as_ref())
+    }
+
+    /// Remembers the Message-ID sent for an SD item (SPEC §8). Threading itself relies on the
+    /// keyed hash in the id, so a state store that cannot be written only costs a log line.
+    fn record_sent(
+        &mut self,
+        host: &mut dyn Host,
+        account: &Account,
+        built: &BuiltMessage,
+        sd_number: Option<&str>,
+    ) {
+        let Some(sd) = sd_number else {
+            return;
+        };
+        let recorded = StateStore::open(&self.settings.state_dir)
+            .and_then(|s| s.record_sent(&built.message_id, sd, &account.id.to_string()));
+        if let Err(e) = recorded {
+            let text = format!("pcr_email: the sent Message-ID could not be recorded: {e}");
+            self.logger.once(host, "record_sent", &text, &Value::Null);
+        }
     }
 
     fn log_send_failure(
@@ -361,9 +412,15 @@ impl Manager {
                 }
             }
         };
-        let mut ok = outgoing.get("ok").and_then(Value::as_bool).unwrap_or(true);
+        let incoming = match &account.incoming {
+            None => Value::Null,
+            Some(_) => self.check_incoming(&account),
+        };
+        let mut ok = outgoing.get("ok").and_then(Value::as_bool).unwrap_or(true)
+            && incoming.get("ok").and_then(Value::as_bool).unwrap_or(true);
         let mut view = account.public_view();
         view["outgoing"] = outgoing;
+        view["incoming"] = incoming;
         if crate::manager_oauth::is_cloud_account(&account) {
             let oauth = self.check_cloud_account(&account);
             ok &= oauth["ok"].as_bool().unwrap_or(false);
@@ -371,6 +428,32 @@ impl Manager {
         }
         view["ok"] = Value::from(ok);
         Ok(view)
+    }
+
+    /// Connects, authenticates and opens the incoming folder (IMAP read-only) or Maildir and
+    /// counts its messages; changes nothing in the mailbox.
+    fn check_incoming(&mut self, account: &Account) -> Value {
+        let protocol = account.incoming.as_ref().map(|i| i.mailbox.as_str());
+        let checked = StateStore::open(&self.settings.state_dir)
+            .and_then(|state| crate::incoming::open(account, &self.oauth_env(), state))
+            .and_then(|mut mailbox| {
+                let count = mailbox.count();
+                // A clean logout: nothing was listed or marked, so nothing is committed.
+                let closed = mailbox.finish();
+                let count = count?;
+                closed?;
+                Ok(count)
+            });
+        match checked {
+            Ok(count) => json!({"protocol": protocol, "ok": true, "messages": count}),
+            Err(e) => {
+                let mut report = json!({"protocol": protocol, "ok": false, "error": e.to_string()});
+                if let Error::Mailbox(m) = &e {
+                    report["server"] = Value::from(m.server.clone());
+                }
+                report
+            }
+        }
     }
 
     pub fn event_check_mail(&mut self, host: &mut dyn Host, data: &Value) -> Result<Value> {

@@ -22,6 +22,8 @@ class PCR_Utility_EmailManager
     public function sendBatch(array $messages): array {}
     public function resolveAccount(string $kind = 'general', int $tenant = 0): ?array {}
     public function checkAccount(string|int $recid): array {}
+    public function authorizationUrl(int $recid, string $redirectUri): string {}
+    public function completeAuthorization(string $state, #[\SensitiveParameter] string $code): array {}
     public static function encryptPassword(#[\SensitiveParameter] string $plain, ?string $configFile = null, ?string $environment = null): string {}
 }
 

@@ -79,6 +79,7 @@ impl Transport for FileTransport {
             status: DeliveryStatus::Written,
             path: Some(path),
             server: self.dir.display().to_string(),
+            from: None,
         })
     }
 

@@ -99,6 +99,7 @@ impl Transport for GmailTransport {
             status: DeliveryStatus::Sent,
             path: None,
             server: self.api.base().to_string(),
+            from: None,
         })
     }
 

@@ -91,6 +91,7 @@ impl Transport for GraphTransport {
             status: DeliveryStatus::Sent,
             path: None,
             server: self.api.base().to_string(),
+            from: sent_from(&msg.from, &mailbox),
         })
     }
 
@@ -135,6 +136,23 @@ impl Transport for GraphTransport {
     fn kind(&self) -> TransportType {
         TransportType::Office365
     }
+}
+
+/// The From a message built with `built_from` goes out with when sent as `mailbox`: `None`
+/// when that is the same address, else the mailbox with the built display name.
+fn sent_from(built_from: &str, mailbox: &str) -> Option<String> {
+    let built: Option<lettre::message::Mailbox> = built_from.parse().ok();
+    if built
+        .as_ref()
+        .is_some_and(|m| m.email.to_string().eq_ignore_ascii_case(mailbox))
+    {
+        return None;
+    }
+    let name = built.and_then(|m| m.name);
+    Some(match mailbox.parse::<lettre::Address>() {
+        Ok(address) => lettre::message::Mailbox::new(name, address).to_string(),
+        Err(_) => mailbox.to_string(),
+    })
 }
 
 // ---- Header surgery on a built message (shared with the Gmail transport) ----------------
@@ -407,6 +425,22 @@ mod tests {
         assert_eq!(unchanged, RAW.as_bytes());
         let bad = with_bcc(RAW.as_bytes(), &["x@y\r\nEvil: 1".to_string()]);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn the_reported_from_is_the_mailbox_with_the_built_name() {
+        assert_eq!(
+            sent_from("Service Desk <SD@x.example>", "sd@x.example"),
+            None
+        );
+        assert_eq!(
+            sent_from("Service Desk <sd@x.example>", "box@tenant.example").as_deref(),
+            Some("Service Desk <box@tenant.example>")
+        );
+        assert_eq!(
+            sent_from("sd@x.example", "box@tenant.example").as_deref(),
+            Some("box@tenant.example")
+        );
     }
 
     #[test]

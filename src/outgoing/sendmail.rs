@@ -152,6 +152,7 @@ impl Transport for SendmailTransport {
                 status: DeliveryStatus::Sent,
                 path: None,
                 server: self.path.display().to_string(),
+                from: None,
             });
         }
         let output = if stderr.trim().is_empty() {

@@ -315,6 +315,7 @@ impl Transport for SmtpTransport {
                         status: DeliveryStatus::Sent,
                         path: None,
                         server: self.cfg.server.clone(),
+                        from: None,
                     });
                 }
                 Err((fail, usable)) => {

@@ -48,6 +48,8 @@ pub fn patch_once() {
         );
         set_union(ce, "checkaccount", 0, MAY_BE_LONG | MAY_BE_STRING);
         sensitive(ce, "encryptpassword", 0);
+        // The authorization code is a one-time secret: kept out of stack traces too.
+        sensitive(ce, "completeauthorization", 1);
     });
 }
 

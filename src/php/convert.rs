@@ -140,6 +140,8 @@ pub fn json_to_zval(value: &Value) -> Result<Zval, String> {
 pub fn json_to_table(value: &Value) -> Result<ZBox<ZendHashTable>, String> {
     let mut table = ZendHashTable::new();
     match value {
+        // "No context" is an empty array for PHP, not [null].
+        Value::Null => {}
         Value::Array(items) => {
             for item in items {
                 table

@@ -98,6 +98,17 @@ impl EmailManager {
     fn has_host(&self) -> bool {
         self.host.is_some() || DEFAULT_HOST.with(|h| h.borrow().is_some())
     }
+
+    /// Tenant accounts come from the host: without one, `method` cannot find any.
+    fn require_host(&self, method: &str) -> PhpResult<()> {
+        if self.has_host() {
+            return Ok(());
+        }
+        Err(to_php(Error::message(format!(
+            "{method} needs a PCR_Utility_EmailHost (the tenant email accounts come from it): \
+             pass one to the constructor or call PCR_Utility_EmailManager::setDefaultHost()"
+        ))))
+    }
 }
 
 #[php_impl]
@@ -173,6 +184,24 @@ impl EmailManager {
     /// Connects and authenticates to the account's servers without sending or changing mail.
     pub fn check_account(&mut self, recid: Recid) -> PhpResult<PhpJson> {
         self.with_host(|core, host| core.check_account(host, &recid.0))
+            .map(PhpJson)
+            .map_err(to_php)
+    }
+
+    /// "Click to Authenticate" on an OFFICE365 / GMAIL tenant account: the provider's sign-in
+    /// URL to send the administrator's browser to; `$redirectUri` is
+    /// `https://<host>/core/oauth2/validated`.
+    pub fn authorization_url(&mut self, recid: i64, redirectUri: String) -> PhpResult<String> {
+        self.require_host("authorizationUrl")?;
+        self.with_host(|core, host| core.authorization_url(host, recid, &redirectUri))
+            .map_err(to_php)
+    }
+
+    /// The sign-in page's redirect back (`state` and `code` of its query): stores the
+    /// account's tokens and returns the signed-in mailbox.
+    pub fn complete_authorization(&mut self, state: String, code: String) -> PhpResult<PhpJson> {
+        self.require_host("completeAuthorization")?;
+        self.with_host(|core, host| core.complete_authorization(host, &state, &code))
             .map(PhpJson)
             .map_err(to_php)
     }
