@@ -248,16 +248,7 @@ impl Manager {
             return Ok(Prepared::Done(status_result("redirected")));
         }
         let accounts = self.tenant_accounts(host);
-        let (default, service_desk) = routing::select_tenant_accounts(&accounts, request.tenant);
-        let routed = routing::route(
-            kind,
-            default,
-            service_desk,
-            self.settings.master.as_ref(),
-            self.settings.send_email,
-            self.settings.disable_email,
-        );
-        let account = match routed {
+        let account = match self.route(kind, &accounts, request.tenant) {
             Route::Send(account) => Box::new(account.clone()),
             Route::Disabled => return Ok(Prepared::Done(status_result("disabled"))),
             Route::Redirect => {
@@ -295,6 +286,19 @@ impl Manager {
             built,
             sd_number: request.sd_number.clone(),
         }))
+    }
+
+    /// SPEC §4 for this INI environment and these tenant accounts.
+    fn route<'a>(&'a self, kind: MailKind, accounts: &'a [Account], tenant: i64) -> Route<'a> {
+        let (default, service_desk) = routing::select_tenant_accounts(accounts, tenant);
+        routing::route(
+            kind,
+            default,
+            service_desk,
+            self.settings.master.as_ref(),
+            self.settings.send_email,
+            self.settings.disable_email,
+        )
     }
 
     fn transport(&mut self, key: &str, account: &Account) -> Result<&dyn Transport> {
@@ -355,20 +359,10 @@ impl Manager {
     ) -> Result<Option<Value>> {
         let kind = MailKind::parse(kind)?;
         let accounts = self.tenant_accounts(host);
-        let (default, service_desk) = routing::select_tenant_accounts(&accounts, tenant);
-        Ok(
-            match routing::route(
-                kind,
-                default,
-                service_desk,
-                self.settings.master.as_ref(),
-                self.settings.send_email,
-                self.settings.disable_email,
-            ) {
-                Route::Send(account) => Some(account.public_view()),
-                _ => None,
-            },
-        )
+        Ok(match self.route(kind, &accounts, tenant) {
+            Route::Send(account) => Some(account.public_view()),
+            _ => None,
+        })
     }
 
     /// Finds `master` or a tenant RECID.

@@ -498,12 +498,8 @@ impl<'a> Parser<'a> {
                     self.skip_to_eol();
                     break;
                 }
-                Some('"') => {
-                    raw.push_str(&self.double_quoted()?);
-                    quoted = true;
-                }
-                Some('\'') => {
-                    raw.push_str(&self.single_quoted()?);
+                Some(q @ ('"' | '\'')) => {
+                    raw.push_str(&self.quoted(q)?);
                     quoted = true;
                 }
                 Some(_) => {
@@ -532,20 +528,24 @@ impl<'a> Parser<'a> {
         })
     }
 
-    fn double_quoted(&mut self) -> Result<String> {
+    /// A quoted value as PHP reads it: in `"..."` the escapes `\"`, `\\` and `\$` and
+    /// `${VAR}` expansion; `'...'` is taken literally. Either may span lines.
+    fn quoted(&mut self, quote: char) -> Result<String> {
+        let double = quote == '"';
         let open = self.line;
         self.pos += 1;
         let mut text = String::new();
         loop {
             match self.peek() {
                 None => {
-                    return Err(self.error(open, "unterminated double-quoted value"));
+                    let kind = if double { "double" } else { "single" };
+                    return Err(self.error(open, format!("unterminated {kind}-quoted value")));
                 }
-                Some('"') => {
+                Some(c) if c == quote => {
                     self.pos += 1;
                     break;
                 }
-                Some('\\') => {
+                Some('\\') if double => {
                     self.pos += 1;
                     match self.peek() {
                         // PHP's special case for Windows paths: `"C:\dir\"` at the end of a
@@ -560,7 +560,7 @@ impl<'a> Parser<'a> {
                         _ => text.push('\\'),
                     }
                 }
-                Some('$') if self.chars.get(self.pos + 1) == Some(&'{') => {
+                Some('$') if double && self.chars.get(self.pos + 1) == Some(&'{') => {
                     let close = self.chars[self.pos..]
                         .iter()
                         .position(|c| matches!(c, '}' | '\n' | '\r' | '"'))
@@ -577,36 +577,6 @@ impl<'a> Parser<'a> {
                             self.pos += 1;
                         }
                     }
-                }
-                Some('\n') | Some('\r') => {
-                    let start = self.pos;
-                    self.eat_newline();
-                    text.extend(&self.chars[start..self.pos]);
-                }
-                Some(c) => {
-                    text.push(c);
-                    self.pos += 1;
-                }
-            }
-        }
-        if self.line != open {
-            self.multiline_quote = Some(open);
-        }
-        Ok(text)
-    }
-
-    fn single_quoted(&mut self) -> Result<String> {
-        let open = self.line;
-        self.pos += 1;
-        let mut text = String::new();
-        loop {
-            match self.peek() {
-                None => {
-                    return Err(self.error(open, "unterminated single-quoted value"));
-                }
-                Some('\'') => {
-                    self.pos += 1;
-                    break;
                 }
                 Some('\n') | Some('\r') => {
                     let start = self.pos;

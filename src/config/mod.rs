@@ -300,7 +300,10 @@ fn email_fields(section: &ini::Section) -> Result<Fields> {
         },
         "email.",
     );
-    let known = normalise::ACCOUNT_KEYS.iter().chain(SETTINGS_KEYS);
+    let known = normalise::GENERAL_KEYS
+        .iter()
+        .chain(normalise::INCOMING_KEYS)
+        .chain(SETTINGS_KEYS);
     let known: Vec<&str> = known.copied().collect();
     for (full_key, value) in section.with_prefix("email.") {
         let name = &full_key["email.".len()..];

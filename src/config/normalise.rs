@@ -194,8 +194,8 @@ pub(crate) fn resolve(base_dir: &Path, value: &str) -> PathBuf {
     }
 }
 
-/// Every key an account (INI or row) may set; others are ignored.
-pub(crate) const ACCOUNT_KEYS: &[&str] = &[
+/// The keys an account (INI or row) may set, with [`INCOMING_KEYS`]; others are ignored.
+pub(crate) const GENERAL_KEYS: &[&str] = &[
     "TENANTS_RECID",
     "ACCOUNT_TYPE",
     "EMAIL",
@@ -206,15 +206,6 @@ pub(crate) const ACCOUNT_KEYS: &[&str] = &[
     "OUTGOING_HOST",
     "OUTGOING_PORT",
     "OUTGOING_SSL",
-    "INCOMING_MAILBOX_TYPE",
-    "INCOMING_HOST",
-    "INCOMING_PORT",
-    "INCOMING_SSL",
-    "INCOMING_PATH",
-    "INCOMING_FOLDER",
-    "PROCESSED_ACTION",
-    "MAX_MESSAGES",
-    "MAX_MESSAGE_BYTES",
     "SYSADMIN",
     "FILE_PATH",
     "SENDMAIL_PATH",
@@ -381,32 +372,9 @@ pub(crate) fn build_account(
         }
     };
 
-    let outgoing = match f.get("OUTGOING_TRANSPORT_TYPE") {
+    let outgoing = match TRANSPORT_TYPE.read(f, who.allow_cloud)? {
         None => None,
-        Some(kind) => {
-            let transport = TransportType::parse(kind).ok_or_else(|| {
-                f.err(
-                    "OUTGOING_TRANSPORT_TYPE",
-                    format!(
-                        "unknown outgoing transport type `{}` (expected {})",
-                        printable(kind),
-                        if who.allow_cloud {
-                            "FILE, SENDMAIL, SMTP, OFFICE365 or GMAIL"
-                        } else {
-                            "FILE, SENDMAIL or SMTP"
-                        }
-                    ),
-                )
-            })?;
-            if transport.is_cloud() && !who.allow_cloud {
-                return Err(f.err(
-                    "OUTGOING_TRANSPORT_TYPE",
-                    format!(
-                        "{} can only be configured on a tenant email account, not in the INI file",
-                        transport.as_str()
-                    ),
-                ));
-            }
+        Some(transport) => {
             let ssl = ssl_mode(f, "OUTGOING_SSL")?;
             let port = f.port("OUTGOING_PORT")?;
             let host = if transport == TransportType::Smtp {
@@ -423,32 +391,9 @@ pub(crate) fn build_account(
         }
     };
 
-    let incoming = match f.get("INCOMING_MAILBOX_TYPE") {
+    let incoming = match MAILBOX_TYPE.read(f, who.allow_cloud)? {
         None => None,
-        Some(kind) => {
-            let mailbox = MailboxType::parse(kind).ok_or_else(|| {
-                f.err(
-                    "INCOMING_MAILBOX_TYPE",
-                    format!(
-                        "unknown incoming mailbox type `{}` (expected {})",
-                        printable(kind),
-                        if who.allow_cloud {
-                            "IMAP, POP3, MAILDIR, OFFICE365 or GMAIL"
-                        } else {
-                            "IMAP, POP3 or MAILDIR"
-                        }
-                    ),
-                )
-            })?;
-            if mailbox.is_cloud() && !who.allow_cloud {
-                return Err(f.err(
-                    "INCOMING_MAILBOX_TYPE",
-                    format!(
-                        "{} can only be configured on a tenant email account, not in the INI file",
-                        mailbox.as_str()
-                    ),
-                ));
-            }
+        Some(mailbox) => {
             let ssl = ssl_mode(f, "INCOMING_SSL")?;
             let port = f.port("INCOMING_PORT")?;
             let host = match mailbox {
@@ -499,6 +444,74 @@ pub(crate) fn build_account(
         timeout: ops.timeout,
         oauth,
     })
+}
+
+/// OUTGOING_TRANSPORT_TYPE or INCOMING_MAILBOX_TYPE: a list of types, of which the cloud ones
+/// (OFFICE365, GMAIL) belong to tenant accounts only.
+struct KindSetting<T> {
+    key: &'static str,
+    /// What the setting names, for messages.
+    what: &'static str,
+    /// The types it takes without / with the cloud ones, for messages.
+    expected: [&'static str; 2],
+    parse: fn(&str) -> Option<T>,
+    name: fn(T) -> &'static str,
+    is_cloud: fn(T) -> bool,
+}
+
+const TRANSPORT_TYPE: KindSetting<TransportType> = KindSetting {
+    key: "OUTGOING_TRANSPORT_TYPE",
+    what: "outgoing transport",
+    expected: [
+        "FILE, SENDMAIL or SMTP",
+        "FILE, SENDMAIL, SMTP, OFFICE365 or GMAIL",
+    ],
+    parse: TransportType::parse,
+    name: TransportType::as_str,
+    is_cloud: TransportType::is_cloud,
+};
+
+const MAILBOX_TYPE: KindSetting<MailboxType> = KindSetting {
+    key: "INCOMING_MAILBOX_TYPE",
+    what: "incoming mailbox",
+    expected: [
+        "IMAP, POP3 or MAILDIR",
+        "IMAP, POP3, MAILDIR, OFFICE365 or GMAIL",
+    ],
+    parse: MailboxType::parse,
+    name: MailboxType::as_str,
+    is_cloud: MailboxType::is_cloud,
+};
+
+impl<T: Copy> KindSetting<T> {
+    /// The type the setting names, if it is set: a known one, and a cloud one only where
+    /// `allow_cloud` (tenant rows).
+    fn read(&self, f: &Fields, allow_cloud: bool) -> Result<Option<T>> {
+        let Some(value) = f.get(self.key) else {
+            return Ok(None);
+        };
+        let kind = (self.parse)(value).ok_or_else(|| {
+            f.err(
+                self.key,
+                format!(
+                    "unknown {} type `{}` (expected {})",
+                    self.what,
+                    printable(value),
+                    self.expected[usize::from(allow_cloud)]
+                ),
+            )
+        })?;
+        if (self.is_cloud)(kind) && !allow_cloud {
+            return Err(f.err(
+                self.key,
+                format!(
+                    "{} can only be configured on a tenant email account, not in the INI file",
+                    (self.name)(kind)
+                ),
+            ));
+        }
+        Ok(Some(kind))
+    }
 }
 
 fn ssl_mode(f: &Fields, key: &str) -> Result<SslMode> {

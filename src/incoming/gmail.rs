@@ -22,11 +22,12 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
 use serde::Deserialize;
 
-use super::{Fetched, Flow, Listed, Mailbox};
-use crate::config::{Account, ProcessedAction};
-use crate::error::{Error, Result};
-use crate::http::{percent_encode, query, Body, HttpClient, HttpErrorKind, Method, Request, Role};
-use crate::oauth::{ApiClient, ApiError, OAuthEnv};
+use super::cloud::{CloudApi, CloudMailbox};
+use super::Listed;
+use crate::config::{Account, MailboxType};
+use crate::error::Result;
+use crate::http::{percent_encode, query, Body, HttpClient, Method, Request, Response};
+use crate::oauth::{ApiError, OAuthEnv};
 use crate::outgoing::gmail::user_path;
 use crate::state::StateStore;
 
@@ -63,25 +64,15 @@ pub fn done_namespace(account: &str) -> String {
 
 /// A Gmail label read through the Gmail API.
 pub struct GmailMailbox {
-    api: ApiClient,
-    state: StateStore,
-    account: String,
-    namespace: String,
+    cloud: CloudMailbox,
     user: String,
-    folder: String,
-    action: ProcessedAction,
-    max_messages: usize,
-    max_bytes: u64,
     /// Label name (lower case) → label id.
     labels: HashMap<String, String>,
 }
 
 impl std::fmt::Debug for GmailMailbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GmailMailbox")
-            .field("account", &self.account)
-            .field("folder", &self.folder)
-            .finish_non_exhaustive()
+        self.cloud.debug("GmailMailbox", f)
     }
 }
 
@@ -129,53 +120,28 @@ impl GmailMailbox {
     /// MAX_MESSAGES, MAX_MESSAGE_BYTES); `state` keeps what was finished. No request is made
     /// until the first call.
     pub fn open(account: &Account, env: &OAuthEnv, state: StateStore) -> Result<GmailMailbox> {
-        let id = account.id.to_string();
-        let incoming = account.incoming.as_ref().ok_or_else(|| {
-            Error::account_key(
-                &id,
-                "INCOMING_MAILBOX_TYPE",
-                "the account has no incoming mailbox",
-            )
-        })?;
-        let api = ApiClient::new(account, env, Role::Receive)?;
+        let cloud = CloudMailbox::open(account, env, state, MailboxType::Gmail, done_namespace)?;
         Ok(GmailMailbox {
-            user: user_path(&api),
-            api,
-            state,
-            namespace: done_namespace(&id),
-            account: id,
-            folder: incoming.folder.clone(),
-            action: incoming.processed_action.clone(),
-            max_messages: incoming.max_messages.max(1),
-            max_bytes: incoming.max_message_bytes,
+            user: user_path(&cloud.api),
+            cloud,
             labels: HashMap::new(),
         })
     }
 
     /// The same mailbox with another HTTP client (e.g. another retry policy).
     pub fn with_http(mut self, http: HttpClient) -> GmailMailbox {
-        self.api = self.api.with_http(http);
+        self.cloud = self.cloud.with_http(http);
         self
     }
 
-    fn fail(&self, e: ApiError) -> Error {
-        self.api.error(e)
-    }
-
-    fn mailbox_error(&self, message: String) -> Error {
-        Error::mailbox(&self.account, self.api.base(), message)
-    }
-
     fn user_url(&self, path: &str) -> String {
-        self.api
+        self.cloud
+            .api
             .url(&format!("/gmail/v1/users/{}{path}", self.user))
     }
 
     fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T> {
-        self.api
-            .send(Request::new(Method::Get, url))
-            .and_then(|r| r.json().map_err(ApiError::Http))
-            .map_err(|e| self.fail(e))
+        self.cloud.json(Request::new(Method::Get, url))
     }
 
     /// The id of a label given by system id or by name; created when `create` and missing.
@@ -215,105 +181,47 @@ impl GmailMailbox {
             "messageListVisibility": "show",
         });
         let url = self.user_url("/labels");
-        match self
-            .api
-            .send(Request::new(Method::Post, &url).with_body(Body::Json(&body)))
-        {
-            Ok(resp) => resp
-                .json::<Label>()
-                .map(|l| l.id)
-                .map_err(|e| self.fail(ApiError::Http(e))),
-            // Created meanwhile by someone else.
-            Err(ApiError::Http(e)) if e.is_status(409) => self
-                .find_label(name)?
-                .ok_or_else(|| self.fail(ApiError::Http(e))),
-            Err(e) => Err(self.fail(e)),
-        }
+        self.cloud.create(
+            Request::new(Method::Post, &url).with_body(Body::Json(&body)),
+            |l: Label| l.id,
+            || self.find_label(name),
+        )
     }
 
     fn folder_label(&mut self) -> Result<String> {
-        let folder = self.folder.clone();
+        let folder = self.cloud.folder.clone();
         self.label_id(&folder, false)?.ok_or_else(|| {
-            self.mailbox_error(format!(
+            self.cloud.error(format!(
                 "the label `{folder}` (INCOMING_FOLDER) does not exist in the mailbox"
             ))
         })
-    }
-
-    fn is_done(&self, id: &str) -> Result<bool> {
-        Ok(self.state.get_kv(&self.namespace, id)?.is_some())
-    }
-
-    fn record(&self, id: &str, what: &str) -> Result<()> {
-        self.state.set_kv(&self.namespace, id, what)
     }
 
     fn message_url(&self, id: &str, suffix: &str) -> String {
         self.user_url(&format!("/messages/{}{suffix}", percent_encode(id)))
     }
 
-    /// Applies one request per message; a message already gone (404) counts as done. Each
-    /// success is recorded at once; the first failure is reported after all were tried.
-    fn for_each_message(
+    /// A POST on message `id` (`suffix` after its URL), with a JSON `body` if any.
+    fn post(
         &self,
-        ids: &[String],
-        what: &str,
-        request: &dyn Fn(&str) -> std::result::Result<(), ApiError>,
-    ) -> Result<()> {
-        let mut failed = 0;
-        let mut first: Option<Error> = None;
-        for id in ids {
-            match request(id) {
-                Ok(()) => self.record(id, what)?,
-                Err(e) if e.status() == Some(404) => self.record(id, what)?,
-                Err(e) => {
-                    failed += 1;
-                    first.get_or_insert(self.fail(e));
-                }
-            }
-        }
-        match first {
-            None => Ok(()),
-            Some(Error::Mailbox(mut f)) => {
-                f.message = format!(
-                    "{failed} of {} messages not {what}: {}",
-                    ids.len(),
-                    f.message
-                );
-                Err(Error::Mailbox(f))
-            }
-            Some(other) => Err(other),
-        }
-    }
-
-    fn modify(&self, ids: &[String], add: &[String], remove: &[String], what: &str) -> Result<()> {
-        let body = serde_json::json!({ "addLabelIds": add, "removeLabelIds": remove });
-        self.for_each_message(ids, what, &|id| {
-            let url = self.message_url(id, "/modify");
-            self.api
-                .send(Request::new(Method::Post, &url).with_body(Body::Json(&body)))
-                .map(|_| ())
-        })
-    }
-
-    fn relabel(&mut self, ids: &[String], target: &str, what: &str) -> Result<()> {
-        let folder = self.folder_label()?;
-        let target = self.label_id(target, true)?.expect("created when missing");
-        let remove = if target == folder {
-            vec![]
-        } else {
-            vec![folder]
-        };
-        self.modify(ids, &[target], &remove, what)
+        id: &str,
+        suffix: &str,
+        body: Option<&serde_json::Value>,
+    ) -> std::result::Result<(), ApiError> {
+        self.cloud
+            .request(Method::Post, &self.message_url(id, suffix), &[], body)
     }
 }
 
-impl Mailbox for GmailMailbox {
-    fn protocol(&self) -> &'static str {
-        "GMAIL"
+impl CloudApi for GmailMailbox {
+    const PROTOCOL: &'static str = "GMAIL";
+    const QUARANTINE: &'static str = QUARANTINE_LABEL;
+
+    fn cloud(&self) -> &CloudMailbox {
+        &self.cloud
     }
 
-    fn list(&mut self) -> Result<Vec<Listed>> {
+    fn list_new(&mut self) -> Result<Vec<Listed>> {
         let label = self.folder_label()?;
         let mut ids: Vec<String> = Vec::new();
         let mut token: Option<String> = None;
@@ -325,7 +233,7 @@ impl Mailbox for GmailMailbox {
             let url = format!("{}?{}", self.user_url("/messages"), query(&params));
             let page: ListPage = self.get_json(&url)?;
             for m in page.messages {
-                if !m.id.is_empty() && !self.is_done(&m.id)? {
+                if !m.id.is_empty() && !self.cloud.is_done(&m.id)? {
                     ids.push(m.id);
                 }
             }
@@ -336,16 +244,16 @@ impl Mailbox for GmailMailbox {
         }
         // The API lists newest first; the oldest new messages go first.
         ids.reverse();
-        ids.truncate(self.max_messages);
+        ids.truncate(self.cloud.max_messages);
         let mut listed: Vec<(i64, Listed)> = Vec::with_capacity(ids.len());
         for id in ids {
             let url = format!("{}?format=minimal", self.message_url(&id, ""));
-            let meta = match self.api.send(Request::new(Method::Get, &url)) {
+            let meta = match self.cloud.api.send(Request::new(Method::Get, &url)) {
                 Ok(resp) => resp
                     .json::<Minimal>()
-                    .map_err(|e| self.fail(ApiError::Http(e)))?,
+                    .map_err(|e| self.cloud.fail(ApiError::Http(e)))?,
                 Err(e) if e.status() == Some(404) => continue,
-                Err(e) => return Err(self.fail(e)),
+                Err(e) => return Err(self.cloud.fail(e)),
             };
             let date = meta
                 .internal_date
@@ -363,83 +271,51 @@ impl Mailbox for GmailMailbox {
         Ok(listed.into_iter().map(|(_, l)| l).collect())
     }
 
-    fn fetch_each(&mut self, ids: &[String], sink: &mut dyn FnMut(Fetched) -> Flow) -> Result<()> {
-        // base64url inflates by 4/3, plus the JSON around it.
-        let limit = self.max_bytes.saturating_mul(3) / 2 + 1024 * 1024;
-        for id in ids {
-            let url = format!("{}?format=raw", self.message_url(id, ""));
-            let reply = self
-                .api
-                .send(Request::new(Method::Get, &url).with_max_body(limit));
-            let resp = match reply {
-                Ok(resp) => resp,
-                Err(e) if e.status() == Some(404) => continue,
-                Err(ApiError::Http(e)) if e.kind == HttpErrorKind::TooLarge => continue,
-                Err(e) => return Err(self.fail(e)),
-            };
-            let body: Raw = resp.json().map_err(|e| self.fail(ApiError::Http(e)))?;
-            let raw = B64URL.decode(body.raw.trim()).map_err(|_| {
-                self.mailbox_error(format!(
-                    "{}: the message's `raw` field is not base64url",
-                    resp.endpoint
-                ))
-            })?;
-            if sink(Fetched {
-                id: id.clone(),
-                raw,
-            }) == Flow::Stop
-            {
-                break;
-            }
-        }
-        Ok(())
+    fn download(&self, id: &str, limit: u64) -> std::result::Result<Response, ApiError> {
+        let url = format!("{}?format=raw", self.message_url(id, ""));
+        self.cloud
+            .api
+            .send(Request::new(Method::Get, &url).with_max_body(limit))
     }
 
-    fn mark_processed(&mut self, ids: &[String]) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        match self.action.clone() {
-            ProcessedAction::Seen => self.modify(ids, &[], &["UNREAD".to_string()], "processed"),
-            ProcessedAction::Delete => self.for_each_message(ids, "processed", &|id| {
-                let url = self.message_url(id, "/trash");
-                self.api.send(Request::new(Method::Post, &url)).map(|_| ())
-            }),
-            ProcessedAction::Move(label) => self.relabel(ids, &label, "processed"),
-        }
+    fn decode(&self, resp: Response) -> Result<Vec<u8>> {
+        let body: Raw = resp
+            .json()
+            .map_err(|e| self.cloud.fail(ApiError::Http(e)))?;
+        B64URL.decode(body.raw.trim()).map_err(|_| {
+            self.cloud.error(format!(
+                "{}: the message's `raw` field is not base64url",
+                resp.endpoint
+            ))
+        })
     }
 
-    fn mark_skipped(&mut self, ids: &[String]) -> Result<()> {
-        for id in ids {
-            self.record(id, "skipped")?;
-        }
-        Ok(())
+    fn mark_seen(&self, id: &str) -> std::result::Result<(), ApiError> {
+        let body = serde_json::json!({ "addLabelIds": [], "removeLabelIds": ["UNREAD"] });
+        self.post(id, "/modify", Some(&body))
     }
 
-    fn quarantine(&mut self, ids: &[String]) -> Result<bool> {
-        if !ids.is_empty() {
-            self.relabel(ids, QUARANTINE_LABEL, "quarantined")?;
-        }
-        Ok(true)
+    fn delete(&self, id: &str) -> std::result::Result<(), ApiError> {
+        self.post(id, "/trash", None)
     }
 
-    fn count(&mut self) -> Result<usize> {
+    /// Labels the messages `target` and removes the folder's label.
+    fn move_to(&mut self, ids: &[String], target: &str, what: &str) -> Result<()> {
+        let folder = self.folder_label()?;
+        let target = self.label_id(target, true)?.expect("created when missing");
+        let remove = if target == folder {
+            vec![]
+        } else {
+            vec![folder]
+        };
+        let body = serde_json::json!({ "addLabelIds": [target], "removeLabelIds": remove });
+        self.cloud
+            .for_each_message(ids, what, &|id| self.post(id, "/modify", Some(&body)))
+    }
+
+    fn folder_count(&mut self) -> Result<usize> {
         let label = self.folder_label()?;
         let url = self.user_url(&format!("/labels/{}", percent_encode(&label)));
-        let value: serde_json::Value = self.get_json(&url)?;
-        value
-            .get("messagesTotal")
-            .and_then(|v| v.as_u64())
-            .map(|n| n as usize)
-            .ok_or_else(|| {
-                self.mailbox_error(format!(
-                    "{}: the reply has no messagesTotal",
-                    crate::http::endpoint_label(Method::Get, &url)
-                ))
-            })
-    }
-
-    fn finish(self: Box<Self>) -> Result<()> {
-        Ok(())
+        self.cloud.count(&url, &[], "messagesTotal")
     }
 }

@@ -22,11 +22,12 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use super::{Fetched, Flow, Listed, Mailbox};
-use crate::config::{Account, ProcessedAction};
-use crate::error::{Error, Result};
-use crate::http::{percent_encode, query, Body, HttpClient, HttpErrorKind, Method, Request, Role};
-use crate::oauth::{ApiClient, ApiError, OAuthEnv};
+use super::cloud::{CloudApi, CloudMailbox};
+use super::Listed;
+use crate::config::{Account, MailboxType};
+use crate::error::Result;
+use crate::http::{percent_encode, query, Body, HttpClient, Method, Request, Response};
+use crate::oauth::{ApiError, OAuthEnv};
 use crate::state::StateStore;
 
 /// The folder quarantined messages are moved to.
@@ -59,24 +60,14 @@ pub fn done_namespace(account: &str) -> String {
 
 /// An OFFICE365 mailbox folder read through Microsoft Graph.
 pub struct GraphMailbox {
-    api: ApiClient,
-    state: StateStore,
-    account: String,
-    namespace: String,
-    folder: String,
-    action: ProcessedAction,
-    max_messages: usize,
-    max_bytes: u64,
+    cloud: CloudMailbox,
     /// Folder path (lower case) → Graph folder id.
     folders: HashMap<String, String>,
 }
 
 impl std::fmt::Debug for GraphMailbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GraphMailbox")
-            .field("account", &self.account)
-            .field("folder", &self.folder)
-            .finish_non_exhaustive()
+        self.cloud.debug("GraphMailbox", f)
     }
 }
 
@@ -115,46 +106,21 @@ impl GraphMailbox {
     /// MAX_MESSAGE_BYTES from its incoming settings); `state` keeps what was finished. No
     /// request is made until the first call.
     pub fn open(account: &Account, env: &OAuthEnv, state: StateStore) -> Result<GraphMailbox> {
-        let id = account.id.to_string();
-        let incoming = account.incoming.as_ref().ok_or_else(|| {
-            Error::account_key(
-                &id,
-                "INCOMING_MAILBOX_TYPE",
-                "the account has no incoming mailbox",
-            )
-        })?;
         Ok(GraphMailbox {
-            api: ApiClient::new(account, env, Role::Receive)?,
-            state,
-            namespace: done_namespace(&id),
-            account: id,
-            folder: incoming.folder.clone(),
-            action: incoming.processed_action.clone(),
-            max_messages: incoming.max_messages.max(1),
-            max_bytes: incoming.max_message_bytes,
+            cloud: CloudMailbox::open(account, env, state, MailboxType::Office365, done_namespace)?,
             folders: HashMap::new(),
         })
     }
 
     /// The same mailbox with another HTTP client (e.g. another retry policy).
     pub fn with_http(mut self, http: HttpClient) -> GraphMailbox {
-        self.api = self.api.with_http(http);
+        self.cloud = self.cloud.with_http(http);
         self
     }
 
-    fn fail(&self, e: ApiError) -> Error {
-        self.api.error(e)
-    }
-
-    fn mailbox_error(&self, message: String) -> Error {
-        Error::mailbox(&self.account, self.api.base(), message)
-    }
-
     fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T> {
-        self.api
-            .send(Request::new(Method::Get, url).with_headers(&PREFER))
-            .and_then(|r| r.json().map_err(ApiError::Http))
-            .map_err(|e| self.fail(e))
+        self.cloud
+            .json(Request::new(Method::Get, url).with_headers(&PREFER))
     }
 
     /// The Graph id (or well-known name) of a folder path such as `INBOX`, `Done` or
@@ -170,7 +136,7 @@ impl GraphMailbox {
             .filter(|s| !s.is_empty())
             .collect();
         if segments.is_empty() {
-            return Err(self.mailbox_error(format!("`{path}` is not a folder name")));
+            return Err(self.cloud.error(format!("`{path}` is not a folder name")));
         }
         let mut parent: Option<String> = None;
         for (depth, segment) in segments.iter().enumerate() {
@@ -180,8 +146,8 @@ impl GraphMailbox {
                 continue;
             }
             let collection = match &parent {
-                None => self.api.url("/me/mailFolders"),
-                Some(id) => self.api.url(&format!(
+                None => self.cloud.api.url("/me/mailFolders"),
+                Some(id) => self.cloud.api.url(&format!(
                     "/me/mailFolders/{}/childFolders",
                     percent_encode(id)
                 )),
@@ -223,29 +189,21 @@ impl GraphMailbox {
 
     fn create_child(&self, collection: &str, name: &str) -> Result<String> {
         let body = serde_json::json!({ "displayName": name });
-        match self.api.send(
+        self.cloud.create(
             Request::new(Method::Post, collection)
                 .with_headers(&PREFER)
                 .with_body(Body::Json(&body)),
-        ) {
-            Ok(resp) => resp
-                .json::<FolderItem>()
-                .map(|f| f.id)
-                .map_err(|e| self.fail(ApiError::Http(e))),
-            // Created meanwhile by someone else.
-            Err(ApiError::Http(e)) if e.is_status(409) => self
-                .find_child(collection, name)?
-                .ok_or_else(|| self.fail(ApiError::Http(e))),
-            Err(e) => Err(self.fail(e)),
-        }
+            |f: FolderItem| f.id,
+            || self.find_child(collection, name),
+        )
     }
 
     /// A paging link, only when it stays on the API's origin (the token goes with it).
     fn checked_next(&self, next: String) -> Result<String> {
-        if self.api.same_origin(&next) {
+        if self.cloud.api.same_origin(&next) {
             Ok(next)
         } else {
-            Err(self.mailbox_error(
+            Err(self.cloud.error(
                 "the server's paging link (@odata.nextLink) points to another host; refused"
                     .to_string(),
             ))
@@ -253,86 +211,45 @@ impl GraphMailbox {
     }
 
     fn incoming_folder(&mut self) -> Result<String> {
-        let folder = self.folder.clone();
+        let folder = self.cloud.folder.clone();
         self.folder_id(&folder, false)?.ok_or_else(|| {
-            self.mailbox_error(format!(
+            self.cloud.error(format!(
                 "the folder `{folder}` (INCOMING_FOLDER) does not exist in the mailbox"
             ))
         })
     }
 
-    fn is_done(&self, id: &str) -> Result<bool> {
-        Ok(self.state.get_kv(&self.namespace, id)?.is_some())
-    }
-
-    fn record(&self, id: &str, what: &str) -> Result<()> {
-        self.state.set_kv(&self.namespace, id, what)
-    }
-
-    /// Applies one request per message; a message already gone (404) counts as done. Each
-    /// success is recorded at once; the first failure is reported after all were tried.
-    fn for_each_message(
-        &self,
-        ids: &[String],
-        what: &str,
-        request: &dyn Fn(&str) -> std::result::Result<(), ApiError>,
-    ) -> Result<()> {
-        let mut failed = 0;
-        let mut first: Option<Error> = None;
-        for id in ids {
-            match request(id) {
-                Ok(()) => self.record(id, what)?,
-                Err(e) if e.status() == Some(404) => self.record(id, what)?,
-                Err(e) => {
-                    failed += 1;
-                    first.get_or_insert(self.fail(e));
-                }
-            }
-        }
-        match first {
-            None => Ok(()),
-            Some(Error::Mailbox(mut f)) => {
-                f.message = format!(
-                    "{failed} of {} messages not {what}: {}",
-                    ids.len(),
-                    f.message
-                );
-                Err(Error::Mailbox(f))
-            }
-            Some(other) => Err(other),
-        }
-    }
-
     fn message_url(&self, id: &str, suffix: &str) -> String {
-        self.api
+        self.cloud
+            .api
             .url(&format!("/me/messages/{}{suffix}", percent_encode(id)))
     }
 
-    fn move_to(&mut self, ids: &[String], folder: &str, what: &str) -> Result<()> {
-        let target = self.folder_id(folder, true)?.expect("created when missing");
-        let body = serde_json::json!({ "destinationId": target });
-        self.for_each_message(ids, what, &|id| {
-            let url = self.message_url(id, "/move");
-            self.api
-                .send(
-                    Request::new(Method::Post, &url)
-                        .with_headers(&PREFER)
-                        .with_body(Body::Json(&body)),
-                )
-                .map(|_| ())
-        })
+    /// One request on message `id` (`suffix` after its URL), with a JSON `body` if any.
+    fn on_message(
+        &self,
+        method: Method,
+        id: &str,
+        suffix: &str,
+        body: Option<&serde_json::Value>,
+    ) -> std::result::Result<(), ApiError> {
+        self.cloud
+            .request(method, &self.message_url(id, suffix), &PREFER, body)
     }
 }
 
-impl Mailbox for GraphMailbox {
-    fn protocol(&self) -> &'static str {
-        "OFFICE365"
+impl CloudApi for GraphMailbox {
+    const PROTOCOL: &'static str = "OFFICE365";
+    const QUARANTINE: &'static str = QUARANTINE_FOLDER;
+
+    fn cloud(&self) -> &CloudMailbox {
+        &self.cloud
     }
 
-    fn list(&mut self) -> Result<Vec<Listed>> {
+    fn list_new(&mut self) -> Result<Vec<Listed>> {
         let folder = self.incoming_folder()?;
         let expand = format!("singleValueExtendedProperties($filter=id eq '{SIZE_PROPERTY}')");
-        let mut url = self.api.url(&format!(
+        let mut url = self.cloud.api.url(&format!(
             "/me/mailFolders/{}/messages?{}",
             percent_encode(&folder),
             query(&[
@@ -346,7 +263,7 @@ impl Mailbox for GraphMailbox {
         for _ in 0..MAX_PAGES {
             let page: Page<MessageItem> = self.get_json(&url)?;
             for item in page.value {
-                if item.id.is_empty() || self.is_done(&item.id)? {
+                if item.id.is_empty() || self.cloud.is_done(&item.id)? {
                     continue;
                 }
                 let size = item
@@ -361,7 +278,7 @@ impl Mailbox for GraphMailbox {
                     .unwrap_or(0);
                 listed.push(Listed { id: item.id, size });
             }
-            if listed.len() >= self.max_messages {
+            if listed.len() >= self.cloud.max_messages {
                 break;
             }
             match page.next {
@@ -372,97 +289,43 @@ impl Mailbox for GraphMailbox {
         Ok(listed)
     }
 
-    fn fetch_each(&mut self, ids: &[String], sink: &mut dyn FnMut(Fetched) -> Flow) -> Result<()> {
-        // The MIME may be larger than the stored size (base64 attachments).
-        let limit = self.max_bytes.saturating_mul(3) / 2 + 1024 * 1024;
-        for id in ids {
-            let url = self.message_url(id, "/$value");
-            let reply = self.api.send(
-                Request::new(Method::Get, &url)
-                    .with_headers(&MIME_HEADERS)
-                    .with_max_body(limit),
-            );
-            let raw = match reply {
-                Ok(resp) => resp.body,
-                // Deleted or moved away since the listing.
-                Err(e) if e.status() == Some(404) => continue,
-                // Larger than MAX_MESSAGE_BYTES allows: never handed on whole.
-                Err(ApiError::Http(e)) if e.kind == HttpErrorKind::TooLarge => continue,
-                Err(e) => return Err(self.fail(e)),
-            };
-            if sink(Fetched {
-                id: id.clone(),
-                raw,
-            }) == Flow::Stop
-            {
-                break;
-            }
-        }
-        Ok(())
+    fn download(&self, id: &str, limit: u64) -> std::result::Result<Response, ApiError> {
+        let url = self.message_url(id, "/$value");
+        self.cloud.api.send(
+            Request::new(Method::Get, &url)
+                .with_headers(&MIME_HEADERS)
+                .with_max_body(limit),
+        )
     }
 
-    fn mark_processed(&mut self, ids: &[String]) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        match self.action.clone() {
-            ProcessedAction::Seen => {
-                let body = serde_json::json!({ "isRead": true });
-                self.for_each_message(ids, "processed", &|id| {
-                    let url = self.message_url(id, "");
-                    self.api
-                        .send(
-                            Request::new(Method::Patch, &url)
-                                .with_headers(&PREFER)
-                                .with_body(Body::Json(&body)),
-                        )
-                        .map(|_| ())
-                })
-            }
-            ProcessedAction::Delete => self.for_each_message(ids, "processed", &|id| {
-                let url = self.message_url(id, "");
-                self.api
-                    .send(Request::new(Method::Delete, &url).with_headers(&PREFER))
-                    .map(|_| ())
-            }),
-            ProcessedAction::Move(folder) => self.move_to(ids, &folder, "processed"),
-        }
+    /// `$value` is the MIME as stored.
+    fn decode(&self, resp: Response) -> Result<Vec<u8>> {
+        Ok(resp.body)
     }
 
-    fn mark_skipped(&mut self, ids: &[String]) -> Result<()> {
-        for id in ids {
-            self.record(id, "skipped")?;
-        }
-        Ok(())
+    fn mark_seen(&self, id: &str) -> std::result::Result<(), ApiError> {
+        let body = serde_json::json!({ "isRead": true });
+        self.on_message(Method::Patch, id, "", Some(&body))
     }
 
-    fn quarantine(&mut self, ids: &[String]) -> Result<bool> {
-        if !ids.is_empty() {
-            self.move_to(ids, QUARANTINE_FOLDER, "quarantined")?;
-        }
-        Ok(true)
+    fn delete(&self, id: &str) -> std::result::Result<(), ApiError> {
+        self.on_message(Method::Delete, id, "", None)
     }
 
-    fn count(&mut self) -> Result<usize> {
+    fn move_to(&mut self, ids: &[String], folder: &str, what: &str) -> Result<()> {
+        let target = self.folder_id(folder, true)?.expect("created when missing");
+        let body = serde_json::json!({ "destinationId": target });
+        self.cloud.for_each_message(ids, what, &|id| {
+            self.on_message(Method::Post, id, "/move", Some(&body))
+        })
+    }
+
+    fn folder_count(&mut self) -> Result<usize> {
         let folder = self.incoming_folder()?;
-        let url = self.api.url(&format!(
+        let url = self.cloud.api.url(&format!(
             "/me/mailFolders/{}?$select=totalItemCount",
             percent_encode(&folder)
         ));
-        let value: serde_json::Value = self.get_json(&url)?;
-        value
-            .get("totalItemCount")
-            .and_then(|v| v.as_u64())
-            .map(|n| n as usize)
-            .ok_or_else(|| {
-                self.mailbox_error(format!(
-                    "{}: the reply has no totalItemCount",
-                    crate::http::endpoint_label(Method::Get, &url)
-                ))
-            })
-    }
-
-    fn finish(self: Box<Self>) -> Result<()> {
-        Ok(())
+        self.cloud.count(&url, &PREFER, "totalItemCount")
     }
 }

@@ -103,6 +103,13 @@ pub fn folder_dir_name(folder: &str) -> Option<String> {
     (name != "." && name != "..").then_some(name)
 }
 
+/// The name of a message file (lossy: Maildir names are ASCII).
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 fn vanished(e: &io::Error) -> bool {
     e.kind() == ErrorKind::NotFound
 }
@@ -111,21 +118,7 @@ impl MaildirMailbox {
     /// Opens the Maildir named by the account's `INCOMING_PATH` (it must have `cur/` and
     /// `new/`; it is not created).
     pub fn open(account: &Account, state: StateStore) -> Result<MaildirMailbox> {
-        let id = account.id.to_string();
-        let incoming = account.incoming.as_ref().ok_or_else(|| {
-            Error::account_key(
-                &id,
-                "INCOMING_MAILBOX_TYPE",
-                "the account has no incoming mailbox",
-            )
-        })?;
-        if incoming.mailbox != MailboxType::Maildir {
-            return Err(Error::account_key(
-                &id,
-                "INCOMING_MAILBOX_TYPE",
-                format!("is {}, not MAILDIR", incoming.mailbox.as_str()),
-            ));
-        }
+        let (id, incoming) = crate::incoming::settings_of(account, MailboxType::Maildir)?;
         let root = incoming.path.clone().ok_or_else(|| {
             Error::account_key(
                 &id,
@@ -300,11 +293,7 @@ impl MaildirMailbox {
         let mut first_error = None;
         for id in ids {
             let moved = self.with_file(id, &mut rescanned, |path| {
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let target = target_dir.join(cur_name(&name));
+                let target = target_dir.join(cur_name(&file_name(path)));
                 if target.exists() {
                     // Moved there before (a rerun after a crash): drop this copy.
                     fs::remove_file(path)
@@ -359,29 +348,19 @@ impl Mailbox for MaildirMailbox {
 
     fn fetch_each(&mut self, ids: &[String], sink: &mut dyn FnMut(Fetched) -> Flow) -> Result<()> {
         let mut rescanned = false;
-        for id in ids {
+        crate::incoming::fetch_one_by_one(ids, sink, |id| {
             if !self.located.contains_key(id) && !rescanned {
                 rescanned = true;
                 self.relocate_all()?;
             }
-            let raw = self.with_file(id, &mut rescanned, |path| {
+            self.with_file(id, &mut rescanned, |path| {
                 let mut file = fs::File::open(path)?;
                 let mut raw =
                     Vec::with_capacity(file.metadata().map(|m| m.len() as usize).unwrap_or(0));
                 file.read_to_end(&mut raw)?;
                 Ok(raw)
-            })?;
-            if let Some(raw) = raw {
-                if sink(Fetched {
-                    id: id.clone(),
-                    raw,
-                }) == Flow::Stop
-                {
-                    break;
-                }
-            }
-        }
-        Ok(())
+            })
+        })
     }
 
     fn mark_processed(&mut self, ids: &[String]) -> Result<()> {
@@ -392,11 +371,7 @@ impl Mailbox for MaildirMailbox {
                 let mut first_error = None;
                 for id in ids {
                     let renamed = self.with_file(id, &mut rescanned, |path| {
-                        let name = path
-                            .file_name()
-                            .map(|n| n.to_string_lossy().into_owned())
-                            .unwrap_or_default();
-                        let target = cur.join(with_flag(&name, 'S'));
+                        let target = cur.join(with_flag(&file_name(path), 'S'));
                         if target != path {
                             fs::rename(path, &target)?;
                         }

@@ -10,6 +10,7 @@
 //! - `finish` commits (IMAP EXPUNGE as needed / LOGOUT, POP3 QUIT); dropping a mailbox without
 //!   `finish` commits nothing (POP3: no QUIT, so no DELE takes effect).
 
+mod cloud;
 pub mod gmail;
 pub mod graph;
 pub mod imap;
@@ -17,7 +18,7 @@ pub mod maildir;
 pub mod pop3;
 pub mod pop3_mailbox;
 
-use crate::config::{Account, MailboxType};
+use crate::config::{Account, Incoming, MailboxType, Secret};
 use crate::error::{Error, Result};
 use crate::state::StateStore;
 
@@ -88,14 +89,7 @@ pub fn open(
     env: &crate::oauth::OAuthEnv,
     state: StateStore,
 ) -> Result<Box<dyn Mailbox>> {
-    let id = account.id.to_string();
-    let incoming = account.incoming.as_ref().ok_or_else(|| {
-        Error::account_key(
-            &id,
-            "INCOMING_MAILBOX_TYPE",
-            "the account has no incoming mailbox",
-        )
-    })?;
+    let (_, incoming) = settings(account)?;
     match incoming.mailbox {
         MailboxType::Imap => Ok(Box::new(imap::ImapMailbox::connect(account, state)?)),
         MailboxType::Pop3 => Ok(Box::new(pop3_mailbox::Pop3Mailbox::connect(
@@ -106,4 +100,95 @@ pub fn open(
             crate::oauth::open_mailbox(account, env, state)
         }
     }
+}
+
+/// Downloads messages one by one for mailboxes that have no batched fetch: each message
+/// `download` returns (`None`: left out) goes to `sink`, until it says stop.
+pub(crate) fn fetch_one_by_one(
+    ids: &[String],
+    sink: &mut dyn FnMut(Fetched) -> Flow,
+    mut download: impl FnMut(&String) -> Result<Option<Vec<u8>>>,
+) -> Result<()> {
+    for id in ids {
+        if let Some(raw) = download(id)? {
+            if sink(Fetched {
+                id: id.clone(),
+                raw,
+            }) == Flow::Stop
+            {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The account's id (as errors name it) and its incoming settings, which it must have.
+fn settings(account: &Account) -> Result<(String, &Incoming)> {
+    let id = account.id.to_string();
+    match account.incoming.as_ref() {
+        Some(incoming) => Ok((id, incoming)),
+        None => Err(Error::account_key(
+            &id,
+            "INCOMING_MAILBOX_TYPE",
+            "the account has no incoming mailbox",
+        )),
+    }
+}
+
+/// [`settings`] for the mailbox of type `expected`: a mailbox refuses another type's settings.
+pub(crate) fn settings_of(account: &Account, expected: MailboxType) -> Result<(String, &Incoming)> {
+    let (id, incoming) = settings(account)?;
+    if incoming.mailbox != expected {
+        return Err(Error::account_key(
+            &id,
+            "INCOMING_MAILBOX_TYPE",
+            format!(
+                "is {}, not {}",
+                incoming.mailbox.as_str(),
+                expected.as_str()
+            ),
+        ));
+    }
+    Ok((id, incoming))
+}
+
+/// "an IMAP mailbox", "a POP3 mailbox": the subject of the settings errors.
+fn a_mailbox(mailbox: MailboxType) -> String {
+    let article = match mailbox {
+        MailboxType::Imap | MailboxType::Office365 => "an",
+        _ => "a",
+    };
+    format!("{article} {} mailbox", mailbox.as_str())
+}
+
+/// INCOMING_HOST and PASSWORD of a server mailbox (IMAP, POP3): both are required.
+pub(crate) fn server_and_password<'a>(
+    account: &Account,
+    id: &str,
+    incoming: &'a Incoming,
+) -> Result<(&'a str, Secret)> {
+    let host = incoming
+        .host
+        .as_deref()
+        .filter(|h| !h.trim().is_empty())
+        .ok_or_else(|| {
+            Error::account_key(
+                id,
+                "INCOMING_HOST",
+                format!("{} needs a server name", a_mailbox(incoming.mailbox)),
+            )
+        })?;
+    let password = account
+        .password
+        .clone()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| {
+            Error::account_key(
+                id,
+                "PASSWORD",
+                format!("{} needs a password", a_mailbox(incoming.mailbox)),
+            )
+        })?;
+    Ok((host, password))
 }

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::{Account, MailboxType, Secret};
+use crate::config::{Account, MailboxType};
 use crate::error::{Error, Result};
 use crate::incoming::imap::plan_batches;
 use crate::incoming::pop3::{self, Pop3Session, Transaction};
@@ -58,35 +58,8 @@ impl std::fmt::Debug for Pop3Mailbox {
 impl Pop3Mailbox {
     /// Connects as the account says (SSL, STLS required for TLS, or plain) and logs in.
     pub fn connect(account: &Account, state: StateStore) -> Result<Pop3Mailbox> {
-        let id = account.id.to_string();
-        let incoming = account.incoming.as_ref().ok_or_else(|| {
-            Error::account_key(
-                &id,
-                "INCOMING_MAILBOX_TYPE",
-                "the account has no incoming mailbox",
-            )
-        })?;
-        if incoming.mailbox != MailboxType::Pop3 {
-            return Err(Error::account_key(
-                &id,
-                "INCOMING_MAILBOX_TYPE",
-                format!("is {}, not POP3", incoming.mailbox.as_str()),
-            ));
-        }
-        let host = incoming
-            .host
-            .as_deref()
-            .filter(|h| !h.trim().is_empty())
-            .ok_or_else(|| {
-                Error::account_key(&id, "INCOMING_HOST", "a POP3 mailbox needs a server name")
-            })?;
-        let password: Secret = account
-            .password
-            .clone()
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| {
-                Error::account_key(&id, "PASSWORD", "a POP3 mailbox needs a password")
-            })?;
+        let (id, incoming) = crate::incoming::settings_of(account, MailboxType::Pop3)?;
+        let (host, password) = crate::incoming::server_and_password(account, &id, incoming)?;
         let login = account.login_name();
         let session = pop3::connect(
             &id,

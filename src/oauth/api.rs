@@ -120,6 +120,14 @@ impl ApiClient {
         }
     }
 
+    /// Sends `req` and reads the reply as JSON of type `T`; any failure is the crate error
+    /// ([`ApiClient::error`]).
+    pub fn json<T: serde::de::DeserializeOwned>(&self, req: Request<'_>) -> Result<T> {
+        self.send(req)
+            .and_then(|r| r.json().map_err(ApiError::Http))
+            .map_err(|e| self.error(e))
+    }
+
     /// The crate error for a failed call, by role (server = the API base URL). A 403 says
     /// which permission is likely missing.
     pub fn error(&self, e: ApiError) -> Error {

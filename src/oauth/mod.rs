@@ -884,11 +884,16 @@ mod tests {
         );
     }
 
-    #[test]
-    fn authorization_urls_carry_pkce_and_provider_specifics() {
+    /// A state store in a temporary directory (kept while the first value lives) and a key.
+    fn store_and_keys() -> (tempfile::TempDir, StateStore, KeyStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(&dir.path().join("s")).unwrap();
-        let keys = KeyStore::from_key([7; 32]);
+        (dir, store, KeyStore::from_key([7; 32]))
+    }
+
+    #[test]
+    fn authorization_urls_carry_pkce_and_provider_specifics() {
+        let (_dir, store, keys) = store_and_keys();
         let a = account(
             Provider::Google,
             OAuthSettings {
@@ -921,9 +926,7 @@ mod tests {
 
     #[test]
     fn states_unknown_reused_and_expired_are_told_apart() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(&dir.path().join("s")).unwrap();
-        let keys = KeyStore::from_key([7; 32]);
+        let (_dir, store, keys) = store_and_keys();
         let err = complete_authorization("nope", "code", &[], &store, &keys).unwrap_err();
         assert!(err.to_string().contains("unknown"), "{err}");
         // A pending state whose account vanished is consumed: its replay says "already used".
@@ -956,9 +959,7 @@ mod tests {
 
     #[test]
     fn service_accounts_need_no_sign_in() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(&dir.path().join("s")).unwrap();
-        let keys = KeyStore::from_key([7; 32]);
+        let (_dir, store, keys) = store_and_keys();
         let a = account(
             Provider::Google,
             OAuthSettings {

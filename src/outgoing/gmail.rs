@@ -115,11 +115,7 @@ impl Transport for GmailTransport {
         let url = self
             .api
             .url(&format!("/gmail/v1/users/{}/profile", self.user));
-        let profile: serde_json::Value = self
-            .api
-            .send(Request::new(Method::Get, &url))
-            .and_then(|r| r.json().map_err(oauth::ApiError::Http))
-            .map_err(|e| self.api.error(e))?;
+        let profile: serde_json::Value = self.api.json(Request::new(Method::Get, &url))?;
         let mailbox = profile
             .get("emailAddress")
             .and_then(|v| v.as_str())

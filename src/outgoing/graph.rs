@@ -100,11 +100,7 @@ impl Transport for GraphTransport {
         self.api.tokens().access_token()?;
         steps.push("an access token was obtained".to_string());
         let url = self.api.url("/me?$select=mail,userPrincipalName");
-        let me: serde_json::Value = self
-            .api
-            .send(Request::new(Method::Get, &url))
-            .and_then(|r| r.json().map_err(oauth::ApiError::Http))
-            .map_err(|e| self.api.error(e))?;
+        let me: serde_json::Value = self.api.json(Request::new(Method::Get, &url))?;
         let mailbox = me
             .get("mail")
             .and_then(|v| v.as_str())

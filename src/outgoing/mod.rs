@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::config::{Account, TransportType};
+use crate::config::{Account, Outgoing, TransportType};
 use crate::error::{Error, Result};
 
 pub use message::{build, BuiltMessage, MailKind, MessageRequest};
@@ -97,14 +97,7 @@ pub fn transport_for(
     account: &Account,
     env: &crate::oauth::OAuthEnv,
 ) -> Result<Box<dyn Transport>> {
-    let id = account.id.to_string();
-    let Some(outgoing) = &account.outgoing else {
-        return Err(Error::account_key(
-            &id,
-            "OUTGOING_TRANSPORT_TYPE",
-            "the account has no outgoing transport",
-        ));
-    };
+    let (_, outgoing) = settings(account)?;
     match outgoing.transport {
         TransportType::File => Ok(Box::new(file::FileTransport::new(account))),
         TransportType::Sendmail => Ok(Box::new(sendmail::SendmailTransport::new(account))),
@@ -112,6 +105,19 @@ pub fn transport_for(
         TransportType::Office365 | TransportType::Gmail => {
             crate::oauth::transport_for(account, env)
         }
+    }
+}
+
+/// The account's id (as errors name it) and its outgoing settings, which it must have.
+pub(crate) fn settings(account: &Account) -> Result<(String, &Outgoing)> {
+    let id = account.id.to_string();
+    match account.outgoing.as_ref() {
+        Some(outgoing) => Ok((id, outgoing)),
+        None => Err(Error::account_key(
+            &id,
+            "OUTGOING_TRANSPORT_TYPE",
+            "the account has no outgoing transport",
+        )),
     }
 }
 

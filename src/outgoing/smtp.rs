@@ -100,14 +100,7 @@ impl SmtpTransport {
     /// The transport for an SMTP account: checks the host and builds the TLS settings (a bad
     /// `CA_FILE` is a configuration error naming the account). Connects only when used.
     pub fn new(account: &Account) -> Result<SmtpTransport> {
-        let id = account.id.to_string();
-        let outgoing = account.outgoing.as_ref().ok_or_else(|| {
-            Error::account_key(
-                &id,
-                "OUTGOING_TRANSPORT_TYPE",
-                "the account has no outgoing transport",
-            )
-        })?;
+        let (id, outgoing) = super::settings(account)?;
         let host = outgoing
             .host
             .as_deref()

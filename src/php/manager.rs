@@ -71,6 +71,22 @@ fn json(table: &ZendHashTable, what: &str) -> PhpResult<Value> {
     zval_to_json(&z).map_err(|e| to_php(Error::message(format!("{what}: {e}"))))
 }
 
+/// The INI file and environment a method was given, each defaulting (when missing or empty)
+/// to `pcr_email.config` and to `pcr_email.environment` / `APPLICATION_ENV` / `prod`.
+fn config_and_environment(
+    config_file: Option<String>,
+    environment: Option<String>,
+) -> (PathBuf, String) {
+    let file = config_file
+        .filter(|f| !f.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(settings::config_file);
+    let env = environment
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(settings::environment);
+    (file, env)
+}
+
 #[php_class]
 #[php(name = "PCR_Utility_EmailManager")]
 pub struct EmailManager {
@@ -120,13 +136,7 @@ impl EmailManager {
         environment: Option<String>,
         host: Option<HostArg>,
     ) -> PhpResult<Self> {
-        let file = configFile
-            .filter(|f| !f.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(settings::config_file);
-        let env = environment
-            .filter(|e| !e.is_empty())
-            .unwrap_or_else(settings::environment);
+        let (file, env) = config_and_environment(configFile, environment);
         let core = Manager::open(&file, &env).map_err(to_php)?;
         Ok(EmailManager {
             core,
@@ -212,13 +222,7 @@ impl EmailManager {
         configFile: Option<String>,
         environment: Option<String>,
     ) -> PhpResult<String> {
-        let file = configFile
-            .filter(|f| !f.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(settings::config_file);
-        let env = environment
-            .filter(|e| !e.is_empty())
-            .unwrap_or_else(settings::environment);
+        let (file, env) = config_and_environment(configFile, environment);
         Manager::encrypt_password(&plain, &file, &env).map_err(to_php)
     }
 }

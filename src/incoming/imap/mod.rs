@@ -273,35 +273,8 @@ impl ImapMailbox {
     /// Connects, starts TLS as the account says, logs in and reads the capabilities. The
     /// folder is opened by the first operation that needs it.
     pub fn connect(account: &Account, state: StateStore) -> Result<ImapMailbox> {
-        let id = account.id.to_string();
-        let incoming = account.incoming.as_ref().ok_or_else(|| {
-            Error::account_key(
-                &id,
-                "INCOMING_MAILBOX_TYPE",
-                "the account has no incoming mailbox",
-            )
-        })?;
-        if incoming.mailbox != MailboxType::Imap {
-            return Err(Error::account_key(
-                &id,
-                "INCOMING_MAILBOX_TYPE",
-                format!("is {}, not IMAP", incoming.mailbox.as_str()),
-            ));
-        }
-        let host = incoming
-            .host
-            .as_deref()
-            .filter(|h| !h.trim().is_empty())
-            .ok_or_else(|| {
-                Error::account_key(&id, "INCOMING_HOST", "an IMAP mailbox needs a server name")
-            })?;
-        let password = account
-            .password
-            .clone()
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| {
-                Error::account_key(&id, "PASSWORD", "an IMAP mailbox needs a password")
-            })?;
+        let (id, incoming) = super::settings_of(account, MailboxType::Imap)?;
+        let (host, password) = super::server_and_password(account, &id, incoming)?;
         let user = account.login_name().to_string();
         if user.is_empty() || user.contains(['\r', '\n', '\0']) {
             return Err(Error::account_key(

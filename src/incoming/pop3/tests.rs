@@ -173,20 +173,25 @@ fn stls_upgrades_then_rereads_capabilities() {
     mock.assert_done();
 }
 
-#[test]
-fn stls_refused_is_an_error_and_the_upgrader_never_runs() {
+/// The mock and the error message of STLS answered with `reply`; the upgrader must not run.
+fn stls_refused(reply: &str) -> (MockStream, String) {
     let mock = MockStream::new(&[
         step("", GREETING),
         step("CAPA\r\n", "+OK\r\nSTLS\r\n.\r\n"),
-        step("STLS\r\n", "-ERR TLS not available right now\r\n"),
+        step("STLS\r\n", reply),
     ]);
-    let session = started(&mock);
-    let err = session
+    let err = started(&mock)
         .stls(|_plain: MockStream| -> io::Result<MockStream> {
             panic!("the upgrader must not run")
         })
         .unwrap_err();
     let msg = mailbox_message(&err);
+    (mock, msg)
+}
+
+#[test]
+fn stls_refused_is_an_error_and_the_upgrader_never_runs() {
+    let (mock, msg) = stls_refused("-ERR TLS not available right now\r\n");
     assert!(msg.contains("refused STLS"), "{msg}");
     assert!(msg.contains("TLS not available right now"), "{msg}");
     mock.assert_done();
@@ -194,18 +199,7 @@ fn stls_refused_is_an_error_and_the_upgrader_never_runs() {
 
 #[test]
 fn stls_with_injected_data_after_ok_is_refused() {
-    let mock = MockStream::new(&[
-        step("", GREETING),
-        step("CAPA\r\n", "+OK\r\nSTLS\r\n.\r\n"),
-        step("STLS\r\n", "+OK Begin TLS\r\n+OK injected\r\n"),
-    ]);
-    let session = started(&mock);
-    let err = session
-        .stls(|_plain: MockStream| -> io::Result<MockStream> {
-            panic!("the upgrader must not run")
-        })
-        .unwrap_err();
-    let msg = mailbox_message(&err);
+    let (_, msg) = stls_refused("+OK Begin TLS\r\n+OK injected\r\n");
     assert!(msg.contains("sent data after agreeing to STLS"), "{msg}");
 }
 
