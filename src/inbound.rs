@@ -44,23 +44,18 @@ const CHANNEL_CAPACITY: usize = 2;
 /// What a mailbox thread tells PHP's thread.
 enum Event {
     /// The listing: how many messages will be downloaded, how many wait for the next run.
-    Listed {
-        mailbox: usize,
-        deferred: usize,
-    },
+    Listed { mailbox: usize, deferred: usize },
     /// A message over MAX_MESSAGE_BYTES: not downloaded.
-    Oversized {
-        mailbox: usize,
-        listed: Listed,
-    },
+    Oversized { mailbox: usize, listed: Listed },
+    /// A downloaded message, already parsed (in the mailbox thread, so parsing overlaps the
+    /// downloads and PHP's thread only decides and calls the host).
     Message {
         mailbox: usize,
-        fetched: Fetched,
+        id: String,
+        parsed: Box<ParsedMail>,
     },
     /// Every message of this mailbox has been handed over: its decisions can be closed.
-    Downloaded {
-        mailbox: usize,
-    },
+    Downloaded { mailbox: usize },
     /// The thread ended; `error` when the mailbox could not be read (completely).
     Finished {
         mailbox: usize,
@@ -357,11 +352,12 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
             let events = events_tx.clone();
             let env = env.clone();
             let state_dir = settings.state_dir.clone();
+            let sd_pattern = run.sd_pattern.clone();
             std::thread::Builder::new()
                 .name(format!("pcr-email-mailbox-{}", account.id))
                 .spawn_scoped(scope, move || {
                     let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        read_mailbox(i, account, &env, &state_dir, &events, rx)
+                        read_mailbox(i, account, &env, &state_dir, &events, rx, &sd_pattern)
                     }));
                     let error = match read {
                         Ok(result) => result.err(),
@@ -423,6 +419,7 @@ fn read_mailbox(
     state_dir: &Path,
     events: &SyncSender<Event>,
     decisions: Receiver<Decision>,
+    sd_pattern: &Regex,
 ) -> Result<()> {
     let incoming = account
         .incoming
@@ -459,12 +456,17 @@ fn read_mailbox(
     {
         return Ok(());
     }
-    let download = mailbox.fetch_each(&wanted, &mut |fetched| match events.send(Event::Message {
-        mailbox: index,
-        fetched,
-    }) {
-        Ok(()) => Flow::Continue,
-        Err(_) => Flow::Stop,
+    let download = mailbox.fetch_each(&wanted, &mut |fetched: Fetched| {
+        let parsed = Box::new(mime::parse(&fetched.raw, sd_pattern));
+        let message = Event::Message {
+            mailbox: index,
+            id: fetched.id,
+            parsed,
+        };
+        match events.send(message) {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Stop,
+        }
     });
     // Whatever was downloaded and decided is applied, even when the download broke off.
     let _ = events.send(Event::Downloaded { mailbox: index });
@@ -529,11 +531,14 @@ impl Run<'_> {
                         send(&decisions[mailbox], decision);
                     }
                 }
-                Event::Message { mailbox, fetched } => {
+                Event::Message {
+                    mailbox,
+                    id,
+                    parsed,
+                } => {
                     summaries[mailbox].fetched += 1;
                     let account = &mailboxes[mailbox];
-                    let id = fetched.id.clone();
-                    let outcome = self.process(account, fetched);
+                    let outcome = self.process(account, &id, *parsed);
                     let summary = &mut summaries[mailbox];
                     let decision = match outcome {
                         Outcome::Inquiry => {
@@ -635,13 +640,10 @@ impl Run<'_> {
     }
 
     /// One downloaded message, start to end.
-    fn process(&mut self, account: &Account, fetched: Fetched) -> Outcome {
+    fn process(&mut self, account: &Account, mailbox_ref: &str, parsed: ParsedMail) -> Outcome {
         let id = account.id.to_string();
-        let parsed = mime::parse(&fetched.raw, &self.sd_pattern);
         let key = parsed.message_key.clone();
-        let mailbox_ref = fetched.id.clone();
-        drop(fetched);
-        let claim = match self.state.claim(&id, &key, Some(&mailbox_ref), &self.owner) {
+        let claim = match self.state.claim(&id, &key, Some(mailbox_ref), &self.owner) {
             Ok(claim) => claim,
             Err(e) => {
                 self.log(&format!("pcr_email: {e}"), json!({"account": id}));

@@ -607,7 +607,7 @@ fn pipelined_retr_keeps_order_with_mixed_ok_and_err() {
 
 #[test]
 fn pipelining_is_bounded_by_the_window() {
-    let numbers: Vec<u32> = (1..=100).collect();
+    let numbers: Vec<u32> = (1..=(PIPELINE_WINDOW as u32 * 2 + 7)).collect();
     let mut steps = login_steps(CAPS_PIPE);
     for n in &numbers {
         steps.push(step(
