@@ -372,7 +372,23 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
                 .map_err(|e| Error::message(format!("cannot start a mailbox thread: {e}")))?;
         }
         drop(events_tx);
+        // The claims of this run stay ours while a slow host works (a claim whose lease ran
+        // out could be taken over by the next run, which would call the host again).
+        let (stop_renewing, renew_rx) = channel::<()>();
+        let renew_every = run.state.lease() / 3;
+        let (owner, state_dir) = (run.owner.clone(), settings.state_dir.clone());
+        scope.spawn(move || {
+            let Ok(store) = StateStore::open(&state_dir) else {
+                return;
+            };
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                renew_rx.recv_timeout(renew_every)
+            {
+                let _ = store.renew_lease(&owner);
+            }
+        });
         run.process_events(&mailboxes, &mut summaries, events_rx, decisions);
+        drop(stop_renewing);
         Ok::<(), Error>(())
     })?;
 
@@ -500,6 +516,9 @@ enum Outcome {
     Duplicate,
     /// Skipped by an earlier run (or copy): left in place again, counted as a duplicate.
     SkippedBefore,
+    /// A different message with a Message-ID already processed: left in place, counted as a
+    /// duplicate (never deleted as if it had become an Inquiry).
+    DuplicateCopy,
     /// Another live run is on it: nothing to do this run.
     Busy,
     Failed,
@@ -557,7 +576,7 @@ impl Run<'_> {
                             summary.duplicates += 1;
                             Some(Decision::Processed(id))
                         }
-                        Outcome::SkippedBefore => {
+                        Outcome::SkippedBefore | Outcome::DuplicateCopy => {
                             summary.duplicates += 1;
                             Some(Decision::Skipped(id))
                         }
@@ -604,7 +623,10 @@ impl Run<'_> {
     fn oversized(&mut self, account: &Account, listed: &Listed) -> Option<Decision> {
         let id = account.id.to_string();
         let key = format!("oversized:{}", listed.id);
-        match self.state.claim(&id, &key, Some(&listed.id), &self.owner) {
+        match self
+            .state
+            .claim(&ledger_scope(account), &key, Some(&listed.id), &self.owner)
+        {
             Ok(Claim::New) | Ok(Claim::Retry { .. }) => {}
             Ok(Claim::Done { .. }) | Ok(Claim::Quarantined) => {
                 return Some(Decision::Skipped(listed.id.clone()))
@@ -629,7 +651,7 @@ impl Run<'_> {
             &text,
             json!({"account": id, "message": listed.id, "size": listed.size}),
         );
-        let _ = self.state.skip(&id, &key, "oversized");
+        let _ = self.state.skip(&ledger_scope(account), &key, "oversized");
         self.alert(
             account,
             &format!("oversized:{id}:{}", listed.id),
@@ -642,8 +664,12 @@ impl Run<'_> {
     /// One downloaded message, start to end.
     fn process(&mut self, account: &Account, mailbox_ref: &str, parsed: ParsedMail) -> Outcome {
         let id = account.id.to_string();
+        let scope = ledger_scope(account);
         let key = parsed.message_key.clone();
-        let claim = match self.state.claim(&id, &key, Some(mailbox_ref), &self.owner) {
+        let claim = match self
+            .state
+            .claim(&scope, &key, Some(mailbox_ref), &self.owner)
+        {
             Ok(claim) => claim,
             Err(e) => {
                 self.log(&format!("pcr_email: {e}"), json!({"account": id}));
@@ -654,6 +680,10 @@ impl Run<'_> {
             // Skipped earlier (a run that died before its mailbox actions, a second copy):
             // it never reached the host, so it must not get PROCESSED_ACTION (delete, move).
             Claim::Done { .. } if claim.is_skipped() => return Outcome::SkippedBefore,
+            // Another message reusing a Message-ID already processed: counted, left in place.
+            Claim::Done {
+                same_copy: false, ..
+            } => return Outcome::DuplicateCopy,
             Claim::Done { .. } => return Outcome::Duplicate,
             Claim::Busy => return Outcome::Busy,
             Claim::Quarantined => return Outcome::StillQuarantined,
@@ -666,15 +696,15 @@ impl Run<'_> {
         let verdict = self.deliver(account, &parsed);
         match verdict {
             Ok(Delivered::Inquiry(sd)) => {
-                self.settle_done(&id, &key, "inquiry", Some(&sd));
+                self.settle_done(&scope, &key, "inquiry", Some(&sd));
                 Outcome::Inquiry
             }
             Ok(Delivered::Thread(sd)) => {
-                self.settle_done(&id, &key, "threaded", Some(&sd));
+                self.settle_done(&scope, &key, "threaded", Some(&sd));
                 Outcome::Threaded
             }
             Ok(Delivered::Skipped(reason)) => {
-                if let Err(e) = self.state.skip(&id, &key, reason) {
+                if let Err(e) = self.state.skip(&scope, &key, reason) {
                     self.log(&format!("pcr_email: {e}"), json!({"account": id}));
                 }
                 Outcome::Skipped(reason)
@@ -690,7 +720,7 @@ impl Run<'_> {
                     &text,
                     json!({"account": id, "message_id": parsed.message_id, "key": key}),
                 );
-                match self.state.fail(&id, &key, &error.to_string()) {
+                match self.state.fail(&scope, &key, &error.to_string()) {
                     Ok(attempts) if attempts >= MAX_ATTEMPTS => {
                         let reason = format!("failed {attempts} times; last error: {error}");
                         self.quarantine(account, &key, &parsed, &reason)
@@ -722,13 +752,13 @@ impl Run<'_> {
         reason: &str,
     ) -> Outcome {
         let id = account.id.to_string();
-        if let Err(e) = self.state.quarantine(&id, key, reason) {
+        if let Err(e) = self.state.quarantine(&ledger_scope(account), key, reason) {
             self.log(&format!("pcr_email: {e}"), json!({"account": id}));
         }
         let text = format!(
             "pcr_email: incoming email {:?} from {} (Message-ID {}) in the mailbox of account {id} \
-             ({}) was quarantined ({reason}); it is kept in the mailbox folder PCR-Failed (IMAP) \
-             or left in place, and will not be retried",
+             ({}) was quarantined ({reason}); it is kept in the folder PCR-Failed (IMAP, Maildir, \
+             Microsoft 365, Gmail) or left on the POP3 server, and will not be retried",
             parsed.subject,
             sender(parsed),
             parsed.message_id.as_deref().unwrap_or("none"),
@@ -905,6 +935,8 @@ impl Run<'_> {
             "headers": {"Auto-Submitted": "auto-generated"},
         });
         if let Err(e) = self.manager.send(self.host, &message) {
+            // Not marked as told: the next run tries again.
+            let _ = self.state.clear_alert(key);
             let line = format!("pcr_email: the SYSADMIN alert to {to} could not be sent: {e}");
             self.manager.logger().to_file("error", &line, &Value::Null);
         }
@@ -916,6 +948,28 @@ enum Delivered {
     Inquiry(String),
     Thread(String),
     Skipped(&'static str),
+}
+
+/// The ledger's "account": the mailbox itself (type, server, port, login, folder; Maildir
+/// path), not the account's RECID — so one mailbox read through another account (the INI
+/// master when the tenant rows could not be read, a recreated tenant row) never hands its
+/// messages to the host a second time.
+fn ledger_scope(account: &Account) -> String {
+    match &account.incoming {
+        Some(i) => format!(
+            "mailbox:{}|{}|{}|{}|{}|{}",
+            i.mailbox.as_str(),
+            i.host.as_deref().unwrap_or("").to_ascii_lowercase(),
+            i.port,
+            account.login_name().to_ascii_lowercase(),
+            i.folder,
+            i.path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        ),
+        None => account.id.to_string(),
+    }
 }
 
 fn send(channel: &Option<Sender<Decision>>, decision: Decision) {
@@ -1025,11 +1079,12 @@ mod tests {
     #[derive(Default)]
     struct RecordingHost {
         calls: Vec<String>,
+        rows: Vec<Value>,
     }
 
     impl Host for RecordingHost {
         fn email_accounts(&mut self) -> Result<Value> {
-            Ok(json!([]))
+            Ok(Value::Array(self.rows.clone()))
         }
         fn blocked_emails(&mut self) -> Result<Vec<String>> {
             Ok(Vec::new())
@@ -1093,13 +1148,18 @@ mod tests {
         let state = StateStore::open(&state_dir).unwrap();
         let dead = Owner::new_run();
         let key = "ooo@example.org";
+        let master = crate::config::Settings::load(&ini, "prod")
+            .unwrap()
+            .master
+            .unwrap();
+        let scope = ledger_scope(&master);
         assert_eq!(
             state
-                .claim("master", key, Some("1700000000.M1P1.test"), &dead)
+                .claim(&scope, key, Some("1700000000.M1P1.test"), &dead)
                 .unwrap(),
             Claim::New
         );
-        state.skip("master", key, "auto-reply").unwrap();
+        state.skip(&scope, key, "auto-reply").unwrap();
         drop(state);
 
         let mut host = RecordingHost::default();
@@ -1111,6 +1171,37 @@ mod tests {
             file.exists(),
             "the skipped message never reached the host: it must not be deleted"
         );
+    }
+
+    #[test]
+    fn one_mailbox_read_through_another_account_never_reaches_the_host_twice() {
+        let (_dir, maildir, ini, _) = maildir_master("email.PROCESSED_ACTION = \"seen\"\n");
+        std::fs::write(
+            maildir.join("new").join("1.M1P1.a"),
+            "From: user@example.org\r\nSubject: Help\r\nMessage-ID: <help@example.org>\r\n\r\nHi\r\n",
+        )
+        .unwrap();
+        // Run 1: the tenant's Service Desk account reads the Maildir (the master is left out
+        // as the same mailbox).
+        let mut host = RecordingHost {
+            rows: vec![json!({
+                "RECID": 7, "TENANTS_RECID": 1, "ACCOUNT_TYPE": "service_desk",
+                "EMAIL": "desk@example.edu", "INCOMING_MAILBOX_TYPE": "MAILDIR",
+                "INCOMING_PATH": maildir.display().to_string(), "PROCESSED_ACTION": "seen",
+            })],
+            ..Default::default()
+        };
+        let first = run_event(&ini, &mut host);
+        assert_eq!(first["mailboxes"][0]["account"], 7, "{first}");
+        assert_eq!(host.calls.len(), 1, "{:?}", host.calls);
+        // Run 2: the tenant rows are gone (host trouble, a recreated row): the master reads
+        // the same Maildir, where the message still is (seen).
+        let mut host = RecordingHost::default();
+        let second = run_event(&ini, &mut host);
+        assert_eq!(second["mailboxes"][0]["account"], "master", "{second}");
+        assert_eq!(second["totals"]["fetched"], 1, "{second}");
+        assert_eq!(second["totals"]["duplicates"], 1, "{second}");
+        assert!(host.calls.is_empty(), "{:?}", host.calls);
     }
 
     #[test]

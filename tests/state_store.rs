@@ -374,7 +374,8 @@ fn everything_survives_closing_and_reopening() {
     assert_eq!(
         s.claim("7", "<a@x>", None, &next).unwrap(),
         Claim::Done {
-            outcome: "inquiry".into()
+            outcome: "inquiry".into(),
+            same_copy: true
         }
     );
     assert_eq!(

@@ -52,6 +52,9 @@ final class ExtensionTest extends TestCase
         );
         $this->assertSame('/etc/x.ini', $out);
         // PHP_INI_SYSTEM|PHP_INI_PERDIR: a script cannot change it at run time.
+        $all = ini_get_all('pcr_email');
+        $this->assertSame(INI_SYSTEM | INI_PERDIR, $all['pcr_email.config']['access']);
+        $this->assertSame(INI_SYSTEM | INI_PERDIR, $all['pcr_email.environment']['access']);
         $this->assertFalse(@ini_set('pcr_email.config', '/tmp/other.ini'));
     }
 

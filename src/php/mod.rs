@@ -54,9 +54,13 @@ static INI_ENTRIES: IniEntryDefs<3> = IniEntryDefs::new([
     IniEntryDef::new(
         c"pcr_email.config",
         c"/var/www/pcr360/configs/pcr360.ini",
-        IniEntryPermission::PerDir,
+        IniEntryPermission::PerDir.union(IniEntryPermission::System),
     ),
-    IniEntryDef::new(c"pcr_email.environment", c"", IniEntryPermission::PerDir),
+    IniEntryDef::new(
+        c"pcr_email.environment",
+        c"",
+        IniEntryPermission::PerDir.union(IniEntryPermission::System),
+    ),
     IniEntryDef::end(),
 ]);
 

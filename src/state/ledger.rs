@@ -45,7 +45,10 @@ pub enum Claim {
     New,
     /// Already handled: the caller only re-applies the mailbox action (never the host).
     /// A skipped message's outcome starts with [`SKIPPED_PREFIX`]; see [`Claim::is_skipped`].
-    Done { outcome: String },
+    /// `same_copy` is false when the row was recorded for another mailbox copy (another
+    /// `mailbox_ref`): a second message with a Message-ID already seen, which must be left
+    /// where it is rather than deleted as if it had been processed.
+    Done { outcome: String, same_copy: bool },
     /// A live run owns it (possibly the caller's own run): leave it alone this run.
     Busy,
     /// An earlier attempt failed or its run died: now owned by the caller. `attempts` counts
@@ -59,7 +62,7 @@ impl Claim {
     /// True for a `Done` whose outcome was recorded by [`StateStore::skip`] (the message never
     /// reached the host, so it must not be deleted from the mailbox).
     pub fn is_skipped(&self) -> bool {
-        matches!(self, Claim::Done { outcome } if outcome.starts_with(SKIPPED_PREFIX))
+        matches!(self, Claim::Done { outcome, .. } if outcome.starts_with(SKIPPED_PREFIX))
     }
 }
 
@@ -167,6 +170,7 @@ struct StoredOwner {
     pid: Option<u32>,
     start: Option<i64>,
     lease_until: Option<i64>,
+    mailbox_ref: Option<String>,
 }
 
 impl StoredOwner {
@@ -246,7 +250,8 @@ impl StateStore {
             let row = tx
                 .query_row(
                     "SELECT state, outcome, attempts, owner_run, owner_host, owner_machine,
-                            owner_boot, owner_pidns, owner_pid, owner_start, lease_until
+                            owner_boot, owner_pidns, owner_pid, owner_start, lease_until,
+                            mailbox_ref
                      FROM ledger WHERE account=?1 AND key=?2",
                     params![account, key],
                     |r| {
@@ -262,6 +267,7 @@ impl StateStore {
                             pid: r.get(8)?,
                             start: r.get(9)?,
                             lease_until: r.get(10)?,
+                            mailbox_ref: r.get(11)?,
                         })
                     },
                 )
@@ -275,7 +281,8 @@ impl StateStore {
                 set_owner(tx, account, key, owner, lease_until, 0, None)?;
                 return Ok(Claim::New);
             };
-            if let Some(r) = mailbox_ref {
+            // A done row keeps the copy it was recorded for (see `Claim::Done::same_copy`).
+            if let Some(r) = mailbox_ref.filter(|_| row.state != "done") {
                 tx.execute(
                     "UPDATE ledger SET mailbox_ref=?3
                      WHERE account=?1 AND key=?2 AND mailbox_ref IS NOT ?3",
@@ -285,6 +292,10 @@ impl StateStore {
             match LedgerState::parse(&row.state) {
                 Some(LedgerState::Done) => Ok(Claim::Done {
                     outcome: row.outcome.unwrap_or_default(),
+                    same_copy: match (&row.mailbox_ref, mailbox_ref) {
+                        (Some(stored), Some(given)) => stored == given,
+                        _ => true,
+                    },
                 }),
                 Some(LedgerState::Quarantined) => Ok(Claim::Quarantined),
                 Some(LedgerState::Failed) => {
@@ -567,6 +578,41 @@ mod tests {
     }
 
     #[test]
+    fn a_second_copy_with_a_processed_message_id_is_told_apart() {
+        let (_dir, s) = store();
+        let run = Owner::new_run();
+        assert_eq!(
+            s.claim("7", "<a@x>", Some("uid:1"), &run).unwrap(),
+            Claim::New
+        );
+        s.complete("7", "<a@x>", "inquiry", None).unwrap();
+        let next = Owner::new_run();
+        let other = s.claim("7", "<a@x>", Some("uid:2"), &next).unwrap();
+        assert!(
+            matches!(
+                other,
+                Claim::Done {
+                    same_copy: false,
+                    ..
+                }
+            ),
+            "{other:?}"
+        );
+        // The row still names the copy it was done for: that one is re-listed as itself.
+        let again = s.claim("7", "<a@x>", Some("uid:1"), &next).unwrap();
+        assert!(
+            matches!(
+                again,
+                Claim::Done {
+                    same_copy: true,
+                    ..
+                }
+            ),
+            "{again:?}"
+        );
+    }
+
+    #[test]
     fn the_claim_protocol_from_new_to_done() {
         let (_dir, s) = store();
         let run = Owner::new_run();
@@ -584,7 +630,8 @@ mod tests {
         assert_eq!(
             s.claim("7", "<a@x>", None, &next).unwrap(),
             Claim::Done {
-                outcome: "inquiry".into()
+                outcome: "inquiry".into(),
+                same_copy: true
             }
         );
         let e = s.entry("7", "<a@x>").unwrap().unwrap();
@@ -656,7 +703,8 @@ mod tests {
         assert_eq!(
             claim,
             Claim::Done {
-                outcome: "skipped: blocked sender".into()
+                outcome: "skipped: blocked sender".into(),
+                same_copy: true
             }
         );
         assert!(!s.claim("m", "b", None, &run).unwrap().is_skipped());
