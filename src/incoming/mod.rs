@@ -102,25 +102,45 @@ pub fn open(
     }
 }
 
+/// Failures in a row after which a one-by-one download gives up (the server is gone, not
+/// one message).
+const MAX_FAILURES_IN_A_ROW: usize = 3;
+
 /// Downloads messages one by one for mailboxes that have no batched fetch: each message
-/// `download` returns (`None`: left out) goes to `sink`, until it says stop.
+/// `download` returns (`None`: left out) goes to `sink`, until it says stop. One message that
+/// cannot be read (a file without permission, an API error for that message) does not keep
+/// the others from the host: it is passed over and the first such error is returned at the
+/// end; after a few failures in a row the download stops.
 pub(crate) fn fetch_one_by_one(
     ids: &[String],
     sink: &mut dyn FnMut(Fetched) -> Flow,
     mut download: impl FnMut(&String) -> Result<Option<Vec<u8>>>,
 ) -> Result<()> {
+    let mut first_error = None;
+    let mut in_a_row = 0;
     for id in ids {
-        if let Some(raw) = download(id)? {
-            if sink(Fetched {
-                id: id.clone(),
-                raw,
-            }) == Flow::Stop
-            {
-                break;
+        match download(id) {
+            Ok(Some(raw)) => {
+                in_a_row = 0;
+                if sink(Fetched {
+                    id: id.clone(),
+                    raw,
+                }) == Flow::Stop
+                {
+                    break;
+                }
+            }
+            Ok(None) => in_a_row = 0,
+            Err(e) => {
+                in_a_row += 1;
+                first_error.get_or_insert(e);
+                if in_a_row >= MAX_FAILURES_IN_A_ROW {
+                    break;
+                }
             }
         }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// The account's id (as errors name it) and its incoming settings, which it must have.
@@ -191,4 +211,45 @@ pub(crate) fn server_and_password<'a>(
             )
         })?;
     Ok((host, password))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(results: &[Result<Option<&str>>]) -> (Vec<String>, Result<()>) {
+        let ids: Vec<String> = (0..results.len()).map(|i| i.to_string()).collect();
+        let mut got = Vec::new();
+        let outcome = fetch_one_by_one(
+            &ids,
+            &mut |f| {
+                got.push(f.id);
+                Flow::Continue
+            },
+            |id| {
+                let i: usize = id.parse().unwrap();
+                results[i].clone().map(|o| o.map(|s| s.as_bytes().to_vec()))
+            },
+        );
+        (got, outcome)
+    }
+
+    #[test]
+    fn one_unreadable_message_does_not_hold_back_the_others() {
+        let bad = || Err(Error::message("permission denied"));
+        let (got, outcome) = run(&[Ok(Some("a")), bad(), Ok(Some("c")), Ok(None), Ok(Some("e"))]);
+        assert_eq!(got, ["0", "2", "4"]);
+        assert!(outcome
+            .unwrap_err()
+            .to_string()
+            .contains("permission denied"));
+    }
+
+    #[test]
+    fn a_server_that_keeps_failing_stops_the_download() {
+        let bad = || Err(Error::message("timed out"));
+        let (got, outcome) = run(&[Ok(Some("a")), bad(), bad(), bad(), Ok(Some("e"))]);
+        assert_eq!(got, ["0"]);
+        assert!(outcome.is_err());
+    }
 }

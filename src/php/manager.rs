@@ -92,11 +92,32 @@ fn config_and_environment(
 pub struct EmailManager {
     core: Manager,
     host: Option<Zval>,
+    /// Set while a call runs: a host callback that calls back into the same object (e.g.
+    /// `send()` from `createInquiry()`) is refused instead of touching state in use.
+    busy: std::cell::Cell<bool>,
 }
 
 impl EmailManager {
     /// The host for this call: the constructor's, else `setDefaultHost()`'s, else none.
-    fn with_host<T>(&mut self, f: impl FnOnce(&mut Manager, &mut dyn Host) -> T) -> T {
+    fn with_host<T>(
+        &mut self,
+        f: impl FnOnce(&mut Manager, &mut dyn Host) -> crate::Result<T>,
+    ) -> crate::Result<T> {
+        if self.busy.replace(true) {
+            return Err(Error::message(
+                "this PCR_Utility_EmailManager is busy with another call (a host callback called \
+                 it again): use a second PCR_Utility_EmailManager for that",
+            ));
+        }
+        let result = self.with_host_inner(f);
+        self.busy.set(false);
+        result
+    }
+
+    fn with_host_inner<T>(
+        &mut self,
+        f: impl FnOnce(&mut Manager, &mut dyn Host) -> crate::Result<T>,
+    ) -> crate::Result<T> {
         let object = self
             .host
             .as_ref()
@@ -141,6 +162,7 @@ impl EmailManager {
         Ok(EmailManager {
             core,
             host: host.map(|h| h.0),
+            busy: std::cell::Cell::new(false),
         })
     }
 
@@ -178,9 +200,9 @@ impl EmailManager {
             Value::Object(map) => map.into_iter().map(|(_, v)| v).collect(),
             _ => Vec::new(),
         };
-        Ok(PhpJson(Value::Array(
-            self.with_host(|core, host| core.send_batch(host, &list)),
-        )))
+        self.with_host(|core, host| Ok(core.send_batch(host, &list)))
+            .map(|results| PhpJson(Value::Array(results)))
+            .map_err(to_php)
     }
 
     /// The account routing picks for this kind of mail and tenant, without secrets.

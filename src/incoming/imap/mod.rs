@@ -505,14 +505,18 @@ impl ImapMailbox {
         Error::mailbox(&self.account, &self.server, message)
     }
 
-    /// Removes the password from server text, in case a server echoes it back.
+    /// Removes the password from server text, in case a server echoes it back — as sent in
+    /// LOGIN, or inside the base64 AUTHENTICATE PLAIN response.
     fn redact(&self, text: &str) -> String {
+        use base64::Engine;
         let secret = self.password.expose();
         if secret.is_empty() {
-            text.to_string()
-        } else {
-            text.replace(secret, "<redacted>")
+            return text.to_string();
         }
+        let plain =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{}\0{secret}", self.user));
+        text.replace(&plain, "<redacted>")
+            .replace(secret, "<redacted>")
     }
 
     fn io_error(&self, what: &str, e: &std::io::Error) -> Error {
