@@ -38,15 +38,36 @@ pub mod settings {
         PathBuf::from(ini(CONFIG).unwrap_or_else(|| crate::config::DEFAULT_CONFIG_FILE.into()))
     }
 
-    /// `pcr_email.environment`, else the `APPLICATION_ENV` environment variable, else `prod`.
+    /// `pcr_email.environment`, else the `APPLICATION_ENV` environment variable (as the web
+    /// server gives it to PHP — Apache `SetEnv`, FastCGI params — or the process's own), else
+    /// `prod`.
     pub fn environment() -> String {
         ini(ENVIRONMENT)
-            .or_else(|| {
-                std::env::var("APPLICATION_ENV")
-                    .ok()
-                    .filter(|v| !v.is_empty())
-            })
+            .or_else(|| sapi_env("APPLICATION_ENV"))
+            .or_else(|| std::env::var("APPLICATION_ENV").ok())
+            .filter(|v| !v.trim().is_empty())
             .unwrap_or_else(|| "prod".to_string())
+    }
+
+    extern "C" {
+        fn sapi_getenv(name: *const std::os::raw::c_char, len: usize) -> *mut std::os::raw::c_char;
+    }
+
+    /// The SAPI's view of an environment variable (what PHP's `getenv()` sees under a web
+    /// server); None under the CLI, which has no such hook.
+    fn sapi_env(name: &str) -> Option<String> {
+        // SAFETY: PHP's own lookup; the result is an emalloc'd C string (or null) that we own.
+        unsafe {
+            let value = sapi_getenv(name.as_ptr().cast(), name.len());
+            if value.is_null() {
+                return None;
+            }
+            let text = std::ffi::CStr::from_ptr(value)
+                .to_string_lossy()
+                .into_owned();
+            ext_php_rs::alloc::efree(value.cast());
+            Some(text)
+        }
     }
 }
 
