@@ -35,6 +35,18 @@ email.LOG_FILE = "../logs/email.log"
 [demo : prod]
 INI
 fi
+# The Service Desk mailbox: a copy of the sample Maildir (first run and --reset only; later
+# runs find its messages already processed). Each file gets the time in its name as its
+# modification time, so the mailbox is read in the same order (oldest first) every time.
+if [ ! -d "$demo/maildir" ]; then
+    mkdir -p "$demo/maildir.tmp"/{new,cur,tmp}
+    for f in php/examples/sample-maildir/new/*; do
+        name="$(basename "$f")"
+        cp "$f" "$demo/maildir.tmp/new/$name"
+        touch -d "@${name%%.*}" "$demo/maildir.tmp/new/$name"
+    done
+    mv "$demo/maildir.tmp" "$demo/maildir"
+fi
 echo "Configuration: $ini"
 echo
 export PCR_DEMO_DB="$demo/pcr360-demo.sqlite"

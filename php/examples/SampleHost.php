@@ -21,6 +21,11 @@ final class SampleHost implements PCR_Utility_EmailHost
             id INTEGER PRIMARY KEY, sd_number TEXT, created TEXT, sender TEXT, subject TEXT, auto TEXT)');
         $this->db->exec('CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, created TEXT, subject TEXT, recipients TEXT)');
         $this->db->exec('CREATE TABLE IF NOT EXISTS error_log (id INTEGER PRIMARY KEY, created TEXT, message TEXT, context TEXT)');
+        // An existing Service Desk item (tenant 1): the demo sends on its thread and the sample
+        // Maildir holds replies naming it.
+        $this->db->exec("INSERT OR IGNORE INTO inquiries VALUES ('SO201700043', '2017-06-02T10:15:00+00:00',
+            'grace@tenant1.example.edu', 'Phone line down', 'The phone line in the front office is down.', 0,
+            NULL, 'servicedesk@tenant1.example.edu')");
     }
 
     /** Tenant 1 has a Default and a Service Desk account; tenant 2 only a Default one. */
@@ -44,8 +49,9 @@ final class SampleHost implements PCR_Utility_EmailHost
 
     public function createInquiry(array $mail): string
     {
-        $n = (int) $this->db->querySingle('SELECT COUNT(*) FROM inquiries') + 1;
-        $sd = sprintf('IQ%s%05d', date('Y'), $n);
+        $prefix = 'IQ' . date('Y');
+        $n = (int) $this->db->querySingle("SELECT COUNT(*) FROM inquiries WHERE sd_number LIKE '$prefix%'") + 1;
+        $sd = sprintf('%s%05d', $prefix, $n);
         $st = $this->db->prepare('INSERT INTO inquiries VALUES (:sd, :c, :f, :s, :b, :a, :m, :mb)');
         $st->bindValue(':sd', $sd);
         $st->bindValue(':c', date('c'));
@@ -94,20 +100,43 @@ final class SampleHost implements PCR_Utility_EmailHost
         $st->execute();
     }
 
-    public function inquiries(): array
+    /** The highest row ids of the inquiries and thread tables, to list what a run adds. */
+    public function marks(): array
+    {
+        return [
+            'inquiries' => (int) $this->db->querySingle('SELECT COALESCE(MAX(rowid), 0) FROM inquiries'),
+            'thread' => (int) $this->db->querySingle('SELECT COALESCE(MAX(id), 0) FROM thread'),
+            'error_log' => (int) $this->db->querySingle('SELECT COALESCE(MAX(id), 0) FROM error_log'),
+        ];
+    }
+
+    /** Inquiries, in creation order; only those added after the row id `$after` (see marks()). */
+    public function inquiries(int $after = 0): array
     {
         $out = [];
-        $r = $this->db->query('SELECT * FROM inquiries ORDER BY sd_number');
+        $r = $this->db->query('SELECT * FROM inquiries WHERE rowid > ' . $after . ' ORDER BY rowid');
         while ($row = $r->fetchArray(SQLITE3_ASSOC)) {
             $out[] = $row;
         }
         return $out;
     }
 
-    public function threadEntries(): array
+    /** Thread entries, in order; only those after the id `$after` (see marks()). */
+    public function threadEntries(int $after = 0): array
     {
         $out = [];
-        $r = $this->db->query('SELECT * FROM thread ORDER BY id');
+        $r = $this->db->query('SELECT * FROM thread WHERE id > ' . $after . ' ORDER BY id');
+        while ($row = $r->fetchArray(SQLITE3_ASSOC)) {
+            $out[] = $row;
+        }
+        return $out;
+    }
+
+    /** Error Log entries after the id `$after` (see marks()). */
+    public function errorLog(int $after = 0): array
+    {
+        $out = [];
+        $r = $this->db->query('SELECT * FROM error_log WHERE id > ' . $after . ' ORDER BY id');
         while ($row = $r->fetchArray(SQLITE3_ASSOC)) {
             $out[] = $row;
         }
