@@ -75,6 +75,34 @@ fn effective_timeout(timeout: Duration) -> Duration {
 /// A `CA_FILE` that cannot be read or holds no certificate is a configuration error naming the
 /// file and the key.
 pub fn tls_connector(tls: &TlsSettings) -> crate::Result<TlsConnector> {
+    // Building a connector parses the system CA bundle (~50 ms of CPU): one per set of
+    // settings for the life of the process, shared by every connection (a changed CA_FILE,
+    // by size or modification time, gets a new one). Holding the lock while building makes
+    // the mailbox threads of one run wait for one build instead of doing four.
+    type Key = (
+        Option<std::path::PathBuf>,
+        Option<(u64, std::time::SystemTime)>,
+        bool,
+    );
+    static CACHE: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<Key, TlsConnector>>,
+    > = std::sync::OnceLock::new();
+    let stamp = tls.ca_file.as_ref().and_then(|p| {
+        let meta = std::fs::metadata(p).ok()?;
+        Some((meta.len(), meta.modified().ok()?))
+    });
+    let key: Key = (tls.ca_file.clone(), stamp, tls.verify_cert);
+    let cache = CACHE.get_or_init(Default::default);
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(connector) = cache.get(&key) {
+        return Ok(connector.clone());
+    }
+    let connector = build_tls_connector(tls)?;
+    cache.insert(key, connector.clone());
+    Ok(connector)
+}
+
+fn build_tls_connector(tls: &TlsSettings) -> crate::Result<TlsConnector> {
     let mut builder = TlsConnector::builder();
     if let Some(path) = &tls.ca_file {
         let file = path.display().to_string();
