@@ -21,6 +21,11 @@ pub trait Host {
     fn deliver_message(&mut self, message: &Value) -> Result<()>;
     /// Writes to the application's Error Log. Must not fail the caller: errors are swallowed.
     fn log_error(&mut self, message: &str, context: &Value);
+    /// False once the host can take no more calls (PHP is stopping: a fatal error or `exit()`
+    /// in a callback). Work in progress then winds down without handing anything over.
+    fn is_alive(&self) -> bool {
+        true
+    }
 }
 
 /// A host that has nothing and logs nowhere: used when the manager has no PHP host (sending

@@ -556,6 +556,12 @@ impl Run<'_> {
                     parsed,
                 } => {
                     summaries[mailbox].fetched += 1;
+                    if !self.host.is_alive() {
+                        // PHP is stopping: nothing more is handed over or recorded; the
+                        // message stays where it is for the next run.
+                        summaries[mailbox].deferred += 1;
+                        continue;
+                    }
                     let account = &mailboxes[mailbox];
                     let outcome = self.process(account, &id, *parsed);
                     let summary = &mut summaries[mailbox];

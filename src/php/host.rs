@@ -55,15 +55,61 @@ impl<'a> FromZval<'a> for HostArg {
 /// the core decides what a failure means (a mail stays in its mailbox and is retried).
 pub struct PhpHost {
     object: Zval,
+    /// PHP stopped inside a host method (a fatal error, or `exit()`): nothing more may enter
+    /// PHP, and the caller must let PHP finish stopping once the Rust side has wound down.
+    stopped: std::cell::Cell<Option<Stop>>,
+}
+
+/// How PHP stopped inside a host callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// A fatal error longjmp'd out of the callback: re-raised with `bailout()`.
+    Bailout,
+    /// `exit()`: its unwind "exception" is left pending, so PHP exits when we return.
+    Exit,
 }
 
 impl PhpHost {
     pub fn new(object: Zval) -> Self {
-        PhpHost { object }
+        PhpHost {
+            object,
+            stopped: std::cell::Cell::new(None),
+        }
+    }
+
+    /// Set when PHP stopped inside a callback (see [`Stop`]).
+    pub fn stopped(&self) -> Option<Stop> {
+        self.stopped.get()
     }
 
     fn call(&self, method: &str, args: Vec<&dyn ext_php_rs::convert::IntoZvalDyn>) -> Result<Zval> {
-        let result = self.object.try_call_method(method, args);
+        if self.stopped.get().is_some() {
+            return Err(Error::Host(format!(
+                "PHP is stopping (fatal error or exit in an earlier callback): \
+                 {HOST_INTERFACE}::{method}() was not called"
+            )));
+        }
+        let object = &self.object;
+        let caught = ext_php_rs::zend::try_catch(std::panic::AssertUnwindSafe(|| {
+            object.try_call_method(method, args)
+        }));
+        let result = match caught {
+            Ok(result) => result,
+            Err(_) => {
+                // A fatal error in the host: its message is already PHP's own output.
+                self.stopped.set(Some(Stop::Bailout));
+                return Err(Error::Host(format!(
+                    "{HOST_INTERFACE}::{method}() stopped PHP with a fatal error"
+                )));
+            }
+        };
+        if ExecutorGlobals::pending_exception_class().as_deref() == Some("UnwindExit") {
+            // exit() in the callback: left pending, so PHP exits once we return.
+            self.stopped.set(Some(Stop::Exit));
+            return Err(Error::Host(format!(
+                "{HOST_INTERFACE}::{method}() called exit()"
+            )));
+        }
         if let Some(exception) = ExecutorGlobals::take_exception() {
             let class = exception
                 .get_class_name()
@@ -100,6 +146,10 @@ impl PhpHost {
 }
 
 impl Host for PhpHost {
+    fn is_alive(&self) -> bool {
+        self.stopped.get().is_none()
+    }
+
     fn email_accounts(&mut self) -> Result<Value> {
         let value = self.list("emailAccounts")?;
         Ok(match value {

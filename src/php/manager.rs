@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::convert::{zval_to_json, PhpJson};
 use super::exceptions::to_php;
-use super::host::{HostArg, PhpHost};
+use super::host::{HostArg, PhpHost, Stop};
 use super::settings;
 use crate::error::Error;
 use crate::host::{Host, NoHost};
@@ -109,15 +109,24 @@ impl EmailManager {
                  it again): use a second PCR_Utility_EmailManager for that",
             ));
         }
-        let result = self.with_host_inner(f);
+        let (result, stopped) = self.with_host_inner(f);
         self.busy.set(false);
+        if stopped == Some(Stop::Bailout) {
+            // A fatal error happened in a host callback. The mailbox threads have wound down
+            // and every message is either recorded or left in its mailbox: let PHP finish
+            // the fatal error it started.
+            drop(result);
+            // SAFETY: no Rust frame below ours holds anything that needs dropping for
+            // correctness (the run is over); PHP's bailout unwinds to its own handler.
+            unsafe { ext_php_rs::zend::bailout() };
+        }
         result
     }
 
     fn with_host_inner<T>(
         &mut self,
         f: impl FnOnce(&mut Manager, &mut dyn Host) -> crate::Result<T>,
-    ) -> crate::Result<T> {
+    ) -> (crate::Result<T>, Option<Stop>) {
         let object = self
             .host
             .as_ref()
@@ -126,9 +135,10 @@ impl EmailManager {
         match object {
             Some(object) => {
                 let mut host = PhpHost::new(object);
-                f(&mut self.core, &mut host)
+                let result = f(&mut self.core, &mut host);
+                (result, host.stopped())
             }
-            None => f(&mut self.core, &mut NoHost),
+            None => (f(&mut self.core, &mut NoHost), None),
         }
     }
 
