@@ -65,17 +65,27 @@ function ini_value($v): string
     return '"' . $v . '"';
 }
 
-/** Runs PHP code in a child process with the extension and extra -d settings; returns [exit, stdout, stderr]. */
-function run_php(string $code, array $ini = [], array $env = []): array
+/** The command line of a child PHP with the extension, -d settings, TestHost.php and $requires loaded. */
+function php_command(string $code, array $ini, array $requires): array
 {
-    $so = test_env('PCR_EMAIL_SO');
-    $cmd = [PHP_BINARY, '-d', "extension=$so"];
+    $cmd = [PHP_BINARY, '-d', 'extension=' . test_env('PCR_EMAIL_SO')];
     foreach ($ini as $k => $v) {
         $cmd[] = '-d';
         $cmd[] = "$k=$v";
     }
+    $prelude = '';
+    foreach (array_merge(['TestHost.php'], $requires) as $file) {
+        $prelude .= 'require ' . var_export(__DIR__ . '/' . $file, true) . ';';
+    }
     $cmd[] = '-r';
-    $cmd[] = 'require ' . var_export(__DIR__ . '/TestHost.php', true) . ';' . $code;
+    $cmd[] = $prelude . $code;
+    return $cmd;
+}
+
+/** Runs PHP code in a child process with the extension and extra -d settings; returns [exit, stdout, stderr]. */
+function run_php(string $code, array $ini = [], array $env = []): array
+{
+    $cmd = php_command($code, $ini, []);
     $proc = proc_open($cmd, [1 => ['pipe', 'w'], 2 => ['pipe', 'w']], $pipes, null, $env + getenv());
     $out = stream_get_contents($pipes[1]);
     $err = stream_get_contents($pipes[2]);
@@ -417,15 +427,7 @@ function maildir_files(string $dir): array
  */
 function php_start(string $code, array $ini = [], array $env = []): array
 {
-    $so = test_env('PCR_EMAIL_SO');
-    $cmd = [PHP_BINARY, '-d', "extension=$so"];
-    foreach ($ini as $k => $v) {
-        $cmd[] = '-d';
-        $cmd[] = "$k=$v";
-    }
-    $cmd[] = '-r';
-    $cmd[] = 'require ' . var_export(__DIR__ . '/TestHost.php', true) . ';'
-        . 'require ' . var_export(__DIR__ . '/SqliteHost.php', true) . ';' . $code;
+    $cmd = php_command($code, $ini, ['SqliteHost.php']);
     $out = tempnam(sys_get_temp_dir(), 'pcr-child-out-');
     $err = tempnam(sys_get_temp_dir(), 'pcr-child-err-');
     $proc = proc_open($cmd, [0 => ['file', '/dev/null', 'r'], 1 => ['file', $out, 'w'], 2 => ['file', $err, 'w']],
