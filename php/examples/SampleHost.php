@@ -113,30 +113,26 @@ final class SampleHost implements PCR_Utility_EmailHost
     /** Inquiries, in creation order; only those added after the row id `$after` (see marks()). */
     public function inquiries(int $after = 0): array
     {
-        $out = [];
-        $r = $this->db->query('SELECT * FROM inquiries WHERE rowid > ' . $after . ' ORDER BY rowid');
-        while ($row = $r->fetchArray(SQLITE3_ASSOC)) {
-            $out[] = $row;
-        }
-        return $out;
+        return $this->rows('SELECT * FROM inquiries WHERE rowid > ' . $after . ' ORDER BY rowid');
     }
 
     /** Thread entries, in order; only those after the id `$after` (see marks()). */
     public function threadEntries(int $after = 0): array
     {
-        $out = [];
-        $r = $this->db->query('SELECT * FROM thread WHERE id > ' . $after . ' ORDER BY id');
-        while ($row = $r->fetchArray(SQLITE3_ASSOC)) {
-            $out[] = $row;
-        }
-        return $out;
+        return $this->rows('SELECT * FROM thread WHERE id > ' . $after . ' ORDER BY id');
     }
 
     /** Error Log entries after the id `$after` (see marks()). */
     public function errorLog(int $after = 0): array
     {
+        return $this->rows('SELECT * FROM error_log WHERE id > ' . $after . ' ORDER BY id');
+    }
+
+    /** Every row a query returns, as associative arrays. */
+    private function rows(string $sql): array
+    {
         $out = [];
-        $r = $this->db->query('SELECT * FROM error_log WHERE id > ' . $after . ' ORDER BY id');
+        $r = $this->db->query($sql);
         while ($row = $r->fetchArray(SQLITE3_ASSOC)) {
             $out[] = $row;
         }

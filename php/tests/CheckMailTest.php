@@ -412,10 +412,7 @@ final class CheckMailTest extends TestCase
     public function testAHostFailureLeavesTheMessageForTheNextRunAndNothingIsDoubled(string $protocol): void
     {
         $t = token('fail');
-        $raws = [];
-        for ($i = 1; $i <= 5; $i++) {
-            $raws[] = self::message("message #$i $t");
-        }
+        $raws = self::numbered(5, $t);
         $ids = array_map([self::class, 'idOf'], $raws);
         [$row, $listing] = $this->store($protocol, 61, $raws);
         $host = new TestHost();
@@ -469,10 +466,7 @@ final class CheckMailTest extends TestCase
     public function testAProcessKilledWhileCreatingAnInquiryLosesAndDoublesNothing(string $protocol): void
     {
         $t = token('kill');
-        $raws = [];
-        for ($i = 1; $i <= 5; $i++) {
-            $raws[] = self::message("message #$i $t");
-        }
+        $raws = self::numbered(5, $t);
         $ids = array_map([self::class, 'idOf'], $raws);
         $this->ini();
         [$row, $listing] = $this->store($protocol, 62, $raws);
@@ -588,10 +582,7 @@ final class CheckMailTest extends TestCase
     public function testTwoOverlappingRunsCreateEachInquiryOnce(string $protocol): void
     {
         $t = token('twice');
-        $raws = [];
-        for ($i = 1; $i <= 10; $i++) {
-            $raws[] = self::message("message #$i $t");
-        }
+        $raws = self::numbered(10, $t);
         $ids = array_map([self::class, 'idOf'], $raws);
         $this->ini();
         [$row, $listing] = $this->store($protocol, 63, $raws);
@@ -815,10 +806,9 @@ final class CheckMailTest extends TestCase
     {
         mailbox_reset('mbox1');
         $t = token('max');
-        $raws = [];
-        for ($i = 1; $i <= 5; $i++) {
-            $raws[] = self::message("message #$i $t");
-            dovecot_deliver('mbox1', $raws[$i - 1]);
+        $raws = self::numbered(5, $t);
+        foreach ($raws as $raw) {
+            dovecot_deliver('mbox1', $raw);
         }
         $ids = array_map([self::class, 'idOf'], $raws);
         $host = new TestHost();
@@ -1064,6 +1054,12 @@ final class CheckMailTest extends TestCase
     }
 
     /** The Message-ID of a raw message, without brackets. */
+    /** Messages "message #1 $tag" .. "message #$n $tag", in that order. */
+    private static function numbered(int $n, string $tag): array
+    {
+        return array_map(fn (int $i) => self::message("message #$i $tag"), range(1, $n));
+    }
+
     private static function idOf(string $raw): string
     {
         if (!preg_match('/^Message-ID:\s*<([^>]+)>/mi', $raw, $m)) {
