@@ -236,6 +236,9 @@ class Handler(BaseHTTPRequestHandler):
             body = json.dumps(body).encode()
         elif isinstance(body, str):
             body = body.encode()
+        # Record before answering: a client that reads this response and then asks
+        # /_admin/stats must already see this request in the log.
+        self.record(status)
         self.send_response(status)
         if body or status not in (204, 304):
             self.send_header("Content-Type", content_type)
@@ -264,6 +267,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def dispatch(self, method):
         self.last_status = 0
+        self.recorded = False
         parsed = urllib.parse.urlsplit(self.path)
         path = parsed.path
         query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
@@ -284,12 +288,21 @@ class Handler(BaseHTTPRequestHandler):
             self.send(500, {"error": {"code": "EmulatorBug", "message": repr(e)}})
             raise
         finally:
-            if not path.startswith("/_admin/"):
-                with LOCK:
-                    WORLD.log.append({"t": now(), "method": method, "path": path,
-                                      "user": self.req_user, "client_id": self.req_client,
-                                      "status": self.last_status})
-                    del WORLD.log[:-200000]
+            self.record(self.last_status)
+
+    def record(self, status):
+        """Log this request (once) for /_admin/stats; admin calls are not logged."""
+        if self.recorded:
+            return
+        self.recorded = True
+        path = urllib.parse.urlsplit(self.path).path
+        if path.startswith("/_admin/"):
+            return
+        with LOCK:
+            WORLD.log.append({"t": now(), "method": self.command, "path": path,
+                              "user": self.req_user, "client_id": self.req_client,
+                              "status": status})
+            del WORLD.log[:-200000]
 
     def fault(self, method, path):
         """An injected failure for this request, if one matches (consumed)."""
