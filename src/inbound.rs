@@ -22,20 +22,20 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender, TryRecvError};
 use std::time::Instant;
 
 use regex::Regex;
 use serde_json::{json, Value};
 
-use crate::config::{Account, AccountId};
+use crate::config::{Account, AccountId, MailboxType, SslMode};
 use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::incoming::{self, Fetched, Flow, Listed};
 use crate::manager::Manager;
 use crate::mime::{self, AutoKind, ParsedMail};
 use crate::oauth::OAuthEnv;
-use crate::state::{Claim, Owner, StateStore, MAX_ATTEMPTS};
+use crate::state::{Claim, Owner, Settled, StateStore, MAX_ATTEMPTS};
 use crate::threading;
 
 /// Messages in flight between the mailbox threads and PHP's thread (memory stays bounded).
@@ -229,6 +229,18 @@ struct Run<'a> {
     own_addresses: HashSet<String>,
     attachments_dir: PathBuf,
     seq: u64,
+    /// Per mailbox, where its decisions go; `None` once its channel is closed.
+    decisions: Vec<Option<Sender<Decision>>>,
+    /// The last message the host accepted (or that was skipped), not yet recorded: committed
+    /// together with the next claim when another message is already waiting, else at once.
+    pending: Option<Pending>,
+}
+
+/// A settled message waiting for its commit, and the mailbox decision that must follow it.
+struct Pending {
+    mailbox: usize,
+    settled: Settled,
+    decision: Decision,
 }
 
 pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value) -> Result<Value> {
@@ -268,6 +280,18 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         return Ok(finish_summary(base, status, &[], started));
     }
 
+    // The CA bundle is parsed (~50 ms of CPU) while the state store opens and the mailbox
+    // threads connect.
+    let mut tls_seen = Vec::new();
+    for account in &mailboxes {
+        let tls_mailbox = account.incoming.as_ref().is_some_and(|i| {
+            matches!(i.mailbox, MailboxType::Imap | MailboxType::Pop3) && i.ssl != SslMode::None
+        });
+        if tls_mailbox && !tls_seen.contains(&&account.tls) {
+            tls_seen.push(&account.tls);
+            crate::net::prewarm_tls_connector(&account.tls);
+        }
+    }
     let state = StateStore::open(&settings.state_dir)?;
     let sd_pattern = Regex::new(&settings.sd_number_pattern).map_err(|e| {
         Error::account_key("master", "SD_NUMBER_PATTERN", format!("not a regex: {e}"))
@@ -341,6 +365,8 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         own_addresses,
         attachments_dir,
         seq: 0,
+        decisions: Vec::new(),
+        pending: None,
     };
 
     std::thread::scope(|scope| {
@@ -510,9 +536,9 @@ fn read_mailbox(
 
 /// How one message ended for the summary.
 enum Outcome {
-    Inquiry,
-    Threaded,
-    Skipped(&'static str),
+    Inquiry(Settled),
+    Threaded(Settled),
+    Skipped(&'static str, Settled),
     Duplicate,
     /// Skipped by an earlier run (or copy): left in place again, counted as a duplicate.
     SkippedBefore,
@@ -536,9 +562,8 @@ impl Run<'_> {
         decisions: Vec<Sender<Decision>>,
     ) {
         // Owned here: dropping a mailbox's sender is what lets its thread commit.
-        let mut decisions: Vec<Option<Sender<Decision>>> =
-            decisions.into_iter().map(Some).collect();
-        for event in events {
+        self.decisions = decisions.into_iter().map(Some).collect();
+        while let Some(event) = self.next_event(&events) {
             match event {
                 Event::Listed { mailbox, deferred } => {
                     summaries[mailbox].deferred += deferred as u64;
@@ -547,7 +572,7 @@ impl Run<'_> {
                     let account = &mailboxes[mailbox];
                     if let Some(decision) = self.oversized(account, &listed) {
                         summaries[mailbox].skip("oversized");
-                        send(&decisions[mailbox], decision);
+                        self.send_decision(mailbox, decision);
                     }
                 }
                 Event::Message {
@@ -565,17 +590,23 @@ impl Run<'_> {
                     let account = &mailboxes[mailbox];
                     let outcome = self.process(account, &id, *parsed);
                     let summary = &mut summaries[mailbox];
+                    // Recorded with the next claim (or alone, see `next_event`); its decision
+                    // reaches the mailbox only after that commit.
+                    let mut settled = None;
                     let decision = match outcome {
-                        Outcome::Inquiry => {
+                        Outcome::Inquiry(done) => {
                             summary.inquiries += 1;
+                            settled = Some(done);
                             Some(Decision::Processed(id))
                         }
-                        Outcome::Threaded => {
+                        Outcome::Threaded(done) => {
                             summary.threaded += 1;
+                            settled = Some(done);
                             Some(Decision::Processed(id))
                         }
-                        Outcome::Skipped(reason) => {
+                        Outcome::Skipped(reason, done) => {
                             summary.skip(reason);
+                            settled = Some(done);
                             Some(Decision::Skipped(id))
                         }
                         Outcome::Duplicate => {
@@ -601,16 +632,24 @@ impl Run<'_> {
                         }
                         Outcome::StillQuarantined => Some(Decision::Quarantine(id)),
                     };
-                    if let Some(decision) = decision {
-                        send(&decisions[mailbox], decision);
+                    match (decision, settled) {
+                        (Some(decision), Some(settled)) => {
+                            self.pending = Some(Pending {
+                                mailbox,
+                                settled,
+                                decision,
+                            })
+                        }
+                        (Some(decision), None) => self.send_decision(mailbox, decision),
+                        (None, _) => {}
                     }
                 }
                 Event::Downloaded { mailbox } => {
                     // Every decision for it is sent: closing the channel lets it commit.
-                    decisions[mailbox] = None;
+                    self.decisions[mailbox] = None;
                 }
                 Event::Finished { mailbox, error } => {
-                    decisions[mailbox] = None;
+                    self.decisions[mailbox] = None;
                     match error {
                         Some(error) => {
                             self.mailbox_failed(&mailboxes[mailbox], &mut summaries[mailbox], error)
@@ -623,7 +662,8 @@ impl Run<'_> {
                 }
             }
         }
-        drop(decisions);
+        self.flush_pending();
+        self.decisions.clear();
     }
 
     fn oversized(&mut self, account: &Account, listed: &Listed) -> Option<Decision> {
@@ -668,14 +708,34 @@ impl Run<'_> {
     }
 
     /// One downloaded message, start to end.
-    fn process(&mut self, account: &Account, mailbox_ref: &str, parsed: ParsedMail) -> Outcome {
+    fn process(&mut self, account: &Account, mailbox_ref: &str, mut parsed: ParsedMail) -> Outcome {
         let id = account.id.to_string();
         let scope = ledger_scope(account);
         let key = parsed.message_key.clone();
-        let claim = match self
-            .state
-            .claim(&scope, &key, Some(mailbox_ref), &self.owner)
-        {
+        let claim = match self.pending.take() {
+            Some(pending) => match self.state.settle_then_claim(
+                &pending.settled,
+                &scope,
+                &key,
+                Some(mailbox_ref),
+                &self.owner,
+            ) {
+                Ok(claim) => {
+                    self.send_decision(pending.mailbox, pending.decision);
+                    Ok(claim)
+                }
+                // Nothing of it was recorded: one at a time, each with its own error.
+                Err(_) => {
+                    self.commit_pending(pending);
+                    self.state
+                        .claim(&scope, &key, Some(mailbox_ref), &self.owner)
+                }
+            },
+            None => self
+                .state
+                .claim(&scope, &key, Some(mailbox_ref), &self.owner),
+        };
+        let claim = match claim {
             Ok(claim) => claim,
             Err(e) => {
                 self.log(&format!("pcr_email: {e}"), json!({"account": id}));
@@ -699,21 +759,22 @@ impl Run<'_> {
             }
             Claim::New | Claim::Retry { .. } => {}
         }
-        let verdict = self.deliver(account, &parsed);
+        let verdict = self.deliver(account, &mut parsed);
         match verdict {
-            Ok(Delivered::Inquiry(sd)) => {
-                self.settle_done(&scope, &key, "inquiry", Some(&sd));
-                Outcome::Inquiry
-            }
-            Ok(Delivered::Thread(sd)) => {
-                self.settle_done(&scope, &key, "threaded", Some(&sd));
-                Outcome::Threaded
-            }
+            Ok(Delivered::Inquiry(sd)) => Outcome::Inquiry(Settled {
+                account: scope,
+                key,
+                outcome: "inquiry".to_string(),
+                sd_number: Some(sd),
+            }),
+            Ok(Delivered::Thread(sd)) => Outcome::Threaded(Settled {
+                account: scope,
+                key,
+                outcome: "threaded".to_string(),
+                sd_number: Some(sd),
+            }),
             Ok(Delivered::Skipped(reason)) => {
-                if let Err(e) = self.state.skip(&scope, &key, reason) {
-                    self.log(&format!("pcr_email: {e}"), json!({"account": id}));
-                }
-                Outcome::Skipped(reason)
+                Outcome::Skipped(reason, Settled::skipped(&scope, &key, reason))
             }
             Err(error) => {
                 let text = format!(
@@ -741,12 +802,51 @@ impl Run<'_> {
         }
     }
 
-    fn settle_done(&mut self, id: &str, key: &str, outcome: &str, sd: Option<&str>) {
-        if let Err(e) = self.state.complete(id, key, outcome, sd) {
+    /// The next event; first commits the pending record unless the next event is a message,
+    /// whose claim then commits it.
+    fn next_event(&mut self, events: &Receiver<Event>) -> Option<Event> {
+        if self.pending.is_some() {
+            match events.try_recv() {
+                Ok(event @ Event::Message { .. }) => return Some(event),
+                Ok(event) => {
+                    self.flush_pending();
+                    return Some(event);
+                }
+                Err(TryRecvError::Empty) => self.flush_pending(),
+                Err(TryRecvError::Disconnected) => {
+                    self.flush_pending();
+                    return None;
+                }
+            }
+        }
+        events.recv().ok()
+    }
+
+    fn flush_pending(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            self.commit_pending(pending);
+        }
+    }
+
+    /// Records a settled message on its own, then lets its mailbox act on it. The host has it
+    /// either way: when the record fails, the mailbox still acts (no second Inquiry).
+    fn commit_pending(&mut self, pending: Pending) {
+        if let Err(e) = self.state.settle_done(&pending.settled) {
             self.log(
-                &format!("pcr_email: the outcome of {key} could not be recorded: {e}"),
-                json!({"account": id}),
+                &format!(
+                    "pcr_email: the outcome of {} could not be recorded: {e}",
+                    pending.settled.key
+                ),
+                json!({"account": pending.settled.account}),
             );
+        }
+        self.send_decision(pending.mailbox, pending.decision);
+    }
+
+    fn send_decision(&self, mailbox: usize, decision: Decision) {
+        if let Some(channel) = &self.decisions[mailbox] {
+            // A mailbox thread that stopped early no longer listens: nothing to do.
+            let _ = channel.send(decision);
         }
     }
 
@@ -781,7 +881,9 @@ impl Run<'_> {
     }
 
     /// The decision of SPEC §6 and the host call.
-    fn deliver(&mut self, account: &Account, parsed: &ParsedMail) -> Result<Delivered> {
+    /// Hands the message's text and HTML over to `$mail` (not copied: only the headers,
+    /// subject and sender are used afterwards, for logging).
+    fn deliver(&mut self, account: &Account, parsed: &mut ParsedMail) -> Result<Delivered> {
         let from = parsed
             .from
             .as_ref()
@@ -830,11 +932,16 @@ impl Run<'_> {
     fn mail_array(
         &mut self,
         account: &Account,
-        parsed: &ParsedMail,
+        parsed: &mut ParsedMail,
         item: Option<&str>,
     ) -> Result<Value> {
-        let mut mail = serde_json::to_value(parsed)
+        // The bodies are most of the bytes: moved into `$mail`, not serialised as copies.
+        let text = std::mem::take(&mut parsed.text);
+        let html = parsed.html.take();
+        let mut mail = serde_json::to_value(&*parsed)
             .map_err(|e| Error::message(format!("cannot represent the message: {e}")))?;
+        mail["text"] = Value::String(text);
+        mail["html"] = html.map_or(Value::Null, Value::String);
         mail["account"] = json!({
             "RECID": match account.id {
                 AccountId::Master => Value::from("master"),
@@ -975,12 +1082,6 @@ fn ledger_scope(account: &Account) -> String {
                 .unwrap_or_default(),
         ),
         None => account.id.to_string(),
-    }
-}
-
-fn send(channel: &Option<Sender<Decision>>, decision: Decision) {
-    if let Some(channel) = channel {
-        let _ = channel.send(decision);
     }
 }
 

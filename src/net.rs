@@ -102,6 +102,18 @@ pub fn tls_connector(tls: &TlsSettings) -> crate::Result<TlsConnector> {
     Ok(connector)
 }
 
+/// Starts building (in the background) the connector for `tls`, so the CA bundle is parsed
+/// while the caller still asks the host for its accounts: the connections that follow find
+/// it ready, or wait for this one build (see [`tls_connector`]).
+pub fn prewarm_tls_connector(tls: &TlsSettings) {
+    let tls = tls.clone();
+    let _ = std::thread::Builder::new()
+        .name("pcr-email-tls".to_string())
+        .spawn(move || {
+            let _ = tls_connector(&tls);
+        });
+}
+
 fn build_tls_connector(tls: &TlsSettings) -> crate::Result<TlsConnector> {
     let mut builder = TlsConnector::builder();
     if let Some(path) = &tls.ca_file {

@@ -8,7 +8,8 @@
 //!    instead); `Done` → only re-apply the mailbox action (the host is never called again);
 //!    `Busy` → leave it for this run; `Quarantined` → only re-apply the quarantine action.
 //! 2. after the host returned, [`StateStore::complete`]s it (committed before the mailbox is
-//!    touched), or [`StateStore::fail`]s it when the host or the parser failed (the returned
+//!    touched; when the next message is already waiting, in the same transaction as its claim,
+//!    [`StateStore::settle_then_claim`], so a busy run commits once per message), or [`StateStore::fail`]s it when the host or the parser failed (the returned
 //!    attempt count reaching [`MAX_ATTEMPTS`] → [`StateStore::quarantine`]), or
 //!    [`StateStore::skip`]s it (blocked, own mail, auto-reply, oversized: done, counted once).
 //! 3. on a clean end of the run, [`StateStore::release_owned`] gives back what it claimed but
@@ -28,8 +29,31 @@
 
 use rusqlite::{params, OptionalExtension, Row, Transaction};
 
-use super::{now_ms, Owner, StateStore};
+use super::{exec, now_ms, one, Owner, StateStore};
 use crate::error::Result;
+
+/// A message to record as done (what [`StateStore::complete`] or [`StateStore::skip`] would
+/// record), kept by the caller until it can be committed together with the next claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    pub account: String,
+    pub key: String,
+    /// `inquiry`, `threaded`, or [`SKIPPED_PREFIX`] and the reason.
+    pub outcome: String,
+    pub sd_number: Option<String>,
+}
+
+impl Settled {
+    /// The record of [`StateStore::skip`].
+    pub fn skipped(account: &str, key: &str, reason: &str) -> Settled {
+        Settled {
+            account: account.to_string(),
+            key: key.to_string(),
+            outcome: format!("{SKIPPED_PREFIX}{reason}"),
+            sd_number: None,
+        }
+    }
+}
 
 /// After this many failed attempts a message is quarantined.
 pub const MAX_ATTEMPTS: u32 = 3;
@@ -196,7 +220,8 @@ fn set_owner(
     attempts: u32,
     last_error: Option<&str>,
 ) -> rusqlite::Result<()> {
-    tx.execute(
+    exec(
+        tx,
         "UPDATE ledger SET state='in_progress', attempts=?3,
            last_error=COALESCE(?4, last_error), owner_run=?5, owner_host=?6, owner_machine=?7,
            owner_boot=?8, owner_pidns=?9, owner_pid=?10, owner_start=?11, lease_until=?12,
@@ -225,6 +250,24 @@ const CLEAR_OWNER: &str =
     "owner_run=NULL, owner_host=NULL, owner_machine=NULL, owner_boot=NULL, owner_pidns=NULL, \
      owner_pid=NULL, owner_start=NULL, lease_until=NULL";
 
+/// The statement of [`StateStore::settle`] (also clears the owner).
+const SETTLE_SQL: &str = "INSERT INTO ledger (account, key, state, outcome, sd_number, attempts,
+       last_error, first_seen, updated_at)
+     VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?7)
+     ON CONFLICT (account, key) DO UPDATE SET state=excluded.state,
+       outcome=excluded.outcome, sd_number=excluded.sd_number,
+       last_error=COALESCE(excluded.last_error, ledger.last_error),
+       updated_at=excluded.updated_at, owner_run=NULL, owner_host=NULL, owner_machine=NULL,
+       owner_boot=NULL, owner_pidns=NULL, owner_pid=NULL, owner_start=NULL, lease_until=NULL
+     WHERE ledger.state != 'done'";
+
+/// The statement of [`StateStore::fail`] for a row seen before (also clears the owner).
+const FAIL_SQL: &str =
+    "UPDATE ledger SET state='failed', attempts=?3, last_error=?4, updated_at=?5,
+       owner_run=NULL, owner_host=NULL, owner_machine=NULL, owner_boot=NULL, owner_pidns=NULL,
+       owner_pid=NULL, owner_start=NULL, lease_until=NULL
+     WHERE account=?1 AND key=?2";
+
 impl StateStore {
     fn lease_until(&self, now: i64) -> i64 {
         now.saturating_add(i64::try_from(self.lease().as_millis()).unwrap_or(i64::MAX))
@@ -240,93 +283,145 @@ impl StateStore {
         mailbox_ref: Option<&str>,
         owner: &Owner,
     ) -> Result<Claim> {
+        self.write(account, "claim a message", |tx| {
+            self.claim_in(tx, account, key, mailbox_ref, owner)
+        })
+    }
+
+    /// Records `settled` (a message the host accepted or that was skipped, see
+    /// [`Settled`]) and claims the next message, in one transaction: one commit per message
+    /// instead of two while messages are waiting. Nothing is recorded when it fails (the
+    /// caller then records them one at a time).
+    pub fn settle_then_claim(
+        &self,
+        settled: &Settled,
+        account: &str,
+        key: &str,
+        mailbox_ref: Option<&str>,
+        owner: &Owner,
+    ) -> Result<Claim> {
+        self.write(account, "record a message and claim the next", |tx| {
+            settle_in(
+                tx,
+                &settled.account,
+                &settled.key,
+                LedgerState::Done,
+                &settled.outcome,
+                settled.sd_number.as_deref(),
+                None,
+            )?;
+            self.claim_in(tx, account, key, mailbox_ref, owner)
+        })
+    }
+
+    /// Records `settled` on its own (see [`StateStore::settle_then_claim`]).
+    pub fn settle_done(&self, settled: &Settled) -> Result<()> {
+        self.settle(
+            &settled.account,
+            &settled.key,
+            LedgerState::Done,
+            &settled.outcome,
+            settled.sd_number.as_deref(),
+            None,
+        )
+    }
+
+    fn claim_in(
+        &self,
+        tx: &Transaction<'_>,
+        account: &str,
+        key: &str,
+        mailbox_ref: Option<&str>,
+        owner: &Owner,
+    ) -> rusqlite::Result<Claim> {
         let now = now_ms();
         let lease_until = self.lease_until(now);
-        self.write(account, "claim a message", |tx| {
-            tx.execute(
-                "UPDATE ledger SET lease_until=?2 WHERE owner_run=?1 AND state='in_progress'",
-                params![owner.run_id(), lease_until],
+        exec(
+            tx,
+            "UPDATE ledger SET lease_until=?2 WHERE owner_run=?1 AND state='in_progress'",
+            params![owner.run_id(), lease_until],
+        )?;
+        let row = one(
+            tx,
+            "SELECT state, outcome, attempts, owner_run, owner_host, owner_machine,
+                        owner_boot, owner_pidns, owner_pid, owner_start, lease_until,
+                        mailbox_ref
+                 FROM ledger WHERE account=?1 AND key=?2",
+            params![account, key],
+            |r| {
+                Ok(StoredOwner {
+                    state: r.get(0)?,
+                    outcome: r.get(1)?,
+                    attempts: r.get(2)?,
+                    run: r.get(3)?,
+                    host: r.get(4)?,
+                    machine: r.get(5)?,
+                    boot: r.get(6)?,
+                    pidns: r.get(7)?,
+                    pid: r.get(8)?,
+                    start: r.get(9)?,
+                    lease_until: r.get(10)?,
+                    mailbox_ref: r.get(11)?,
+                })
+            },
+        )
+        .optional()?;
+        let Some(row) = row else {
+            exec(
+                tx,
+                "INSERT INTO ledger (account, key, mailbox_ref, state, attempts,
+                   first_seen, updated_at) VALUES (?1, ?2, ?3, 'in_progress', 0, ?4, ?4)",
+                params![account, key, mailbox_ref, now],
             )?;
-            let row = tx
-                .query_row(
-                    "SELECT state, outcome, attempts, owner_run, owner_host, owner_machine,
-                            owner_boot, owner_pidns, owner_pid, owner_start, lease_until,
-                            mailbox_ref
-                     FROM ledger WHERE account=?1 AND key=?2",
-                    params![account, key],
-                    |r| {
-                        Ok(StoredOwner {
-                            state: r.get(0)?,
-                            outcome: r.get(1)?,
-                            attempts: r.get(2)?,
-                            run: r.get(3)?,
-                            host: r.get(4)?,
-                            machine: r.get(5)?,
-                            boot: r.get(6)?,
-                            pidns: r.get(7)?,
-                            pid: r.get(8)?,
-                            start: r.get(9)?,
-                            lease_until: r.get(10)?,
-                            mailbox_ref: r.get(11)?,
-                        })
-                    },
-                )
-                .optional()?;
-            let Some(row) = row else {
-                tx.execute(
-                    "INSERT INTO ledger (account, key, mailbox_ref, state, attempts,
-                       first_seen, updated_at) VALUES (?1, ?2, ?3, 'in_progress', 0, ?4, ?4)",
-                    params![account, key, mailbox_ref, now],
-                )?;
-                set_owner(tx, account, key, owner, lease_until, 0, None)?;
-                return Ok(Claim::New);
-            };
-            // A done row keeps the copy it was recorded for (see `Claim::Done::same_copy`).
-            if let Some(r) = mailbox_ref.filter(|_| row.state != "done") {
-                tx.execute(
-                    "UPDATE ledger SET mailbox_ref=?3
-                     WHERE account=?1 AND key=?2 AND mailbox_ref IS NOT ?3",
-                    params![account, key, r],
-                )?;
+            set_owner(tx, account, key, owner, lease_until, 0, None)?;
+            return Ok(Claim::New);
+        };
+        // A done row keeps the copy it was recorded for (see `Claim::Done::same_copy`).
+        if let Some(r) = mailbox_ref.filter(|_| row.state != "done") {
+            exec(
+                tx,
+                "UPDATE ledger SET mailbox_ref=?3
+                 WHERE account=?1 AND key=?2 AND mailbox_ref IS NOT ?3",
+                params![account, key, r],
+            )?;
+        }
+        match LedgerState::parse(&row.state) {
+            Some(LedgerState::Done) => Ok(Claim::Done {
+                outcome: row.outcome.unwrap_or_default(),
+                same_copy: match (&row.mailbox_ref, mailbox_ref) {
+                    (Some(stored), Some(given)) => stored == given,
+                    _ => true,
+                },
+            }),
+            Some(LedgerState::Quarantined) => Ok(Claim::Quarantined),
+            Some(LedgerState::Failed) => {
+                set_owner(tx, account, key, owner, lease_until, row.attempts, None)?;
+                Ok(Claim::Retry {
+                    attempts: row.attempts,
+                })
             }
-            match LedgerState::parse(&row.state) {
-                Some(LedgerState::Done) => Ok(Claim::Done {
-                    outcome: row.outcome.unwrap_or_default(),
-                    same_copy: match (&row.mailbox_ref, mailbox_ref) {
-                        (Some(stored), Some(given)) => stored == given,
-                        _ => true,
-                    },
-                }),
-                Some(LedgerState::Quarantined) => Ok(Claim::Quarantined),
-                Some(LedgerState::Failed) => {
-                    set_owner(tx, account, key, owner, lease_until, row.attempts, None)?;
-                    Ok(Claim::Retry {
-                        attempts: row.attempts,
-                    })
+            Some(LedgerState::InProgress) | None => {
+                let previous = row.owner();
+                let ours = previous
+                    .as_ref()
+                    .is_some_and(|p| p.run_id() == owner.run_id());
+                let expired = row.lease_until.is_none_or(|until| until <= now);
+                let dead = previous.as_ref().is_none_or(|p| owner.sees_dead(p));
+                if ours || !(expired || dead) {
+                    return Ok(Claim::Busy);
                 }
-                Some(LedgerState::InProgress) | None => {
-                    let previous = row.owner();
-                    let ours = previous
-                        .as_ref()
-                        .is_some_and(|p| p.run_id() == owner.run_id());
-                    let expired = row.lease_until.is_none_or(|until| until <= now);
-                    let dead = previous.as_ref().is_none_or(|p| owner.sees_dead(p));
-                    if ours || !(expired || dead) {
-                        return Ok(Claim::Busy);
+                let why = match &previous {
+                    Some(p) if expired => {
+                        format!("the lease of {p} ran out before it finished")
                     }
-                    let why = match &previous {
-                        Some(p) if expired => {
-                            format!("the lease of {p} ran out before it finished")
-                        }
-                        Some(p) => format!("{p} stopped before it finished"),
-                        None => "its previous run is unknown".to_string(),
-                    };
-                    let attempts = row.attempts.saturating_add(1);
-                    set_owner(tx, account, key, owner, lease_until, attempts, Some(&why))?;
-                    Ok(Claim::Retry { attempts })
-                }
+                    Some(p) => format!("{p} stopped before it finished"),
+                    None => "its previous run is unknown".to_string(),
+                };
+                let attempts = row.attempts.saturating_add(1);
+                set_owner(tx, account, key, owner, lease_until, attempts, Some(&why))?;
+                Ok(Claim::Retry { attempts })
             }
-        })
+        }
     }
 
     /// Records that the host accepted the message (`outcome` such as `inquiry` or `threaded`,
@@ -371,23 +466,8 @@ impl StateStore {
         sd_number: Option<&str>,
         error: Option<&str>,
     ) -> Result<()> {
-        let now = now_ms();
-        let error = error.map(truncate);
         self.write(account, "record a processed message", |tx| {
-            tx.execute(
-                &format!(
-                    "INSERT INTO ledger (account, key, state, outcome, sd_number, attempts,
-                       last_error, first_seen, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?7)
-                     ON CONFLICT (account, key) DO UPDATE SET state=excluded.state,
-                       outcome=excluded.outcome, sd_number=excluded.sd_number,
-                       last_error=COALESCE(excluded.last_error, ledger.last_error),
-                       updated_at=excluded.updated_at, {CLEAR_OWNER}
-                     WHERE ledger.state != 'done'"
-                ),
-                params![account, key, state.as_str(), outcome, sd_number, error, now],
-            )
-            .map(|_| ())
+            settle_in(tx, account, key, state, outcome, sd_number, error)
         })
     }
 
@@ -398,16 +478,17 @@ impl StateStore {
         let now = now_ms();
         let error = truncate(error);
         self.write(account, "record a failed message", |tx| {
-            let row: Option<(String, u32)> = tx
-                .query_row(
-                    "SELECT state, attempts FROM ledger WHERE account=?1 AND key=?2",
-                    params![account, key],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
+            let row: Option<(String, u32)> = one(
+                tx,
+                "SELECT state, attempts FROM ledger WHERE account=?1 AND key=?2",
+                params![account, key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
             match row {
                 None => {
-                    tx.execute(
+                    exec(
+                        tx,
                         "INSERT INTO ledger (account, key, state, attempts, last_error,
                            first_seen, updated_at) VALUES (?1, ?2, 'failed', 1, ?3, ?4, ?4)",
                         params![account, key, error, now],
@@ -419,13 +500,7 @@ impl StateStore {
                 }
                 Some((_, attempts)) => {
                     let attempts = attempts.saturating_add(1);
-                    tx.execute(
-                        &format!(
-                            "UPDATE ledger SET state='failed', attempts=?3, last_error=?4,
-                               updated_at=?5, {CLEAR_OWNER} WHERE account=?1 AND key=?2"
-                        ),
-                        params![account, key, attempts, error, now],
-                    )?;
+                    exec(tx, FAIL_SQL, params![account, key, attempts, error, now])?;
                     Ok(attempts)
                 }
             }
@@ -457,7 +532,8 @@ impl StateStore {
     pub fn renew_lease(&self, owner: &Owner) -> Result<usize> {
         let lease_until = self.lease_until(now_ms());
         self.write(super::NO_ACCOUNT, "renew the run's lease", |tx| {
-            tx.execute(
+            exec(
+                tx,
                 "UPDATE ledger SET lease_until=?2 WHERE owner_run=?1 AND state='in_progress'",
                 params![owner.run_id(), lease_until],
             )
@@ -467,7 +543,8 @@ impl StateStore {
     /// The ledger row of one message.
     pub fn entry(&self, account: &str, key: &str) -> Result<Option<LedgerEntry>> {
         self.read(account, "read the ledger", |c| {
-            c.query_row(
+            one(
+                c,
                 &format!("SELECT {ENTRY_COLUMNS} FROM ledger WHERE account=?1 AND key=?2"),
                 params![account, key],
                 entry_from_row,
@@ -480,7 +557,8 @@ impl StateStore {
     /// message already settled need not be downloaded again.
     pub fn entry_by_ref(&self, account: &str, mailbox_ref: &str) -> Result<Option<LedgerEntry>> {
         self.read(account, "read the ledger", |c| {
-            c.query_row(
+            one(
+                c,
                 &format!(
                     "SELECT {ENTRY_COLUMNS} FROM ledger WHERE account=?1 AND mailbox_ref=?2
                      ORDER BY updated_at DESC LIMIT 1"
@@ -534,13 +612,40 @@ impl StateStore {
     /// treats it as new. True when there was a row.
     pub fn forget(&self, account: &str, key: &str) -> Result<bool> {
         self.write(account, "forget a message", |tx| {
-            tx.execute(
+            exec(
+                tx,
                 "DELETE FROM ledger WHERE account=?1 AND key=?2",
                 params![account, key],
             )
             .map(|n| n > 0)
         })
     }
+}
+
+fn settle_in(
+    tx: &Transaction<'_>,
+    account: &str,
+    key: &str,
+    state: LedgerState,
+    outcome: &str,
+    sd_number: Option<&str>,
+    error: Option<&str>,
+) -> rusqlite::Result<()> {
+    let error = error.map(truncate);
+    exec(
+        tx,
+        SETTLE_SQL,
+        params![
+            account,
+            key,
+            state.as_str(),
+            outcome,
+            sd_number,
+            error,
+            now_ms()
+        ],
+    )
+    .map(|_| ())
 }
 
 /// Releases the in-progress rows of owner `?1` matching `filter`: rows with no failed attempt
@@ -550,14 +655,16 @@ fn release_where(
     filter: &str,
     params: &[&dyn rusqlite::ToSql],
 ) -> rusqlite::Result<usize> {
-    let removed = tx.execute(
+    let removed = exec(
+        tx,
         &format!(
             "DELETE FROM ledger WHERE owner_run=?1 AND state='in_progress' AND attempts=0
              AND {filter}"
         ),
         params,
     )?;
-    let returned = tx.execute(
+    let returned = exec(
+        tx,
         &format!(
             "UPDATE ledger SET state='failed', {CLEAR_OWNER}
              WHERE owner_run=?1 AND state='in_progress' AND {filter}"
@@ -610,6 +717,46 @@ mod tests {
             ),
             "{again:?}"
         );
+    }
+
+    #[test]
+    fn a_settled_message_and_the_next_claim_commit_together() {
+        let (_dir, s) = store();
+        let run = Owner::new_run();
+        assert_eq!(s.claim("7", "<a@x>", Some("u1"), &run).unwrap(), Claim::New);
+        let done = Settled {
+            account: "7".into(),
+            key: "<a@x>".into(),
+            outcome: "inquiry".into(),
+            sd_number: Some("SO1".into()),
+        };
+        assert_eq!(
+            s.settle_then_claim(&done, "7", "<b@x>", Some("u2"), &run)
+                .unwrap(),
+            Claim::New
+        );
+        let a = s.entry("7", "<a@x>").unwrap().unwrap();
+        assert_eq!(
+            (a.state, a.outcome.as_deref(), a.owner.is_none()),
+            (LedgerState::Done, Some("inquiry"), true)
+        );
+        let b = s.entry("7", "<b@x>").unwrap().unwrap();
+        assert_eq!(b.state, LedgerState::InProgress);
+        // A skipped message recorded the same way is done, and counted as skipped.
+        let skipped = Settled::skipped("7", "<b@x>", "blocked");
+        assert_eq!(
+            s.settle_then_claim(&skipped, "7", "<a@x>", Some("u1"), &run)
+                .unwrap(),
+            Claim::Done {
+                outcome: "inquiry".into(),
+                same_copy: true
+            }
+        );
+        let counts = s.counts("7").unwrap();
+        assert_eq!((counts.done, counts.skipped, counts.in_progress), (1, 1, 0));
+        // Alone, when no other message is waiting.
+        s.settle_done(&done).unwrap();
+        assert_eq!(s.counts("7").unwrap().done, 1);
     }
 
     #[test]

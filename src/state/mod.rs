@@ -36,7 +36,9 @@
 pub mod ledger;
 pub mod owner;
 
-pub use ledger::{Claim, LedgerCounts, LedgerEntry, LedgerState, MAX_ATTEMPTS, SKIPPED_PREFIX};
+pub use ledger::{
+    Claim, LedgerCounts, LedgerEntry, LedgerState, Settled, MAX_ATTEMPTS, SKIPPED_PREFIX,
+};
 pub use owner::{process_alive, process_start_ticks, Owner};
 
 use std::fs;
@@ -103,6 +105,22 @@ pub enum PendingAuth {
     Unknown,
 }
 
+/// Runs one statement, prepared once per connection (the ledger's statements run for every
+/// message: parsing their SQL each time was a tenth of the PHP thread's work).
+pub(crate) fn exec(c: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    c.prepare_cached(sql)?.execute(p)
+}
+
+/// Queries one row with a statement prepared once per connection.
+pub(crate) fn one<T>(
+    c: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    c.prepare_cached(sql)?.query_row(p, f)
+}
+
 impl StateStore {
     /// Opens (creating when missing) `state_dir/pcr_email.sqlite`; the directory is created
     /// with mode 0700 when it does not exist.
@@ -137,6 +155,7 @@ impl StateStore {
                 conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
+            conn.set_prepared_statement_cache_capacity(64);
             Ok(mode)
         };
         // Switching a fresh file to WAL needs an exclusive lock, and SQLite answers "busy"
@@ -243,7 +262,8 @@ impl StateStore {
     /// with a UID below the low-water mark is settled (done or quarantined).
     pub fn imap_mark(&self, account: &str, folder: &str) -> Result<Option<(u32, u32)>> {
         self.read(account, "read the IMAP mark", |c| {
-            c.query_row(
+            one(
+                c,
                 "SELECT uidvalidity, low_water_uid FROM imap_marks WHERE account=?1 AND folder=?2",
                 params![account, folder],
                 |r| Ok((r.get::<_, u32>(0)?, r.get::<_, u32>(1)?)),
@@ -262,7 +282,8 @@ impl StateStore {
         low_water_uid: u32,
     ) -> Result<()> {
         self.write(account, "save the IMAP mark", |tx| {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO imap_marks (account, folder, uidvalidity, low_water_uid, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (account, folder) DO UPDATE SET uidvalidity=excluded.uidvalidity,
@@ -276,7 +297,8 @@ impl StateStore {
     /// A value saved with [`StateStore::set_kv`] (POP3, Graph, Gmail cursors and the like).
     pub fn get_kv(&self, namespace: &str, key: &str) -> Result<Option<String>> {
         self.read(NO_ACCOUNT, "read a saved cursor", |c| {
-            c.query_row(
+            one(
+                c,
                 "SELECT value FROM kv WHERE namespace=?1 AND key=?2",
                 params![namespace, key],
                 |r| r.get(0),
@@ -288,7 +310,8 @@ impl StateStore {
     /// Saves (replaces) a value under `namespace` and `key`.
     pub fn set_kv(&self, namespace: &str, key: &str, value: &str) -> Result<()> {
         self.write(NO_ACCOUNT, "save a cursor", |tx| {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO kv (namespace, key, value, updated_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value,
                    updated_at=excluded.updated_at",
@@ -301,7 +324,8 @@ impl StateStore {
     /// Removes a saved value; true when there was one.
     pub fn delete_kv(&self, namespace: &str, key: &str) -> Result<bool> {
         self.write(NO_ACCOUNT, "delete a cursor", |tx| {
-            tx.execute(
+            exec(
+                tx,
                 "DELETE FROM kv WHERE namespace=?1 AND key=?2",
                 params![namespace, key],
             )
@@ -320,7 +344,8 @@ impl StateStore {
             return Err(Error::message("cannot record an empty Message-ID as sent"));
         }
         self.write(account, "record a sent Message-ID", |tx| {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO sent (message_id, sd_number, account, sent_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (message_id) DO UPDATE SET sd_number=excluded.sd_number,
                    account=excluded.account, sent_at=excluded.sent_at",
@@ -334,7 +359,8 @@ impl StateStore {
     pub fn sent_sd_number(&self, message_id: &str) -> Result<Option<String>> {
         let id = normalize_message_id(message_id);
         self.read(NO_ACCOUNT, "look up a sent Message-ID", |c| {
-            c.query_row(
+            one(
+                c,
                 "SELECT sd_number FROM sent WHERE message_id=?1",
                 params![id],
                 |r| r.get(0),
@@ -348,7 +374,8 @@ impl StateStore {
     /// The token of `kind` (e.g. `refresh`, `access`) stored for `account`.
     pub fn load_token(&self, account: &str, kind: &str) -> Result<Option<StoredToken>> {
         self.read(account, "read a stored token", |c| {
-            c.query_row(
+            one(
+                c,
                 "SELECT value, expires_at, version FROM tokens WHERE account=?1 AND kind=?2",
                 params![account, kind],
                 |r| {
@@ -373,13 +400,13 @@ impl StateStore {
         expires_at: Option<i64>,
     ) -> Result<i64> {
         self.write(account, "save a token", |tx| {
-            let old: Option<i64> = tx
-                .query_row(
-                    "SELECT version FROM tokens WHERE account=?1 AND kind=?2",
-                    params![account, kind],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let old: Option<i64> = one(
+                tx,
+                "SELECT version FROM tokens WHERE account=?1 AND kind=?2",
+                params![account, kind],
+                |r| r.get(0),
+            )
+            .optional()?;
             let version = now_ms().max(old.map_or(i64::MIN, |v| v.saturating_add(1)));
             upsert_token(tx, account, kind, value, expires_at, version)?;
             Ok(version)
@@ -398,7 +425,8 @@ impl StateStore {
         version: i64,
     ) -> Result<bool> {
         self.write(account, "save a token", |tx| {
-            let n = tx.execute(
+            let n = exec(
+                tx,
                 "INSERT INTO tokens (account, kind, value, expires_at, version, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (account, kind) DO UPDATE SET value=excluded.value,
@@ -423,13 +451,13 @@ impl StateStore {
         expires_at: Option<i64>,
     ) -> Result<Option<i64>> {
         self.write(account, "save a token", |tx| {
-            let current: Option<i64> = tx
-                .query_row(
-                    "SELECT version FROM tokens WHERE account=?1 AND kind=?2",
-                    params![account, kind],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let current: Option<i64> = one(
+                tx,
+                "SELECT version FROM tokens WHERE account=?1 AND kind=?2",
+                params![account, kind],
+                |r| r.get(0),
+            )
+            .optional()?;
             if current != expected {
                 return Ok(None);
             }
@@ -442,7 +470,8 @@ impl StateStore {
     /// Forgets a token (the account was disconnected); true when there was one.
     pub fn delete_token(&self, account: &str, kind: &str) -> Result<bool> {
         self.write(account, "delete a token", |tx| {
-            tx.execute(
+            exec(
+                tx,
                 "DELETE FROM tokens WHERE account=?1 AND kind=?2",
                 params![account, kind],
             )
@@ -458,11 +487,13 @@ impl StateStore {
     pub fn put_pending_auth(&self, state: &str, data: &str, expires_at: i64) -> Result<()> {
         let now = now_secs();
         let inserted = self.write(NO_ACCOUNT, "save a pending authorization", |tx| {
-            tx.execute(
+            exec(
+                tx,
                 "DELETE FROM pending_auth WHERE expires_at < ?1",
                 params![now - PENDING_AUTH_GRACE_SECS],
             )?;
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO pending_auth (state, data, expires_at, created_at)
                  VALUES (?1, ?2, ?3, ?4) ON CONFLICT (state) DO NOTHING",
                 params![state, data, expires_at, now],
@@ -482,17 +513,21 @@ impl StateStore {
     pub fn take_pending_auth(&self, state: &str) -> Result<PendingAuth> {
         let now = now_secs();
         self.write(NO_ACCOUNT, "take a pending authorization", |tx| {
-            let row: Option<(String, i64)> = tx
-                .query_row(
-                    "SELECT data, expires_at FROM pending_auth WHERE state=?1",
-                    params![state],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
+            let row: Option<(String, i64)> = one(
+                tx,
+                "SELECT data, expires_at FROM pending_auth WHERE state=?1",
+                params![state],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
             let Some((data, expires_at)) = row else {
                 return Ok(PendingAuth::Unknown);
             };
-            tx.execute("DELETE FROM pending_auth WHERE state=?1", params![state])?;
+            exec(
+                tx,
+                "DELETE FROM pending_auth WHERE state=?1",
+                params![state],
+            )?;
             Ok(if expires_at <= now {
                 PendingAuth::Expired
             } else {
@@ -507,7 +542,8 @@ impl StateStore {
     /// until [`StateStore::clear_alert`]. Use it to alert SYSADMIN once per problem.
     pub fn alert_once(&self, key: &str) -> Result<bool> {
         self.write(NO_ACCOUNT, "record an alert", |tx| {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO alerts (key, first_at) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
                 params![key, now_ms()],
             )
@@ -518,8 +554,7 @@ impl StateStore {
     /// Forgets an alert (the problem was resolved), so the next occurrence alerts again.
     pub fn clear_alert(&self, key: &str) -> Result<bool> {
         self.write(NO_ACCOUNT, "clear an alert", |tx| {
-            tx.execute("DELETE FROM alerts WHERE key=?1", params![key])
-                .map(|n| n > 0)
+            exec(tx, "DELETE FROM alerts WHERE key=?1", params![key]).map(|n| n > 0)
         })
     }
 }
@@ -532,7 +567,8 @@ fn upsert_token(
     expires_at: Option<i64>,
     version: i64,
 ) -> rusqlite::Result<()> {
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO tokens (account, kind, value, expires_at, version, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (account, kind) DO UPDATE SET value=excluded.value,

@@ -316,13 +316,22 @@ impl ImapMailbox {
         };
         let deadline = Instant::now() + timeout;
         let mailbox_err = |message: String| Error::mailbox(&id, &server, message);
-        let connector = match incoming.ssl {
-            SslMode::None => None,
-            SslMode::Ssl | SslMode::StartTls => Some(net::tls_connector(&account.tls)?),
+        // Connected first: the TCP handshake overlaps the parsing of the CA bundle (started
+        // by `net::prewarm_tls_connector`, or by the first connection of the process).
+        let connector = || match incoming.ssl {
+            SslMode::None => Ok(None),
+            SslMode::Ssl | SslMode::StartTls => net::tls_connector(&account.tls).map(Some),
         };
-
-        let tcp = net::connect_tcp(host, port, timeout)
-            .map_err(|e| mailbox_err(format!("cannot connect: {}", net::describe_io_error(&e))))?;
+        let tcp = match net::connect_tcp(host, port, timeout) {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                // A broken CA_FILE is the thing to fix first, even with the server down.
+                connector()?;
+                let text = format!("cannot connect: {}", net::describe_io_error(&e));
+                return Err(mailbox_err(text));
+            }
+        };
+        let connector = connector()?;
         let stream = match (&connector, incoming.ssl) {
             (Some(connector), SslMode::Ssl) => {
                 let left = deadline

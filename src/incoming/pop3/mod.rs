@@ -191,13 +191,22 @@ pub fn connect(
 ) -> crate::Result<Pop3Session<MaybeTls>> {
     let server = net::server_label(host, port);
     let fail = |f: Fail| f.into_error(account, &server);
-    let connector = match ssl {
-        SslMode::None => None,
-        SslMode::Ssl | SslMode::StartTls => {
-            Some(net::tls_connector(tls).map_err(|e| fail(Fail::Other(e)))?)
+    // Connected first: the TCP handshake overlaps the parsing of the CA bundle.
+    let connector = || match ssl {
+        SslMode::None => Ok(None),
+        SslMode::Ssl | SslMode::StartTls => net::tls_connector(tls)
+            .map(Some)
+            .map_err(|e| fail(Fail::Other(e))),
+    };
+    let tcp = match net::connect_tcp(host, port, timeout) {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            // A broken CA_FILE is the thing to fix first, even with the server down.
+            connector()?;
+            return Err(fail(Fail::io("connecting", e)));
         }
     };
-    let tcp = net::connect_tcp(host, port, timeout).map_err(|e| fail(Fail::io("connecting", e)))?;
+    let connector = connector()?;
     let stream = match (&connector, ssl) {
         (Some(connector), SslMode::Ssl) => MaybeTls::Tls(
             net::tls_handshake(connector, host, tcp)
