@@ -123,6 +123,8 @@ pub struct ImapMailbox {
     poisoned: Option<String>,
     uidplus: bool,
     move_ext: bool,
+    /// The capabilities the server named in its reply to LOGIN, if it did.
+    login_caps: Option<Caps>,
     /// `Some(true)`: SELECTed (read-write); `Some(false)`: EXAMINEd.
     selected: Option<bool>,
     exists: u32,
@@ -185,6 +187,118 @@ fn normalize_folder(name: &str) -> String {
 /// An IMAP quoted string.
 fn quoted(value: &str) -> String {
     format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Reads replies up to the one tagged `tag`, handing every other line to `untagged`
+/// (literals, which these replies do not normally have, are read and dropped).
+fn read_tagged(
+    wire: &Wire<MaybeTls>,
+    tag: &str,
+    mut untagged: impl FnMut(&str),
+) -> std::io::Result<(Status, String)> {
+    loop {
+        let mut line = Vec::new();
+        wire.read_line(&mut line, fetch::MAX_LINE)?;
+        while let Some(n) = literal_length(&line) {
+            let mut skipped = Vec::new();
+            wire.read_exact_into(&mut skipped, n)?;
+            wire.read_line(&mut line, fetch::MAX_LINE)?;
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\r', '\n']);
+        if let Some(rest) = text.strip_prefix(tag).and_then(|r| r.strip_prefix(' ')) {
+            let (word, info) = rest.split_once(' ').unwrap_or((rest, ""));
+            let status = match word.to_ascii_uppercase().as_str() {
+                "OK" => Status::Ok,
+                "NO" => Status::No,
+                _ => Status::Bad,
+            };
+            return Ok((status, info.to_string()));
+        }
+        untagged(text);
+    }
+}
+
+/// The length of the literal a reply line announces at its end (`{123}` or `{123+}`).
+fn literal_length(line: &[u8]) -> Option<usize> {
+    let line = line.strip_suffix(b"\n")?;
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let inner = line.strip_suffix(b"}")?;
+    let open = inner.iter().rposition(|&b| b == b'{')?;
+    let digits = &inner[open + 1..];
+    let digits = digits.strip_suffix(b"+").unwrap_or(digits);
+    if digits.is_empty() || digits.len() > 12 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// `(UID, size)` from `* 12 FETCH (UID 40 RFC822.SIZE 3012)` (items in any order).
+fn listed_size(line: &str) -> Option<(u32, u64)> {
+    let rest = line.strip_prefix("* ")?;
+    let (_, rest) = rest.split_once(' ')?;
+    let items = rest
+        .get(..5)
+        .filter(|w| w.eq_ignore_ascii_case("FETCH"))
+        .map(|_| &rest[5..])?;
+    let items = items
+        .trim()
+        .strip_prefix('(')?
+        .trim_end()
+        .strip_suffix(')')?;
+    // Each item name is followed by its value; other items (FLAGS lists) are passed over.
+    let words: Vec<&str> = items.split_ascii_whitespace().collect();
+    let value_of = |name: &str| {
+        words
+            .windows(2)
+            .find(|w| w[0].eq_ignore_ascii_case(name))
+            .map(|w| w[1])
+    };
+    let uid = value_of("UID")?.parse().ok()?;
+    let size = value_of("RFC822.SIZE")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Some((uid, size))
+}
+
+/// Capabilities as a server announced them.
+enum Caps {
+    /// Named in a reply (upper case).
+    Listed(Vec<String>),
+    /// Asked for with CAPABILITY.
+    Crate(imap::types::Capabilities),
+}
+
+impl Caps {
+    fn has(&self, name: &str) -> bool {
+        match self {
+            Caps::Listed(list) => list.iter().any(|c| c.eq_ignore_ascii_case(name)),
+            Caps::Crate(caps) => caps.has_str(name),
+        }
+    }
+
+    /// The capabilities a server's reply names, in a `[CAPABILITY ...]` response code (a
+    /// greeting, a LOGIN reply) or an untagged `* CAPABILITY` line; `None` when it names none.
+    fn in_reply(reply: &[u8]) -> Option<Caps> {
+        let text = String::from_utf8_lossy(reply);
+        let mut found = None;
+        for line in text.lines() {
+            let upper = line.to_ascii_uppercase();
+            let list = match upper.find("[CAPABILITY ") {
+                Some(at) => {
+                    let rest = &upper[at + "[CAPABILITY ".len()..];
+                    rest.find(']').map(|end| &rest[..end])
+                }
+                None => upper.strip_prefix("* CAPABILITY "),
+            };
+            let Some(list) = list else { continue };
+            let caps: Vec<String> = list.split_ascii_whitespace().map(str::to_string).collect();
+            if caps.iter().any(|c| c.starts_with("IMAP4")) {
+                found = Some(Caps::Listed(caps));
+            }
+        }
+        found
+    }
 }
 
 /// A UID set with runs compressed: `1:3,7,9:10`.
@@ -364,6 +478,7 @@ impl ImapMailbox {
             poisoned: None,
             uidplus: false,
             move_ext: false,
+            login_caps: None,
             selected: None,
             exists: 0,
             uidvalidity: None,
@@ -380,15 +495,19 @@ impl ImapMailbox {
         let session = mailbox.open_session(wire.clone(), host, incoming.ssl, connector)?;
         mailbox.session = Some(session);
         wire.set_deadline(None);
-        let caps = mailbox.run("reading the capabilities", |s| s.capabilities())?;
-        mailbox.uidplus = caps.has_str("UIDPLUS");
-        mailbox.move_ext = caps.has_str("MOVE");
+        // Servers such as Dovecot name them in their reply to LOGIN: no round trip then.
+        let caps = match mailbox.login_caps.take() {
+            Some(caps) => caps,
+            None => Caps::Crate(mailbox.run("reading the capabilities", |s| s.capabilities())?),
+        };
+        mailbox.uidplus = caps.has("UIDPLUS");
+        mailbox.move_ext = caps.has("MOVE");
         Ok(mailbox)
     }
 
     /// Greeting, STARTTLS when asked for, login.
     fn open_session(
-        &self,
+        &mut self,
         wire: Wire<MaybeTls>,
         host: &str,
         ssl: SslMode,
@@ -448,26 +567,33 @@ impl ImapMailbox {
                 .map_err(|e| self.io_error("starting TLS", &e))?;
         }
         let mut client = imap::Client::new(wire.clone());
-        // Capabilities are read afresh after STARTTLS (RFC 3501 §6.2.1).
-        let caps = client
-            .capabilities()
-            .map_err(|e| self.error("reading the capabilities", &e))?;
+        // The greeting's `[CAPABILITY ...]` saves a round trip, except after STARTTLS, where
+        // they are read afresh (RFC 3501 §6.2.1).
+        let caps = match Caps::in_reply(&greeting).filter(|_| ssl != SslMode::StartTls) {
+            Some(caps) => caps,
+            None => Caps::Crate(
+                client
+                    .capabilities()
+                    .map_err(|e| self.error("reading the capabilities", &e))?,
+            ),
+        };
         let plain_ascii = |s: &str| s.bytes().all(|b| (0x20..0x7f).contains(&b));
-        let needs_sasl = caps.has_str("LOGINDISABLED")
+        let needs_sasl = caps.has("LOGINDISABLED")
             || !plain_ascii(&self.user)
             || !plain_ascii(self.password.expose());
+        if needs_sasl && !caps.has("AUTH=PLAIN") {
+            return Err(self.mailbox_error(if caps.has("LOGINDISABLED") {
+                "the server does not allow logging in on this connection (LOGINDISABLED); \
+                 use INCOMING_SSL = SSL or TLS"
+                    .to_string()
+            } else {
+                "the login name or password has characters LOGIN cannot send, and the \
+                 server does not offer AUTHENTICATE PLAIN"
+                    .to_string()
+            }));
+        }
+        wire.start_capture();
         let result = if needs_sasl {
-            if !caps.has_str("AUTH=PLAIN") {
-                return Err(self.mailbox_error(if caps.has_str("LOGINDISABLED") {
-                    "the server does not allow logging in on this connection (LOGINDISABLED); \
-                     use INCOMING_SSL = SSL or TLS"
-                        .to_string()
-                } else {
-                    "the login name or password has characters LOGIN cannot send, and the \
-                     server does not offer AUTHENTICATE PLAIN"
-                        .to_string()
-                }));
-            }
             let auth = PlainAuth {
                 user: &self.user,
                 password: &self.password,
@@ -478,6 +604,7 @@ impl ImapMailbox {
                 .login(&self.user, self.password.expose())
                 .map_err(|(e, _)| e)
         };
+        self.login_caps = Caps::in_reply(&wire.take_capture());
         result.map_err(|e| match e {
             imap::Error::No(no) => Error::auth(
                 &self.account,
@@ -648,7 +775,18 @@ impl ImapMailbox {
                 s.examine(&name)
             }
         })?;
-        let Some(uidvalidity) = mailbox.uid_validity else {
+        self.apply_selection(mailbox.uid_validity, mailbox.exists, write)
+    }
+
+    /// Records what a SELECT or EXAMINE reported; a UIDVALIDITY that changed during the run
+    /// ends the session.
+    fn apply_selection(
+        &mut self,
+        uidvalidity: Option<u32>,
+        exists: u32,
+        write: bool,
+    ) -> Result<()> {
+        let Some(uidvalidity) = uidvalidity else {
             let err = self.mailbox_error(format!(
                 "the server did not report the UIDVALIDITY of '{}'",
                 self.folder
@@ -667,9 +805,86 @@ impl ImapMailbox {
             }
         }
         self.uidvalidity = Some(uidvalidity);
-        self.exists = mailbox.exists;
+        self.exists = exists;
         self.selected = Some(write);
         Ok(())
+    }
+
+    /// SELECT and `UID FETCH low:* (UID RFC822.SIZE)` sent together, one round trip for both:
+    /// `low` comes from the stored mark, which the caller checks against the UIDVALIDITY
+    /// the SELECT reported. Returns the `(UID, size)` pairs listed.
+    fn select_and_list(&mut self, low: u32) -> Result<Vec<(u32, u64)>> {
+        if self.session.is_none() {
+            return Err(self.session_gone());
+        }
+        let name = utf7::encode(&self.folder);
+        let (select_tag, fetch_tag) = (self.next_tag(), self.next_tag());
+        let what = format!("opening the folder '{}'", self.folder);
+        let commands = format!(
+            "{select_tag} SELECT {}\r\n{fetch_tag} UID FETCH {low}:* (UID RFC822.SIZE)\r\n",
+            quoted(&name)
+        );
+        let wire = self.wire.clone();
+        let mut selected = (None, 0u32);
+        let mut listed = Vec::new();
+        let read = (|| -> std::io::Result<((Status, String), (Status, String))> {
+            wire.send(commands.as_bytes())?;
+            let select = read_tagged(&wire, &select_tag, |line| {
+                let upper = line.to_ascii_uppercase();
+                if let Some(n) = upper
+                    .strip_prefix("* ")
+                    .and_then(|r| r.strip_suffix(" EXISTS"))
+                {
+                    selected.1 = n.trim().parse().unwrap_or(selected.1);
+                } else if let Some(at) = upper.find("[UIDVALIDITY ") {
+                    let rest = &upper[at + "[UIDVALIDITY ".len()..];
+                    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                    selected.0 = digits.parse().ok();
+                }
+            })?;
+            let fetch = read_tagged(&wire, &fetch_tag, |line| {
+                if let Some(pair) = listed_size(line) {
+                    listed.push(pair);
+                }
+            })?;
+            Ok((select, fetch))
+        })();
+        let ((select_status, select_text), (fetch_status, fetch_text)) = match read {
+            Ok(replies) => replies,
+            Err(e) => {
+                let err = self.io_error(&what, &e);
+                self.poison(&err);
+                return Err(err);
+            }
+        };
+        if select_status != Status::Ok {
+            self.selected = None;
+            return Err(self.mailbox_error(format!(
+                "{what}: the server said {}: {}",
+                if select_status == Status::No {
+                    "NO"
+                } else {
+                    "BAD"
+                },
+                self.redact(&select_text)
+            )));
+        }
+        self.apply_selection(selected.0, selected.1, true)?;
+        // Some servers refuse `low:*` in an empty folder.
+        if fetch_status != Status::Ok && self.exists > 0 {
+            return Err(self.mailbox_error(format!(
+                "listing the messages of '{}': the server said {}: {}",
+                self.folder,
+                if fetch_status == Status::No {
+                    "NO"
+                } else {
+                    "BAD"
+                },
+                self.redact(&fetch_text)
+            )));
+        }
+        self.stats.list_fetches += 1;
+        Ok(listed)
     }
 
     fn parse_ids(&self, ids: &[String]) -> Result<Vec<u32>> {
@@ -968,15 +1183,21 @@ impl Mailbox for ImapMailbox {
     }
 
     fn list(&mut self) -> Result<Vec<Listed>> {
-        // SELECT afresh: the server shows mail that arrived since only on a new selection.
+        // SELECT afresh (the server shows mail that arrived since only on a new selection),
+        // listing from the stored mark in the same round trip.
         self.selected = None;
-        self.open_folder(true)?;
-        let uidvalidity = self.uidvalidity.unwrap_or(0);
         let stored = self.state.imap_mark(&self.account, &self.mark_key)?;
+        let guess = stored.map_or(1, |(_, low)| low.max(1));
+        let mut found = Some(self.select_and_list(guess)?);
+        let uidvalidity = self.uidvalidity.unwrap_or(0);
         let low = match stored {
             Some((v, low)) if v == uidvalidity => low.max(1),
             _ => 1,
         };
+        if low != guess {
+            // The folder was recreated (new UIDVALIDITY): everything in it is listed.
+            found = None;
+        }
         self.stored_mark = stored;
         self.listed_under = Some((uidvalidity, low));
         self.listed.clear();
@@ -986,16 +1207,22 @@ impl Mailbox for ImapMailbox {
             .filter(|&uid| uid >= low)
             .collect();
         if self.exists > 0 {
-            let what = format!("listing the messages of '{}'", self.folder);
-            let range = format!("{low}:*");
-            let found = self.run(&what, |s| {
-                let fetches = s.uid_fetch(&range, "(UID RFC822.SIZE)")?;
-                Ok(fetches
-                    .iter()
-                    .filter_map(|f| f.uid.map(|uid| (uid, f.size.map_or(0, u64::from))))
-                    .collect::<Vec<_>>())
-            })?;
-            self.stats.list_fetches += 1;
+            let found = match found {
+                Some(found) => found,
+                None => {
+                    let what = format!("listing the messages of '{}'", self.folder);
+                    let range = format!("{low}:*");
+                    let found = self.run(&what, |s| {
+                        let fetches = s.uid_fetch(&range, "(UID RFC822.SIZE)")?;
+                        Ok(fetches
+                            .iter()
+                            .filter_map(|f| f.uid.map(|uid| (uid, f.size.map_or(0, u64::from))))
+                            .collect::<Vec<_>>())
+                    })?;
+                    self.stats.list_fetches += 1;
+                    found
+                }
+            };
             // `low:*` includes the last message even when its UID is below `low`.
             // UIDs an earlier run settled above the mark are not new either.
             let settled_before = &self.settled_before;
@@ -1080,9 +1307,12 @@ impl Mailbox for ImapMailbox {
 
     fn finish(mut self: Box<Self>) -> Result<()> {
         let saved = self.save_mark();
-        if let Some(mut session) = self.session.take() {
-            // The work is done and the mark saved; a failing LOGOUT changes nothing.
-            let _ = session.logout();
+        if let Some(session) = self.session.take() {
+            // The work is done and the mark saved: LOGOUT is said, its reply not awaited (a
+            // round trip less; nothing is pending that it could confirm or undo).
+            let tag = self.next_tag();
+            let _ = self.wire.send(format!("{tag} LOGOUT\r\n").as_bytes());
+            drop(session);
         }
         saved
     }
@@ -1091,6 +1321,42 @@ impl Mailbox for ImapMailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capabilities_are_read_from_greetings_and_login_replies() {
+        let greeting =
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ AUTH=PLAIN] Dovecot ready.\r\n";
+        let caps = Caps::in_reply(greeting).unwrap();
+        assert!(caps.has("AUTH=PLAIN") && caps.has("auth=plain") && !caps.has("MOVE"));
+        let login = b"a1 OK [CAPABILITY IMAP4rev1 UIDPLUS MOVE IDLE] Logged in\r\n";
+        let caps = Caps::in_reply(login).unwrap();
+        assert!(caps.has("UIDPLUS") && caps.has("MOVE"));
+        let untagged = b"* CAPABILITY IMAP4rev1 UIDPLUS\r\na1 OK Logged in\r\n";
+        assert!(Caps::in_reply(untagged).unwrap().has("UIDPLUS"));
+        // No list, or not an IMAP capability list: the client asks with CAPABILITY.
+        assert!(Caps::in_reply(b"* OK IMAP ready\r\n").is_none());
+        assert!(Caps::in_reply(b"a1 OK [CAPABILITY MOVE] Logged in\r\n").is_none());
+        assert!(Caps::in_reply(b"* OK [CAPABILITY IMAP4rev1 MOVE\r\n").is_none());
+    }
+
+    #[test]
+    fn listing_lines_give_uid_and_size_in_any_order() {
+        assert_eq!(
+            listed_size("* 12 FETCH (UID 40 RFC822.SIZE 3012)"),
+            Some((40, 3012))
+        );
+        assert_eq!(
+            listed_size("* 1 fetch (FLAGS (\\Seen \\Recent) RFC822.SIZE 7 UID 3)"),
+            Some((3, 7))
+        );
+        assert_eq!(listed_size("* 1 FETCH (FLAGS (\\Seen))"), None);
+        assert_eq!(listed_size("* 3 EXISTS"), None);
+        assert_eq!(listed_size("* 1 FETCH (UID x RFC822.SIZE 7)"), None);
+        assert_eq!(literal_length(b"* OK [ALERT] {12}\r\n"), Some(12));
+        assert_eq!(literal_length(b"* 1 FETCH (X {3+}\r\n"), Some(3));
+        assert_eq!(literal_length(b"* OK done {x}\r\n"), None);
+        assert_eq!(literal_length(b"* OK done\r\n"), None);
+    }
 
     #[test]
     fn uid_sets_compress_runs() {

@@ -39,7 +39,12 @@ struct Inner<S> {
     deadline: Option<Instant>,
     applied: Option<Duration>,
     bytes_in: u64,
+    /// While set, a copy of what the crate reads (see [`Wire::start_capture`]).
+    capture: Option<Vec<u8>>,
 }
+
+/// At most this much of the crate's reading is captured.
+const MAX_CAPTURE: usize = 16 * 1024;
 
 /// A shared handle on one connection (cheap to clone; all clones are the same connection).
 pub struct Wire<S> {
@@ -151,6 +156,7 @@ impl<S: Transport> Wire<S> {
                 deadline: None,
                 applied: None,
                 bytes_in: 0,
+                capture: None,
             })),
         }
     }
@@ -170,6 +176,17 @@ impl<S: Transport> Wire<S> {
     pub fn buffered(&self) -> usize {
         let inner = self.lock();
         inner.end - inner.start
+    }
+
+    /// From now on keeps a copy (up to 16 KB) of the lines the crate reads, e.g. the reply
+    /// to its LOGIN, whose `[CAPABILITY ...]` code saves asking for the capabilities again.
+    pub fn start_capture(&self) {
+        self.lock().capture = Some(Vec::new());
+    }
+
+    /// What was captured since [`Wire::start_capture`]; stops capturing.
+    pub fn take_capture(&self) -> Vec<u8> {
+        self.lock().capture.take().unwrap_or_default()
     }
 
     /// Bytes received so far.
@@ -275,6 +292,10 @@ impl<S: Transport> Read for Wire<S> {
         let n = line_end.min(out.len());
         out[..n].copy_from_slice(&avail[..n]);
         inner.consume(n);
+        if let Some(copy) = inner.capture.as_mut() {
+            let room = MAX_CAPTURE.saturating_sub(copy.len());
+            copy.extend_from_slice(&out[..n.min(room)]);
+        }
         Ok(n)
     }
 }
