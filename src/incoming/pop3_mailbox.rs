@@ -137,13 +137,8 @@ impl Mailbox for Pop3Mailbox {
     }
 
     fn list(&mut self) -> Result<Vec<Listed>> {
-        let uidls = self.run(|s| s.uidl())?;
-        let sizes: HashMap<u32, u64> = self
-            .run(|s| s.list())?
-            .into_iter()
-            .map(|e| (e.number, e.size))
-            .collect();
-        let mut uidls = uidls;
+        let (mut uidls, sizes) = self.run(|s| s.uidl_and_list())?;
+        let sizes: HashMap<u32, u64> = sizes.into_iter().map(|e| (e.number, e.size)).collect();
         uidls.sort_by_key(|e| e.number);
         self.listed.clear();
         let mut listed = Vec::new();

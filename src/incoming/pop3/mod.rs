@@ -461,8 +461,34 @@ impl<S: Read + Write> Pop3Session<S, Authorization> {
         let use_sasl =
             self.caps.known && !self.caps.user() && self.caps.sasl().iter().any(|m| m == "PLAIN");
         let server = self.server.clone();
+        // With PIPELINING, USER, PASS and the CAPA that follows a login go in one write: one
+        // round trip instead of three. Every reply is read, in order, whatever they say.
+        let pipelined = !use_sasl && self.caps.pipelining();
+        let mut refreshed = None;
         self.run(|s| {
-            if use_sasl {
+            if pipelined {
+                let mut commands = format!("USER {user}\r\nPASS ").into_bytes();
+                commands.extend_from_slice(password.expose().as_bytes());
+                commands.extend_from_slice(b"\r\nCAPA\r\n");
+                s.conn.send(&commands, "USER")?;
+                let user_status = s.conn.read_status("waiting for the reply to USER")?;
+                let pass_status = s.conn.read_status("waiting for the reply to PASS")?;
+                let capa_status = s.conn.read_status("waiting for the reply to CAPA")?;
+                if capa_status.ok {
+                    let mut body = Vec::new();
+                    s.conn
+                        .read_multiline(&mut body, LISTING_LIMIT, "reading the reply to CAPA")?;
+                    refreshed = Some(Capabilities::parse(&body));
+                }
+                for status in [&user_status, &pass_status] {
+                    if !status.ok {
+                        return Err(login_refused(&server, user, status, &[password.expose()]));
+                    }
+                }
+                if refreshed.is_none() {
+                    refreshed = Some(Capabilities::default());
+                }
+            } else if use_sasl {
                 let token = base64::engine::general_purpose::STANDARD
                     .encode(format!("\0{user}\0{}", password.expose()));
                 s.conn
@@ -495,8 +521,12 @@ impl<S: Read + Write> Pop3Session<S, Authorization> {
             Ok(())
         })?;
         let mut session = self.into_state::<Transaction>();
-        if session.caps.known {
-            session.capa()?;
+        match refreshed {
+            Some(caps) => session.caps = caps,
+            None if session.caps.known => {
+                session.capa()?;
+            }
+            None => {}
         }
         Ok(session)
     }
@@ -549,13 +579,7 @@ impl<S: Read + Write> Pop3Session<S, Transaction> {
     pub fn list(&mut self) -> crate::Result<Vec<ListEntry>> {
         self.run(|s| {
             let body = s.multi("LIST", LISTING_LIMIT)?;
-            listing_lines(&body)
-                .map(|line| {
-                    let (number, size) = two_fields(line, "LIST")?;
-                    let size = parse_num::<u64>(size).ok_or_else(|| bad_line("LIST", line))?;
-                    Ok(ListEntry { number, size })
-                })
-                .collect()
+            list_lines(&body)
         })
     }
 
@@ -564,17 +588,49 @@ impl<S: Read + Write> Pop3Session<S, Transaction> {
     pub fn uidl(&mut self) -> crate::Result<Vec<UidlEntry>> {
         self.run(|s| {
             let body = s.multi("UIDL", LISTING_LIMIT)?;
-            listing_lines(&body)
-                .map(|line| {
-                    let (number, uid) = two_fields(line, "UIDL")?;
-                    if uid.len() > 512 || !uid.iter().all(|b| (0x21..=0x7e).contains(b)) {
-                        return Err(bad_line("UIDL", line));
-                    }
-                    let uid = String::from_utf8_lossy(uid).into_owned();
-                    Ok(UidlEntry { number, uid })
-                })
-                .collect()
+            uidl_lines(&body)
         })
+    }
+
+    /// `UIDL` and `LIST` (in one write when the server pipelines): every message's unique id
+    /// and size. A server without UIDL gives a `Mailbox` error (the session stays usable).
+    pub fn uidl_and_list(&mut self) -> crate::Result<(Vec<UidlEntry>, Vec<ListEntry>)> {
+        if !self.caps.pipelining() {
+            let uidls = self.uidl()?;
+            return Ok((uidls, self.list()?));
+        }
+        let mut refused = None;
+        let (uidl_body, list_body) = self.run(|s| {
+            s.conn.send(b"UIDL\r\nLIST\r\n", "UIDL")?;
+            let mut bodies = [Vec::new(), Vec::new()];
+            for (command, body) in ["UIDL", "LIST"].into_iter().zip(bodies.iter_mut()) {
+                let status = s
+                    .conn
+                    .read_status(&format!("waiting for the reply to {command}"))?;
+                if status.ok {
+                    s.conn.read_multiline(
+                        body,
+                        LISTING_LIMIT,
+                        &format!("reading the reply to {command}"),
+                    )?;
+                } else if refused.is_none() {
+                    refused = Some(Fail::Refused {
+                        command: command.to_string(),
+                        text: status.text(),
+                    });
+                }
+            }
+            match refused.take() {
+                Some(fail) => Err(fail),
+                None => Ok((
+                    std::mem::take(&mut bodies[0]),
+                    std::mem::take(&mut bodies[1]),
+                )),
+            }
+        })?;
+        let uidls = uidl_lines(&uidl_body).map_err(|f| self.error(f))?;
+        let sizes = list_lines(&list_body).map_err(|f| self.error(f))?;
+        Ok((uidls, sizes))
     }
 
     /// `RETR n`: the whole message, byte-exact (dot-stuffing removed). More than `max_bytes`
@@ -704,6 +760,29 @@ impl<S: Read + Write> Pop3Session<S, Transaction> {
         }
         Ok(())
     }
+}
+
+fn list_lines(body: &[u8]) -> Result<Vec<ListEntry>, Fail> {
+    listing_lines(body)
+        .map(|line| {
+            let (number, size) = two_fields(line, "LIST")?;
+            let size = parse_num::<u64>(size).ok_or_else(|| bad_line("LIST", line))?;
+            Ok(ListEntry { number, size })
+        })
+        .collect()
+}
+
+fn uidl_lines(body: &[u8]) -> Result<Vec<UidlEntry>, Fail> {
+    listing_lines(body)
+        .map(|line| {
+            let (number, uid) = two_fields(line, "UIDL")?;
+            if uid.len() > 512 || !uid.iter().all(|b| (0x21..=0x7e).contains(b)) {
+                return Err(bad_line("UIDL", line));
+            }
+            let uid = String::from_utf8_lossy(uid).into_owned();
+            Ok(UidlEntry { number, uid })
+        })
+        .collect()
 }
 
 fn parse_num<T: std::str::FromStr>(bytes: &[u8]) -> Option<T> {

@@ -229,6 +229,8 @@ fn pass_failure_is_an_auth_error_without_the_password_and_no_quit() {
             &format!("PASS {PASSWORD}\r\n"),
             format!("-ERR [AUTH] Authentication failed for PASS {PASSWORD}\r\n"),
         ),
+        // Pipelined with USER and PASS; answered, read, and nothing follows it.
+        step("CAPA\r\n", CAPS_PIPE),
     ]);
     let err = started(&mock)
         .login("alice@test.local", &secret())
@@ -249,7 +251,7 @@ fn pass_failure_is_an_auth_error_without_the_password_and_no_quit() {
     }
     assert!(!text.contains(PASSWORD), "{text}");
     assert!(!debug.contains(PASSWORD), "{debug}");
-    // Nothing after the failed PASS: no QUIT, no retry.
+    // Nothing after the failed login: no QUIT, no retry.
     mock.assert_done();
 }
 
@@ -378,6 +380,54 @@ fn stat_list_uidl_are_parsed() {
     assert_eq!(uidl.len(), 3);
     assert_eq!(uidl[1].number, 2);
     assert_eq!(uidl[1].uid, "QhdPYR:00WBw1Ph7x7");
+    mock.assert_done();
+}
+
+#[test]
+fn with_pipelining_login_and_listing_take_one_write_each() {
+    let mut steps = login_steps(CAPS_PIPE);
+    steps.push(step(
+        "UIDL\r\nLIST\r\n",
+        "+OK\r\n1 aaa\r\n2 bbb\r\n.\r\n+OK 2 messages\r\n1 120\r\n2 4000\r\n.\r\n",
+    ));
+    let mock = MockStream::new(&steps);
+    let mut s = logged_in(&mock);
+    // USER, PASS and CAPA were in flight together.
+    assert_eq!(mock.max_in_flight(), 3);
+    let (uidls, sizes) = s.uidl_and_list().unwrap();
+    assert_eq!(
+        uidls.iter().map(|u| u.uid.as_str()).collect::<Vec<_>>(),
+        ["aaa", "bbb"]
+    );
+    assert_eq!(
+        sizes.iter().map(|e| e.size).collect::<Vec<_>>(),
+        [120, 4000]
+    );
+    mock.assert_done();
+}
+
+#[test]
+fn a_refused_uidl_is_an_error_after_both_replies_were_read() {
+    let mut steps = login_steps(CAPS_PIPE);
+    steps.push(step(
+        "UIDL\r\nLIST\r\n",
+        "-ERR no UIDL here\r\n+OK 1 message\r\n1 120\r\n.\r\n",
+    ));
+    steps.push(step("NOOP\r\n", "+OK\r\n"));
+    let mock = MockStream::new(&steps);
+    let mut s = logged_in(&mock);
+    let msg = mailbox_message(&s.uidl_and_list().unwrap_err());
+    assert!(msg.contains("no UIDL here"), "{msg}");
+    // In step with the server: the session goes on.
+    s.noop().unwrap();
+    mock.assert_done();
+}
+
+#[test]
+fn without_pipelining_login_is_one_command_at_a_time() {
+    let steps = login_steps(CAPS_NO_PIPE);
+    let mock = MockStream::new(&steps).lockstep();
+    logged_in(&mock);
     mock.assert_done();
 }
 
