@@ -40,6 +40,8 @@ use crate::threading;
 
 /// Messages in flight between the mailbox threads and PHP's thread (memory stays bounded).
 const CHANNEL_CAPACITY: usize = 2;
+/// How often a run checkpoints the state database's WAL (in a helper thread).
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What a mailbox thread tells PHP's thread.
 enum Event {
@@ -228,7 +230,8 @@ struct Run<'a> {
     blocklist: Blocklist,
     own_addresses: HashSet<String>,
     attachments_dir: PathBuf,
-    seq: u64,
+    /// Attachment directories `0`, `1`, ... created so far under `attachments_dir`.
+    attachment_slots: usize,
     /// Per mailbox, where its decisions go; `None` once its channel is closed.
     decisions: Vec<Option<Sender<Decision>>>,
     /// The last message the host accepted (or that was skipped), not yet recorded: committed
@@ -364,7 +367,7 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         blocklist,
         own_addresses,
         attachments_dir,
-        seq: 0,
+        attachment_slots: 0,
         decisions: Vec::new(),
         pending: None,
     };
@@ -400,17 +403,32 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         drop(events_tx);
         // The claims of this run stay ours while a slow host works (a claim whose lease ran
         // out could be taken over by the next run, which would call the host again).
+        // The same thread checkpoints the WAL, so PHP's thread, which commits once per
+        // message, never waits for a checkpoint's fsyncs.
         let (stop_renewing, renew_rx) = channel::<()>();
         let renew_every = run.state.lease() / 3;
         let (owner, state_dir) = (run.owner.clone(), settings.state_dir.clone());
+        // (The run's own connection is closed at its end: nothing to restore.)
+        let checkpoints = run.state.set_autocheckpoint(0).is_ok();
         scope.spawn(move || {
             let Ok(store) = StateStore::open(&state_dir) else {
                 return;
             };
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                renew_rx.recv_timeout(renew_every)
+            let tick = if checkpoints {
+                CHECKPOINT_EVERY.min(renew_every)
+            } else {
+                renew_every
+            };
+            let mut renewed = Instant::now();
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = renew_rx.recv_timeout(tick)
             {
-                let _ = store.renew_lease(&owner);
+                if renewed.elapsed() >= renew_every {
+                    let _ = store.renew_lease(&owner);
+                    renewed = Instant::now();
+                }
+                if checkpoints {
+                    let _ = store.checkpoint();
+                }
             }
         });
         run.process_events(&mailboxes, &mut summaries, events_rx, decisions);
@@ -953,19 +971,20 @@ impl Run<'_> {
         mail["host"] = Value::from(self.vhost.clone());
         mail["sd_number"] = item.map(Value::from).unwrap_or(Value::Null);
         if !parsed.attachments.is_empty() {
-            self.seq += 1;
-            if self.seq == 1 {
+            if self.attachment_slots == 0 {
                 write_run_owner(&self.attachments_dir, &self.owner)?;
             }
-            let dir = self.attachments_dir.join(self.seq.to_string());
-            create_private_dir(&dir)?;
             let list = mail["attachments"]
                 .as_array_mut()
                 .expect("attachments is a list");
             for (i, (entry, attachment)) in list.iter_mut().zip(&parsed.attachments).enumerate() {
-                // Each attachment in its own directory: two parts may share a file name.
-                let sub = dir.join(i.to_string());
-                create_private_dir(&sub)?;
+                // Each attachment in its own directory (two parts may share a file name),
+                // reused by the next message: its files are gone once the host returned.
+                let sub = self.attachments_dir.join(i.to_string());
+                if i >= self.attachment_slots {
+                    create_private_dir(&sub)?;
+                    self.attachment_slots = i + 1;
+                }
                 let path = sub.join(&attachment.filename);
                 std::fs::write(&path, &attachment.data).map_err(|e| {
                     Error::message(format!(
@@ -985,12 +1004,6 @@ impl Run<'_> {
             for entry in list {
                 if let Some(path) = entry["path"].as_str() {
                     let _ = std::fs::remove_file(path);
-                    if let Some(dir) = Path::new(path).parent() {
-                        let _ = std::fs::remove_dir(dir);
-                        if let Some(parent) = dir.parent() {
-                            let _ = std::fs::remove_dir(parent);
-                        }
-                    }
                 }
             }
         }

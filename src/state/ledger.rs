@@ -27,7 +27,7 @@
 //! one mailbox are handled once). A row that is `done` is never changed again: a second
 //! `complete` (possible only after a lease ran out under a slow host) keeps the first outcome.
 
-use rusqlite::{params, OptionalExtension, Row, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{exec, now_ms, one, Owner, StateStore};
 use crate::error::Result;
@@ -212,7 +212,7 @@ impl StoredOwner {
 }
 
 fn set_owner(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     account: &str,
     key: &str,
     owner: &Owner,
@@ -328,7 +328,7 @@ impl StateStore {
 
     fn claim_in(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Connection,
         account: &str,
         key: &str,
         mailbox_ref: Option<&str>,
@@ -623,7 +623,7 @@ impl StateStore {
 }
 
 fn settle_in(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     account: &str,
     key: &str,
     state: LedgerState,
@@ -651,7 +651,7 @@ fn settle_in(
 /// Releases the in-progress rows of owner `?1` matching `filter`: rows with no failed attempt
 /// are removed (as if never claimed), the others go back to `failed`.
 fn release_where(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     filter: &str,
     params: &[&dyn rusqlite::ToSql],
 ) -> rusqlite::Result<usize> {

@@ -212,6 +212,22 @@ impl StateStore {
         Ok(self)
     }
 
+    /// Stops (0) or sets the automatic WAL checkpoint of this connection, in pages: a run
+    /// leaves checkpoints (and their `fsync`s) to a helper thread, see [`StateStore::checkpoint`].
+    pub fn set_autocheckpoint(&self, pages: u32) -> Result<()> {
+        self.conn
+            .pragma_update(None, "wal_autocheckpoint", pages)
+            .map_err(|e| self.db_error(NO_ACCOUNT, "configure checkpoints", e))
+    }
+
+    /// Copies what it can of the WAL into the database without waiting for anyone (a
+    /// passive checkpoint).
+    pub fn checkpoint(&self) -> Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .map_err(|e| self.db_error(NO_ACCOUNT, "checkpoint", e))
+    }
+
     /// The lease this store gives the claims it makes.
     pub fn lease(&self) -> Duration {
         self.lease
@@ -227,15 +243,21 @@ impl StateStore {
         &self,
         account: &str,
         what: &str,
-        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T> {
+        // BEGIN and COMMIT as cached statements: a run commits once per message.
         let run = || -> rusqlite::Result<T> {
-            let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
-            let value = f(&tx)?;
-            tx.commit()?;
+            exec(&self.conn, "BEGIN IMMEDIATE", [])?;
+            let value = f(&self.conn)?;
+            exec(&self.conn, "COMMIT", [])?;
             Ok(value)
         };
-        run().map_err(|e| self.db_error(account, what, e))
+        run().map_err(|e| {
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            self.db_error(account, what, e)
+        })
     }
 
     /// Runs a read-only query on the current committed state.
@@ -560,7 +582,7 @@ impl StateStore {
 }
 
 fn upsert_token(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     account: &str,
     kind: &str,
     value: &str,
