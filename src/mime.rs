@@ -398,13 +398,13 @@ fn parse_inner(raw: &[u8], sd_pattern: &Regex) -> ParsedMail {
     let texts: Vec<String> = collected
         .texts
         .into_iter()
-        .map(|t| normalize_newlines(&t))
+        .map(normalize_newlines)
         .filter(|t| !t.trim().is_empty())
         .collect();
     let htmls: Vec<String> = collected
         .htmls
         .into_iter()
-        .map(|t| normalize_newlines(&t))
+        .map(normalize_newlines)
         .filter(|t| !t.trim().is_empty())
         .collect();
     let html = if htmls.is_empty() {
@@ -1268,7 +1268,7 @@ fn fallback(raw: &[u8], sd_pattern: &Regex, problem: String) -> ParsedMail {
         reply_to: Vec::new(),
         subject,
         date: None,
-        text: normalize_newlines(&decode_text(text, None)),
+        text: normalize_newlines(decode_text(text, None)),
         html: None,
         attachments: Vec::new(),
         sd_number,
@@ -1291,12 +1291,28 @@ fn slice(bytes: &[u8], start: usize, end: usize) -> &[u8] {
     bytes.get(start.min(end)..end).unwrap_or_default()
 }
 
-fn normalize_newlines(s: &str) -> String {
-    if s.contains('\r') {
-        s.replace("\r\n", "\n").replace('\r', "\n")
-    } else {
-        s.to_string()
+/// CRLF and lone CR become LF, in place and in one pass (bodies are most of every message).
+fn normalize_newlines(s: String) -> String {
+    if memchr::memchr(b'\r', s.as_bytes()).is_none() {
+        return s;
     }
+    let mut bytes = s.into_bytes();
+    let (mut read, mut write) = (0, 0);
+    while let Some(at) = memchr::memchr(b'\r', &bytes[read..]) {
+        bytes.copy_within(read..read + at, write);
+        write += at;
+        bytes[write] = b'\n';
+        write += 1;
+        read += at + 1;
+        if bytes.get(read) == Some(&b'\n') {
+            read += 1;
+        }
+    }
+    let rest = bytes.len() - read;
+    bytes.copy_within(read.., write);
+    bytes.truncate(write + rest);
+    // Only ASCII bytes were replaced or dropped: still UTF-8.
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Decodes one raw header value (folded, possibly RFC 2047-encoded) into a trimmed string.
@@ -1493,7 +1509,7 @@ fn percent_decode(s: &str) -> Vec<u8> {
 /// Joins the soft line breaks of `format=flowed` text (RFC 3676): a line ending in a space
 /// continues on the next line of the same quote depth; space-stuffing is undone.
 fn unflow(text: &str, delsp: bool) -> String {
-    let text = normalize_newlines(text);
+    let text = normalize_newlines(text.to_string());
     let (body, final_newline) = match text.strip_suffix('\n') {
         Some(b) => (b, true),
         None => (text.as_str(), false),
@@ -2142,6 +2158,16 @@ mod tests {
 
     fn p(raw: &str) -> ParsedMail {
         parse(raw.as_bytes(), &pattern())
+    }
+
+    #[test]
+    fn newlines_become_lf_in_one_pass() {
+        let n = |s: &str| normalize_newlines(s.to_string());
+        assert_eq!(n("a\r\nb\rc\nd\r"), "a\nb\nc\nd\n");
+        assert_eq!(n("\r\r\n\n"), "\n\n\n");
+        assert_eq!(n("Grüße\r\n日本\r"), "Grüße\n日本\n");
+        assert_eq!(n("no breaks"), "no breaks");
+        assert_eq!(n(""), "");
     }
 
     #[test]
