@@ -56,6 +56,9 @@ use crate::error::{ConfigLocation, Error, Result};
 
 /// The database's file name inside `STATE_DIR`.
 pub const DB_FILE: &str = "pcr_email.sqlite";
+/// The page size of a new state database (bytes).
+const PAGE_SIZE: u32 = 1024;
+
 /// The schema version this code writes (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 1;
 /// How long another process waits for the write lock before giving up with an error.
@@ -151,6 +154,9 @@ impl StateStore {
             .map_err(|e| open_error(path, format!("cannot open the state database: {e}")))?;
         let configure = |conn: &Connection| -> rusqlite::Result<String> {
             conn.busy_timeout(BUSY_TIMEOUT)?;
+            // Small pages for a new database (an existing one keeps its own): every message
+            // commits a few rows, each in another B-tree, and a commit writes whole pages.
+            conn.pragma_update(None, "page_size", PAGE_SIZE)?;
             let mode: String =
                 conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -813,6 +819,32 @@ mod tests {
         let (_dir, s) = store();
         let handle = std::thread::spawn(move || s.alert_once("from a thread").unwrap());
         assert!(handle.join().unwrap());
+    }
+
+    #[test]
+    fn a_new_database_uses_small_pages_and_an_existing_one_keeps_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let page_size = |path: &Path| -> i64 {
+            Connection::open(path)
+                .unwrap()
+                .pragma_query_value(None, "page_size", |r| r.get(0))
+                .unwrap()
+        };
+        let fresh = dir.path().join("fresh");
+        drop(StateStore::open(&fresh).unwrap());
+        assert_eq!(page_size(&fresh.join(DB_FILE)), i64::from(PAGE_SIZE));
+        // A database made with 4 KB pages (an earlier version) opens and keeps them.
+        let old = dir.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        let conn = Connection::open(old.join(DB_FILE)).unwrap();
+        conn.pragma_update(None, "page_size", 4096).unwrap();
+        conn.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (x)")
+            .unwrap();
+        drop(conn);
+        let store = StateStore::open(&old).unwrap();
+        store.alert_once("still works").unwrap();
+        drop(store);
+        assert_eq!(page_size(&old.join(DB_FILE)), 4096);
     }
 
     #[test]
