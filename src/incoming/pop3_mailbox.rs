@@ -3,8 +3,9 @@
 //! - `list` = `UIDL` + `LIST`, minus the UIDLs recorded as done for this account, login and
 //!   server in the state store (namespace [`done_namespace`]): skipped and quarantined
 //!   messages, which stay on the server because POP3 has no flags or folders.
-//! - `fetch_each` = pipelined `RETR` (when the server offers PIPELINING), in batches of at
-//!   most [`BATCH_BYTES`] so that a `Flow::Stop` takes effect soon.
+//! - `fetch_each` = pipelined `RETR` (when the server offers PIPELINING), one continuous
+//!   pipeline with at most [`BATCH_BYTES`] asked for and not yet read, so that a `Flow::Stop`
+//!   takes effect soon and the round trips do not grow with the mailbox.
 //! - `mark_processed` = `DELE` of exactly those messages; only `QUIT`, sent by `finish`,
 //!   makes the server remove them. Any failure drops the connection WITHOUT `QUIT`, so no
 //!   `DELE` of this session takes effect; the next run lists those messages again and the
@@ -16,13 +17,13 @@ use std::collections::HashMap;
 
 use crate::config::{Account, MailboxType};
 use crate::error::{Error, Result};
-use crate::incoming::imap::plan_batches;
 use crate::incoming::pop3::{self, Pop3Session, Transaction};
 use crate::incoming::{Fetched, Flow, Listed, Mailbox};
 use crate::net::{self, MaybeTls};
 use crate::state::StateStore;
 
-/// RETR batches hold at most this many bytes (by LIST size), or one larger message.
+/// At most this many bytes of messages (by LIST size) are asked for and not yet read (or one
+/// larger message).
 pub const BATCH_BYTES: u64 = 8 * 1024 * 1024;
 /// Slack over the announced size allowed when reading a message.
 const SIZE_SLACK: u64 = 64 * 1024;
@@ -176,33 +177,21 @@ impl Mailbox for Pop3Mailbox {
             .max_message_bytes
             .max(largest)
             .saturating_add(SIZE_SLACK);
-        let batches = plan_batches(
-            &numbers,
-            |n| size_of.get(&n).copied(),
-            BATCH_BYTES,
-            usize::MAX,
-        );
-        let mut stopped = false;
-        for batch in batches {
-            self.run(|s| {
-                s.retr_each(&batch, max_bytes, |number, result| {
-                    // `-ERR` for one message (gone meanwhile): nothing to hand over.
-                    if let (false, Ok(raw), Some(id)) = (stopped, result, uidl_of.get(&number)) {
-                        if sink(Fetched {
-                            id: id.clone(),
-                            raw,
-                        }) == Flow::Stop
-                        {
-                            stopped = true;
-                        }
-                    }
-                })
-            })?;
-            if stopped {
-                break;
-            }
-        }
-        Ok(())
+        // One continuous pipeline of at most BATCH_BYTES in flight: the round trips stay the
+        // same however large the mailbox.
+        let size = |n: u32| size_of.get(&n).copied().unwrap_or(0);
+        self.run(|s| {
+            s.retr_stream(&numbers, max_bytes, &size, BATCH_BYTES, |number, result| {
+                // `-ERR` for one message (gone meanwhile): nothing to hand over.
+                match (result, uidl_of.get(&number)) {
+                    (Ok(raw), Some(id)) => sink(Fetched {
+                        id: id.clone(),
+                        raw,
+                    }),
+                    _ => Flow::Continue,
+                }
+            })
+        })
     }
 
     fn mark_processed(&mut self, ids: &[String]) -> Result<()> {

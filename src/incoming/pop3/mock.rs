@@ -94,6 +94,11 @@ impl MockStream {
         self.0.borrow().max_in_flight
     }
 
+    /// Forgets the most in flight so far (to measure from here on).
+    pub fn reset_max_in_flight(&self) {
+        self.0.borrow_mut().max_in_flight = 0;
+    }
+
     /// How many reply bytes the client has read so far.
     pub fn bytes_read(&self) -> usize {
         let s = self.0.borrow();

@@ -32,6 +32,7 @@ use std::time::Duration;
 use base64::Engine as _;
 
 use crate::config::{Secret, SslMode, TlsSettings};
+use crate::incoming::Flow;
 use crate::net::{self, MaybeTls};
 use wire::{listing_lines, sanitize, Conn, Fail, Status, LISTING_LIMIT};
 
@@ -654,12 +655,44 @@ impl<S: Read + Write> Pop3Session<S, Transaction> {
         &mut self,
         numbers: &[u32],
         max_bytes: u64,
-        on_message: F,
+        mut on_message: F,
     ) -> crate::Result<()>
     where
         F: FnMut(u32, Fetched),
     {
-        self.run(|s| s.batch(numbers, "RETR", "", Some(max_bytes), on_message))
+        self.retr_stream(numbers, max_bytes, &|_| 0, u64::MAX, |n, r| {
+            on_message(n, r);
+            Flow::Continue
+        })
+    }
+
+    /// `RETR` of many messages as one continuous pipeline when the server offers PIPELINING:
+    /// at most `byte_window` bytes of messages (by `size_of`, from LIST) are asked for and not
+    /// yet read, and more are asked for whenever half of that has arrived, so the round trips
+    /// do not grow with the mailbox. When `on_message` says [`Flow::Stop`], nothing more is
+    /// asked for and what is already on its way (at most the window) is read and dropped.
+    pub fn retr_stream<F>(
+        &mut self,
+        numbers: &[u32],
+        max_bytes: u64,
+        size_of: &dyn Fn(u32) -> u64,
+        byte_window: u64,
+        on_message: F,
+    ) -> crate::Result<()>
+    where
+        F: FnMut(u32, Fetched) -> Flow,
+    {
+        self.run(|s| {
+            s.batch(
+                numbers,
+                "RETR",
+                "",
+                Some(max_bytes),
+                size_of,
+                byte_window,
+                on_message,
+            )
+        })
     }
 
     /// [`retr_each`](Self::retr_each), collected: `(number, message or -ERR text)` in order.
@@ -681,9 +714,18 @@ impl<S: Read + Write> Pop3Session<S, Transaction> {
     ) -> crate::Result<Vec<(u32, Fetched)>> {
         let mut out = Vec::with_capacity(numbers.len());
         self.run(|s| {
-            s.batch(numbers, "TOP", " 0", Some(max_bytes), |n, r| {
-                out.push((n, r))
-            })
+            s.batch(
+                numbers,
+                "TOP",
+                " 0",
+                Some(max_bytes),
+                &|_| 0,
+                u64::MAX,
+                |n, r| {
+                    out.push((n, r));
+                    Flow::Continue
+                },
+            )
         })?;
         Ok(out)
     }
@@ -696,7 +738,12 @@ impl<S: Read + Write> Pop3Session<S, Transaction> {
     /// `DELE` of many messages, pipelined when possible: `(number, Ok or -ERR text)` in order.
     pub fn dele_many(&mut self, numbers: &[u32]) -> crate::Result<Vec<(u32, Result<(), String>)>> {
         let mut out = Vec::with_capacity(numbers.len());
-        self.run(|s| s.batch(numbers, "DELE", "", None, |n, r| out.push((n, r.map(drop)))))?;
+        self.run(|s| {
+            s.batch(numbers, "DELE", "", None, &|_| 0, u64::MAX, |n, r| {
+                out.push((n, r.map(drop)));
+                Flow::Continue
+            })
+        })?;
         Ok(out)
     }
 
@@ -706,18 +753,23 @@ impl<S: Read + Write> Pop3Session<S, Transaction> {
     }
 
     /// Runs `VERB n SUFFIX` for each number, reading a multi-line body (capped at
-    /// `max_bytes`) when given, keeping up to PIPELINE_WINDOW commands in flight if the server
-    /// pipelines, else strictly one at a time.
+    /// `max_bytes`) when given. If the server pipelines, up to PIPELINE_WINDOW commands and
+    /// `byte_window` bytes (by `size_of`) are in flight, refilled when half has been answered;
+    /// else strictly one at a time. After `each` says Stop, nothing more is sent and the
+    /// replies still due are read and dropped, so the session stays in step.
+    #[allow(clippy::too_many_arguments)]
     fn batch<F>(
         &mut self,
         numbers: &[u32],
         verb: &str,
         suffix: &str,
         max_bytes: Option<u64>,
+        size_of: &dyn Fn(u32) -> u64,
+        byte_window: u64,
         mut each: F,
     ) -> Result<(), Fail>
     where
-        F: FnMut(u32, Fetched),
+        F: FnMut(u32, Fetched) -> Flow,
     {
         let window = if self.caps.pipelining() {
             PIPELINE_WINDOW
@@ -726,16 +778,31 @@ impl<S: Read + Write> Pop3Session<S, Transaction> {
         };
         let total = numbers.len();
         let (mut sent, mut received) = (0usize, 0usize);
-        while received < total {
-            if sent < total && sent - received <= window / 2 {
+        let mut in_flight_bytes = 0u64;
+        let mut stopped = false;
+        loop {
+            let refill = !stopped
+                && sent < total
+                && sent - received <= window / 2
+                && in_flight_bytes <= byte_window / 2;
+            if refill {
                 let mut commands = Vec::new();
                 while sent < total && sent - received < window {
+                    let size = size_of(numbers[sent]);
+                    // Always at least one command when nothing is in flight.
+                    if sent > received && in_flight_bytes.saturating_add(size) > byte_window {
+                        break;
+                    }
                     commands.extend_from_slice(
                         format!("{verb} {}{suffix}\r\n", numbers[sent]).as_bytes(),
                     );
+                    in_flight_bytes = in_flight_bytes.saturating_add(size);
                     sent += 1;
                 }
                 self.conn.send(&commands, verb)?;
+            }
+            if received == sent {
+                return Ok(());
             }
             let number = numbers[received];
             let command = format!("{verb} {number}{suffix}");
@@ -756,9 +823,11 @@ impl<S: Read + Write> Pop3Session<S, Transaction> {
                 Ok(Vec::new())
             };
             received += 1;
-            each(number, result);
+            in_flight_bytes = in_flight_bytes.saturating_sub(size_of(number));
+            if !stopped && each(number, result) == Flow::Stop {
+                stopped = true;
+            }
         }
-        Ok(())
     }
 }
 

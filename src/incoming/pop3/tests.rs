@@ -683,6 +683,53 @@ fn pipelining_is_bounded_by_the_window() {
 }
 
 #[test]
+fn the_byte_window_bounds_what_is_asked_for_and_refills_without_a_stall() {
+    let mut steps = login_steps(CAPS_PIPE);
+    for n in 1..=6 {
+        steps.push(step(
+            &format!("RETR {n}\r\n"),
+            format!("+OK\r\nm{n}\r\n.\r\n"),
+        ));
+    }
+    let mock = MockStream::new(&steps);
+    let mut s = logged_in(&mock);
+    mock.reset_max_in_flight();
+    let mut order = Vec::new();
+    // 100 bytes each, 250 in flight at most: 2 at a time, refilled when half has arrived.
+    s.retr_stream(&[1, 2, 3, 4, 5, 6], 1000, &|_| 100, 250, |n, r| {
+        assert!(r.is_ok());
+        order.push(n);
+        Flow::Continue
+    })
+    .unwrap();
+    assert_eq!(order, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(mock.max_in_flight(), 2);
+    mock.assert_done();
+}
+
+#[test]
+fn a_stop_asks_for_nothing_more_and_reads_what_was_on_its_way() {
+    let mut steps = login_steps(CAPS_PIPE);
+    steps.push(step(
+        "RETR 1\r\nRETR 2\r\n",
+        "+OK\r\nm1\r\n.\r\n+OK\r\nm2\r\n.\r\n",
+    ));
+    steps.push(step("NOOP\r\n", "+OK\r\n"));
+    let mock = MockStream::new(&steps);
+    let mut s = logged_in(&mock);
+    let mut seen = Vec::new();
+    s.retr_stream(&[1, 2, 3, 4], 1000, &|_| 100, 250, |n, _| {
+        seen.push(n);
+        Flow::Stop
+    })
+    .unwrap();
+    assert_eq!(seen, [1]);
+    // RETR 3 and 4 were never sent, RETR 2's reply was drained: the session is in step.
+    s.noop().unwrap();
+    mock.assert_done();
+}
+
+#[test]
 fn without_pipelining_commands_go_one_by_one() {
     let mut steps = login_steps(CAPS_NO_PIPE);
     for n in 1..=5 {
