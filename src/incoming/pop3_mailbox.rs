@@ -4,7 +4,7 @@
 //!   server in the state store (namespace [`done_namespace`]): skipped and quarantined
 //!   messages, which stay on the server because POP3 has no flags or folders.
 //! - `fetch_each` = pipelined `RETR` (when the server offers PIPELINING), one continuous
-//!   pipeline with at most [`BATCH_BYTES`] asked for and not yet read, so that a `Flow::Stop`
+//!   pipeline with at most [`IN_FLIGHT_BYTES`] asked for and not yet read, so that a `Flow::Stop`
 //!   takes effect soon and the round trips do not grow with the mailbox.
 //! - `mark_processed` = `DELE` of exactly those messages; only `QUIT`, sent by `finish`,
 //!   makes the server remove them. Any failure drops the connection WITHOUT `QUIT`, so no
@@ -23,8 +23,8 @@ use crate::net::{self, MaybeTls};
 use crate::state::StateStore;
 
 /// At most this many bytes of messages (by LIST size) are asked for and not yet read (or one
-/// larger message).
-pub const BATCH_BYTES: u64 = 8 * 1024 * 1024;
+/// larger message): as much as IMAP keeps in flight (two fetches of 8 MB).
+pub const IN_FLIGHT_BYTES: u64 = 16 * 1024 * 1024;
 /// Slack over the announced size allowed when reading a message.
 const SIZE_SLACK: u64 = 64 * 1024;
 
@@ -177,20 +177,26 @@ impl Mailbox for Pop3Mailbox {
             .max_message_bytes
             .max(largest)
             .saturating_add(SIZE_SLACK);
-        // One continuous pipeline of at most BATCH_BYTES in flight: the round trips stay the
+        // One continuous pipeline of at most IN_FLIGHT_BYTES in flight: the round trips stay the
         // same however large the mailbox.
         let size = |n: u32| size_of.get(&n).copied().unwrap_or(0);
         self.run(|s| {
-            s.retr_stream(&numbers, max_bytes, &size, BATCH_BYTES, |number, result| {
-                // `-ERR` for one message (gone meanwhile): nothing to hand over.
-                match (result, uidl_of.get(&number)) {
-                    (Ok(raw), Some(id)) => sink(Fetched {
-                        id: id.clone(),
-                        raw,
-                    }),
-                    _ => Flow::Continue,
-                }
-            })
+            s.retr_stream(
+                &numbers,
+                max_bytes,
+                &size,
+                IN_FLIGHT_BYTES,
+                |number, result| {
+                    // `-ERR` for one message (gone meanwhile): nothing to hand over.
+                    match (result, uidl_of.get(&number)) {
+                        (Ok(raw), Some(id)) => sink(Fetched {
+                            id: id.clone(),
+                            raw,
+                        }),
+                        _ => Flow::Continue,
+                    }
+                },
+            )
         })
     }
 
