@@ -685,6 +685,64 @@ fn without_move_and_uidplus_the_fallbacks_touch_only_our_messages() {
 }
 
 #[test]
+fn capabilities_come_from_the_replies_or_are_asked_for() {
+    let state = State::new();
+    let sent_commands = |record: &Arc<Mutex<Vec<u8>>>| -> Vec<String> {
+        String::from_utf8_lossy(&record.lock().unwrap())
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_ascii_uppercase))
+            .collect()
+    };
+    // Dovecot names them in the greeting and in the LOGIN reply: never asked for.
+    let (folder, _) = folder_with("caps", 2, 300);
+    let (port, record) = filter_proxy(&[], false);
+    let plain = account(
+        &common::host(),
+        port,
+        SslMode::None,
+        &folder,
+        ProcessedAction::Seen,
+    );
+    let mut mailbox = connect(&plain, &state);
+    assert_eq!(mailbox.extensions(), (true, true));
+    assert_eq!(mailbox.list().unwrap().len(), 2);
+    Box::new(mailbox).finish().unwrap();
+    let commands = sent_commands(&record);
+    assert!(
+        !commands.contains(&"CAPABILITY".to_string()),
+        "{commands:?}"
+    );
+    assert_eq!(commands[..3], ["LOGIN", "SELECT", "UID"], "{commands:?}");
+
+    // A server that names them only when asked: CAPABILITY before and after the login.
+    let (folder, _) = folder_with("caps-asked", 2, 300);
+    let (port, record) = filter_proxy(&[], true);
+    let plain = account(
+        &common::host(),
+        port,
+        SslMode::None,
+        &folder,
+        ProcessedAction::Seen,
+    );
+    let mut mailbox = connect(&plain, &state);
+    assert_eq!(mailbox.extensions(), (true, true));
+    let listed = ids(&mailbox.list().unwrap());
+    let fetched = fetch_all(&mut mailbox, &listed);
+    assert_eq!(fetched.len(), 2);
+    mailbox.mark_processed(&listed).unwrap();
+    Box::new(mailbox).finish().unwrap();
+    let commands = sent_commands(&record);
+    assert_eq!(
+        commands[..3],
+        ["CAPABILITY", "LOGIN", "CAPABILITY"],
+        "{commands:?}"
+    );
+    assert!(flags_by_uid(&folder)
+        .values()
+        .all(|f| f.contains(&"\\Seen".to_string())));
+}
+
+#[test]
 fn open_dispatches_by_mailbox_type() {
     let state = State::new();
     let (folder, _) = folder_with("open", 1, 200);
@@ -720,6 +778,13 @@ fn a_missing_folder_is_named_in_the_error() {
 /// A proxy to Dovecot's plain IMAP port that removes `strip` from every capability list the
 /// server sends; returns its port and what clients sent through it.
 fn capability_filter_proxy(strip: &[&str]) -> (u16, Arc<Mutex<Vec<u8>>>) {
+    filter_proxy(strip, false)
+}
+
+/// Like [`capability_filter_proxy`]; with `drop_codes`, the `[CAPABILITY ...]` response codes
+/// of the greeting and the LOGIN reply are removed altogether (a server that names its
+/// capabilities only when asked).
+fn filter_proxy(strip: &[&str], drop_codes: bool) -> (u16, Arc<Mutex<Vec<u8>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let strip: Vec<String> = strip.iter().map(|s| s.to_ascii_uppercase()).collect();
@@ -733,15 +798,17 @@ fn capability_filter_proxy(strip: &[&str]) -> (u16, Arc<Mutex<Vec<u8>>>) {
                     .unwrap();
             let strip = strip.clone();
             let record = Arc::clone(&record);
+            let sent = Arc::clone(&record);
             let (mut c_read, mut u_write) =
                 (client.try_clone().unwrap(), upstream.try_clone().unwrap());
             std::thread::spawn(move || {
                 let mut buf = [0u8; 16384];
                 while let Ok(n) = c_read.read(&mut buf) {
+                    // Recorded first: the reply may come back before this loop goes on.
+                    record.lock().unwrap().extend_from_slice(&buf[..n]);
                     if n == 0 || u_write.write_all(&buf[..n]).is_err() {
                         break;
                     }
-                    record.lock().unwrap().extend_from_slice(&buf[..n]);
                 }
                 let _ = u_write.shutdown(std::net::Shutdown::Write);
             });
@@ -756,12 +823,29 @@ fn capability_filter_proxy(strip: &[&str]) -> (u16, Arc<Mutex<Vec<u8>>>) {
                     }
                     let text = String::from_utf8_lossy(&line).into_owned();
                     let upper = text.to_ascii_uppercase();
-                    let line =
-                        if upper.starts_with("* CAPABILITY") || upper.contains("[CAPABILITY ") {
-                            strip_words(&text, &strip).into_bytes()
-                        } else {
-                            line
-                        };
+                    let code = upper
+                        .find("[CAPABILITY ")
+                        .and_then(|at| upper[at..].find(']').map(|end| at..at + end + 2));
+                    // An untagged CAPABILITY nobody asked for (Dovecot's after LOGIN).
+                    let asked = || {
+                        let sent = sent.lock().unwrap();
+                        let last = String::from_utf8_lossy(&sent)
+                            .lines()
+                            .last()
+                            .map(str::to_owned);
+                        last.is_some_and(|l| l.to_ascii_uppercase().ends_with(" CAPABILITY"))
+                    };
+                    let line = if drop_codes && upper.starts_with("* CAPABILITY") && !asked() {
+                        continue;
+                    } else if let (true, Some(code)) = (drop_codes, code) {
+                        let mut kept = text.clone();
+                        kept.replace_range(code, "");
+                        kept.into_bytes()
+                    } else if upper.starts_with("* CAPABILITY") || upper.contains("[CAPABILITY ") {
+                        strip_words(&text, &strip).into_bytes()
+                    } else {
+                        line
+                    };
                     if client.write_all(&line).is_err() {
                         break;
                     }
