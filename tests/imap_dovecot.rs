@@ -694,16 +694,19 @@ fn capabilities_come_from_the_replies_or_are_asked_for() {
             .collect()
     };
     // Dovecot names them in the greeting and in the LOGIN reply: never asked for.
+    let plain = |port, folder: &str| {
+        let a = account(
+            &common::host(),
+            port,
+            SslMode::None,
+            folder,
+            ProcessedAction::Seen,
+        );
+        connect(&a, &state)
+    };
     let (folder, _) = folder_with("caps", 2, 300);
     let (port, record) = filter_proxy(&[], false);
-    let plain = account(
-        &common::host(),
-        port,
-        SslMode::None,
-        &folder,
-        ProcessedAction::Seen,
-    );
-    let mut mailbox = connect(&plain, &state);
+    let mut mailbox = plain(port, &folder);
     assert_eq!(mailbox.extensions(), (true, true));
     assert_eq!(mailbox.list().unwrap().len(), 2);
     Box::new(mailbox).finish().unwrap();
@@ -717,14 +720,7 @@ fn capabilities_come_from_the_replies_or_are_asked_for() {
     // A server that names them only when asked: CAPABILITY before and after the login.
     let (folder, _) = folder_with("caps-asked", 2, 300);
     let (port, record) = filter_proxy(&[], true);
-    let plain = account(
-        &common::host(),
-        port,
-        SslMode::None,
-        &folder,
-        ProcessedAction::Seen,
-    );
-    let mut mailbox = connect(&plain, &state);
+    let mut mailbox = plain(port, &folder);
     assert_eq!(mailbox.extensions(), (true, true));
     let listed = ids(&mailbox.list().unwrap());
     let fetched = fetch_all(&mut mailbox, &listed);

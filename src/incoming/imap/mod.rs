@@ -199,24 +199,38 @@ fn read_tagged(
     loop {
         let mut line = Vec::new();
         wire.read_line(&mut line, fetch::MAX_LINE)?;
+        let mut literals = 0;
         while let Some(n) = literal_length(&line) {
+            literals += 1;
+            if n > fetch::MAX_LINE || literals > 64 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("the server announced an unexpected literal of {n} bytes"),
+                ));
+            }
             let mut skipped = Vec::new();
             wire.read_exact_into(&mut skipped, n)?;
             wire.read_line(&mut line, fetch::MAX_LINE)?;
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\r', '\n']);
-        if let Some(rest) = text.strip_prefix(tag).and_then(|r| r.strip_prefix(' ')) {
-            let (word, info) = rest.split_once(' ').unwrap_or((rest, ""));
-            let status = match word.to_ascii_uppercase().as_str() {
-                "OK" => Status::Ok,
-                "NO" => Status::No,
-                _ => Status::Bad,
-            };
-            return Ok((status, info.to_string()));
+        if let Some(reply) = tagged_status(text, tag) {
+            return Ok(reply);
         }
         untagged(text);
     }
+}
+
+/// The status and text of `line` when it is the reply tagged `tag`.
+fn tagged_status(line: &str, tag: &str) -> Option<(Status, String)> {
+    let rest = line.strip_prefix(tag)?.strip_prefix(' ')?;
+    let (word, info) = rest.split_once(' ').unwrap_or((rest, ""));
+    let status = match word.to_ascii_uppercase().as_str() {
+        "OK" => Status::Ok,
+        "NO" => Status::No,
+        _ => Status::Bad,
+    };
+    Some((status, info.to_string()))
 }
 
 /// The length of the literal a reply line announces at its end (`{123}` or `{123+}`).
@@ -676,14 +690,8 @@ impl ImapMailbox {
             wire.read_line(&mut line, fetch::MAX_LINE)
                 .map_err(|e| self.io_error(&what, &e))?;
             let text = fetch::clean_text(&line);
-            if let Some(rest) = text.strip_prefix(tag).and_then(|r| r.strip_prefix(' ')) {
-                let (word, info) = rest.split_once(' ').unwrap_or((rest, ""));
-                let status = match word.to_ascii_uppercase().as_str() {
-                    "OK" => Status::Ok,
-                    "NO" => Status::No,
-                    _ => Status::Bad,
-                };
-                return Ok((lines, status, info.to_string()));
+            if let Some((status, info)) = tagged_status(&text, tag) {
+                return Ok((lines, status, info));
             }
             lines.push(text);
         }
