@@ -407,11 +407,13 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         // message, never waits for a checkpoint's fsyncs.
         let (stop_renewing, renew_rx) = channel::<()>();
         let renew_every = run.state.lease() / 3;
-        let (owner, state_dir) = (run.owner.clone(), settings.state_dir.clone());
-        // (The run's own connection is closed at its end: nothing to restore.)
-        let checkpoints = run.state.set_autocheckpoint(0).is_ok();
+        let (owner, state_dir) = (run.owner.clone(), &settings.state_dir);
+        // Automatic checkpoints stop only once the helper's connection is open. (The run's
+        // own connection is closed at its end: nothing to restore.)
+        let helper_store = StateStore::open(state_dir);
+        let checkpoints = helper_store.is_ok() && run.state.set_autocheckpoint(0).is_ok();
         scope.spawn(move || {
-            let Ok(store) = StateStore::open(&state_dir) else {
+            let Ok(store) = helper_store else {
                 return;
             };
             let tick = if checkpoints {
@@ -977,26 +979,51 @@ impl Run<'_> {
             let list = mail["attachments"]
                 .as_array_mut()
                 .expect("attachments is a list");
-            for (i, (entry, attachment)) in list.iter_mut().zip(&parsed.attachments).enumerate() {
-                // Each attachment in its own directory (two parts may share a file name),
-                // reused by the next message: its files are gone once the host returned.
-                let sub = self.attachments_dir.join(i.to_string());
-                if i >= self.attachment_slots {
-                    create_private_dir(&sub)?;
-                    self.attachment_slots = i + 1;
+            let mut written: Vec<PathBuf> = Vec::new();
+            if let Err(e) = self.write_attachments(list, &parsed.attachments, &mut written) {
+                for done in &written {
+                    let _ = std::fs::remove_file(done);
                 }
-                let path = sub.join(&attachment.filename);
-                std::fs::write(&path, &attachment.data).map_err(|e| {
-                    Error::message(format!(
-                        "cannot write attachment {} to {}: {e}",
-                        attachment.filename,
-                        sub.display()
-                    ))
-                })?;
-                entry["path"] = Value::from(path.display().to_string());
+                return Err(e);
             }
         }
         Ok(mail)
+    }
+
+    /// Writes each attachment to its slot directory and sets its `path`; `written` lists the
+    /// files written so far (the caller removes them when this fails halfway).
+    fn write_attachments(
+        &mut self,
+        list: &mut [Value],
+        attachments: &[crate::mime::Attachment],
+        written: &mut Vec<PathBuf>,
+    ) -> Result<()> {
+        for (i, (entry, attachment)) in list.iter_mut().zip(attachments).enumerate() {
+            // Each attachment in its own directory (two parts may share a file name), reused
+            // by the next message: its files are gone once the host returned.
+            let sub = self.attachments_dir.join(i.to_string());
+            if i >= self.attachment_slots {
+                create_private_dir(&sub)?;
+                self.attachment_slots = i + 1;
+            }
+            let path = sub.join(&attachment.filename);
+            let mut result = std::fs::write(&path, &attachment.data);
+            if matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
+                // Someone removed the directory meanwhile: made again.
+                create_private_dir(&sub)?;
+                result = std::fs::write(&path, &attachment.data);
+            }
+            result.map_err(|e| {
+                Error::message(format!(
+                    "cannot write attachment {} to {}: {e}",
+                    attachment.filename,
+                    sub.display()
+                ))
+            })?;
+            entry["path"] = Value::from(path.display().to_string());
+            written.push(path);
+        }
+        Ok(())
     }
 
     fn remove_attachments(&self, mail: &Value) {
@@ -1200,6 +1227,8 @@ mod tests {
     struct RecordingHost {
         calls: Vec<String>,
         rows: Vec<Value>,
+        /// Removes each attachment's directory after reading the file (a cleanup job).
+        remove_attachment_dirs: bool,
     }
 
     impl Host for RecordingHost {
@@ -1212,6 +1241,14 @@ mod tests {
         fn create_inquiry(&mut self, mail: &Value) -> Result<String> {
             self.calls
                 .push(format!("createInquiry {}", mail["message_id"]));
+            for a in mail["attachments"].as_array().into_iter().flatten() {
+                let path = Path::new(a["path"].as_str().unwrap());
+                let bytes = std::fs::read(path).unwrap();
+                self.calls.push(format!("attachment {}", bytes.len()));
+                if self.remove_attachment_dirs {
+                    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+                }
+            }
             Ok("IQ00001".into())
         }
         fn add_to_thread(&mut self, sd_number: &str, _mail: &Value) -> Result<bool> {
@@ -1252,6 +1289,37 @@ mod tests {
     fn run_event(ini: &Path, host: &mut RecordingHost) -> Value {
         let mut manager = Manager::open(ini, "prod").unwrap();
         event_check_mail(&mut manager, host, &json!({"host": "pcr360.example.edu"})).unwrap()
+    }
+
+    #[test]
+    fn an_attachment_directory_removed_by_someone_else_is_made_again() {
+        let (_dir, maildir, ini, _state) = maildir_master("");
+        for n in 1..=2 {
+            let raw = format!(
+                "From: a@example.org\r\nTo: desk@example.edu\r\nSubject: file {n}\r\n\
+                 Message-ID: <att{n}@example.org>\r\nMIME-Version: 1.0\r\n\
+                 Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\n\
+                 Content-Type: text/plain\r\n\r\nSee the file.\r\n--b\r\n\
+                 Content-Type: application/octet-stream; name=\"f.bin\"\r\n\
+                 Content-Disposition: attachment; filename=\"f.bin\"\r\n\
+                 Content-Transfer-Encoding: base64\r\n\r\nAAECAw==\r\n--b--\r\n"
+            );
+            let file = maildir.join("new").join(format!("170000000{n}.M1P1.test"));
+            std::fs::write(file, raw).unwrap();
+        }
+        let mut host = RecordingHost {
+            remove_attachment_dirs: true,
+            ..Default::default()
+        };
+        let summary = run_event(&ini, &mut host);
+        assert_eq!(summary["totals"]["inquiries"], 2, "{summary}");
+        assert_eq!(summary["totals"]["failed"], 0, "{summary}");
+        assert_eq!(
+            host.calls.iter().filter(|c| *c == "attachment 4").count(),
+            2,
+            "{:?}",
+            host.calls
+        );
     }
 
     #[test]

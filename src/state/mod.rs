@@ -251,19 +251,25 @@ impl StateStore {
         what: &str,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T> {
-        // BEGIN and COMMIT as cached statements: a run commits once per message.
+        // BEGIN and COMMIT as cached statements: a run commits once per message. Whatever
+        // ends the transaction early (an error, a panic unwinding) rolls it back.
+        struct Open<'c>(&'c Connection);
+        impl Drop for Open<'_> {
+            fn drop(&mut self) {
+                if !self.0.is_autocommit() {
+                    let _ = self.0.execute_batch("ROLLBACK");
+                }
+            }
+        }
         let run = || -> rusqlite::Result<T> {
             exec(&self.conn, "BEGIN IMMEDIATE", [])?;
+            let open = Open(&self.conn);
             let value = f(&self.conn)?;
             exec(&self.conn, "COMMIT", [])?;
+            drop(open);
             Ok(value)
         };
-        run().map_err(|e| {
-            if !self.conn.is_autocommit() {
-                let _ = self.conn.execute_batch("ROLLBACK");
-            }
-            self.db_error(account, what, e)
-        })
+        run().map_err(|e| self.db_error(account, what, e))
     }
 
     /// Runs a read-only query on the current committed state.

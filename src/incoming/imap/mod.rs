@@ -200,7 +200,12 @@ fn read_tagged(
         let mut line = Vec::new();
         wire.read_line(&mut line, fetch::MAX_LINE)?;
         let mut literals = 0;
-        while let Some(n) = literal_length(&line) {
+        // Only untagged data can carry literals; a tagged reply's text is just text.
+        while let Some(n) = line
+            .starts_with(b"* ")
+            .then(|| literal_length(&line))
+            .flatten()
+        {
             literals += 1;
             if n > fetch::MAX_LINE || literals > 64 {
                 return Err(std::io::Error::new(
@@ -1234,11 +1239,15 @@ impl Mailbox for ImapMailbox {
             // `low:*` includes the last message even when its UID is below `low`.
             // UIDs an earlier run settled above the mark are not new either.
             let settled_before = &self.settled_before;
-            self.listed.extend(
-                found
-                    .into_iter()
-                    .filter(|(uid, _)| *uid >= low && !settled_before.contains(uid)),
-            );
+            // A UID can be reported twice (a flag change by another client meanwhile, without
+            // its size): the size it was listed with is kept.
+            for (uid, size) in found
+                .into_iter()
+                .filter(|(uid, _)| *uid >= low && !settled_before.contains(uid))
+            {
+                let listed = self.listed.entry(uid).or_insert(size);
+                *listed = (*listed).max(size);
+            }
         }
         Ok(self
             .listed

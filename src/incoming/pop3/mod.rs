@@ -472,19 +472,22 @@ impl<S: Read + Write> Pop3Session<S, Authorization> {
                 commands.extend_from_slice(password.expose().as_bytes());
                 commands.extend_from_slice(b"\r\nCAPA\r\n");
                 s.conn.send(&commands, "USER")?;
-                let user_status = s.conn.read_status("waiting for the reply to USER")?;
-                let pass_status = s.conn.read_status("waiting for the reply to PASS")?;
+                // A refused login ends here: the session is dropped (no QUIT), so the CAPA
+                // reply need not be read — some servers close the connection at once.
+                for command in ["USER", "PASS"] {
+                    let status = s
+                        .conn
+                        .read_status(&format!("waiting for the reply to {command}"))?;
+                    if !status.ok {
+                        return Err(login_refused(&server, user, &status, &[password.expose()]));
+                    }
+                }
                 let capa_status = s.conn.read_status("waiting for the reply to CAPA")?;
                 if capa_status.ok {
                     let mut body = Vec::new();
                     s.conn
                         .read_multiline(&mut body, LISTING_LIMIT, "reading the reply to CAPA")?;
                     refreshed = Some(Capabilities::parse(&body));
-                }
-                for status in [&user_status, &pass_status] {
-                    if !status.ok {
-                        return Err(login_refused(&server, user, status, &[password.expose()]));
-                    }
                 }
                 if refreshed.is_none() {
                     refreshed = Some(Capabilities::default());

@@ -229,8 +229,9 @@ fn pass_failure_is_an_auth_error_without_the_password_and_no_quit() {
             &format!("PASS {PASSWORD}\r\n"),
             format!("-ERR [AUTH] Authentication failed for PASS {PASSWORD}\r\n"),
         ),
-        // Pipelined with USER and PASS; answered, read, and nothing follows it.
-        step("CAPA\r\n", CAPS_PIPE),
+        // Pipelined with USER and PASS; after the refusal its reply is not waited for (the
+        // session is dropped: some servers close the connection at once).
+        step("CAPA\r\n", ""),
     ]);
     let err = started(&mock)
         .login("alice@test.local", &secret())
