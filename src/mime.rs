@@ -279,12 +279,11 @@ fn parse_inner(raw: &[u8], sd_pattern: &Regex) -> ParsedMail {
     } else {
         bom
     };
-    let hint = charset_hint(raw);
     let index = DelimiterIndex::build(raw);
     let mut walker = Walker {
         raw,
         index: &index,
-        hint: hint.as_ref(),
+        hint: std::cell::OnceCell::new(),
         problems: Vec::new(),
         flattened: false,
         guesses: 0,
@@ -636,9 +635,9 @@ fn looks_like_field(line: &[u8]) -> bool {
 
 /// Converts one header field to UTF-8 when it is not: raw ISO-2022-JP escapes, or 8-bit
 /// bytes read in the message's charset (else Windows-1252).
-fn transcode_field<'f>(
+fn transcode_field<'f, 'h>(
     field: &'f [u8],
-    hint: Option<&HeaderDecoder>,
+    hint: impl FnOnce() -> Option<&'h HeaderDecoder>,
     problems: &mut Vec<String>,
 ) -> Cow<'f, [u8]> {
     let name = || {
@@ -663,7 +662,7 @@ fn transcode_field<'f>(
             None => Cow::Borrowed(field),
         },
         Err(_) => {
-            let (label, decoded) = match hint {
+            let (label, decoded) = match hint() {
                 Some((label, decode)) => (label.as_str(), decode(field)),
                 None => ("Windows-1252", windows_1252(field)),
             };
@@ -802,7 +801,9 @@ const MAX_BOUNDARY_GUESSES: usize = 8;
 struct Walker<'a> {
     raw: &'a [u8],
     index: &'a DelimiterIndex,
-    hint: Option<&'a HeaderDecoder>,
+    /// The message's charset for raw 8-bit header bytes, looked for only when a header has
+    /// some (most have none, and the search reads up to 256 KB of the message).
+    hint: std::cell::OnceCell<Option<HeaderDecoder>>,
     problems: Vec<String>,
     flattened: bool,
     guesses: usize,
@@ -815,7 +816,9 @@ impl Walker<'_> {
         let (header_end, body_start) = header_extent(entity);
         let mut bytes = Vec::with_capacity(header_end + 4);
         for field in header_fields(&entity[..header_end]) {
-            bytes.extend_from_slice(&transcode_field(field, self.hint, &mut self.problems));
+            let (raw, hint) = (self.raw, &self.hint);
+            let hint = || hint.get_or_init(|| charset_hint(raw)).as_ref();
+            bytes.extend_from_slice(&transcode_field(field, hint, &mut self.problems));
         }
         if !bytes.is_empty() && !bytes.ends_with(b"\n") {
             bytes.push(b'\n');
