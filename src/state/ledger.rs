@@ -44,6 +44,19 @@ pub struct Settled {
 }
 
 impl Settled {
+    /// Its row, done, in the caller's transaction.
+    fn record(&self, tx: &Connection) -> rusqlite::Result<()> {
+        settle_in(
+            tx,
+            &self.account,
+            &self.key,
+            LedgerState::Done,
+            &self.outcome,
+            self.sd_number.as_deref(),
+            None,
+        )
+    }
+
     /// The record of [`StateStore::skip`].
     pub fn skipped(account: &str, key: &str, reason: &str) -> Settled {
         Settled {
@@ -301,29 +314,16 @@ impl StateStore {
         owner: &Owner,
     ) -> Result<Claim> {
         self.write(account, "record a message and claim the next", |tx| {
-            settle_in(
-                tx,
-                &settled.account,
-                &settled.key,
-                LedgerState::Done,
-                &settled.outcome,
-                settled.sd_number.as_deref(),
-                None,
-            )?;
+            settled.record(tx)?;
             self.claim_in(tx, account, key, mailbox_ref, owner)
         })
     }
 
     /// Records `settled` on its own (see [`StateStore::settle_then_claim`]).
     pub fn settle_done(&self, settled: &Settled) -> Result<()> {
-        self.settle(
-            &settled.account,
-            &settled.key,
-            LedgerState::Done,
-            &settled.outcome,
-            settled.sd_number.as_deref(),
-            None,
-        )
+        self.write(&settled.account, "record a processed message", |tx| {
+            settled.record(tx)
+        })
     }
 
     fn claim_in(

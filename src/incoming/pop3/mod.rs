@@ -658,15 +658,12 @@ impl<S: Read + Write> Pop3Session<S, Transaction> {
         &mut self,
         numbers: &[u32],
         max_bytes: u64,
-        mut on_message: F,
+        on_message: F,
     ) -> crate::Result<()>
     where
         F: FnMut(u32, Fetched),
     {
-        self.retr_stream(numbers, max_bytes, &|_| 0, u64::MAX, |n, r| {
-            on_message(n, r);
-            Flow::Continue
-        })
+        self.run(|s| s.batch_all(numbers, "RETR", "", Some(max_bytes), on_message))
     }
 
     /// `RETR` of many messages as one continuous pipeline when the server offers PIPELINING:
@@ -717,18 +714,9 @@ impl<S: Read + Write> Pop3Session<S, Transaction> {
     ) -> crate::Result<Vec<(u32, Fetched)>> {
         let mut out = Vec::with_capacity(numbers.len());
         self.run(|s| {
-            s.batch(
-                numbers,
-                "TOP",
-                " 0",
-                Some(max_bytes),
-                &|_| 0,
-                u64::MAX,
-                |n, r| {
-                    out.push((n, r));
-                    Flow::Continue
-                },
-            )
+            s.batch_all(numbers, "TOP", " 0", Some(max_bytes), |n, r| {
+                out.push((n, r))
+            })
         })?;
         Ok(out)
     }
@@ -741,18 +729,39 @@ impl<S: Read + Write> Pop3Session<S, Transaction> {
     /// `DELE` of many messages, pipelined when possible: `(number, Ok or -ERR text)` in order.
     pub fn dele_many(&mut self, numbers: &[u32]) -> crate::Result<Vec<(u32, Result<(), String>)>> {
         let mut out = Vec::with_capacity(numbers.len());
-        self.run(|s| {
-            s.batch(numbers, "DELE", "", None, &|_| 0, u64::MAX, |n, r| {
-                out.push((n, r.map(drop)));
-                Flow::Continue
-            })
-        })?;
+        self.run(|s| s.batch_all(numbers, "DELE", "", None, |n, r| out.push((n, r.map(drop)))))?;
         Ok(out)
     }
 
     /// `RSET`: unmarks every message marked with `DELE` in this session.
     pub fn rset(&mut self) -> crate::Result<()> {
         self.run(|s| s.simple("RSET").map(drop))
+    }
+
+    /// [`batch`](Self::batch) of every number, bounded by the command window only.
+    fn batch_all<F>(
+        &mut self,
+        numbers: &[u32],
+        verb: &str,
+        suffix: &str,
+        max_bytes: Option<u64>,
+        mut each: F,
+    ) -> Result<(), Fail>
+    where
+        F: FnMut(u32, Fetched),
+    {
+        self.batch(
+            numbers,
+            verb,
+            suffix,
+            max_bytes,
+            &|_| 0,
+            u64::MAX,
+            |n, r| {
+                each(n, r);
+                Flow::Continue
+            },
+        )
     }
 
     /// Runs `VERB n SUFFIX` for each number, reading a multi-line body (capped at
