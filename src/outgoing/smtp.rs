@@ -212,9 +212,9 @@ impl SmtpTransport {
         note(format!("connected to {}", cfg.server));
         let stream = match (cfg.ssl, &cfg.connector) {
             (SslMode::Ssl, Some(connector)) => {
-                let tls = net::tls_handshake(connector, &cfg.host, tcp).map_err(Fail::tls)?;
+                let tls = MaybeTls::start_tls(connector, &cfg.host, tcp).map_err(Fail::tls)?;
                 note("TLS established (implicit TLS), certificate accepted".to_string());
-                MaybeTls::Tls(tls)
+                tls
             }
             _ => MaybeTls::Plain(tcp),
         };

@@ -472,11 +472,11 @@ impl ImapMailbox {
                     .max(std::time::Duration::from_millis(1));
                 let _ = tcp.set_read_timeout(Some(left));
                 let _ = tcp.set_write_timeout(Some(left));
-                let tls = net::tls_handshake(connector, host, tcp).map_err(|e| {
+                let tls = MaybeTls::start_tls(connector, host, tcp).map_err(|e| {
                     mailbox_err(format!("cannot start TLS: {}", net::describe_io_error(&e)))
                 })?;
-                let _ = tls.get_ref().set_write_timeout(Some(timeout));
-                MaybeTls::Tls(tls)
+                let _ = tls.tcp().set_write_timeout(Some(timeout));
+                tls
             }
             _ => MaybeTls::Plain(tcp),
         };

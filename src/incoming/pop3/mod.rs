@@ -209,10 +209,8 @@ pub fn connect(
     };
     let connector = connector()?;
     let stream = match (&connector, ssl) {
-        (Some(connector), SslMode::Ssl) => MaybeTls::Tls(
-            net::tls_handshake(connector, host, tcp)
-                .map_err(|e| fail(Fail::io("starting TLS", e)))?,
-        ),
+        (Some(connector), SslMode::Ssl) => MaybeTls::start_tls(connector, host, tcp)
+            .map_err(|e| fail(Fail::io("starting TLS", e)))?,
         _ => MaybeTls::Plain(tcp),
     };
     let mut session = Pop3Session::start(stream, account, &server)?;
