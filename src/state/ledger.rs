@@ -16,8 +16,8 @@
 //!    never handled.
 //!
 //! A row is `in_progress` while a run owns it. Another run may take it over when the owner is
-//! dead: its lease ran out (the lease is renewed by every claim of the owner and by
-//! [`StateStore::renew_lease`]), or it ran on this machine and its process is gone (so after a
+//! dead: its lease ran out (the lease is renewed by the owner's claims, at most once per tenth
+//! of the lease, and by [`StateStore::renew_lease`]), or it ran on this machine and its process is gone (so after a
 //! `kill -9` the next run takes over at once, see [`Owner`]). A takeover counts as a failed
 //! attempt, since nobody knows whether the dead run had already called the host: a message
 //! that crashes PHP every time is quarantined after three runs instead of blocking the mailbox
@@ -336,11 +336,13 @@ impl StateStore {
     ) -> rusqlite::Result<Claim> {
         let now = now_ms();
         let lease_until = self.lease_until(now);
-        exec(
-            tx,
-            "UPDATE ledger SET lease_until=?2 WHERE owner_run=?1 AND state='in_progress'",
-            params![owner.run_id(), lease_until],
-        )?;
+        if self.lease_renewal_due(owner) {
+            exec(
+                tx,
+                "UPDATE ledger SET lease_until=?2 WHERE owner_run=?1 AND state='in_progress'",
+                params![owner.run_id(), lease_until],
+            )?;
+        }
         let row = one(
             tx,
             "SELECT state, outcome, attempts, owner_run, owner_host, owner_machine,
@@ -369,11 +371,25 @@ impl StateStore {
         let Some(row) = row else {
             exec(
                 tx,
-                "INSERT INTO ledger (account, key, mailbox_ref, state, attempts,
-                   first_seen, updated_at) VALUES (?1, ?2, ?3, 'in_progress', 0, ?4, ?4)",
-                params![account, key, mailbox_ref, now],
+                "INSERT INTO ledger (account, key, mailbox_ref, state, attempts, owner_run,
+                   owner_host, owner_machine, owner_boot, owner_pidns, owner_pid, owner_start,
+                   lease_until, first_seen, updated_at)
+                 VALUES (?1, ?2, ?3, 'in_progress', 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+                params![
+                    account,
+                    key,
+                    mailbox_ref,
+                    owner.run_id(),
+                    owner.host(),
+                    owner.machine_id(),
+                    owner.boot_id(),
+                    owner.pid_ns(),
+                    owner.pid(),
+                    i64::try_from(owner.start_ticks()).unwrap_or(i64::MAX),
+                    lease_until,
+                    now,
+                ],
             )?;
-            set_owner(tx, account, key, owner, lease_until, 0, None)?;
             return Ok(Claim::New);
         };
         // A done row keeps the copy it was recorded for (see `Claim::Done::same_copy`).
