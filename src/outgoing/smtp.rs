@@ -20,12 +20,11 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use native_tls::TlsConnector;
 
 use super::{BuiltMessage, CheckReport, Delivery, DeliveryStatus, Transport};
 use crate::config::{Account, Secret, SslMode, TransportType};
 use crate::error::{Error, Result};
-use crate::net::{self, MaybeTls};
+use crate::net::{self, MaybeTls, TlsConnector};
 
 /// Longest reply line accepted from a server (RFC 5321 says 512; be lenient).
 const MAX_REPLY_LINE: usize = 8192;

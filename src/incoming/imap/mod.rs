@@ -530,7 +530,7 @@ impl ImapMailbox {
         wire: Wire<MaybeTls>,
         host: &str,
         ssl: SslMode,
-        connector: Option<native_tls::TlsConnector>,
+        connector: Option<net::TlsConnector>,
     ) -> Result<ImapSession> {
         let mut greeting = Vec::new();
         wire.read_line(&mut greeting, fetch::MAX_LINE)
