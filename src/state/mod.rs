@@ -815,12 +815,48 @@ CREATE TABLE alerts (
 ) WITHOUT ROWID;
 ";
 
-/// Version 2: the index of ledger rows by state is gone. Every message changes its row's
-/// state twice (claimed, then done), so the index cost two more random B-tree pages per commit
-/// (a third of the state database's work during `eventCheckMail`), and its only readers,
-/// the per-account counts and the quarantine list, read one account's rows through the
-/// primary key just as well.
-const SCHEMA_V2: &str = "DROP INDEX IF EXISTS ledger_state;";
+/// Version 2: the ledger is a rowid table (rows in the order messages were first seen, with a
+/// unique index on `(account, key)`), and the index of rows by state is gone. Every message
+/// is written twice in a row (claimed, then done with the next one's claim); keyed by
+/// Message-ID, each write landed in another random page of the table and of the state index,
+/// two thirds of the state database's work during `eventCheckMail`. Now both writes of a
+/// message land in the table's last page. The only readers of the state index, the
+/// per-account counts and the quarantine list, read one account's rows through the unique
+/// index just as well.
+const SCHEMA_V2: &str = "
+CREATE TABLE ledger_v2 (
+    account      TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    mailbox_ref  TEXT,
+    state        TEXT NOT NULL CHECK (state IN ('in_progress', 'failed', 'done', 'quarantined')),
+    outcome      TEXT,
+    sd_number    TEXT,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    owner_run    TEXT,
+    owner_host   TEXT,
+    owner_machine TEXT,
+    owner_boot   TEXT,
+    owner_pidns  TEXT,
+    owner_pid    INTEGER,
+    owner_start  INTEGER,
+    lease_until  INTEGER,
+    first_seen   INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL,
+    UNIQUE (account, key)
+);
+INSERT INTO ledger_v2 (account, key, mailbox_ref, state, outcome, sd_number, attempts,
+    last_error, owner_run, owner_host, owner_machine, owner_boot, owner_pidns, owner_pid,
+    owner_start, lease_until, first_seen, updated_at)
+  SELECT account, key, mailbox_ref, state, outcome, sd_number, attempts, last_error,
+    owner_run, owner_host, owner_machine, owner_boot, owner_pidns, owner_pid, owner_start,
+    lease_until, first_seen, updated_at
+  FROM ledger ORDER BY first_seen;
+DROP TABLE ledger;
+ALTER TABLE ledger_v2 RENAME TO ledger;
+CREATE INDEX ledger_owner ON ledger (owner_run) WHERE owner_run IS NOT NULL;
+CREATE INDEX ledger_ref ON ledger (account, mailbox_ref) WHERE mailbox_ref IS NOT NULL;
+";
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
