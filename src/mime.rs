@@ -1574,7 +1574,11 @@ fn is_utf8_name(charset: &str) -> bool {
 fn decode_text(bytes: &[u8], charset: Option<&str>) -> String {
     if let Some(c) = charset {
         if is_utf8_name(c) {
-            return String::from_utf8_lossy(bytes).into_owned();
+            // Valid UTF-8 (nearly always) is checked by the fast validator, not char by char.
+            return match std::str::from_utf8(bytes) {
+                Ok(s) => s.to_owned(),
+                Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+            };
         }
         if let Some(decoder) = charset_decoder(c.as_bytes()) {
             return decoder(bytes);
