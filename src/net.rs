@@ -168,8 +168,16 @@ impl TlsConnector {
 
 /// The system's trusted roots, as OpenSSL finds them (`SSL_CERT_FILE`/`SSL_CERT_DIR`, else the
 /// usual places): a directory of hashed names (`c_rehash`, Debian's /etc/ssl/certs) is
-/// searched when a chain needs an issuer; without one, the bundle file is read.
+/// searched when a chain needs an issuer; without one, the bundle file is read. A bundle named
+/// by `SSL_CERT_FILE` is always read: whoever set it wants those roots.
 fn add_system_roots(store: &mut X509StoreBuilder) -> Result<(), openssl::error::ErrorStack> {
+    if let Some(file) = std::env::var_os("SSL_CERT_FILE")
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_file())
+    {
+        let lookup = store.add_lookup(X509Lookup::file())?;
+        let _ = lookup.load_cert_file(&file, SslFiletype::PEM);
+    }
     let probe = openssl_probe::probe();
     let hashed: Vec<&std::path::PathBuf> = probe
         .cert_dir

@@ -2,8 +2,8 @@
 //! a hashed certificate directory (OpenSSL's `SSL_CERT_DIR`, Debian's /etc/ssl/certs) only
 //! when a chain needs them. The test CA is put into such a directory of its own, named by its
 //! subject hash as `c_rehash` names it; with that directory as a system directory, Dovecot's
-//! certificate is trusted without CA_FILE. One test in its own process: it sets the
-//! environment before any TLS is set up.
+//! certificate is trusted without CA_FILE; a bundle named by `SSL_CERT_FILE` is read too. One
+//! test in its own process: it sets the environment before any TLS is set up.
 
 mod common;
 
@@ -57,4 +57,14 @@ fn a_ca_in_a_hashed_system_directory_is_trusted_without_ca_file() {
     .expect_err("without the hashed name the test CA is unknown");
     assert!(err.contains("certificate verification failed"), "{err}");
     assert!(err.contains("CA_FILE"), "{err}");
+
+    // A bundle named by SSL_CERT_FILE is read even though hashed directories exist.
+    std::env::set_var("SSL_CERT_FILE", dir.path().join("test-ca.pem"));
+    let unrelated_again = dir.path().join("unrelated-again.pem");
+    std::fs::write(&unrelated_again, other.to_pem().unwrap()).unwrap();
+    handshake(&TlsSettings {
+        verify_cert: true,
+        ca_file: Some(unrelated_again),
+    })
+    .expect("the test CA, named by SSL_CERT_FILE, is trusted");
 }
