@@ -283,8 +283,8 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         return Ok(finish_summary(base, status, &[], started));
     }
 
-    // The CA bundle is parsed (~50 ms of CPU) while the state store opens and the mailbox
-    // threads connect.
+    // The TLS connectors are built (CA_FILE, the system roots) while the state store opens and
+    // the mailbox threads connect.
     let mut tls_seen = Vec::new();
     for account in &mailboxes {
         let tls_mailbox = account.incoming.as_ref().is_some_and(|i| {

@@ -17,8 +17,8 @@
 //!
 //! A row is `in_progress` while a run owns it. Another run may take it over when the owner is
 //! dead: its lease ran out (the lease is renewed by the owner's claims, at most once per tenth
-//! of the lease, and by [`StateStore::renew_lease`]), or it ran on this machine and its process is gone (so after a
-//! `kill -9` the next run takes over at once, see [`Owner`]). A takeover counts as a failed
+//! of the lease, and by [`StateStore::renew_lease`]), or it ran on this machine and its
+//! process is gone (so after a `kill -9` the next run takes over at once, see [`Owner`]). A takeover counts as a failed
 //! attempt, since nobody knows whether the dead run had already called the host: a message
 //! that crashes PHP every time is quarantined after three runs instead of blocking the mailbox
 //! forever.

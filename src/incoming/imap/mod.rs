@@ -449,8 +449,8 @@ impl ImapMailbox {
         };
         let deadline = Instant::now() + timeout;
         let mailbox_err = |message: String| Error::mailbox(&id, &server, message);
-        // Connected first: the TCP handshake overlaps the parsing of the CA bundle (started
-        // by `net::prewarm_tls_connector`, or by the first connection of the process).
+        // Connected first: the TCP handshake overlaps the building of the TLS connector
+        // (started by `net::prewarm_tls_connector`, or by the first connection of the process).
         let connector = || match incoming.ssl {
             SslMode::None => Ok(None),
             SslMode::Ssl | SslMode::StartTls => net::tls_connector(&account.tls).map(Some),

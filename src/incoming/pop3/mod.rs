@@ -192,7 +192,7 @@ pub fn connect(
 ) -> crate::Result<Pop3Session<MaybeTls>> {
     let server = net::server_label(host, port);
     let fail = |f: Fail| f.into_error(account, &server);
-    // Connected first: the TCP handshake overlaps the parsing of the CA bundle.
+    // Connected first: the TCP handshake overlaps the building of the TLS connector.
     let connector = || match ssl {
         SslMode::None => Ok(None),
         SslMode::Ssl | SslMode::StartTls => net::tls_connector(tls)
