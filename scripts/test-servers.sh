@@ -76,11 +76,19 @@ port_open() {
     (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
 }
 
+running() { # running <pid>: the process exists and is not a zombie (an exited, unreaped child)
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    # Field 3, after the command name in parentheses (which may itself contain spaces).
+    stat="${stat##*) }"
+    [ -n "$stat" ] && [ "${stat%% *}" != Z ]
+}
+
 pid_of() { # pid recorded for a service, if that process still runs the expected program
     local name="$1" pidfile="$PIDS/$1.pid" pid expect
     [ -f "$pidfile" ] || return 1
     pid="$(tr -dc 0-9 <"$pidfile")"
-    [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
+    [ -n "$pid" ] && running "$pid" || return 1
     case "$name" in
         smtp) expect="$PCR_SERVERS_SRC/smtp_server.py" ;;
         silent) expect="$PCR_SERVERS_SRC/silent_server.py" ;;
@@ -98,11 +106,12 @@ stop_service() {
     local name="$1" pid i
     if pid="$(pid_of "$name")"; then
         kill -TERM "$pid" 2>/dev/null || true
+        # A process that has exited counts as stopped even while nobody has reaped it yet.
         for ((i = 0; i < 100; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
+            running "$pid" || break
             sleep 0.1
         done
-        if kill -0 "$pid" 2>/dev/null; then
+        if running "$pid"; then
             log "$name (pid $pid) ignored SIGTERM for 10s; sending SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
         fi
@@ -145,22 +154,41 @@ cmd_status() {
     return "$ok"
 }
 
+# Exit status of one start attempt in which a server died before its ports answered: worth
+# another attempt (each is logged with the exit status and the server's log). Anything else
+# (a port taken by another program, an invalid config, a hang) fails at once.
+DIED=3
+declare -A SPAWNED=()
+
 spawn() { # spawn <name> <command...>: start in background, stdio to its log, record pid
     local name="$1"
     shift
     nohup "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
+    SPAWNED[$name]=$!
     echo $! >"$PIDS/$name.pid"
 }
 
-fail_start() {
-    local name="$1" msg="$2"
+fail_start() { # fail_start <name> <message> [exit status]
+    local name="$1" msg="$2" status="${3:-1}"
     {
         echo "ERROR: $msg"
         echo "---- last lines of $LOGS/$name.log ----"
         tail -n 30 "$LOGS/$name.log" 2>/dev/null || true
     } >&2
     cmd_stop
-    exit 1
+    exit "$status"
+}
+
+# how_it_ended <name>: the exit status of a server this process spawned and that has exited.
+how_it_ended() {
+    local pid="${SPAWNED[$1]}" status=0
+    wait "$pid" 2>/dev/null || status=$?
+    if [ "$status" -gt 128 ]; then
+        printf 'pid %s, killed by signal %s (%s)' "$pid" "$((status - 128))" \
+            "$(kill -l "$((status - 128))" 2>/dev/null || echo '?')"
+    else
+        printf 'pid %s, exit status %s' "$pid" "$status"
+    fi
 }
 
 wait_ports() { # wait_ports <name> <port...>: bounded wait for a service's ports
@@ -169,7 +197,9 @@ wait_ports() { # wait_ports <name> <port...>: bounded wait for a service's ports
     deadline=$((SECONDS + 20))
     for p in "$@"; do
         until port_open "$p"; do
-            pid_of "$name" >/dev/null || fail_start "$name" "$name exited before port $p answered"
+            # Our own child: its pid cannot be reused before we reap it, so no cmdline check.
+            running "${SPAWNED[$name]}" ||
+                fail_start "$name" "$name exited before port $p answered ($(how_it_ended "$name"))" "$DIED"
             [ "$SECONDS" -lt "$deadline" ] || fail_start "$name" "$name: port $p not answering after 20s"
             sleep 0.1
         done
@@ -409,7 +439,7 @@ write_env() {
     mv -f "$ENV_FILE.tmp" "$ENV_FILE"
 }
 
-cmd_start() {
+start_once() {
     local p
     [ -x "$PY" ] && "$PY" -c 'import aiosmtpd' 2>/dev/null ||
         die "no Python venv with aiosmtpd at $PCR_VENV: run scripts/install-deps.sh"
@@ -464,8 +494,22 @@ cmd_start() {
     log "test servers up on $HOST, ports $BASE..$((BASE + 30)); env: $ENV_FILE"
 }
 
+# A server that dies while starting (seen once in CI: Dovecot, the SMTP and the silent server
+# gone without a word in their logs) gets two more attempts, each in a fresh process.
+cmd_start() {
+    local attempt rc
+    for attempt in 1 2 3; do
+        rc=0
+        bash "${BASH_SOURCE[0]}" start-once || rc=$?
+        [ "$rc" = 0 ] && return 0
+        { [ "$rc" = "$DIED" ] && [ "$attempt" -lt 3 ]; } || exit "$rc"
+        log "start attempt $attempt failed (above); starting everything again"
+    done
+}
+
 case "${1:-}" in
     start) cmd_start ;;
+    start-once) start_once ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
     restart) cmd_start ;;
