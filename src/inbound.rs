@@ -519,10 +519,14 @@ fn read_mailbox(
         return Ok(());
     }
     let download = mailbox.fetch_each(&wanted, &mut |fetched: Fetched| {
-        let parsed = Box::new(mime::parse(&fetched.raw, sd_pattern));
+        let Fetched { id, raw } = fetched;
+        let parsed = Box::new(mime::parse(&raw, sd_pattern));
+        // The raw bytes go before the hand-off, which waits while PHP's thread is busy: a
+        // waiting mailbox thread holds one parsed message, not its source as well.
+        drop(raw);
         let message = Event::Message {
             mailbox: index,
-            id: fetched.id,
+            id,
             parsed,
         };
         match events.send(message) {

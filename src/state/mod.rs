@@ -163,6 +163,11 @@ impl StateStore {
                 conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
+            // A 256 KiB page cache (SQLite's default is 2 MB): a check of mail touches the
+            // ledger's last pages and one path down its index per message, and the ledger only
+            // grows, so a bigger cache would only make each run's memory grow with it
+            // (`cargo bench --bench ledger` is no slower with 20,000 rows recorded).
+            conn.pragma_update(None, "cache_size", -256)?;
             conn.set_prepared_statement_cache_capacity(64);
             Ok(mode)
         };
