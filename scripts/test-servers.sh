@@ -503,7 +503,8 @@ cmd_start() {
         bash "${BASH_SOURCE[0]}" start-once || rc=$?
         [ "$rc" = 0 ] && return 0
         { [ "$rc" = "$DIED" ] && [ "$attempt" -lt 3 ]; } || exit "$rc"
-        log "start attempt $attempt failed (above); starting everything again"
+        log "start attempt $attempt failed (above); starting everything again in 2 s"
+        sleep 2
     done
 }
 
