@@ -179,15 +179,16 @@ fail_start() { # fail_start <name> <message> [exit status]
     exit "$status"
 }
 
-# how_it_ended <name>: the exit status of a server this process spawned and that has exited.
+# how_it_ended <name>: sets ENDED to how a server this process spawned has ended (waited for
+# here, not in a subshell, which could not wait for its parent's child).
+ENDED=""
 how_it_ended() {
     local pid="${SPAWNED[$1]}" status=0
     wait "$pid" 2>/dev/null || status=$?
     if [ "$status" -gt 128 ]; then
-        printf 'pid %s, killed by signal %s (%s)' "$pid" "$((status - 128))" \
-            "$(kill -l "$((status - 128))" 2>/dev/null || echo '?')"
+        ENDED="pid $pid, killed by signal $((status - 128)) ($(kill -l "$((status - 128))" 2>/dev/null || echo '?'))"
     else
-        printf 'pid %s, exit status %s' "$pid" "$status"
+        ENDED="pid $pid, exit status $status"
     fi
 }
 
@@ -198,8 +199,10 @@ wait_ports() { # wait_ports <name> <port...>: bounded wait for a service's ports
     for p in "$@"; do
         until port_open "$p"; do
             # Our own child: its pid cannot be reused before we reap it, so no cmdline check.
-            running "${SPAWNED[$name]}" ||
-                fail_start "$name" "$name exited before port $p answered ($(how_it_ended "$name"))" "$DIED"
+            if ! running "${SPAWNED[$name]}"; then
+                how_it_ended "$name"
+                fail_start "$name" "$name exited before port $p answered ($ENDED)" "$DIED"
+            fi
             [ "$SECONDS" -lt "$deadline" ] || fail_start "$name" "$name: port $p not answering after 20s"
             sleep 0.1
         done
