@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender, TryRecvError};
+use std::sync::Arc;
 use std::time::Instant;
 
 use regex::Regex;
@@ -31,7 +32,7 @@ use serde_json::{json, Value};
 use crate::config::{Account, AccountId, MailboxType, SslMode};
 use crate::error::{Error, Result};
 use crate::host::Host;
-use crate::incoming::{self, Fetched, Flow, Listed};
+use crate::incoming::{self, gate, Fetched, Flow, Listed};
 use crate::manager::Manager;
 use crate::mime::{self, AutoKind, ParsedMail};
 use crate::oauth::OAuthEnv;
@@ -55,6 +56,8 @@ enum Event {
         mailbox: usize,
         id: String,
         parsed: Box<ParsedMail>,
+        /// For a large message: the run's gate, held until PHP's thread is done with it.
+        pass: Option<gate::Pass>,
     },
     /// Every message of this mailbox has been handed over: its decisions can be closed.
     Downloaded { mailbox: usize },
@@ -372,6 +375,12 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         pending: None,
     };
 
+    let shared = MailboxShared {
+        env: env.clone(),
+        state_dir: settings.state_dir.clone(),
+        sd_pattern: run.sd_pattern.clone(),
+        large_gate: gate::Gate::new(),
+    };
     std::thread::scope(|scope| {
         let (events_tx, events_rx) = sync_channel::<Event>(CHANNEL_CAPACITY);
         let mut decisions: Vec<Sender<Decision>> = Vec::new();
@@ -379,14 +388,12 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
             let (tx, rx) = channel::<Decision>();
             decisions.push(tx);
             let events = events_tx.clone();
-            let env = env.clone();
-            let state_dir = settings.state_dir.clone();
-            let sd_pattern = run.sd_pattern.clone();
+            let shared = &shared;
             std::thread::Builder::new()
                 .name(format!("pcr-email-mailbox-{}", account.id))
                 .spawn_scoped(scope, move || {
                     let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        read_mailbox(i, account, &env, &state_dir, &events, rx, &sd_pattern)
+                        read_mailbox(i, account, shared, &events, rx)
                     }));
                     let error = match read {
                         Ok(result) => result.err(),
@@ -440,6 +447,7 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
 
     let _ = run.state.release_owned(&run.owner);
     let _ = std::fs::remove_dir_all(&run.attachments_dir);
+    crate::alloc::release_cached();
     // "errors": some mailbox or account could not be read completely (see each entry).
     let failed = summaries.iter().any(|m| !m.errors.is_empty())
         || base["errors"].as_array().is_some_and(|e| !e.is_empty());
@@ -472,17 +480,30 @@ fn finish_summary(
     base
 }
 
+/// What every mailbox thread of a run reads.
+struct MailboxShared {
+    env: OAuthEnv,
+    state_dir: PathBuf,
+    sd_pattern: Regex,
+    /// One large message in memory at a time (see `incoming::gate`).
+    large_gate: Arc<gate::Gate>,
+}
+
 /// One mailbox thread: list, download (handing each message over), then apply the decisions
 /// and commit. Never calls the host.
 fn read_mailbox(
     index: usize,
     account: &Account,
-    env: &OAuthEnv,
-    state_dir: &Path,
+    shared: &MailboxShared,
     events: &SyncSender<Event>,
     decisions: Receiver<Decision>,
-    sd_pattern: &Regex,
 ) -> Result<()> {
+    let MailboxShared {
+        env,
+        state_dir,
+        sd_pattern,
+        large_gate,
+    } = shared;
     let incoming = account
         .incoming
         .as_ref()
@@ -518,6 +539,7 @@ fn read_mailbox(
     {
         return Ok(());
     }
+    let installed = gate::install(large_gate);
     let download = mailbox.fetch_each(&wanted, &mut |fetched: Fetched| {
         let Fetched { id, raw } = fetched;
         let parsed = Box::new(mime::parse(&raw, sd_pattern));
@@ -528,12 +550,15 @@ fn read_mailbox(
             mailbox: index,
             id,
             parsed,
+            pass: gate::take_pass(),
         };
         match events.send(message) {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Stop,
         }
     });
+    // A pass taken for a message that was not handed over (the download broke off).
+    drop(installed);
     // Whatever was downloaded and decided is applied, even when the download broke off.
     let _ = events.send(Event::Downloaded { mailbox: index });
     let (mut processed, mut skipped, mut quarantine) = (Vec::new(), Vec::new(), Vec::new());
@@ -603,6 +628,7 @@ impl Run<'_> {
                     mailbox,
                     id,
                     parsed,
+                    pass,
                 } => {
                     summaries[mailbox].fetched += 1;
                     if !self.host.is_alive() {
@@ -613,6 +639,9 @@ impl Run<'_> {
                     }
                     let account = &mailboxes[mailbox];
                     let outcome = self.process(account, &id, *parsed);
+                    // The host has returned and the message is gone: the next large one may
+                    // be downloaded.
+                    drop(pass);
                     let summary = &mut summaries[mailbox];
                     // Recorded with the next claim (or alone, see `next_event`); its decision
                     // reaches the mailbox only after that commit.

@@ -1,6 +1,7 @@
 //! `pcr_email`: PCR-360's email, in Rust. The core in this crate knows nothing of PHP;
 //! `php` (feature `php`) is the thin ext-php-rs boundary.
 
+pub mod alloc;
 pub mod config;
 pub mod error;
 pub mod host;

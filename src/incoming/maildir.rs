@@ -355,8 +355,8 @@ impl Mailbox for MaildirMailbox {
             }
             self.with_file(id, &mut rescanned, |path| {
                 let mut file = fs::File::open(path)?;
-                let mut raw =
-                    Vec::with_capacity(file.metadata().map(|m| m.len() as usize).unwrap_or(0));
+                let size = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
+                let mut raw = crate::incoming::gate::buffer(size);
                 file.read_to_end(&mut raw)?;
                 Ok(raw)
             })

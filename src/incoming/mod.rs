@@ -11,6 +11,7 @@
 //!   `finish` commits nothing (POP3: no QUIT, so no DELE takes effect).
 
 mod cloud;
+pub mod gate;
 pub mod gmail;
 pub mod graph;
 pub mod imap;

@@ -1,6 +1,11 @@
 //! The thin ext-php-rs boundary: the module, its php.ini settings and `phpinfo()` section,
 //! the classes, and the conversions. No mail logic lives here.
 
+/// The extension's allocator: large blocks shared by all threads (see `crate::alloc`). Only
+/// the extension's own (Rust) allocations go through it; PHP's memory is PHP's.
+#[global_allocator]
+static ALLOCATOR: crate::alloc::Allocator = crate::alloc::Allocator;
+
 mod arginfo;
 mod convert;
 mod exceptions;

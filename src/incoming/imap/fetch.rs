@@ -93,7 +93,7 @@ pub fn read_response<S: Transport>(
                 let size = size as usize;
                 text.extend_from_slice(&segment[..prefix]);
                 text.push(LITERAL);
-                let mut data = Vec::with_capacity(size);
+                let mut data = crate::incoming::gate::buffer(size);
                 wire.read_exact_into(&mut data, size)?;
                 literals.push(Some(data));
             }

@@ -822,7 +822,10 @@ impl<S: Read + Write> Pop3Session<S, Transaction> {
             let result = if !status.ok {
                 Err(status.text())
             } else if let Some(max) = max_bytes {
-                let mut body = Vec::new();
+                // Sized by LIST (the body is at most that once unstuffed, give or take a
+                // server's rounding); a large message waits for the run's gate.
+                let listed = size_of(number).min(max);
+                let mut body = crate::incoming::gate::buffer(listed as usize);
                 self.conn.read_multiline(
                     &mut body,
                     max,
