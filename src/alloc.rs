@@ -7,8 +7,8 @@
 //! what it once held. With four mailboxes read in four threads, each thread's arena ended up
 //! holding the buffers of the largest message that thread had seen — four largest messages,
 //! not one. Here a freed large block goes back to one process-wide cache (at most
-//! [`CACHE_BYTES`]), where the next large block of any thread finds it, and the rest goes back
-//! to the system at once. Together with the large-message gate of a check-mail run
+//! [`CACHE_BYTES`]), where the next large block of any thread finds it (or grows the largest
+//! cached one, whose pages are reused), and the rest goes back to the system at once. Together with the large-message gate of a check-mail run
 //! (`incoming::gate`: one large message in memory at a time), the memory a run holds for
 //! large messages is about one message's worth.
 //!
@@ -49,11 +49,21 @@ impl Cache {
         let best = (0..self.len)
             .filter(|&i| self.blocks[i].1 >= length)
             .min_by_key(|&i| self.blocks[i].1)?;
-        let block = self.blocks[best];
+        Some(self.remove(best))
+    }
+
+    /// The largest cached mapping, taken out of the cache.
+    fn take_largest(&mut self) -> Option<(usize, usize)> {
+        let largest = (0..self.len).max_by_key(|&i| self.blocks[i].1)?;
+        Some(self.remove(largest))
+    }
+
+    fn remove(&mut self, i: usize) -> (usize, usize) {
+        let block = self.blocks[i];
         self.len -= 1;
-        self.blocks[best] = self.blocks[self.len];
+        self.blocks[i] = self.blocks[self.len];
         self.bytes -= block.1;
-        Some(block)
+        block
     }
 
     /// Keeps a freed mapping when it fits; false: the caller unmaps it.
@@ -91,8 +101,25 @@ unsafe fn map(size: usize) -> *mut u8 {
     let Some(length) = mapping_length(size) else {
         return std::ptr::null_mut();
     };
-    let cached = cache().take(length);
-    let (base, length) = match cached {
+    let (fits, smaller) = {
+        let mut cache = cache();
+        match cache.take(length) {
+            Some(block) => (Some(block), None),
+            None => (None, cache.take_largest()),
+        }
+    };
+    // No cached block is large enough: the largest one grows (its pages are reused, so the
+    // memory in use grows by the difference only), else a new mapping.
+    let grown = smaller.and_then(|(base, old)| {
+        let moved = libc::mremap(base as *mut libc::c_void, old, length, libc::MREMAP_MAYMOVE);
+        if moved == libc::MAP_FAILED {
+            libc::munmap(base as *mut libc::c_void, old);
+            None
+        } else {
+            Some((moved as usize, length))
+        }
+    });
+    let (base, length) = match fits.or(grown) {
         Some(block) => block,
         None => {
             let base = libc::mmap(
@@ -224,6 +251,10 @@ mod tests {
         assert!(cache.keep((3, 2 * LARGE)));
         assert_eq!(cache.take(LARGE + 1), Some((3, 2 * LARGE)));
         assert_eq!(cache.take(4 * LARGE), None);
+        assert!(cache.keep((3, 2 * LARGE)));
+        assert_eq!(cache.take_largest(), Some((1, 3 * LARGE)));
+        assert!(cache.keep((1, 3 * LARGE)));
+        assert_eq!(cache.take(2 * LARGE), Some((3, 2 * LARGE)));
         assert_eq!(cache.bytes, 4 * LARGE);
         // Over the byte budget: refused (the caller unmaps it).
         assert!(!cache.keep((4, CACHE_BYTES)));
@@ -304,6 +335,12 @@ mod tests {
         // A cached block given out again is zeroed when asked to be.
         let mut again = Block::new(5 * LARGE, true);
         assert!(again.bytes().iter().all(|&b| b == 0));
+        again.bytes().fill(9);
+        drop(again);
+        // So is one grown from a smaller cached block.
+        let mut grown = Block::new(9 * LARGE, true);
+        assert!(grown.bytes().iter().all(|&b| b == 0));
+        drop(grown);
         // Blocks freed by one thread serve another, each with its own contents.
         let threads: Vec<_> = (0..4u8)
             .map(|t| {
