@@ -142,6 +142,10 @@ class Bench:
     def timed(self, cmd, extra_env, label):
         tfile = os.path.join(self.work, "time.txt")
         e = dict(os.environ)
+        # As on a Debian host, where nothing sets it: with SSL_CERT_FILE set (some build and CI
+        # environments set it), the extension reads that whole CA bundle (~25 ms of CPU), as
+        # OpenSSL itself does, instead of looking roots up in the hashed /etc/ssl/certs.
+        e.pop("SSL_CERT_FILE", None)
         e.update(extra_env)
         offset = os.path.getsize(self.stats_path) if os.path.exists(self.stats_path) else 0
         proc = subprocess.run(["/usr/bin/time", "-v", "-o", tfile] + cmd, env=e, capture_output=True, text=True,
