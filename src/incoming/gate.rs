@@ -10,6 +10,10 @@
 //! (a large message it read and did not hand over) keeps it; a thread without an installed
 //! gate (tests, `checkAccount`) never waits.
 //!
+//! IMAP (the announced literal size), POP3 (the LIST size) and Maildir (the file size) take
+//! their buffers here. OFFICE365 and GMAIL downloads do not yet: their bodies are read by the
+//! HTTP client, one request per message.
+//!
 //! Waiting here is like waiting at the hand-off channel: the server's data stays in the
 //! socket, and whoever holds the pass needs nothing from the waiting thread to finish.
 
