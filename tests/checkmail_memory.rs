@@ -4,9 +4,10 @@
 //! measured by the same run over small messages only; what large messages add must stay
 //! below 3× the largest, although four mailbox threads could each hold one.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+#[path = "common/counting.rs"]
+mod counting;
+
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use base64::Engine;
 use pcr_email::host::Host;
@@ -14,29 +15,8 @@ use pcr_email::manager::Manager;
 use pcr_email::Result;
 use serde_json::{json, Value};
 
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
-            PEAK.fetch_max(now, Ordering::SeqCst);
-        }
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::SeqCst);
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: counting::Counting = counting::Counting;
 
 const MAILBOXES: usize = 4;
 const PER_MAILBOX: usize = 6;
@@ -139,12 +119,11 @@ fn run(dir: &Path, attachment: usize) -> (usize, usize) {
     .unwrap();
     let mut manager = Manager::open(&ini, "prod").unwrap();
     let mut desk = Desk { rows, inquiries: 0 };
-    let before = CURRENT.load(Ordering::SeqCst);
-    PEAK.store(before, Ordering::SeqCst);
+    let before = counting::start();
     let summary = manager
         .event_check_mail(&mut desk, &json!({"host": "pcr360.example.edu"}))
         .unwrap();
-    let peak = PEAK.load(Ordering::SeqCst) - before;
+    let peak = counting::peak_since(before);
     assert_eq!(summary["status"], "ok", "{summary}");
     assert_eq!(desk.inquiries, MAILBOXES * PER_MAILBOX, "{summary}");
     (peak, largest)

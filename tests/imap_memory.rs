@@ -3,11 +3,11 @@
 //! a fixed overhead, however many messages are fetched.
 
 mod common;
+#[path = "common/counting.rs"]
+mod counting;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use pcr_email::config::{
@@ -18,29 +18,8 @@ use pcr_email::incoming::imap::ImapMailbox;
 use pcr_email::incoming::{Flow, Mailbox};
 use pcr_email::state::StateStore;
 
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
-            PEAK.fetch_max(now, Ordering::SeqCst);
-        }
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::SeqCst);
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: counting::Counting = counting::Counting;
 
 const MESSAGE: usize = 2 * 1024 * 1024;
 const COUNT: usize = 12;
@@ -111,8 +90,7 @@ fn downloading_many_large_messages_holds_about_one_at_a_time() {
     let largest = listed.iter().map(|l| l.size as usize).max().unwrap();
     let ids: Vec<String> = listed.into_iter().map(|l| l.id).collect();
 
-    let baseline = CURRENT.load(Ordering::SeqCst);
-    PEAK.store(baseline, Ordering::SeqCst);
+    let baseline = counting::start();
     let mut fetched = 0usize;
     mailbox
         .fetch_each(&ids, &mut |m| {
@@ -121,7 +99,7 @@ fn downloading_many_large_messages_holds_about_one_at_a_time() {
             Flow::Continue
         })
         .unwrap();
-    let peak = PEAK.load(Ordering::SeqCst) - baseline;
+    let peak = counting::peak_since(baseline);
     assert_eq!(fetched, COUNT);
     assert!(
         mailbox.stats().body_fetches >= 3,
