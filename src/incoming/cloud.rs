@@ -27,6 +27,8 @@ pub(super) struct CloudMailbox {
     /// MAX_MESSAGES, at least 1.
     pub max_messages: usize,
     pub max_bytes: u64,
+    /// The sizes of the last listing, by id: a large message waits for the run's gate.
+    listed_sizes: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl CloudMailbox {
@@ -49,6 +51,7 @@ impl CloudMailbox {
             action: incoming.processed_action.clone(),
             max_messages: incoming.max_messages.max(1),
             max_bytes: incoming.max_message_bytes,
+            listed_sizes: Default::default(),
         })
     }
 
@@ -214,7 +217,14 @@ impl<T: CloudApi> Mailbox for T {
     }
 
     fn list(&mut self) -> Result<Vec<Listed>> {
-        self.list_new()
+        let listed = self.list_new()?;
+        let sizes = listed.iter().map(|l| (l.id.clone(), l.size)).collect();
+        *self
+            .cloud()
+            .listed_sizes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = sizes;
+        Ok(listed)
     }
 
     /// One request per message over a kept-alive connection. A message gone since the listing
@@ -223,11 +233,20 @@ impl<T: CloudApi> Mailbox for T {
         // The MIME may be larger than the stored size (base64 attachments), and an API may
         // wrap it in base64url and JSON (4/3 more).
         let limit = self.cloud().max_bytes.saturating_mul(3) / 2 + 1024 * 1024;
-        super::fetch_one_by_one(ids, sink, |id| match self.download(id, limit) {
-            Ok(resp) => self.decode(resp).map(Some),
-            Err(e) if e.status() == Some(404) => Ok(None),
-            Err(ApiError::Http(e)) if e.kind == HttpErrorKind::TooLarge => Ok(None),
-            Err(e) => Err(self.cloud().fail(e)),
+        let sizes = (self.cloud().listed_sizes.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        super::fetch_one_by_one(ids, sink, |id| {
+            // A large message waits for the run's gate (by its listed size: the reply is read
+            // by the HTTP client).
+            let size = sizes.get(id).copied().unwrap_or(0);
+            super::gate::admit(usize::try_from(size).unwrap_or(usize::MAX));
+            match self.download(id, limit) {
+                Ok(resp) => self.decode(resp).map(Some),
+                Err(e) if e.status() == Some(404) => Ok(None),
+                Err(ApiError::Http(e)) if e.kind == HttpErrorKind::TooLarge => Ok(None),
+                Err(e) => Err(self.cloud().fail(e)),
+            }
         })
     }
 

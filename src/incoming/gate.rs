@@ -11,8 +11,8 @@
 //! gate (tests, `checkAccount`) never waits.
 //!
 //! IMAP (the announced literal size), POP3 (the LIST size) and Maildir (the file size) take
-//! their buffers here. OFFICE365 and GMAIL downloads do not yet: their bodies are read by the
-//! HTTP client, one request per message.
+//! their buffers here; OFFICE365 and GMAIL, whose bodies the HTTP client reads, are admitted
+//! by their listed size ([`admit`]; Graph lists no size when a server leaves it out).
 //!
 //! Waiting here is like waiting at the hand-off channel: the server's data stays in the
 //! socket, and whoever holds the pass needs nothing from the waiting thread to finish.
@@ -87,19 +87,26 @@ impl Drop for Installation {
     }
 }
 
-/// An empty buffer for a message of `size` bytes; for a large message on a thread with a gate,
-/// only once this thread holds the pass.
+/// An empty buffer for a message of `size` bytes, once the message may be downloaded
+/// ([`admit`]).
 pub fn buffer(size: usize) -> Vec<u8> {
-    if size >= LARGE {
-        INSTALLED.with(|i| {
-            if let Some(installed) = i.borrow_mut().as_mut() {
-                if installed.pass.is_none() {
-                    installed.pass = Some(installed.gate.enter());
-                }
-            }
-        });
-    }
+    admit(size);
     Vec::with_capacity(size)
+}
+
+/// Returns once a message of `size` bytes may be downloaded: at once for a small message or
+/// on a thread without a gate, else once this thread holds the pass.
+pub fn admit(size: usize) {
+    if size < LARGE {
+        return;
+    }
+    INSTALLED.with(|i| {
+        if let Some(installed) = i.borrow_mut().as_mut() {
+            if installed.pass.is_none() {
+                installed.pass = Some(installed.gate.enter());
+            }
+        }
+    });
 }
 
 /// The pass this thread holds, to go with the message it is handing over.
