@@ -427,3 +427,55 @@ fn gmail_expired_tokens_are_refreshed_once_while_reading() {
         "{statuses:?}"
     );
 }
+
+#[test]
+fn a_large_gmail_message_waits_for_the_runs_gate_before_its_download() {
+    use pcr_email::incoming::gate::{self, Gate};
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
+
+    let (t, env, a) = setup(Provider::Google, "gmgate", 83, ProcessedAction::Seen);
+    let mut raw = incoming_mime("A photo", &unique("m"));
+    raw.extend(std::iter::repeat_n(b'x', gate::LARGE));
+    raw.extend_from_slice(b"\r\n");
+    let id = seed(Provider::Google, &t.mailbox, &raw, None, false);
+    let mut mb = open(&a, &env);
+    assert!(mb.list().unwrap()[0].size >= gate::LARGE as u64);
+    // Another mailbox thread of the same run holds the pass for its own large message.
+    let run_gate = Gate::new();
+    let (held_tx, held) = channel();
+    let (release, release_rx) = channel::<()>();
+    let holder = {
+        let run_gate = run_gate.clone();
+        std::thread::spawn(move || {
+            let _installed = gate::install(&run_gate);
+            let _buffer = gate::buffer(gate::LARGE);
+            let pass = gate::take_pass().expect("the pass");
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+            drop(pass);
+        })
+    };
+    held.recv().unwrap();
+    let (done_tx, done) = channel();
+    let reader = std::thread::spawn(move || {
+        let _installed = gate::install(&run_gate);
+        let fetched = fetch_all(mb.as_mut(), std::slice::from_ref(&id));
+        let pass = gate::take_pass();
+        done_tx.send(()).unwrap();
+        (fetched, pass.is_some())
+    });
+    assert!(
+        done.recv_timeout(Duration::from_millis(300)).is_err(),
+        "the large message was downloaded while another one held the gate"
+    );
+    release.send(()).unwrap();
+    let (fetched, had_pass) = reader.join().unwrap();
+    holder.join().unwrap();
+    assert_eq!(fetched.len(), 1);
+    assert_eq!(fetched[0].raw, raw);
+    assert!(
+        had_pass,
+        "the download took the pass, to go with the message"
+    );
+}
