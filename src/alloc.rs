@@ -8,9 +8,10 @@
 //! holding the buffers of the largest message that thread had seen — four largest messages,
 //! not one. Here a freed large block goes back to one process-wide cache (at most
 //! [`CACHE_BYTES`]), where the next large block of any thread finds it (or grows the largest
-//! cached one, whose pages are reused), and the rest goes back to the system at once. Together with the large-message gate of a check-mail run
-//! (`incoming::gate`: one large message in memory at a time), the memory a run holds for
-//! large messages is about one message's worth.
+//! cached one, whose pages are reused), and the rest goes back to the system at once.
+//! Together with the large-message gate of a check-mail run (`incoming::gate`: one large
+//! message in memory at a time), the memory a run holds for large messages is about one
+//! message's worth.
 //!
 //! [`release_cached`] returns the cache to the system (at the end of a run: an idle PHP
 //! worker keeps nothing of it).

@@ -68,7 +68,8 @@ fn message(mailbox: usize, n: usize, attachment: usize) -> Vec<u8> {
     }
     format!(
         "From: user{n}@example.org\r\nTo: desk{mailbox}@example.edu\r\n\
-         Subject: The projector in room {n}\r\nMessage-ID: <m{mailbox}.{n}.{attachment}@example.org>\r\n\
+         Subject: The projector in room {n}\r\n\
+         Message-ID: <m{mailbox}.{n}.{attachment}@example.org>\r\n\
          MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
          --b\r\nContent-Type: text/plain\r\n\r\nIt does not turn on; photo attached.\r\n\
          --b\r\nContent-Type: image/jpeg; name=\"photo.jpg\"\r\n\
