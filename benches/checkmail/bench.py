@@ -97,11 +97,10 @@ class Bench:
         self.proxy = None
 
     # ---- mailboxes -------------------------------------------------------------------
-    def corpus_files(self, mailbox, count, small_only=False):
-        return corpus_files(self.args.corpus, mailbox, count, small_only)
-
     def seed(self, count, small_only=False):
-        """Empties bench1..4 and delivers the first `count` corpus messages of each (unseen)."""
+        """Empties bench1..4 and delivers the first `count` corpus messages of each (unseen);
+        returns the bytes delivered."""
+        delivered = 0
         root = env("PCR_MAIL_ROOT")
         owner = os.stat(root)  # the mail user Dovecot runs mailbox processes as
         for i, user in enumerate(USERS, 1):
@@ -109,10 +108,11 @@ class Bench:
             shutil.rmtree(md, ignore_errors=True)
             for sub in ("new", "cur", "tmp"):
                 os.makedirs(os.path.join(md, sub))
-            for path in self.corpus_files(i, count, small_only):
+            for path in corpus_files(self.args.corpus, i, count, small_only):
                 name = os.path.basename(path)
                 with open(path, "rb") as f:
                     data = f.read()
+                delivered += len(data)
                 # Named as Dovecot's own delivery (LDA/LMTP) names them: S= the file's size,
                 # W= its size with CRLF line ends (RFC822.SIZE), so no file is read to list it.
                 vsize = len(data) + data.count(b"\n") - data.count(b"\r\n")
@@ -128,6 +128,7 @@ class Bench:
                                   "-u", user, "messages unseen", "INBOX"], capture_output=True, text=True)
             if out.returncode != 0 or f"messages={count} unseen={count}" not in out.stdout:
                 sys.exit(f"bench.py: seeding {user} failed: {out.stdout.strip()} {out.stderr.strip()}")
+        return delivered
 
     def check_processed(self, protocol, count, label):
         """After (a): IMAP mail is all \\Seen and still there; POP3 mail is deleted."""
@@ -196,7 +197,7 @@ class Bench:
 
     def run(self, method, protocol, count, delayed, repeat_index=0):
         # "m" and "s": (a) for the memory comparison, on every message / on small ones only.
-        self.seed(count, small_only=method == "s")
+        delivered = self.seed(count, small_only=method == "s")
         e = self.bench_env(protocol, count, delayed)
         label = f"({method}) {protocol} {count}/mailbox {'+%gms' % self.args.delay_ms if delayed else 'no delay'}"
         if method in ("a", "t", "m", "s"):
@@ -221,9 +222,8 @@ class Bench:
             got = [m["messages"] for m in res["out"]["mailboxes"]]
             if got != [count] * 4:
                 sys.exit(f"bench.py: {label}: the floor read {got} messages, expected {count} each")
-        sizes = [os.path.getsize(f) for i in range(1, 5) for f in self.corpus_files(i, count, method == "s")]
         res.update(method=method, protocol=protocol, count=count, delay_ms=self.args.delay_ms if delayed else 0,
-                   messages=4 * count, bytes=sum(sizes), repeat=repeat_index)
+                   messages=4 * count, bytes=delivered, repeat=repeat_index)
         if (res["out"].get("first_call_seconds") or 0) > 1.5:
             log(f"{label}: the first host call came only after {res['out']['first_call_seconds']:.1f} s "
                 "(a login stalled? other tests failing logins from 127.0.0.1 make Dovecot delay them)")

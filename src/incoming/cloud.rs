@@ -28,7 +28,7 @@ pub(super) struct CloudMailbox {
     pub max_messages: usize,
     pub max_bytes: u64,
     /// The sizes of the last listing, by id: a large message waits for the run's gate.
-    listed_sizes: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    listed_sizes: std::cell::RefCell<std::collections::HashMap<String, u64>>,
 }
 
 impl CloudMailbox {
@@ -219,11 +219,7 @@ impl<T: CloudApi> Mailbox for T {
     fn list(&mut self) -> Result<Vec<Listed>> {
         let listed = self.list_new()?;
         let sizes = listed.iter().map(|l| (l.id.clone(), l.size)).collect();
-        *self
-            .cloud()
-            .listed_sizes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = sizes;
+        *self.cloud().listed_sizes.borrow_mut() = sizes;
         Ok(listed)
     }
 
@@ -233,9 +229,7 @@ impl<T: CloudApi> Mailbox for T {
         // The MIME may be larger than the stored size (base64 attachments), and an API may
         // wrap it in base64url and JSON (4/3 more).
         let limit = self.cloud().max_bytes.saturating_mul(3) / 2 + 1024 * 1024;
-        let sizes = (self.cloud().listed_sizes.lock())
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let sizes = self.cloud().listed_sizes.borrow();
         super::fetch_one_by_one(ids, sink, |id| {
             // A large message waits for the run's gate (by its listed size: the reply is read
             // by the HTTP client).
