@@ -13,7 +13,8 @@ pub trait Host {
     fn email_accounts(&mut self) -> Result<Value>;
     /// Blocked Emails patterns (`*` wildcards, `/regex/`).
     fn blocked_emails(&mut self) -> Result<Vec<String>>;
-    /// Creates an Inquiry from `$mail`; returns its SD number.
+    /// Creates an Inquiry from `$mail`; returns its SD number. `Ok` means the host stored it:
+    /// an empty string is a contract violation (logged), never a reason to hand it over again.
     fn create_inquiry(&mut self, mail: &Value) -> Result<String>;
     /// Adds `$mail` to the thread of `sd_number`; false when there is no such item.
     fn add_to_thread(&mut self, sd_number: &str, mail: &Value) -> Result<bool>;

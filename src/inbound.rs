@@ -62,6 +62,12 @@ enum Event {
         /// For a large message: the run's gate, held until PHP's thread is done with it.
         pass: Option<gate::Pass>,
     },
+    /// A listed message that could not be read (the mailbox could): a failed message.
+    Unreadable {
+        mailbox: usize,
+        id: String,
+        error: Error,
+    },
     /// Every message of this mailbox has been handed over: its decisions can be closed.
     Downloaded { mailbox: usize },
     /// The thread ended; `error` when the mailbox could not be read (completely).
@@ -236,8 +242,11 @@ struct Run<'a> {
     blocklist: Blocklist,
     own_addresses: HashSet<String>,
     attachments_dir: PathBuf,
-    /// Attachment directories `0`, `1`, ... created so far under `attachments_dir`.
-    attachment_slots: usize,
+    /// Messages with attachments so far: message `n` writes its files into the directory
+    /// `n` under `attachments_dir`, so no two messages of a run ever share a `path` (a host
+    /// that stores `fread($fh, filesize($path))` would otherwise read the first file's size
+    /// from PHP's stat cache and store a truncated second one).
+    attachment_messages: usize,
     /// Per mailbox, where its decisions go; `None` once its channel is closed.
     decisions: Vec<Option<Sender<Decision>>>,
     /// The last message the host accepted (or that was skipped), not yet recorded: committed
@@ -260,6 +269,7 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         "host": vhost,
         "environment": settings.environment,
         "errors": [],
+        "warnings": [],
     });
     if settings.disable_email {
         return Ok(finish_summary(base, "disabled", &[], started));
@@ -271,15 +281,31 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     // Rows that could not be used show on the Events screen, not only in the Error Log.
     let mut base = base;
     base["errors"] = json!(manager.row_errors);
-    let mailboxes: Vec<Account> = crate::routing::incoming_accounts(
+    let (chosen, duplicates) = crate::routing::incoming_accounts_checked(
         &tenant_accounts,
         settings.master.as_ref(),
         settings.send_email,
         settings.disable_email,
-    )
-    .into_iter()
-    .cloned()
-    .collect();
+    );
+    let mailboxes: Vec<Account> = chosen.into_iter().cloned().collect();
+    // One mailbox configured twice (the INI master and a tenant row naming the same Maildir by
+    // another spelling, the same IMAP login twice) is read once; the summary says so.
+    let mut warnings = Vec::new();
+    for (left_out, reader) in duplicates {
+        let text = format!(
+            "account {} ({}) is configured with the same mailbox as account {} ({}): the mailbox \
+             is read once, as account {}",
+            left_out.id, left_out.email, reader.id, reader.email, reader.id
+        );
+        manager.logger().once(
+            host,
+            &format!("duplicate-mailbox:{}:{}", left_out.id, reader.id),
+            &format!("pcr_email: {text}"),
+            &json!({"account": left_out.id.to_string()}),
+        );
+        warnings.push(Value::from(text));
+    }
+    base["warnings"] = Value::Array(warnings);
     if mailboxes.is_empty() {
         let status = if manager.row_errors.is_empty() {
             "ok"
@@ -373,7 +399,7 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         blocklist,
         own_addresses,
         attachments_dir,
-        attachment_slots: 0,
+        attachment_messages: 0,
         decisions: Vec::new(),
         pending: None,
     };
@@ -384,31 +410,38 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         sd_pattern: run.sd_pattern.clone(),
         large_gate: gate::Gate::new(),
     };
+    // A bounded pool reads the mailboxes, each thread taking the next one not yet taken:
+    // any number of mailboxes, a bounded number of threads.
+    let mut decisions: Vec<Sender<Decision>> = Vec::new();
+    let mut receivers = Vec::new();
+    for _ in &mailboxes {
+        let (tx, rx) = channel::<Decision>();
+        decisions.push(tx);
+        receivers.push(std::sync::Mutex::new(Some(rx)));
+    }
+    let queue = MailboxQueue {
+        mailboxes: &mailboxes,
+        receivers,
+        next: std::sync::atomic::AtomicUsize::new(0),
+    };
+    let mut unstarted = Vec::new();
     std::thread::scope(|scope| {
         let (events_tx, events_rx) = sync_channel::<Event>(CHANNEL_CAPACITY);
-        let mut decisions: Vec<Sender<Decision>> = Vec::new();
-        for (i, account) in mailboxes.iter().enumerate() {
-            let (tx, rx) = channel::<Decision>();
-            decisions.push(tx);
+        let wanted = settings.mailbox_threads.clamp(1, mailboxes.len());
+        let started = start_pool(wanted, |n| {
             let events = events_tx.clone();
-            let shared = &shared;
+            let (queue, shared) = (&queue, &shared);
             std::thread::Builder::new()
-                .name(format!("pcr-email-mailbox-{}", account.id))
-                .spawn_scoped(scope, move || {
-                    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        read_mailbox(i, account, shared, &events, rx)
-                    }));
-                    let error = match read {
-                        Ok(result) => result.err(),
-                        Err(_) => Some(Error::mailbox(
-                            &account.id.to_string(),
-                            &account.email,
-                            "internal error while reading the mailbox; nothing was changed in it",
-                        )),
-                    };
-                    let _ = events.send(Event::Finished { mailbox: i, error });
-                })
-                .map_err(|e| Error::message(format!("cannot start a mailbox thread: {e}")))?;
+                .name(format!("pcr-email-mailbox-{n}"))
+                .spawn_scoped(scope, move || queue.work(shared, &events))
+                .map(drop)
+        });
+        if let Err(e) = started {
+            // Not even one thread: every mailbox waits for the next run, and the summary
+            // says why.
+            while let Some(i) = queue.take() {
+                unstarted.push((i, e.to_string()));
+            }
         }
         drop(events_tx);
         // The claims of this run stay ours while a slow host works (a claim whose lease ran
@@ -422,32 +455,48 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         // own connection is closed at its end: nothing to restore.)
         let helper_store = StateStore::open(state_dir);
         let checkpoints = helper_store.is_ok() && run.state.set_autocheckpoint(0).is_ok();
-        scope.spawn(move || {
-            let Ok(store) = helper_store else {
-                return;
-            };
-            let tick = if checkpoints {
-                CHECKPOINT_EVERY.min(renew_every)
-            } else {
-                renew_every
-            };
-            let mut renewed = Instant::now();
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = renew_rx.recv_timeout(tick)
-            {
-                if renewed.elapsed() >= renew_every {
-                    let _ = store.renew_lease(&owner);
-                    renewed = Instant::now();
+        let helper = std::thread::Builder::new()
+            .name("pcr-email-leases".into())
+            .spawn_scoped(scope, move || {
+                let Ok(store) = helper_store else {
+                    return;
+                };
+                let tick = if checkpoints {
+                    CHECKPOINT_EVERY.min(renew_every)
+                } else {
+                    renew_every
+                };
+                let mut renewed = Instant::now();
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    renew_rx.recv_timeout(tick)
+                {
+                    if renewed.elapsed() >= renew_every {
+                        let _ = store.renew_lease(&owner);
+                        renewed = Instant::now();
+                    }
+                    if checkpoints {
+                        let _ = store.checkpoint();
+                    }
                 }
-                if checkpoints {
-                    let _ = store.checkpoint();
-                }
-            }
-        });
+            });
+        if helper.is_err() {
+            // No lease renewal: a claim can only be taken over by another run once its lease
+            // ran out (minutes); and the WAL is checkpointed by the commits themselves again.
+            let _ = run.state.set_autocheckpoint(1000);
+        }
         run.process_events(&mailboxes, &mut summaries, events_rx, decisions);
         drop(stop_renewing);
-        Ok::<(), Error>(())
-    })?;
+    });
 
+    for (i, why) in unstarted {
+        let account = &mailboxes[i];
+        let error = Error::mailbox(
+            &account.id.to_string(),
+            &account.email,
+            format!("no thread could be started to read the mailbox ({why}); it is read by the next run"),
+        );
+        run.mailbox_failed(account, &mut summaries[i], error);
+    }
     let _ = run.state.release_owned(&run.owner);
     let _ = std::fs::remove_dir_all(&run.attachments_dir);
     crate::alloc::release_cached();
@@ -490,6 +539,84 @@ struct MailboxShared {
     sd_pattern: Regex,
     /// One large message in memory at a time (see `incoming::gate`).
     large_gate: Arc<gate::Gate>,
+}
+
+/// The mailboxes of a run, handed out one at a time to the pool's threads.
+struct MailboxQueue<'a> {
+    mailboxes: &'a [Account],
+    /// Each mailbox's decisions, taken by the thread that reads it.
+    receivers: Vec<std::sync::Mutex<Option<Receiver<Decision>>>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl MailboxQueue<'_> {
+    /// The next mailbox nobody has taken yet.
+    fn take(&self) -> Option<usize> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (i < self.mailboxes.len()).then_some(i)
+    }
+
+    /// A pool thread: reads mailboxes until none is left.
+    fn work(&self, shared: &MailboxShared, events: &SyncSender<Event>) {
+        while let Some(i) = self.take() {
+            let account = &self.mailboxes[i];
+            let rx = self.receivers[i]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            let Some(rx) = rx else { continue };
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                read_mailbox(i, account, shared, events, rx)
+            }));
+            let error = match read {
+                Ok(result) => result.err(),
+                Err(_) => Some(Error::mailbox(
+                    &account.id.to_string(),
+                    &account.email,
+                    "internal error while reading the mailbox; nothing was changed in it",
+                )),
+            };
+            if events.send(Event::Finished { mailbox: i, error }).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Starts up to `wanted` threads with `spawn(n)`. When the system refuses a thread, the run
+/// goes on with those already started; the first one is tried a few times (a short burst of
+/// other threads may be ending). `Err` only when none could be started.
+fn start_pool(
+    wanted: usize,
+    mut spawn: impl FnMut(usize) -> std::io::Result<()>,
+) -> std::result::Result<usize, std::io::Error> {
+    let mut started = 0;
+    let mut last = None;
+    for n in 0..wanted {
+        let tries = if started == 0 { 4 } else { 1 };
+        for attempt in 0..tries {
+            match spawn(n) {
+                Ok(()) => {
+                    started += 1;
+                    last = None;
+                    break;
+                }
+                Err(e) => {
+                    last = Some(e);
+                    if attempt + 1 < tries {
+                        std::thread::sleep(std::time::Duration::from_millis(50 << attempt));
+                    }
+                }
+            }
+        }
+        if last.is_some() {
+            break;
+        }
+    }
+    match (started, last) {
+        (0, Some(e)) => Err(e),
+        _ => Ok(started),
+    }
 }
 
 /// One mailbox thread: list, download (handing each message over), then apply the decisions
@@ -562,6 +689,13 @@ fn read_mailbox(
     });
     // A pass taken for a message that was not handed over (the download broke off).
     drop(installed);
+    for (id, error) in mailbox.take_unreadable() {
+        let _ = events.send(Event::Unreadable {
+            mailbox: index,
+            id,
+            error,
+        });
+    }
     // Whatever was downloaded and decided is applied, even when the download broke off.
     let _ = events.send(Event::Downloaded { mailbox: index });
     let (mut processed, mut skipped, mut quarantine) = (Vec::new(), Vec::new(), Vec::new());
@@ -621,11 +755,9 @@ impl Run<'_> {
                     summaries[mailbox].deferred += deferred as u64;
                 }
                 Event::Oversized { mailbox, listed } => {
-                    let account = &mailboxes[mailbox];
-                    if let Some(decision) = self.oversized(account, &listed) {
-                        summaries[mailbox].skip("oversized");
-                        self.send_decision(mailbox, decision);
-                    }
+                    // No decision: the mailbox leaves it where it is, as a candidate.
+                    summaries[mailbox].skip("oversized");
+                    self.oversized(&mailboxes[mailbox], &listed);
                 }
                 Event::Message {
                     mailbox,
@@ -700,6 +832,21 @@ impl Run<'_> {
                         (None, _) => {}
                     }
                 }
+                Event::Unreadable { mailbox, id, error } => {
+                    let summary = &mut summaries[mailbox];
+                    match self.unreadable(&mailboxes[mailbox], &id, &error) {
+                        Outcome::Busy => summary.deferred += 1,
+                        Outcome::Quarantined => {
+                            summary.failed += 1;
+                            summary.quarantined += 1;
+                            self.send_decision(mailbox, Decision::Quarantine(id));
+                        }
+                        Outcome::StillQuarantined => {
+                            self.send_decision(mailbox, Decision::Quarantine(id))
+                        }
+                        _ => summary.failed += 1,
+                    }
+                }
                 Event::Downloaded { mailbox } => {
                     // Every decision for it is sent: closing the channel lets it commit.
                     self.decisions[mailbox] = None;
@@ -722,21 +869,18 @@ impl Run<'_> {
         self.decisions.clear();
     }
 
-    fn oversized(&mut self, account: &Account, listed: &Listed) -> Option<Decision> {
+    /// A message over MAX_MESSAGE_BYTES: not downloaded, and not recorded as done either, so it
+    /// is counted in every run's summary while it waits and becomes an ordinary message once the
+    /// limit allows it. Logged and alerted once (per mailbox and message).
+    fn oversized(&mut self, account: &Account, listed: &Listed) {
         let id = account.id.to_string();
-        let key = format!("oversized:{}", listed.id);
-        match self
-            .state
-            .claim(&ledger_scope(account), &key, Some(&listed.id), &self.owner)
-        {
-            Ok(Claim::New) | Ok(Claim::Retry { .. }) => {}
-            Ok(Claim::Done { .. }) | Ok(Claim::Quarantined) => {
-                return Some(Decision::Skipped(listed.id.clone()))
-            }
-            Ok(Claim::Busy) => return None,
+        let once = format!("oversized:{}:{}", ledger_scope(account), listed.id);
+        match self.state.alert_once(&format!("log:{once}")) {
+            Ok(true) => {}
+            Ok(false) => return,
             Err(e) => {
                 self.log(&format!("pcr_email: {e}"), json!({"account": id}));
-                return None;
+                return;
             }
         }
         let limit = account
@@ -746,21 +890,66 @@ impl Run<'_> {
             .unwrap_or(0);
         let text = format!(
             "pcr_email: a message of {} bytes in the mailbox of account {id} ({}) is larger than \
-             MAX_MESSAGE_BYTES ({limit}); it was not downloaded and stays in the mailbox",
+             MAX_MESSAGE_BYTES ({limit}); it is not downloaded and stays in the mailbox, counted \
+             as skipped (oversized) in every run until MAX_MESSAGE_BYTES allows it",
             listed.size, account.email
         );
         self.log(
             &text,
             json!({"account": id, "message": listed.id, "size": listed.size}),
         );
-        let _ = self.state.skip(&ledger_scope(account), &key, "oversized");
         self.alert(
             account,
-            &format!("oversized:{id}:{}", listed.id),
+            &once,
             "An incoming email is too large to process",
             &text,
         );
-        Some(Decision::Skipped(listed.id.clone()))
+    }
+
+    /// A message that could not be read: a failure of that message like a host failure
+    /// (logged, retried by the next runs, quarantined after the third), keyed by its place in
+    /// the mailbox since its Message-ID is unknown.
+    fn unreadable(&mut self, account: &Account, mailbox_ref: &str, error: &Error) -> Outcome {
+        self.flush_pending();
+        let id = account.id.to_string();
+        let scope = ledger_scope(account);
+        let key = format!("unreadable:{mailbox_ref}");
+        let what = format!("the message {mailbox_ref} (it cannot be read)");
+        match self
+            .state
+            .claim(&scope, &key, Some(mailbox_ref), &self.owner)
+        {
+            Ok(Claim::Busy) => return Outcome::Busy,
+            Ok(Claim::Quarantined) | Ok(Claim::Done { .. }) => return Outcome::StillQuarantined,
+            Ok(Claim::Retry { attempts }) if attempts >= MAX_ATTEMPTS => {
+                let reason = format!("failed {attempts} times; last error: {error}");
+                return self.quarantine(account, &key, &what, &reason);
+            }
+            Ok(Claim::New) | Ok(Claim::Retry { .. }) => {}
+            Err(e) => {
+                self.log(&format!("pcr_email: {e}"), json!({"account": id}));
+                return Outcome::Busy;
+            }
+        }
+        self.log(
+            &format!(
+                "pcr_email: an incoming email in the mailbox of account {id} ({}) was not \
+                 processed and stays in the mailbox: {error}",
+                account.email
+            ),
+            json!({"account": id, "message": mailbox_ref}),
+        );
+        match self.state.fail(&scope, &key, &error.to_string()) {
+            Ok(attempts) if attempts >= MAX_ATTEMPTS => {
+                let reason = format!("failed {attempts} times; last error: {error}");
+                self.quarantine(account, &key, &what, &reason)
+            }
+            Ok(_) => Outcome::Failed,
+            Err(e) => {
+                self.log(&format!("pcr_email: {e}"), json!({"account": id}));
+                Outcome::Failed
+            }
+        }
     }
 
     /// One downloaded message, start to end.
@@ -811,17 +1000,23 @@ impl Run<'_> {
             Claim::Quarantined => return Outcome::StillQuarantined,
             Claim::Retry { attempts } if attempts >= MAX_ATTEMPTS => {
                 let reason = format!("failed {attempts} times");
-                return self.quarantine(account, &key, &parsed, &reason);
+                return self.quarantine(account, &key, &describe(&parsed), &reason);
             }
             Claim::New | Claim::Retry { .. } => {}
         }
-        let verdict = self.deliver(account, &mut parsed);
+        // `$mail['attempt']`: 1 the first time; a message handed over again (its last run
+        // failed or died, perhaps after the host had stored it) says so.
+        let attempt = match claim {
+            Claim::Retry { attempts } => attempts.saturating_add(1),
+            _ => 1,
+        };
+        let verdict = self.deliver(account, &mut parsed, attempt);
         match verdict {
             Ok(Delivered::Inquiry(sd)) => Outcome::Inquiry(Settled {
                 account: scope,
                 key,
                 outcome: "inquiry".to_string(),
-                sd_number: Some(sd),
+                sd_number: (!sd.is_empty()).then_some(sd),
             }),
             Ok(Delivered::Thread(sd)) => Outcome::Threaded(Settled {
                 account: scope,
@@ -846,7 +1041,7 @@ impl Run<'_> {
                 match self.state.fail(&scope, &key, &error.to_string()) {
                     Ok(attempts) if attempts >= MAX_ATTEMPTS => {
                         let reason = format!("failed {attempts} times; last error: {error}");
-                        self.quarantine(account, &key, &parsed, &reason)
+                        self.quarantine(account, &key, &describe(&parsed), &reason)
                     }
                     Ok(_) => Outcome::Failed,
                     Err(e) => {
@@ -906,24 +1101,16 @@ impl Run<'_> {
         }
     }
 
-    fn quarantine(
-        &mut self,
-        account: &Account,
-        key: &str,
-        parsed: &ParsedMail,
-        reason: &str,
-    ) -> Outcome {
+    /// Quarantines the message `what` describes (see [`describe`]).
+    fn quarantine(&mut self, account: &Account, key: &str, what: &str, reason: &str) -> Outcome {
         let id = account.id.to_string();
         if let Err(e) = self.state.quarantine(&ledger_scope(account), key, reason) {
             self.log(&format!("pcr_email: {e}"), json!({"account": id}));
         }
         let text = format!(
-            "pcr_email: incoming email {:?} from {} (Message-ID {}) in the mailbox of account {id} \
-             ({}) was quarantined ({reason}); it is kept in the folder PCR-Failed (IMAP, Maildir, \
-             Microsoft 365, Gmail) or left on the POP3 server, and will not be retried",
-            parsed.subject,
-            sender(parsed),
-            parsed.message_id.as_deref().unwrap_or("none"),
+            "pcr_email: {what} in the mailbox of account {id} ({}) was quarantined ({reason}); it \
+             is kept in the folder PCR-Failed (IMAP, Maildir, Microsoft 365, Gmail) or left on \
+             the POP3 server, and will not be retried",
             account.email,
         );
         self.log(&text, json!({"account": id, "key": key}));
@@ -939,7 +1126,12 @@ impl Run<'_> {
     /// The decision of SPEC §6 and the host call.
     /// Hands the message's text and HTML over to `$mail` (not copied: only the headers,
     /// subject and sender are used afterwards, for logging).
-    fn deliver(&mut self, account: &Account, parsed: &mut ParsedMail) -> Result<Delivered> {
+    fn deliver(
+        &mut self,
+        account: &Account,
+        parsed: &mut ParsedMail,
+        attempt: u32,
+    ) -> Result<Delivered> {
         let from = parsed
             .from
             .as_ref()
@@ -960,7 +1152,7 @@ impl Run<'_> {
                 .map(String::as_str);
             threading::verify_any(ids, &key)
         });
-        let mut mail = self.mail_array(account, parsed, item.as_deref())?;
+        let mut mail = self.mail_array(account, parsed, item.as_deref(), attempt)?;
         let result = (|| {
             if let Some(sd) = &item {
                 if self.host.add_to_thread(sd, &mail)? {
@@ -979,6 +1171,22 @@ impl Run<'_> {
             let sd = self.host.create_inquiry(&mail)?;
             Ok(Delivered::Inquiry(sd))
         })();
+        if let Ok(Delivered::Inquiry(sd)) = &result {
+            if sd.is_empty() {
+                // Stored all the same (the host returned normally): recorded without a number.
+                let id = account.id.to_string();
+                self.log(
+                    &format!(
+                        "pcr_email: {} returned no SD number for incoming email {:?} from {} \
+                         (account {id}); it is taken as created and will not be handed over again",
+                        "PCR_Utility_EmailHost::createInquiry()",
+                        parsed.subject,
+                        sender(parsed)
+                    ),
+                    json!({"account": id, "message_id": parsed.message_id, "key": parsed.message_key}),
+                );
+            }
+        }
         self.remove_attachments(&mail);
         result
     }
@@ -990,6 +1198,7 @@ impl Run<'_> {
         account: &Account,
         parsed: &mut ParsedMail,
         item: Option<&str>,
+        attempt: u32,
     ) -> Result<Value> {
         // The bodies are most of the bytes: moved into `$mail`, not serialised as copies.
         let text = std::mem::take(&mut parsed.text);
@@ -1008,67 +1217,43 @@ impl Run<'_> {
         });
         mail["host"] = Value::from(self.vhost.clone());
         mail["sd_number"] = item.map(Value::from).unwrap_or(Value::Null);
+        mail["attempt"] = Value::from(attempt);
         if !parsed.attachments.is_empty() {
-            if self.attachment_slots == 0 {
+            if self.attachment_messages == 0 {
                 write_run_owner(&self.attachments_dir, &self.owner)?;
             }
+            self.attachment_messages += 1;
+            let dir = self
+                .attachments_dir
+                .join(self.attachment_messages.to_string());
             let list = mail["attachments"]
                 .as_array_mut()
                 .expect("attachments is a list");
             let mut written: Vec<PathBuf> = Vec::new();
-            if let Err(e) = self.write_attachments(list, &parsed.attachments, &mut written) {
+            if let Err(e) = write_attachments(&dir, list, &parsed.attachments, &mut written) {
                 for done in &written {
                     let _ = std::fs::remove_file(done);
                 }
+                let _ = std::fs::remove_dir(&dir);
                 return Err(e);
             }
         }
         Ok(mail)
     }
 
-    /// Writes each attachment to its slot directory and sets its `path`; `written` lists the
-    /// files written so far (the caller removes them when this fails halfway).
-    fn write_attachments(
-        &mut self,
-        list: &mut [Value],
-        attachments: &[crate::mime::Attachment],
-        written: &mut Vec<PathBuf>,
-    ) -> Result<()> {
-        for (i, (entry, attachment)) in list.iter_mut().zip(attachments).enumerate() {
-            // Each attachment in its own directory (two parts may share a file name), reused
-            // by the next message: its files are gone once the host returned.
-            let sub = self.attachments_dir.join(i.to_string());
-            if i >= self.attachment_slots {
-                create_private_dir(&sub)?;
-                self.attachment_slots = i + 1;
-            }
-            let path = sub.join(&attachment.filename);
-            let mut result = std::fs::write(&path, &attachment.data);
-            if matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
-                // Someone removed the directory meanwhile: made again.
-                create_private_dir(&sub)?;
-                result = std::fs::write(&path, &attachment.data);
-            }
-            result.map_err(|e| {
-                Error::message(format!(
-                    "cannot write attachment {} to {}: {e}",
-                    attachment.filename,
-                    sub.display()
-                ))
-            })?;
-            entry["path"] = Value::from(path.display().to_string());
-            written.push(path);
-        }
-        Ok(())
-    }
-
+    /// Removes a message's attachment files and their directory once the host has returned.
     fn remove_attachments(&self, mail: &Value) {
+        let mut dir = None;
         if let Some(list) = mail["attachments"].as_array() {
             for entry in list {
                 if let Some(path) = entry["path"].as_str() {
                     let _ = std::fs::remove_file(path);
+                    dir = Path::new(path).parent().map(Path::to_path_buf);
                 }
             }
+        }
+        if let Some(dir) = dir {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 
@@ -1166,12 +1351,47 @@ fn auth_alert_key(account: &Account) -> String {
     format!("auth:{}", account.id)
 }
 
+/// "incoming email "subject" from a@b (Message-ID x)", for log lines and alerts.
+fn describe(parsed: &ParsedMail) -> String {
+    format!(
+        "incoming email {:?} from {} (Message-ID {})",
+        parsed.subject,
+        sender(parsed),
+        parsed.message_id.as_deref().unwrap_or("none"),
+    )
+}
+
 fn sender(parsed: &ParsedMail) -> String {
     parsed
         .from
         .as_ref()
         .map(|f| f.email.clone())
         .unwrap_or_else(|| "an unknown sender".into())
+}
+
+/// Writes a message's attachments into `dir` (created here; the names are unique within a
+/// message) and sets each one's `path`; `written` lists the files written so far (the caller
+/// removes them when this fails halfway).
+fn write_attachments(
+    dir: &Path,
+    list: &mut [Value],
+    attachments: &[crate::mime::Attachment],
+    written: &mut Vec<PathBuf>,
+) -> Result<()> {
+    create_private_dir(dir)?;
+    for (entry, attachment) in list.iter_mut().zip(attachments) {
+        let path = dir.join(&attachment.filename);
+        std::fs::write(&path, &attachment.data).map_err(|e| {
+            Error::message(format!(
+                "cannot write attachment {} to {}: {e}",
+                attachment.filename,
+                dir.display()
+            ))
+        })?;
+        entry["path"] = Value::from(path.display().to_string());
+        written.push(path);
+    }
+    Ok(())
 }
 
 /// The file in a run's attachment directory naming its owner (see [`remove_dead_runs_attachments`]).

@@ -10,7 +10,9 @@
 //! `SEND_EMAIL = false` redirects every message to in-app Messages. An account only counts for
 //! sending when it has outgoing settings.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::path::{Component, Path, PathBuf};
 
 use crate::config::{Account, AccountType, MailboxType};
 use crate::error::{Error, Result};
@@ -143,43 +145,106 @@ pub fn incoming_accounts<'a>(
     send_email: bool,
     disable_email: bool,
 ) -> Vec<&'a Account> {
+    incoming_accounts_checked(accounts, master, send_email, disable_email).0
+}
+
+/// [`incoming_accounts`], and the accounts left out because their mailbox is one already
+/// listed: `(left out, the listed account that reads it)`, for the summary.
+pub fn incoming_accounts_checked<'a>(
+    accounts: &'a [Account],
+    master: Option<&'a Account>,
+    send_email: bool,
+    disable_email: bool,
+) -> (Vec<&'a Account>, Vec<(&'a Account, &'a Account)>) {
     if disable_email || !send_email {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
     let mut chosen: Vec<&'a Account> = Vec::new();
+    let mut duplicates = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
     let tenants = accounts
         .iter()
         .filter(|a| a.account_type == AccountType::ServiceDesk);
     for account in tenants.chain(master) {
-        if account.incoming.is_some() && !chosen.iter().any(|c| same_mailbox(c, account)) {
-            chosen.push(account);
+        let Some(identity) = mailbox_identity(account) else {
+            continue;
+        };
+        match seen.get(&identity) {
+            Some(&first) => duplicates.push((account, chosen[first])),
+            None => {
+                seen.insert(identity, chosen.len());
+                chosen.push(account);
+            }
         }
     }
-    chosen
+    (chosen, duplicates)
 }
 
-/// True when both accounts read the same mailbox: same type, server, port, login and folder
-/// (MAILDIR: the same directory).
+/// True when both accounts read the same mailbox (see [`mailbox_identity`]).
 pub fn same_mailbox(a: &Account, b: &Account) -> bool {
-    let (Some(ia), Some(ib)) = (&a.incoming, &b.incoming) else {
-        return false;
+    match (mailbox_identity(a), mailbox_identity(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// What an account's incoming mailbox is, however it is written: the type plus, for
+/// MAILDIR/MBOX, the real path of the directory or file (symlinks, `..` and relative spellings
+/// resolved); for IMAP/POP3 the server (any case), port, login (any case) and folder (IMAP,
+/// `INBOX` in any case); for the cloud types the mailbox (login, any case) and folder.
+/// `None` for an account without incoming settings.
+pub fn mailbox_identity(account: &Account) -> Option<String> {
+    let incoming = account.incoming.as_ref()?;
+    let folder = if incoming.folder.eq_ignore_ascii_case("INBOX") {
+        "INBOX".to_string()
+    } else {
+        incoming.folder.clone()
     };
-    if ia.mailbox != ib.mailbox {
-        return false;
-    }
-    let lower = |s: Option<&str>| s.map(str::to_ascii_lowercase);
-    match ia.mailbox {
-        MailboxType::Maildir => ia.path == ib.path,
-        MailboxType::Imap | MailboxType::Pop3 => {
-            lower(ia.host.as_deref()) == lower(ib.host.as_deref())
-                && ia.port == ib.port
-                && a.login_name().eq_ignore_ascii_case(b.login_name())
-                && (ia.mailbox == MailboxType::Pop3 || ia.folder == ib.folder)
-        }
+    let lower = |s: &str| s.trim().to_ascii_lowercase();
+    let rest = match incoming.mailbox {
+        MailboxType::Maildir => incoming
+            .path
+            .as_deref()
+            .map(|p| resolved_path(p).display().to_string())
+            .unwrap_or_default(),
+        MailboxType::Imap => format!(
+            "{}|{}|{}|{folder}",
+            lower(incoming.host.as_deref().unwrap_or("")),
+            incoming.port,
+            lower(account.login_name())
+        ),
+        MailboxType::Pop3 => format!(
+            "{}|{}|{}",
+            lower(incoming.host.as_deref().unwrap_or("")),
+            incoming.port,
+            lower(account.login_name())
+        ),
         MailboxType::Office365 | MailboxType::Gmail => {
-            a.login_name().eq_ignore_ascii_case(b.login_name()) && ia.folder == ib.folder
+            format!("{}|{folder}", lower(account.login_name()))
+        }
+    };
+    Some(format!("{}|{rest}", incoming.mailbox.as_str()))
+}
+
+/// The real path (symlinks resolved) when it exists; else the path with `.` and `..` taken
+/// out lexically.
+fn resolved_path(path: &Path) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return real;
+    }
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push(part);
+                }
+            }
+            other => out.push(other),
         }
     }
+    out
 }
 
 #[cfg(test)]

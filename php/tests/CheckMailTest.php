@@ -852,8 +852,36 @@ final class CheckMailTest extends TestCase
 
         $again = $this->manager($host)->eventCheckMail(self::DATA);
         $this->assertSame(0, $again['totals']['inquiries'] + $again['totals']['fetched'], json_encode($again));
+        $this->assertSame(['oversized' => 1], self::box($again, 82)['skip_reasons'], 'counted while it waits');
         $this->assertCount(1, $alerts(), 'SYSADMIN alerted once');
+        $logged = fn() => count(array_filter($host->errors, fn($e) => str_contains($e['message'], 'MAX_MESSAGE_BYTES')));
+        $this->assertSame(1, $logged(), 'logged once');
         $this->assertCount(3, mailbox_messages('mbox1'));
+
+        // The administrator raises the limit: the waiting message is an ordinary one again.
+        $host->accounts = [$this->row(82, 'IMAP', 'mbox1', ['MAX_MESSAGE_BYTES' => '1M'])];
+        $raised = $this->manager($host)->eventCheckMail(self::DATA);
+        $this->assertSame(1, self::box($raised, 82)['inquiries'], json_encode($raised));
+        $this->assertSame(0, self::box($raised, 82)['skipped']);
+        $this->assertSame(self::idOf($big), end($host->inquiries)['message_id']);
+        $this->assertSame(1, $logged());
+    }
+
+    public function testAnOversizedMaildirMessageWaitsAndIsTakenOnceTheLimitAllowsIt(): void
+    {
+        $maildir = maildir_create($this->dir);
+        $big = self::message('big maildir', [], str_repeat(str_repeat('y', 76) . "\r\n", 1400));
+        maildir_put($maildir, $big);
+        $host = new TestHost();
+        foreach ([1, 2] as $run) {
+            $host->accounts = [$this->maildirRow(83, $maildir, ['MAX_MESSAGE_BYTES' => '64K'])];
+            $summary = $this->manager($host)->eventCheckMail(self::DATA);
+            $this->assertSame(['oversized' => 1], self::box($summary, 83)['skip_reasons'], "run $run: " . json_encode($summary));
+        }
+        $host->accounts = [$this->maildirRow(83, $maildir)];
+        $summary = $this->manager($host)->eventCheckMail(self::DATA);
+        $this->assertSame(1, self::box($summary, 83)['inquiries'], json_encode($summary));
+        $this->assertSame(self::idOf($big), end($host->inquiries)['message_id']);
     }
 
     // ---- 8. the event's Data, the no-argument constructor, the switches ---------------------
@@ -920,16 +948,202 @@ final class CheckMailTest extends TestCase
         $this->assertCount(1, array_filter(maildir_files($maildir), fn($f) => str_starts_with($f, 'new/')));
     }
 
-    public function testAMailboxConfiguredTwiceIsReadOnce(): void
+    public function spellingProvider(): array
+    {
+        return [
+            'the same path' => ['same'],
+            'relative to the INI, with ..' => ['relative'],
+            'through a symlink' => ['symlink'],
+            'with /x/../' => ['dotdot'],
+        ];
+    }
+
+    /** @dataProvider spellingProvider */
+    public function testAMailboxConfiguredTwiceIsReadOnce(string $spelling): void
     {
         $maildir = maildir_create($this->dir);
         maildir_put($maildir, self::message('only once'));
-        $ini = $this->ini(['INCOMING_MAILBOX_TYPE' => 'MAILDIR', 'INCOMING_PATH' => $maildir]);
+        maildir_put($maildir, self::message('only once too'));
+        @symlink($maildir, $this->dir . '/link-to-maildir');
+        // The INI master names the directory one way (as the demo's INI does: "../Maildir")...
+        $iniPath = [
+            'same' => $maildir,
+            'relative' => '../Maildir',
+            'symlink' => $this->dir . '/link-to-maildir',
+            'dotdot' => $this->dir . '/configs/../Maildir',
+        ][$spelling];
+        $ini = $this->ini(['INCOMING_MAILBOX_TYPE' => 'MAILDIR', 'INCOMING_PATH' => $iniPath]);
+        // ... and a tenant Service Desk row by its absolute path.
         $host = new TestHost();
         $host->accounts = [$this->maildirRow(94, $maildir)];
         $summary = $this->manager($host, $ini)->eventCheckMail(self::DATA);
         $this->assertCount(1, $summary['mailboxes'], json_encode($summary));
-        $this->assertCount(1, $host->inquiries);
+        $this->assertSame(94, $summary['mailboxes'][0]['account'], 'the tenant account wins');
+        $this->assertCount(2, $host->inquiries, 'each email once');
+        $this->assertCount(1, $summary['warnings'], json_encode($summary));
+        $this->assertStringContainsString('account master', $summary['warnings'][0]);
+        $this->assertStringContainsString('account 94', $summary['warnings'][0]);
+        $again = $this->manager($host, $ini)->eventCheckMail(self::DATA);
+        $this->assertSame(0, $again['totals']['inquiries'], json_encode($again));
+        $this->assertCount(2, $host->inquiries);
+    }
+
+    // ---- 9. what an ordinary host, a hostile sender or a clumsy setup can do -----------------
+
+    /**
+     * Outlook names inline images image001.png in nearly every email: two messages of one run
+     * with an attachment of the same name never share a path, so a host that stores it with the
+     * usual fread($fh, filesize($path)) idiom (PHP's stat cache keeps a path's size) stores it whole.
+     */
+    public function testAttachmentsOfTwoMessagesNeverShareAPath(): void
+    {
+        $maildir = maildir_create($this->dir);
+        $contents = ['12345', str_repeat('0123456789', 30)];
+        foreach ($contents as $i => $content) {
+            maildir_put($maildir, self::message("report $i", ['Content-Type' => 'multipart/mixed; boundary="b"'],
+                "--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+                . "--b\r\nContent-Type: text/plain; name=\"report.txt\"\r\n"
+                . "Content-Disposition: attachment; filename=\"report.txt\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                . chunk_split(base64_encode($content)) . "--b--\r\n"));
+        }
+        $host = new TestHost();
+        $host->accounts = [$this->maildirRow(95, $maildir)];
+        $stored = [];
+        $host->onCreate = function (array $mail) use (&$stored) {
+            foreach ($mail['attachments'] as $a) {
+                $fh = fopen($a['path'], 'rb');
+                $stored[] = ['path' => $a['path'], 'data' => fread($fh, filesize($a['path']))];
+                fclose($fh);
+            }
+        };
+        $summary = $this->manager($host)->eventCheckMail(self::DATA);
+        $this->assertSame(2, $summary['totals']['inquiries'], json_encode($summary));
+        $this->assertSame($contents, array_column($stored, 'data'), 'each attachment stored whole');
+        $this->assertNotSame($stored[0]['path'], $stored[1]['path']);
+        $this->assertSame('report.txt', basename($stored[1]['path']), 'the name is kept');
+        foreach ($stored as $s) {
+            $this->assertFileDoesNotExist($s['path'], 'removed once the host returned');
+        }
+    }
+
+    /**
+     * 30 tenant mailboxes under a process limit that allows only a few threads (RLIMIT_NPROC of
+     * an unprivileged user): a bounded pool reads them all; with no thread to be had at all, every
+     * mailbox says why in the summary and nothing is lost.
+     */
+    public function testAnyNumberOfMailboxesIsReadByABoundedPoolOfThreads(): void
+    {
+        $base = temp_dir('pcr-pool-');
+        $rows = [];
+        for ($i = 1; $i <= 30; $i++) {
+            $maildir = maildir_create($base, "Maildir$i");
+            maildir_put($maildir, self::message("pool $i"));
+            $rows[] = ['RECID' => 300 + $i, 'TENANTS_RECID' => $i, 'ACCOUNT_TYPE' => 'service_desk',
+                'EMAIL' => "desk$i@test.local", 'OUTGOING_TRANSPORT_TYPE' => 'FILE', 'FILE_PATH' => "$base/sd-out",
+                'INCOMING_MAILBOX_TYPE' => 'MAILDIR', 'INCOMING_PATH' => $maildir];
+        }
+        $ini = write_ini($base, ['EMAIL' => 'desk@test.local', 'OUTGOING_TRANSPORT_TYPE' => 'FILE',
+            'FILE_PATH' => "$base/out", 'STATE_DIR' => "$base/state"]);
+        run_checked(['chown', '-R', 'nobody:nogroup', $base]);
+        chmod($base, 0755);
+        $run = function (int $threads) use ($ini, $rows): array {
+            [$exit, $out, $err] = run_php(
+                '$nobody = posix_getpwnam("nobody"); posix_setgid($nobody["gid"]); posix_setuid($nobody["uid"]);'
+                . 'if (posix_geteuid() === 0) { exit(3); }'
+                . "posix_setrlimit(POSIX_RLIMIT_NPROC, $threads, $threads) || exit(4);"
+                . '$h = new TestHost(); $h->accounts = ' . var_export($rows, true) . ';'
+                . '$r = (new PCR_Utility_EmailManager(' . var_export($ini, true) . ', "prod", $h))->eventCheckMail(["host" => "x.example.edu"]);'
+                . 'echo json_encode($r);'
+            );
+            $this->assertSame(0, $exit, $err);
+            return json_decode($out, true);
+        };
+        // The process alone, no thread to be had: every mailbox waits for the next run.
+        $none = $run(1);
+        $this->assertSame(30, $none['totals']['mailboxes'], json_encode($none));
+        $this->assertSame(0, $none['totals']['fetched']);
+        $this->assertSame(30, $none['totals']['errors']);
+        $this->assertStringContainsString('no thread could be started', $none['mailboxes'][0]['errors'][0]);
+        // Room for the process and three threads (MAILBOX_THREADS is 8 by default): all read.
+        $few = $run(4);
+        $this->assertSame(30, $few['totals']['inquiries'], json_encode($few['mailboxes'][0]));
+        $this->assertSame(0, $few['totals']['errors']);
+    }
+
+    /** A host that returns '' from createInquiry has stored the email: it is never handed over again. */
+    public function testAnEmptySdNumberFromTheHostIsLoggedAndNeverCreatesASecondInquiry(): void
+    {
+        $maildir = maildir_create($this->dir);
+        maildir_put($maildir, self::message('no number'));
+        $host = new TestHost();
+        $host->returnSd = '';
+        $host->accounts = [$this->maildirRow(96, $maildir, ['PROCESSED_ACTION' => 'delete'])];
+        foreach ([1, 2, 3] as $run) {
+            $summary = $this->manager($host)->eventCheckMail(self::DATA);
+            $this->assertSame(0, $summary['totals']['failed'], "run $run: " . json_encode($summary));
+        }
+        $this->assertCount(1, $host->inquiries, 'one Inquiry, not one per run');
+        $this->assertSame([], maildir_files($maildir), 'processed: deleted as configured');
+        $violations = array_filter($host->errors, fn($e) => str_contains($e['message'], 'returned no SD number'));
+        $this->assertCount(1, $violations, json_encode($host->errors));
+    }
+
+    /**
+     * Files of the Maildir that the PHP user cannot read (root's, mode 0600) are failed messages:
+     * the readable mail behind them is processed, and they are quarantined after three runs
+     * with one SYSADMIN alert. The event runs as an unprivileged user (nobody).
+     */
+    public function testUnreadableMaildirFilesNeverHoldBackTheOthers(): void
+    {
+        $base = temp_dir('pcr-unreadable-');
+        $maildir = maildir_create($base);
+        $bad = [];
+        for ($i = 1; $i <= 3; $i++) {
+            $bad[] = maildir_put($maildir, self::message("unreadable $i"));
+        }
+        $good = [maildir_put($maildir, self::message('readable 1')), maildir_put($maildir, self::message('readable 2'))];
+        // Oldest first: the unreadable ones are listed before the readable ones.
+        foreach ($bad as $i => $path) {
+            touch($path, time() - 100 + $i);
+        }
+        $ini = write_ini($base, [
+            'EMAIL' => 'desk@test.local',
+            'OUTGOING_TRANSPORT_TYPE' => 'FILE',
+            'FILE_PATH' => "$base/out",
+            'SYSADMIN' => 'admin@test.local',
+            'STATE_DIR' => "$base/state",
+            'INCOMING_MAILBOX_TYPE' => 'MAILDIR',
+            'INCOMING_PATH' => $maildir,
+        ]);
+        run_checked(['chown', '-R', 'nobody:nogroup', $base]);
+        chmod($base, 0755);
+        foreach ($bad as $path) {
+            chown($path, 'root');
+            chmod($path, 0600);
+        }
+        $code = '$nobody = posix_getpwnam("nobody"); posix_setgid($nobody["gid"]); posix_setuid($nobody["uid"]);'
+            . 'if (posix_geteuid() === 0) { exit(3); }'
+            . '$h = new TestHost();'
+            . '$r = (new PCR_Utility_EmailManager(' . var_export($ini, true) . ', "prod", $h))->eventCheckMail(["host" => "x.example.edu"]);'
+            . 'echo json_encode(["summary" => $r, "subjects" => array_values(array_column($h->inquiries, "subject")), "errors" => $h->errors]);';
+        $runs = [];
+        foreach ([1, 2, 3, 4] as $run) {
+            [$exit, $out, $err] = run_php($code);
+            $this->assertSame(0, $exit, $err);
+            $runs[$run] = json_decode($out, true);
+        }
+        $first = $runs[1]['summary']['totals'];
+        $this->assertSame(['readable 1', 'readable 2'], $runs[1]['subjects'], json_encode($runs[1]));
+        $this->assertSame(3, $first['failed']);
+        $this->assertStringContainsString('Permission denied', json_encode($runs[1]['errors']));
+        $this->assertSame(3, $runs[2]['summary']['totals']['failed']);
+        $this->assertSame([], $runs[2]['subjects']);
+        $this->assertSame(3, $runs[3]['summary']['totals']['quarantined'], json_encode($runs[3]));
+        $this->assertSame(0, $runs[4]['summary']['totals']['failed'] + $runs[4]['summary']['totals']['quarantined'],
+            'quarantined: out of the way');
+        $files = maildir_files($maildir);
+        $this->assertCount(3, array_filter($files, fn($f) => str_starts_with($f, '.PCR-Failed/')), json_encode($files));
+        $this->assertCount(3, glob("$base/out/*.eml") ?: [], 'SYSADMIN alerted once per message, not once per run');
     }
 
     public function switchProvider(): array

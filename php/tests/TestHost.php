@@ -16,6 +16,8 @@ class TestHost implements PCR_Utility_EmailHost
     public array $errors = [];
     /** @var callable|null throws or returns for createInquiry */
     public $onCreate = null;
+    /** @var string|null when set, what createInquiry returns (after storing the Inquiry) */
+    public ?string $returnSd = null;
     public int $next = 1;
 
     public function emailAccounts(): array
@@ -35,7 +37,7 @@ class TestHost implements PCR_Utility_EmailHost
         }
         $sd = sprintf('IQ%05d', $this->next++);
         $this->inquiries[$sd] = $mail;
-        return $sd;
+        return $this->returnSd ?? $sd;
     }
 
     public function addToThread(string $sdNumber, array $mail): bool

@@ -49,8 +49,16 @@ pub struct Settings {
     pub sysadmin: Option<String>,
     /// `email.SD_NUMBER_PATTERN` (a regex), already checked to compile.
     pub sd_number_pattern: String,
+    /// `email.MAILBOX_THREADS`: how many mailboxes a run reads at once (the rest wait for a
+    /// free thread), default [`DEFAULT_MAILBOX_THREADS`].
+    pub mailbox_threads: usize,
     pub defaults: AccountDefaults,
 }
+
+/// `email.MAILBOX_THREADS` default: mailboxes read at once by one run.
+pub const DEFAULT_MAILBOX_THREADS: usize = 8;
+/// The most `email.MAILBOX_THREADS` may say.
+pub const MAX_MAILBOX_THREADS: u64 = 64;
 
 /// The default SD Number pattern: a type prefix, an optional date part (YY up to YYYYMMDD),
 /// then a 5-digit sequence, e.g. `SO201700043`.
@@ -106,7 +114,13 @@ impl AccountDefaults {
 }
 
 /// The `email.*` keys this extension reads besides the account keys.
-const SETTINGS_KEYS: &[&str] = &["STATE_DIR", "KEY_FILE", "LOG_FILE", "SD_NUMBER_PATTERN"];
+const SETTINGS_KEYS: &[&str] = &[
+    "STATE_DIR",
+    "KEY_FILE",
+    "LOG_FILE",
+    "SD_NUMBER_PATTERN",
+    "MAILBOX_THREADS",
+];
 
 impl Settings {
     /// Reads `file` and resolves `environment` (with `[child : parent]` inheritance).
@@ -149,6 +163,7 @@ impl Settings {
             log_file: None,
             sysadmin: None,
             sd_number_pattern: DEFAULT_SD_NUMBER_PATTERN.to_string(),
+            mailbox_threads: DEFAULT_MAILBOX_THREADS,
             defaults: AccountDefaults::builtin(&dir),
         }
     }
@@ -210,6 +225,9 @@ impl Settings {
                 ));
             }
             settings.sd_number_pattern = pattern.to_string();
+        }
+        if let Some(n) = fields.number("MAILBOX_THREADS", 1, MAX_MAILBOX_THREADS, "threads")? {
+            settings.mailbox_threads = n as usize;
         }
         settings.defaults = normalise::operational(&fields, &settings.defaults, &dir)?;
 

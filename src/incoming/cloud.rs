@@ -5,7 +5,7 @@
 
 use serde::de::DeserializeOwned;
 
-use super::{Fetched, Flow, Listed, Mailbox};
+use super::{Download, Fetched, Flow, Listed, Mailbox};
 use crate::config::{Account, MailboxType, ProcessedAction};
 use crate::error::{Error, Result};
 use crate::http::{
@@ -230,15 +230,15 @@ impl<T: CloudApi> Mailbox for T {
         // wrap it in base64url and JSON (4/3 more).
         let limit = self.cloud().max_bytes.saturating_mul(3) / 2 + 1024 * 1024;
         let sizes = self.cloud().listed_sizes.borrow();
-        super::fetch_one_by_one(ids, sink, |id| {
+        super::fetch_one_by_one(ids, sink, &mut Vec::new(), |id| {
             // A large message waits for the run's gate (by its listed size: the reply is read
             // by the HTTP client).
             let size = sizes.get(id).copied().unwrap_or(0);
             super::gate::admit(usize::try_from(size).unwrap_or(usize::MAX));
             match self.download(id, limit) {
-                Ok(resp) => self.decode(resp).map(Some),
-                Err(e) if e.status() == Some(404) => Ok(None),
-                Err(ApiError::Http(e)) if e.kind == HttpErrorKind::TooLarge => Ok(None),
+                Ok(resp) => self.decode(resp).map(Download::Got),
+                Err(e) if e.status() == Some(404) => Ok(Download::Gone),
+                Err(ApiError::Http(e)) if e.kind == HttpErrorKind::TooLarge => Ok(Download::Gone),
                 Err(e) => Err(self.cloud().fail(e)),
             }
         })

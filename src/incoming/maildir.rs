@@ -28,7 +28,7 @@ use std::time::SystemTime;
 use crate::config::{Account, MailboxType, ProcessedAction};
 use crate::error::{Error, Result};
 use crate::incoming::imap::utf7;
-use crate::incoming::{Fetched, Flow, Listed, Mailbox};
+use crate::incoming::{Download, Fetched, Flow, Listed, Mailbox};
 use crate::state::StateStore;
 
 /// The Maildir++ folder quarantined messages are moved to.
@@ -59,7 +59,30 @@ pub struct MaildirMailbox {
     namespace: String,
     /// Where each listed id was last seen.
     located: HashMap<String, PathBuf>,
+    /// Messages the last `fetch_each` could not read (see `Mailbox::take_unreadable`).
+    unreadable: Vec<(String, Error)>,
     state: StateStore,
+}
+
+/// Reads one message file. Only a regular file is opened (a FIFO or a device in the Maildir
+/// would block or never end), and without blocking: it cannot be swapped for one meanwhile.
+fn read_message(path: &Path) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let not_regular = || io::Error::new(ErrorKind::InvalidInput, "not a regular file");
+    if !fs::metadata(path)?.is_file() {
+        return Err(not_regular());
+    }
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    let mut raw = crate::incoming::gate::buffer(meta.len() as usize);
+    file.read_to_end(&mut raw)?;
+    Ok(raw)
 }
 
 /// The unique part of a Maildir file name (everything before the first `:`).
@@ -173,6 +196,7 @@ impl MaildirMailbox {
             action,
             namespace: done_namespace(account, root),
             located: HashMap::new(),
+            unreadable: Vec::new(),
             state,
         })
     }
@@ -348,19 +372,41 @@ impl Mailbox for MaildirMailbox {
 
     fn fetch_each(&mut self, ids: &[String], sink: &mut dyn FnMut(Fetched) -> Flow) -> Result<()> {
         let mut rescanned = false;
-        crate::incoming::fetch_one_by_one(ids, sink, |id| {
+        let mut unreadable = std::mem::take(&mut self.unreadable);
+        let result = crate::incoming::fetch_one_by_one(ids, sink, &mut unreadable, |id| {
             if !self.located.contains_key(id) && !rescanned {
                 rescanned = true;
                 self.relocate_all()?;
             }
-            self.with_file(id, &mut rescanned, |path| {
-                let mut file = fs::File::open(path)?;
-                let size = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
-                let mut raw = crate::incoming::gate::buffer(size);
-                file.read_to_end(&mut raw)?;
-                Ok(raw)
+            // A file that vanished is looked for again (`with_file`); one that is there but
+            // cannot be read is that message's failure, not the Maildir's.
+            let read = self.with_file(id, &mut rescanned, |path| match read_message(path) {
+                Err(e) if vanished(&e) => Err(e),
+                other => Ok(other),
+            })?;
+            Ok(match read {
+                Some(Ok(raw)) => Download::Got(raw),
+                None => Download::Gone,
+                Some(Err(e)) => {
+                    let name = self.located.get(id).map(|p| {
+                        p.strip_prefix(&self.root)
+                            .unwrap_or(p)
+                            .display()
+                            .to_string()
+                    });
+                    Download::Unreadable(self.error(format!(
+                        "cannot read {}: {e}",
+                        name.as_deref().unwrap_or(id)
+                    )))
+                }
             })
-        })
+        });
+        self.unreadable = unreadable;
+        result
+    }
+
+    fn take_unreadable(&mut self) -> Vec<(String, Error)> {
+        std::mem::take(&mut self.unreadable)
     }
 
     fn mark_processed(&mut self, ids: &[String]) -> Result<()> {

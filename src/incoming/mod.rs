@@ -75,6 +75,14 @@ pub trait Mailbox: Send {
     /// Returns false where the protocol has no such place (POP3, Maildir: the ledger does it).
     fn quarantine(&mut self, ids: &[String]) -> Result<bool>;
 
+    /// The messages `fetch_each` could not read although the mailbox could (a Maildir file
+    /// without read permission, not a regular file, ...), each with why. The run treats each
+    /// as a failed message (retried, quarantined after three runs); the others go on.
+    /// Drained by the caller after `fetch_each`.
+    fn take_unreadable(&mut self) -> Vec<(String, Error)> {
+        Vec::new()
+    }
+
     /// The number of messages in the folder, for `checkAccount` (no side effects).
     fn count(&mut self) -> Result<usize>;
 
@@ -107,21 +115,34 @@ pub fn open(
 /// one message).
 const MAX_FAILURES_IN_A_ROW: usize = 3;
 
+/// What a one-by-one download got for one message.
+#[derive(Debug)]
+pub(crate) enum Download {
+    /// The message, as stored.
+    Got(Vec<u8>),
+    /// Gone since the listing (or left out on purpose): nothing to hand over.
+    Gone,
+    /// This one message cannot be read, though the mailbox can: see
+    /// [`Mailbox::take_unreadable`].
+    Unreadable(Error),
+}
+
 /// Downloads messages one by one for mailboxes that have no batched fetch: each message
-/// `download` returns (`None`: left out) goes to `sink`, until it says stop. One message that
-/// cannot be read (a file without permission, an API error for that message) does not keep
-/// the others from the host: it is passed over and the first such error is returned at the
-/// end; after a few failures in a row the download stops.
+/// `download` returns goes to `sink`, until it says stop; a message that cannot be read is
+/// added to `unreadable` and the others go on. An `Err` from `download` (the server or the
+/// directory, not one message) passes that message over and is returned at the end; after a
+/// few such failures in a row the download stops.
 pub(crate) fn fetch_one_by_one(
     ids: &[String],
     sink: &mut dyn FnMut(Fetched) -> Flow,
-    mut download: impl FnMut(&String) -> Result<Option<Vec<u8>>>,
+    unreadable: &mut Vec<(String, Error)>,
+    mut download: impl FnMut(&String) -> Result<Download>,
 ) -> Result<()> {
     let mut first_error = None;
     let mut in_a_row = 0;
     for id in ids {
         match download(id) {
-            Ok(Some(raw)) => {
+            Ok(Download::Got(raw)) => {
                 in_a_row = 0;
                 if sink(Fetched {
                     id: id.clone(),
@@ -131,7 +152,11 @@ pub(crate) fn fetch_one_by_one(
                     break;
                 }
             }
-            Ok(None) => in_a_row = 0,
+            Ok(Download::Gone) => in_a_row = 0,
+            Ok(Download::Unreadable(e)) => {
+                in_a_row = 0;
+                unreadable.push((id.clone(), e));
+            }
             Err(e) => {
                 in_a_row += 1;
                 first_error.get_or_insert(e);
@@ -227,12 +252,42 @@ mod tests {
                 got.push(f.id);
                 Flow::Continue
             },
+            &mut Vec::new(),
             |id| {
                 let i: usize = id.parse().unwrap();
-                results[i].clone().map(|o| o.map(|s| s.as_bytes().to_vec()))
+                results[i].clone().map(|o| match o {
+                    Some(s) => Download::Got(s.as_bytes().to_vec()),
+                    None => Download::Gone,
+                })
             },
         );
         (got, outcome)
+    }
+
+    #[test]
+    fn unreadable_messages_are_reported_one_by_one_and_never_stop_the_download() {
+        let ids: Vec<String> = (0..6).map(|i| i.to_string()).collect();
+        let mut got = Vec::new();
+        let mut unreadable = Vec::new();
+        let outcome = fetch_one_by_one(
+            &ids,
+            &mut |f| {
+                got.push(f.id);
+                Flow::Continue
+            },
+            &mut unreadable,
+            |id| {
+                Ok(if id.as_str() < "4" {
+                    Download::Unreadable(Error::message("Permission denied"))
+                } else {
+                    Download::Got(b"x".to_vec())
+                })
+            },
+        );
+        assert!(outcome.is_ok());
+        assert_eq!(got, ["4", "5"]);
+        let ids: Vec<&str> = unreadable.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["0", "1", "2", "3"]);
     }
 
     #[test]

@@ -178,12 +178,13 @@ impl Host for PhpHost {
     fn create_inquiry(&mut self, mail: &Value) -> Result<String> {
         let table = Self::table(mail, "$mail")?;
         let value = self.call("createInquiry", vec![&table])?;
-        match value.string() {
-            Some(sd) if !sd.trim().is_empty() => Ok(sd.trim().to_string()),
-            _ => Err(Error::Host(format!(
-                "{HOST_INTERFACE}::createInquiry() must return the new SD number"
-            ))),
-        }
+        // The host returned normally, so it has stored the Inquiry: whatever it returned, the
+        // message is never handed over again. An empty (or non-string) return is a contract
+        // violation that the core logs; it is not a failure to retry.
+        Ok(value
+            .string()
+            .map(|sd| sd.trim().to_string())
+            .unwrap_or_default())
     }
 
     fn add_to_thread(&mut self, sd_number: &str, mail: &Value) -> Result<bool> {
