@@ -16,6 +16,7 @@ pub mod net;
 pub mod oauth;
 pub mod outgoing;
 pub mod routing;
+pub mod sasl;
 pub mod state;
 pub mod threading;
 
