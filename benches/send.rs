@@ -202,6 +202,7 @@ fn account(port: u16) -> Account {
         file_path: PathBuf::from("/nonexistent"),
         sendmail_path: PathBuf::from("/nonexistent"),
         timeout: Duration::from_secs(30),
+        auth_type: Default::default(),
         oauth: None,
     }
 }
@@ -414,6 +415,7 @@ fn time_large_bodies(sizes: &[usize]) {
         file_path: PathBuf::from("/nonexistent"),
         sendmail_path: PathBuf::from("/nonexistent"),
         timeout: Duration::from_secs(30),
+        auth_type: Default::default(),
         oauth: None,
     };
     println!(

@@ -108,6 +108,7 @@ fn seed_configuration_loads_every_value() {
         file_path: root.join("email"),
         sendmail_path: PathBuf::from("/usr/sbin/sendmail"),
         timeout: Duration::from_secs(30),
+        auth_type: Default::default(),
         oauth: None,
     };
     assert_eq!(*m, expected);

@@ -81,6 +81,7 @@ fn downloading_many_large_messages_holds_about_one_at_a_time() {
         file_path: PathBuf::from("/nonexistent"),
         sendmail_path: PathBuf::from("/usr/sbin/sendmail"),
         timeout: Duration::from_secs(20),
+        auth_type: Default::default(),
         oauth: None,
     };
     let mut mailbox =

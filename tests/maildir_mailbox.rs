@@ -65,6 +65,7 @@ impl Fixture {
             file_path: PathBuf::from("/nonexistent"),
             sendmail_path: PathBuf::from("/usr/sbin/sendmail"),
             timeout: Duration::from_secs(5),
+            auth_type: Default::default(),
             oauth: None,
         }
     }

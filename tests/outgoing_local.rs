@@ -40,6 +40,7 @@ fn account(transport: TransportType, file_path: &Path, sendmail: PathBuf) -> Acc
         file_path: file_path.to_path_buf(),
         sendmail_path: sendmail,
         timeout: Duration::from_secs(20),
+        auth_type: Default::default(),
         oauth: None,
     }
 }

@@ -68,6 +68,7 @@ fn account(o: &Opts) -> Account {
         file_path: PathBuf::from("/nonexistent"),
         sendmail_path: PathBuf::from("/nonexistent"),
         timeout: o.timeout,
+        auth_type: Default::default(),
         oauth: None,
     }
 }

@@ -104,6 +104,7 @@ fn account(port: u16) -> Account {
         file_path: PathBuf::from("/nonexistent"),
         sendmail_path: PathBuf::from("/usr/sbin/sendmail"),
         timeout: Duration::from_secs(10),
+        auth_type: Default::default(),
         oauth: None,
     }
 }

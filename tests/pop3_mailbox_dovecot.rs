@@ -60,6 +60,7 @@ fn account(ssl: SslMode) -> Account {
         file_path: PathBuf::from("/nonexistent"),
         sendmail_path: PathBuf::from("/usr/sbin/sendmail"),
         timeout: Duration::from_secs(10),
+        auth_type: Default::default(),
         oauth: None,
     }
 }

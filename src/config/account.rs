@@ -182,9 +182,75 @@ pub struct Incoming {
     pub max_message_bytes: u64,
 }
 
-/// The OAuth2 tab of an OFFICE365 / GMAIL tenant account.
+/// How an SMTP, IMAP or POP3 account signs in (`AUTH_TYPE`, SPEC §3a).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuthType {
+    /// `LOGIN` and `PASSWORD` (the default).
+    #[default]
+    Password,
+    /// SASL XOAUTH2 (or OAUTHBEARER) with an OAuth 2.0 access token from the account's
+    /// `OAUTH` settings; no password.
+    XOAuth2,
+}
+
+impl AuthType {
+    pub fn parse(s: &str) -> Option<AuthType> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "" | "PASSWORD" => Some(AuthType::Password),
+            "XOAUTH2" | "OAUTH2" | "OAUTH" => Some(AuthType::XOAuth2),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthType::Password => "PASSWORD",
+            AuthType::XOAuth2 => "XOAUTH2",
+        }
+    }
+}
+
+/// How an account obtains its access tokens (`OAUTH.GRANT`, SPEC §3a).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OAuthGrant {
+    /// Delegated sign-in ("Click to Authenticate"), then refresh tokens. Tenant rows only.
+    #[default]
+    AuthorizationCode,
+    /// Microsoft app-only access with a client secret: no sign-in step.
+    ClientCredentials,
+    /// A Google service account's signed JWT, impersonating `IMPERSONATE`.
+    ServiceAccount,
+}
+
+impl OAuthGrant {
+    pub fn parse(s: &str) -> Option<OAuthGrant> {
+        match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "authorization_code" => Some(OAuthGrant::AuthorizationCode),
+            "client_credentials" => Some(OAuthGrant::ClientCredentials),
+            "service_account" => Some(OAuthGrant::ServiceAccount),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OAuthGrant::AuthorizationCode => "authorization_code",
+            OAuthGrant::ClientCredentials => "client_credentials",
+            OAuthGrant::ServiceAccount => "service_account",
+        }
+    }
+}
+
+/// The OAuth 2.0 settings of an account (the OAuth2 tab of a tenant account, `email.OAUTH.*`
+/// in the INI).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct OAuthSettings {
+    /// `GRANT`; a Gmail account with `SERVICE_ACCOUNT_JSON` is `ServiceAccount` whatever it
+    /// says.
+    pub grant: OAuthGrant,
+    /// `PROVIDER` (ours: `microsoft` or `google`), for SMTP/IMAP/POP3 accounts whose provider
+    /// the grant and endpoints do not tell; `None` when not given.
+    pub provider: Option<String>,
     pub application_id: String,
     pub secret_key: Option<Secret>,
     pub authority_url: String,
@@ -220,6 +286,8 @@ pub struct Account {
     pub sendmail_path: PathBuf,
     /// Connect and read timeout for every server of this account.
     pub timeout: Duration,
+    /// `AUTH_TYPE` of its SMTP / IMAP / POP3 side.
+    pub auth_type: AuthType,
     pub oauth: Option<OAuthSettings>,
 }
 

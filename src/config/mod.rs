@@ -287,6 +287,7 @@ impl Settings {
                     Ok(Secret::new(value))
                 }
             };
+            let oauth = rows::oauth_settings(&fields, &dir, &mut reveal)?;
             let master = normalise::build_account(
                 &fields,
                 Identity {
@@ -296,7 +297,7 @@ impl Settings {
                     allow_cloud: false,
                 },
                 settings.defaults.clone(),
-                None,
+                oauth,
                 &dir,
                 &mut reveal,
             )?;
@@ -322,6 +323,7 @@ fn email_fields(section: &ini::Section) -> Result<Fields> {
     let known = normalise::GENERAL_KEYS
         .iter()
         .chain(normalise::INCOMING_KEYS)
+        .chain(normalise::OAUTH_KEYS)
         .chain(SETTINGS_KEYS);
     let known: Vec<&str> = known.copied().collect();
     for (full_key, value) in section.with_prefix("email.") {

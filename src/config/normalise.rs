@@ -212,6 +212,22 @@ pub(crate) const GENERAL_KEYS: &[&str] = &[
     "TIMEOUT",
     "VERIFY_CERT",
     "CA_FILE",
+    "AUTH_TYPE",
+];
+
+/// The OAuth keys (`OAUTH` array of a tenant row, `email.OAUTH.*` in the INI).
+pub(crate) const OAUTH_KEYS: &[&str] = &[
+    "OAUTH.GRANT",
+    "OAUTH.PROVIDER",
+    "OAUTH.APPLICATION_ID",
+    "OAUTH.SECRET_KEY",
+    "OAUTH.AUTHORITY_URL",
+    "OAUTH.AUTHORIZATION_ENDPOINT",
+    "OAUTH.TOKEN_ENDPOINT",
+    "OAUTH.SCOPES",
+    "OAUTH.SERVICE_ACCOUNT_JSON",
+    "OAUTH.IMPERSONATE",
+    "OAUTH.API_BASE_URL",
 ];
 
 /// The keys that only matter for receiving (dropped from a Default account, which never
@@ -424,6 +440,21 @@ pub(crate) fn build_account(
         }
     };
 
+    let auth_type = match f.get("AUTH_TYPE") {
+        None => AuthType::Password,
+        Some(v) => AuthType::parse(v).ok_or_else(|| {
+            f.err(
+                "AUTH_TYPE",
+                format!(
+                    "`{}` is not an authentication type (PASSWORD or XOAUTH2)",
+                    printable(v)
+                ),
+            )
+        })?,
+    };
+    if auth_type == AuthType::XOAuth2 {
+        check_xoauth2(f, &outgoing, &incoming, oauth.as_ref(), who.allow_cloud)?;
+    }
     let uses_cloud = outgoing.as_ref().is_some_and(|o| o.transport.is_cloud())
         || incoming.as_ref().is_some_and(|i| i.mailbox.is_cloud());
     if uses_cloud {
@@ -445,8 +476,81 @@ pub(crate) fn build_account(
         file_path: ops.file_path,
         sendmail_path: ops.sendmail_path,
         timeout: ops.timeout,
+        auth_type,
         oauth,
     })
+}
+
+/// `AUTH_TYPE = XOAUTH2`: an SMTP, IMAP or POP3 side to sign in to, and OAuth settings that can
+/// give a token without a person (the INI) or with the tenant's sign-in.
+fn check_xoauth2(
+    f: &Fields,
+    outgoing: &Option<Outgoing>,
+    incoming: &Option<Incoming>,
+    oauth: Option<&OAuthSettings>,
+    tenant_row: bool,
+) -> Result<()> {
+    let sasl = outgoing
+        .as_ref()
+        .is_some_and(|o| o.transport == TransportType::Smtp)
+        || incoming
+            .as_ref()
+            .is_some_and(|i| matches!(i.mailbox, MailboxType::Imap | MailboxType::Pop3));
+    if !sasl {
+        return Err(f.err(
+            "AUTH_TYPE",
+            "XOAUTH2 applies to SMTP, IMAP and POP3, and the account uses none of them",
+        ));
+    }
+    let Some(oauth) = oauth else {
+        return Err(f.err(
+            "OAUTH",
+            "XOAUTH2 needs the account's OAuth settings (OAUTH.GRANT, OAUTH.APPLICATION_ID, \
+             OAUTH.SECRET_KEY, ...)",
+        ));
+    };
+    match oauth.grant {
+        OAuthGrant::ClientCredentials => {
+            if oauth.application_id.trim().is_empty() {
+                return Err(f.err(
+                    "OAUTH.APPLICATION_ID",
+                    "client_credentials needs the application (client) ID",
+                ));
+            }
+            if oauth.secret_key.is_none() {
+                return Err(f.err(
+                    "OAUTH.SECRET_KEY",
+                    "client_credentials needs the application's client secret",
+                ));
+            }
+        }
+        OAuthGrant::ServiceAccount => {
+            if oauth.service_account_json.is_none() {
+                return Err(f.err(
+                    "OAUTH.SERVICE_ACCOUNT_JSON",
+                    "service_account needs the service account's key (its JSON, or the path of \
+                     the key file)",
+                ));
+            }
+        }
+        OAuthGrant::AuthorizationCode => {
+            if !tenant_row {
+                return Err(f.err(
+                    "OAUTH.GRANT",
+                    "authorization_code needs a person to sign in on a tenant account's OAuth2 \
+                     tab; in the INI use client_credentials (Microsoft 365) or service_account \
+                     (Google Workspace)",
+                ));
+            }
+            if oauth.application_id.trim().is_empty() {
+                return Err(f.err(
+                    "OAUTH.APPLICATION_ID",
+                    "authorization_code needs the application (client) ID",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// OUTGOING_TRANSPORT_TYPE or INCOMING_MAILBOX_TYPE: a list of types, of which the cloud ones

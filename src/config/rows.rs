@@ -444,23 +444,12 @@ fn parse_int(value: &str) -> Option<i64> {
     value.trim().parse::<i64>().ok()
 }
 
-fn oauth_settings(
+pub(crate) fn oauth_settings(
     f: &Fields,
     base_dir: &Path,
     reveal: &mut normalise::Reveal<'_>,
 ) -> Result<Option<OAuthSettings>> {
-    const KEYS: &[&str] = &[
-        "OAUTH.APPLICATION_ID",
-        "OAUTH.SECRET_KEY",
-        "OAUTH.AUTHORITY_URL",
-        "OAUTH.AUTHORIZATION_ENDPOINT",
-        "OAUTH.TOKEN_ENDPOINT",
-        "OAUTH.SCOPES",
-        "OAUTH.SERVICE_ACCOUNT_JSON",
-        "OAUTH.IMPERSONATE",
-        "OAUTH.API_BASE_URL",
-    ];
-    if !KEYS.iter().any(|k| f.raw(k).is_some()) {
+    if !normalise::OAUTH_KEYS.iter().any(|k| f.raw(k).is_some()) {
         return Ok(None);
     }
     let text = |key: &str| -> Result<String> { Ok(f.line(key)?.unwrap_or("").to_string()) };
@@ -556,7 +545,46 @@ fn oauth_settings(
         .map(str::to_string)
         .collect();
     let api_base_url = Some(url("OAUTH.API_BASE_URL", false)?).filter(|u| !u.is_empty());
+    let grant = match f
+        .line("OAUTH.GRANT")?
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+    {
+        None if service_account_json.is_some() => OAuthGrant::ServiceAccount,
+        None => OAuthGrant::AuthorizationCode,
+        Some(g) => OAuthGrant::parse(g).ok_or_else(|| {
+            f.err(
+                "OAUTH.GRANT",
+                format!(
+                    "`{}` is not a grant (authorization_code, client_credentials or \
+                     service_account)",
+                    normalise::printable(g)
+                ),
+            )
+        })?,
+    };
+    let provider = match f
+        .line("OAUTH.PROVIDER")?
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        None => None,
+        Some(p) if p.eq_ignore_ascii_case("microsoft") || p.eq_ignore_ascii_case("google") => {
+            Some(p.to_ascii_lowercase())
+        }
+        Some(p) => {
+            return Err(f.err(
+                "OAUTH.PROVIDER",
+                format!(
+                    "`{}` is not a provider (microsoft or google)",
+                    normalise::printable(p)
+                ),
+            ))
+        }
+    };
     Ok(Some(OAuthSettings {
+        grant,
+        provider,
         application_id: text("OAUTH.APPLICATION_ID")?,
         secret_key,
         authority_url: url("OAUTH.AUTHORITY_URL", false)?,

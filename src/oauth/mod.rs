@@ -33,7 +33,9 @@ pub use api::{ApiClient, ApiError};
 pub use tokens::TokenManager;
 
 use crate::config::secrets::KeyStore;
-use crate::config::{Account, AccountId, MailboxType, Settings, TransportType};
+use crate::config::{
+    Account, AccountId, AuthType, MailboxType, OAuthGrant, Settings, TransportType,
+};
 use crate::error::{Error, Result};
 use crate::http::{query, Body, HttpClient, Method, Request, Role};
 use crate::state::{PendingAuth, StateStore};
@@ -51,6 +53,16 @@ pub const GRAPH_BASE: &str = "https://graph.microsoft.com/v1.0";
 pub const GOOGLE_AUTHORIZE_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
 pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
 pub const GOOGLE_DEFAULT_SCOPES: &str = "https://mail.google.com/";
+/// Google's scope for IMAP, POP3 and SMTP with XOAUTH2.
+pub const GOOGLE_MAIL_SCOPE: &str = "https://mail.google.com/";
+/// Microsoft app-only (client credentials) scope for Graph (OFFICE365).
+pub const GRAPH_APP_SCOPE: &str = "https://graph.microsoft.com/.default";
+/// Microsoft app-only scope for IMAP, POP3 and SMTP.
+pub const EXCHANGE_APP_SCOPE: &str = "https://outlook.office365.com/.default";
+/// Microsoft delegated scopes for IMAP, POP3 and SMTP (with `offline_access`).
+pub const EXCHANGE_IMAP_SCOPE: &str = "https://outlook.office.com/IMAP.AccessAsUser.All";
+pub const EXCHANGE_POP_SCOPE: &str = "https://outlook.office.com/POP.AccessAsUser.All";
+pub const EXCHANGE_SMTP_SCOPE: &str = "https://outlook.office.com/SMTP.Send";
 pub const GMAIL_BASE: &str = "https://gmail.googleapis.com";
 /// How long a sign-in may take between `authorization_url` and `complete_authorization`.
 pub const PENDING_AUTH_TTL: Duration = Duration::from_secs(600);
@@ -76,13 +88,63 @@ impl Provider {
             Ok(Provider::Microsoft)
         } else if out == Some(TransportType::Gmail) || inc == Some(MailboxType::Gmail) {
             Ok(Provider::Google)
+        } else if account.auth_type == AuthType::XOAuth2 {
+            Provider::of_xoauth2(account)
         } else {
             Err(Error::account_key(
                 &account.id.to_string(),
                 "OUTGOING_TRANSPORT_TYPE",
-                "OAuth2 sign-in is only for OFFICE365 and GMAIL accounts",
+                "OAuth2 sign-in is only for OFFICE365 and GMAIL accounts, and for SMTP, IMAP \
+                 and POP3 accounts with AUTH_TYPE = XOAUTH2",
             ))
         }
+    }
+
+    /// The provider of an SMTP/IMAP/POP3 account with `AUTH_TYPE = XOAUTH2`: `OAUTH.PROVIDER`
+    /// when given, else what the grant, the endpoints or the servers' names say.
+    fn of_xoauth2(account: &Account) -> Result<Provider> {
+        let oauth = account.oauth.as_ref();
+        match oauth.and_then(|o| o.provider.as_deref()) {
+            Some("microsoft") => return Ok(Provider::Microsoft),
+            Some("google") => return Ok(Provider::Google),
+            _ => {}
+        }
+        if let Some(o) = oauth {
+            match o.grant {
+                OAuthGrant::ClientCredentials => return Ok(Provider::Microsoft),
+                OAuthGrant::ServiceAccount => return Ok(Provider::Google),
+                OAuthGrant::AuthorizationCode => {}
+            }
+            if !o.authority_url.trim().is_empty() {
+                return Ok(Provider::Microsoft);
+            }
+            let endpoints = format!("{} {}", o.token_endpoint, o.authorization_endpoint);
+            if endpoints.contains("microsoftonline.") {
+                return Ok(Provider::Microsoft);
+            }
+            if endpoints.contains("google") {
+                return Ok(Provider::Google);
+            }
+        }
+        let hosts = [
+            account.outgoing.as_ref().and_then(|o| o.host.as_deref()),
+            account.incoming.as_ref().and_then(|i| i.host.as_deref()),
+        ];
+        for host in hosts.into_iter().flatten() {
+            let host = host.trim().to_ascii_lowercase();
+            if host.ends_with("office365.com") || host.ends_with("outlook.com") {
+                return Ok(Provider::Microsoft);
+            }
+            if host.ends_with("gmail.com") || host.ends_with("googlemail.com") {
+                return Ok(Provider::Google);
+            }
+        }
+        Err(Error::account_key(
+            &account.id.to_string(),
+            "OAUTH.PROVIDER",
+            "cannot tell whether the account signs in with Microsoft or Google: set \
+             OAUTH.PROVIDER (microsoft or google), or OAUTH.AUTHORITY_URL for Microsoft",
+        ))
     }
 
     /// `OFFICE365` or `GMAIL`.
@@ -212,13 +274,12 @@ pub fn endpoints(account: &Account, provider: Provider) -> Result<Endpoints> {
     let mut scopes: Vec<String> = oauth.scopes.iter().map(|s| s.trim().to_string()).collect();
     scopes.retain(|s| !s.is_empty());
     if scopes.is_empty() {
-        let default = match provider {
-            Provider::Microsoft => MICROSOFT_DEFAULT_SCOPES,
-            Provider::Google => GOOGLE_DEFAULT_SCOPES,
-        };
-        scopes = default.split(' ').map(str::to_string).collect();
+        scopes = default_scopes(account, provider, oauth.grant);
     }
+    // A delegated Microsoft sign-in needs offline_access for its refresh token; app-only
+    // tokens take exactly one `<resource>/.default` scope.
     if provider == Provider::Microsoft
+        && oauth.grant == OAuthGrant::AuthorizationCode
         && !scopes
             .iter()
             .any(|s| s.eq_ignore_ascii_case("offline_access"))
@@ -239,6 +300,42 @@ pub fn endpoints(account: &Account, provider: Provider) -> Result<Endpoints> {
         api_base,
         scopes,
     })
+}
+
+/// The scopes an account asks for when `SCOPES` says nothing (SPEC §3a).
+fn default_scopes(account: &Account, provider: Provider, grant: OAuthGrant) -> Vec<String> {
+    let split = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<_>>();
+    let cloud = account
+        .outgoing
+        .as_ref()
+        .is_some_and(|o| o.transport.is_cloud())
+        || account
+            .incoming
+            .as_ref()
+            .is_some_and(|i| i.mailbox.is_cloud());
+    match (provider, grant, cloud) {
+        (Provider::Google, _, true) => split(GOOGLE_DEFAULT_SCOPES),
+        (Provider::Google, _, false) => split(GOOGLE_MAIL_SCOPE),
+        (Provider::Microsoft, OAuthGrant::ClientCredentials, true) => split(GRAPH_APP_SCOPE),
+        (Provider::Microsoft, OAuthGrant::ClientCredentials, false) => split(EXCHANGE_APP_SCOPE),
+        (Provider::Microsoft, _, true) => split(MICROSOFT_DEFAULT_SCOPES),
+        (Provider::Microsoft, _, false) => {
+            let mut scopes = Vec::new();
+            match account.incoming.as_ref().map(|i| i.mailbox) {
+                Some(MailboxType::Imap) => scopes.push(EXCHANGE_IMAP_SCOPE.to_string()),
+                Some(MailboxType::Pop3) => scopes.push(EXCHANGE_POP_SCOPE.to_string()),
+                _ => {}
+            }
+            if account
+                .outgoing
+                .as_ref()
+                .is_some_and(|o| o.transport == TransportType::Smtp)
+            {
+                scopes.push(EXCHANGE_SMTP_SCOPE.to_string());
+            }
+            scopes
+        }
+    }
 }
 
 /// An `https://` URL, or `http://` to a loopback host only (tokens and secrets never travel
@@ -812,6 +909,7 @@ mod tests {
             file_path: "/tmp".into(),
             sendmail_path: "/usr/sbin/sendmail".into(),
             timeout: Duration::from_secs(5),
+            auth_type: Default::default(),
             oauth: Some(oauth),
         }
     }

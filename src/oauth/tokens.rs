@@ -21,7 +21,7 @@ use serde::Deserialize;
 use super::jwt::ServiceAccountKey;
 use super::{endpoints, OAuthEnv, Provider};
 use crate::config::secrets::KeyStore;
-use crate::config::{Account, Secret};
+use crate::config::{Account, OAuthGrant, Secret};
 use crate::error::{Error, Result};
 use crate::http::{Body, HttpClient, HttpError, Method, Request, Role};
 use crate::state::StateStore;
@@ -82,6 +82,13 @@ enum Grant {
         /// Microsoft wants the scopes again on refresh; Google does not.
         scope: Option<String>,
     },
+    /// Microsoft app-only access: the application's client secret, no refresh token.
+    ClientCredentials {
+        client_id: String,
+        client_secret: Secret,
+        token_url: String,
+        scope: String,
+    },
     /// A Gmail service account: a JWT assertion signed with its key.
     ServiceAccount {
         key: Box<ServiceAccountKey>,
@@ -96,6 +103,9 @@ pub struct TokenManager {
     account: String,
     provider: Provider,
     grant: Grant,
+    /// Token kind of the cached access token: [`ACCESS`] for the cloud accounts, with the
+    /// scope for SMTP/IMAP/POP3 ones (cached per account and scope).
+    access_kind: String,
     http: HttpClient,
     store: Mutex<StateStore>,
     keys: KeyStore,
@@ -122,6 +132,18 @@ impl TokenManager {
         let ep = endpoints(account, provider)?;
         let oauth = account.oauth.as_ref().expect("endpoints() checked OAUTH");
         let grant = match (&oauth.service_account_json, provider) {
+            _ if oauth.grant == OAuthGrant::ClientCredentials => Grant::ClientCredentials {
+                client_id: super::client_id(account)?,
+                client_secret: oauth.secret_key.clone().ok_or_else(|| {
+                    Error::account_key(
+                        &id,
+                        "OAUTH.SECRET_KEY",
+                        "client_credentials needs the application's client secret",
+                    )
+                })?,
+                token_url: ep.token.clone(),
+                scope: ep.scopes.join(" "),
+            },
             (Some(json), Provider::Google) => {
                 let key = ServiceAccountKey::parse(json.expose(), &id)?;
                 let token_url = if oauth.token_endpoint.trim().is_empty() {
@@ -150,10 +172,12 @@ impl TokenManager {
             },
         };
         let store = env.open_store()?;
+        let access_kind = access_kind(account, &ep.scopes);
         Ok(TokenManager {
             account: id,
             provider,
             grant,
+            access_kind,
             http: HttpClient::new(&account.tls, account.timeout)?,
             lock_dir: lock_dir(&store),
             store: Mutex::new(store),
@@ -183,11 +207,25 @@ impl TokenManager {
         matches!(self.grant, Grant::ServiceAccount { .. })
     }
 
+    /// True when no person signs in: client credentials or a service account.
+    pub fn is_app_only(&self) -> bool {
+        !matches!(self.grant, Grant::Refresh { .. })
+    }
+
+    /// The grant's name, for reports.
+    pub fn grant_name(&self) -> &'static str {
+        match self.grant {
+            Grant::Refresh { .. } => "authorization_code",
+            Grant::ClientCredentials { .. } => "client_credentials",
+            Grant::ServiceAccount { .. } => "service_account",
+        }
+    }
+
     /// The mailbox a service account acts as (`IMPERSONATE`).
     pub fn impersonated(&self) -> Option<&str> {
         match &self.grant {
             Grant::ServiceAccount { subject, .. } => Some(subject),
-            Grant::Refresh { .. } => None,
+            Grant::Refresh { .. } | Grant::ClientCredentials { .. } => None,
         }
     }
 
@@ -212,7 +250,7 @@ impl TokenManager {
 
     /// The cached access token when it is still fresh and is not `rejected`.
     fn cached(&self, rejected: Option<&Secret>) -> Result<Option<Secret>> {
-        let Some(stored) = self.store().load_token(&self.account, ACCESS)? else {
+        let Some(stored) = self.store().load_token(&self.account, &self.access_kind)? else {
             return Ok(None);
         };
         let fresh = stored.expires_at.is_some_and(|until| until > now_secs());
@@ -231,6 +269,7 @@ impl TokenManager {
         }
         let result = match &self.grant {
             Grant::Refresh { .. } => self.refresh_grant(),
+            Grant::ClientCredentials { .. } => self.client_credentials_grant(),
             Grant::ServiceAccount { .. } => self.jwt_grant(),
         };
         match &result {
@@ -303,6 +342,33 @@ impl TokenManager {
         self.cache_access(&reply, now)
     }
 
+    fn client_credentials_grant(&self) -> Result<Secret> {
+        let Grant::ClientCredentials {
+            client_id,
+            client_secret,
+            token_url,
+            scope,
+        } = &self.grant
+        else {
+            unreachable!("client_credentials_grant without client credentials")
+        };
+        let now = now_secs();
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id.as_str()),
+            ("client_secret", client_secret.expose()),
+            ("scope", scope.as_str()),
+        ];
+        let reply = self
+            .http
+            .execute(&Request::new(Method::Post, token_url).with_body(Body::Form(&form)))
+            .and_then(|r| r.json::<TokenReply>());
+        match reply {
+            Ok(reply) => self.cache_access(&reply, now),
+            Err(e) => Err(self.grant_error(e, token_url)),
+        }
+    }
+
     fn jwt_grant(&self) -> Result<Secret> {
         let Grant::ServiceAccount {
             key,
@@ -337,8 +403,12 @@ impl TokenManager {
             ));
         }
         let sealed = self.keys.encrypt(&reply.access_token);
-        self.store()
-            .save_token(&self.account, ACCESS, &sealed, Some(reply.use_until(now)))?;
+        self.store().save_token(
+            &self.account,
+            &self.access_kind,
+            &sealed,
+            Some(reply.use_until(now)),
+        )?;
         Ok(Secret::new(reply.access_token.clone()))
     }
 
@@ -353,6 +423,35 @@ impl TokenManager {
             token_url,
             self.role,
         )
+    }
+}
+
+/// The token kind an account's access token is cached under (see `TokenManager::access_kind`).
+pub(crate) fn access_kind(account: &Account, scopes: &[String]) -> String {
+    let cloud = account
+        .outgoing
+        .as_ref()
+        .is_some_and(|o| o.transport.is_cloud())
+        || account
+            .incoming
+            .as_ref()
+            .is_some_and(|i| i.mailbox.is_cloud());
+    if cloud {
+        ACCESS.to_string()
+    } else {
+        format!("{ACCESS} {}", scopes.join(" "))
+    }
+}
+
+impl crate::sasl::TokenSource for TokenManager {
+    fn access_token(&self) -> Result<Secret> {
+        TokenManager::access_token(self)
+    }
+    fn refresh_after_rejection(&self, rejected: &Secret) -> Result<Secret> {
+        TokenManager::refresh_after_rejection(self, rejected)
+    }
+    fn grant(&self) -> &'static str {
+        self.grant_name()
     }
 }
 
@@ -394,7 +493,7 @@ pub(crate) fn grant_error(
              delegation for the scopes in the Google Workspace admin console"
         } else {
             "check the Application ID and the Secret KEY (a client secret expires; create a new \
-             one and save it on the OAuth2 tab)"
+             one and save it on the OAuth2 tab, or as email.OAUTH.SECRET_KEY in the INI)"
         };
         return Error::auth(
             account,

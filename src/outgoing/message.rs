@@ -1273,6 +1273,7 @@ mod tests {
             file_path: PathBuf::from("/tmp"),
             sendmail_path: PathBuf::from("/usr/sbin/sendmail"),
             timeout: Duration::from_secs(5),
+            auth_type: Default::default(),
             oauth: None,
         }
     }

@@ -1186,6 +1186,7 @@ mod tests {
             file_path: "/nonexistent".into(),
             sendmail_path: "/nonexistent".into(),
             timeout: Duration::from_secs(5),
+            auth_type: Default::default(),
             oauth: None,
         }
     }

@@ -204,6 +204,7 @@ pub fn account(recid: i64, provider: Provider, email: &str, oauth: OAuthSettings
         file_path: "/nonexistent".into(),
         sendmail_path: "/usr/sbin/sendmail".into(),
         timeout: Duration::from_secs(10),
+        auth_type: Default::default(),
         oauth: Some(oauth),
     }
 }
