@@ -49,6 +49,13 @@
 //! `CA_FILE`). Connecting, TLS, greeting and login together take at most the account
 //! timeout; afterwards every read and write is bounded by it. Any I/O or protocol failure
 //! drops the connection (nothing half-done can be committed); a `NO` reply does not.
+//!
+//! With an access token ([`ImapMailbox::connect_with`], [`Credentials::Bearer`]) the client
+//! sends `AUTHENTICATE XOAUTH2` (OAUTHBEARER when the server offers only that), the initial
+//! response on the command line when the server has SASL-IR. The server's failure challenge
+//! (base64 JSON) is acknowledged, and a token refused as invalid or expired is replaced once
+//! by a fresh one (on a new connection when the server hung up); then the refusal is the
+//! account's `Error::Auth`.
 
 mod fetch;
 pub mod utf7;
@@ -819,6 +826,8 @@ impl ImapMailbox {
         };
         let sasl_ir = caps.has("SASL-IR");
         loop {
+            // Recorded by the sign-in for redaction whether it goes on the command line or not.
+            let response = signin.initial_response(mechanism, &self.user, host, port)?;
             let token = signin.token()?;
             let initial = mechanism.initial_bytes(&self.user, &token, host, port);
             let auth = TokenAuth {
@@ -828,7 +837,6 @@ impl ImapMailbox {
                 failure: RefCell::new(None),
             };
             let command = if sasl_ir {
-                let response = signin.initial_response(mechanism, &self.user, host, port)?;
                 format!("{} {response}", mechanism.name())
             } else {
                 mechanism.name().to_string()
