@@ -13,6 +13,10 @@
 //! `--repeat R` (3: the three methods run interleaved R times; best and median are shown, as
 //! the shared test server and machine make single runs noisy).
 //! Every run checks that the server received every message.
+//!
+//! `--body-mb 4,100` instead times `build()` alone (no server needed) for one message whose
+//! text is that many MB with LF, CRLF or CR line ends or one long line, and checks that the
+//! built message decodes back to the text with CRLF line ends (`DIFFERS` when it does not).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -36,6 +40,7 @@ use pcr_email::outgoing::{send_batch, BatchJob, Transport};
 const KEY: [u8; 32] = [5u8; 32];
 
 struct Options {
+    body_mb: Vec<usize>,
     messages: usize,
     delays: Vec<u64>,
     parallel: usize,
@@ -44,6 +49,7 @@ struct Options {
 
 fn options() -> Options {
     let mut o = Options {
+        body_mb: Vec::new(),
         messages: 200,
         delays: vec![0, 10],
         parallel: 4,
@@ -59,6 +65,12 @@ fn options() -> Options {
                 o.delays = value
                     .split(',')
                     .map(|d| d.trim().parse().expect("--delays 0,10"))
+                    .collect()
+            }
+            "--body-mb" => {
+                o.body_mb = value
+                    .split(',')
+                    .map(|d| d.trim().parse().expect("--body-mb 4,100"))
                     .collect()
             }
             "--parallel" => o.parallel = value.parse().expect("--parallel N"),
@@ -384,8 +396,81 @@ fn summarize(runs: &[Row]) -> Summary {
     }
 }
 
+/// `--body-mb`: the time `build()` takes for one large text body of each line-end kind.
+fn time_large_bodies(sizes: &[usize]) {
+    // No server involved: an account that needs nothing from the test environment.
+    let acc = Account {
+        id: AccountId::Master,
+        tenants_recid: 0,
+        account_type: AccountType::Master,
+        email: "bench@test.local".into(),
+        display_name: Some("Bench".into()),
+        login: None,
+        password: None,
+        outgoing: None,
+        incoming: None,
+        sysadmin: None,
+        tls: TlsSettings::default(),
+        file_path: PathBuf::from("/nonexistent"),
+        sendmail_path: PathBuf::from("/nonexistent"),
+        timeout: Duration::from_secs(30),
+        oauth: None,
+    };
+    println!(
+        "{:>6}  {:<12} {:>9} {:>10}  text",
+        "MB", "line ends", "build s", "raw MB"
+    );
+    for &mb in sizes {
+        for (kind, eol) in [
+            ("LF", "\n"),
+            ("CRLF", "\r\n"),
+            ("CR", "\r"),
+            ("one line", ""),
+        ] {
+            let line = format!(
+                "{:<71}{eol}",
+                "The quick brown fox jumps over the lazy dog; PCR-360."
+            );
+            let text = line.repeat(mb * 1024 * 1024 / line.len());
+            let req = MessageRequest::from_json(&serde_json::json!({
+                "to": "bench-dest@test.local",
+                "subject": "large body",
+                "text": text,
+            }))
+            .unwrap();
+            let start = Instant::now();
+            let built = build(&req, &acc, &KEY).unwrap();
+            let secs = start.elapsed().as_secs_f64();
+            let parsed = mail_parser::MessageParser::default()
+                .parse(&built.raw)
+                .expect("the built message parses");
+            let want = if eol.is_empty() {
+                text.clone()
+            } else {
+                text.replace(eol, "\r\n")
+            };
+            // A single-part body is followed by a CRLF the parser keeps: compare without it.
+            let got = parsed.body_text(0).unwrap_or_default();
+            let (got, want) = (got.trim_end_matches("\r\n"), want.trim_end_matches("\r\n"));
+            let check = match got.bytes().zip(want.bytes()).position(|(a, b)| a != b) {
+                None if got.len() == want.len() => "decodes back".to_string(),
+                None => format!("DIFFERS: {} bytes for {}", got.len(), want.len()),
+                Some(at) => format!("DIFFERS at byte {at}"),
+            };
+            println!(
+                "{mb:>6}  {kind:<12} {secs:>9.3} {:>10.1}  {check}",
+                built.raw.len() as f64 / 1_048_576.0
+            );
+        }
+    }
+}
+
 fn main() {
     let o = options();
+    if !o.body_mb.is_empty() {
+        time_large_bodies(&o.body_mb);
+        return;
+    }
     let server_port = common::port("PCR_SMTP_STARTTLS_PORT");
     let p = o.parallel;
     let mut summaries = Vec::new();

@@ -654,15 +654,8 @@ fn tls_config(tls: &TlsSettings) -> Result<TlsConfig> {
         key: Some("CA_FILE".to_string()),
         ..Default::default()
     };
-    let pem = std::fs::read(path).map_err(|e| {
-        Error::config(
-            location(),
-            format!(
-                "cannot read the CA file: {}",
-                crate::net::describe_io_error(&e)
-            ),
-        )
-    })?;
+    let pem = crate::config::files::read_limited(path, crate::config::files::CA_FILE_LIMIT)
+        .map_err(|e| Error::config(location(), format!("cannot read the CA file: {e}")))?;
     let extra = pem_certificates(&pem);
     if extra.is_empty() {
         return Err(Error::config(

@@ -68,6 +68,8 @@ enum Event {
         id: String,
         error: Error,
     },
+    /// Something the run must report about this mailbox (it is read all the same).
+    Notice { mailbox: usize, text: String },
     /// Every message of this mailbox has been handed over: its decisions can be closed.
     Downloaded { mailbox: usize },
     /// The thread ended; `error` when the mailbox could not be read (completely).
@@ -281,13 +283,34 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     // Rows that could not be used show on the Events screen, not only in the Error Log.
     let mut base = base;
     base["errors"] = json!(manager.row_errors);
-    let (chosen, duplicates) = crate::routing::incoming_accounts_checked(
+    let failed_accounts = std::mem::take(&mut manager.failed_accounts);
+    let (readers, duplicates) = crate::routing::incoming_readers_checked(
         &tenant_accounts,
+        &failed_accounts,
         settings.master.as_ref(),
         settings.send_email,
         settings.disable_email,
     );
-    let mailboxes: Vec<Account> = chosen.into_iter().cloned().collect();
+    let mut mailboxes: Vec<Account> = Vec::new();
+    // Service Desk rows that are broken: their mailbox is read by nobody (never through
+    // another account's login); each is a mailbox entry with its error.
+    let mut broken: Vec<MailboxSummary> = Vec::new();
+    for reader in readers {
+        match reader {
+            crate::routing::Reader::Read(account) => mailboxes.push(account.clone()),
+            crate::routing::Reader::Failed(f) => broken.push(MailboxSummary {
+                account: f.id.to_string(),
+                email: f.email.clone(),
+                protocol: f
+                    .mailbox
+                    .as_ref()
+                    .map(|(i, _)| i.mailbox.as_str().to_string())
+                    .unwrap_or_default(),
+                errors: vec![f.error.to_string()],
+                ..Default::default()
+            }),
+        }
+    }
     // One mailbox configured twice (the INI master and a tenant row naming the same Maildir by
     // another spelling, the same IMAP login twice) is read once; the summary says so.
     let mut warnings = Vec::new();
@@ -306,13 +329,14 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         warnings.push(Value::from(text));
     }
     base["warnings"] = Value::Array(warnings);
+    manager.failed_accounts = failed_accounts;
     if mailboxes.is_empty() {
-        let status = if manager.row_errors.is_empty() {
+        let status = if manager.row_errors.is_empty() && broken.is_empty() {
             "ok"
         } else {
             "errors"
         };
-        return Ok(finish_summary(base, status, &[], started));
+        return Ok(finish_summary(base, status, &broken, started));
     }
 
     // The TLS connectors are built (CA_FILE, the system roots) while the state store opens and
@@ -500,6 +524,7 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     let _ = run.state.release_owned(&run.owner);
     let _ = std::fs::remove_dir_all(&run.attachments_dir);
     crate::alloc::release_cached();
+    summaries.extend(broken);
     // "errors": some mailbox or account could not be read completely (see each entry).
     let failed = summaries.iter().any(|m| !m.errors.is_empty())
         || base["errors"].as_array().is_some_and(|e| !e.is_empty());
@@ -640,7 +665,21 @@ fn read_mailbox(
         .ok_or_else(|| Error::message("the account has no incoming settings"))?;
     let state = StateStore::open(state_dir)?;
     let mut mailbox = incoming::open(account, env, state)?;
-    let listed = mailbox.list()?;
+    let listed = mailbox.list();
+    // Problems the listing found that keep a message from being read (a POP3 server listing
+    // one UIDL twice): reported, while the rest is read.
+    for notice in mailbox.take_notices() {
+        if events
+            .send(Event::Notice {
+                mailbox: index,
+                text: notice,
+            })
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+    let listed = listed?;
     let mut wanted = Vec::new();
     let mut deferred = 0;
     for item in listed {
@@ -846,6 +885,18 @@ impl Run<'_> {
                         }
                         _ => summary.failed += 1,
                     }
+                }
+                Event::Notice { mailbox, text } => {
+                    let account = &mailboxes[mailbox];
+                    let id = account.id.to_string();
+                    self.log(
+                        &format!(
+                            "pcr_email: mailbox of account {id} ({}): {text}",
+                            account.email
+                        ),
+                        json!({"account": id}),
+                    );
+                    summaries[mailbox].errors.push(text);
                 }
                 Event::Downloaded { mailbox } => {
                     // Every decision for it is sent: closing the channel lets it commit.

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::secrets::{self, KeyStore};
-use crate::config::{accounts_from_rows, Account, AccountId, Settings};
+use crate::config::{tenant_rows, Account, AccountId, FailedAccount, Settings};
 use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::log::Logger;
@@ -29,6 +29,11 @@ pub struct Manager {
     transports: HashMap<String, Box<dyn Transport>>,
     /// The tenant rows that could not be used at the last `tenant_accounts()` (secret-free).
     pub row_errors: Vec<String>,
+    /// The broken tenant accounts of the last `tenant_accounts()`: rows that belong to a
+    /// tenant and kind but cannot be used. Routing fails their mail rather than sending it
+    /// through another account, and `eventCheckMail` must not read their mailbox through
+    /// another account (see `routing::incoming_readers`). Their errors are in `row_errors` too.
+    pub failed_accounts: Vec<FailedAccount>,
 }
 
 /// A message routed and built, ready for the transport keyed `key`.
@@ -59,6 +64,7 @@ impl Manager {
             keys: None,
             transports: HashMap::new(),
             row_errors: Vec::new(),
+            failed_accounts: Vec::new(),
         }
     }
 
@@ -85,9 +91,11 @@ impl Manager {
     }
 
     /// The tenant accounts the host lists, normalised. A bad row is logged (once) and left
-    /// out; it never hides the good ones.
+    /// out; it never hides the good ones. A bad row that still belongs to a tenant and kind is
+    /// kept in `failed_accounts` (see there).
     pub fn tenant_accounts(&mut self, host: &mut dyn Host) -> Vec<Account> {
         self.row_errors.clear();
+        self.failed_accounts.clear();
         let rows = match host.email_accounts() {
             Ok(rows) => rows,
             Err(e) => {
@@ -104,28 +112,28 @@ impl Manager {
         if rows.as_array().is_none_or(|r| r.is_empty()) {
             return Vec::new();
         }
-        // Encrypted values need the key file; plain ones must not create it.
+        // Encrypted values need the key file; plain ones must not create it. Without a key
+        // file, each account with an encrypted value fails on its own (the others still work).
         let needs_key = rows.to_string().contains("ENC:");
-        if needs_key {
-            if let Err(e) = self.keys() {
-                self.logger.error(host, &e.to_string(), &Value::Null);
-                return Vec::new();
-            }
+        let key_error = if needs_key { self.keys().err() } else { None };
+        if let Some(e) = &key_error {
+            self.logger.error(host, &e.to_string(), &Value::Null);
         }
         let ephemeral = KeyStore::from_key(rand::random());
-        let keys = if needs_key {
-            self.keys.as_ref().unwrap_or(&ephemeral)
-        } else {
-            &ephemeral
+        let keys = match (&key_error, &self.keys) {
+            (Some(e), _) => Err(e),
+            (None, Some(store)) if needs_key => Ok(store),
+            _ => Ok(&ephemeral),
         };
-        let (accounts, errors) = accounts_from_rows(&rows, &self.settings, keys);
-        self.row_errors = errors.iter().map(|e| e.to_string()).collect();
-        for e in errors {
+        let sorted = tenant_rows(&rows, &self.settings, keys);
+        self.row_errors = sorted.errors.iter().map(|e| e.to_string()).collect();
+        self.failed_accounts = sorted.failed;
+        for e in sorted.errors {
             let text = e.to_string();
             self.logger.once(host, &text.clone(), &text, &Value::Null);
         }
         self.log_cleartext(host);
-        accounts
+        sorted.accounts
     }
 
     fn log_cleartext(&mut self, host: &mut dyn Host) {
@@ -250,6 +258,24 @@ impl Manager {
         let accounts = self.tenant_accounts(host);
         let account = match self.route(kind, &accounts, request.tenant) {
             Route::Send(account) => Box::new(account.clone()),
+            Route::Failed(failed) => {
+                // SPEC §3: the tenant's broken account fails on its own; its mail never goes
+                // out through another account.
+                let error = failed.error.clone();
+                let text = format!(
+                    "pcr_email: {} mail for tenant {} was not sent: {error}",
+                    kind.as_str(),
+                    request.tenant
+                );
+                let context = json!({
+                    "kind": kind.as_str(),
+                    "tenant": request.tenant,
+                    "account": failed.id.to_string(),
+                    "subject": request.subject,
+                });
+                self.logger.error(host, &text, &context);
+                return Err(error);
+            }
             Route::Disabled => return Ok(Prepared::Done(status_result("disabled"))),
             Route::Redirect => {
                 host.deliver_message(&in_app_message(&request))?;
@@ -290,7 +316,8 @@ impl Manager {
 
     /// SPEC §4 for this INI environment and these tenant accounts.
     fn route<'a>(&'a self, kind: MailKind, accounts: &'a [Account], tenant: i64) -> Route<'a> {
-        let (default, service_desk) = routing::select_tenant_accounts(accounts, tenant);
+        let (default, service_desk) =
+            routing::select_tenant_accounts(accounts, &self.failed_accounts, tenant);
         routing::route(
             kind,
             default,
@@ -361,6 +388,8 @@ impl Manager {
         let accounts = self.tenant_accounts(host);
         Ok(match self.route(kind, &accounts, tenant) {
             Route::Send(account) => Some(account.public_view()),
+            // The account that would send is broken: its error, as send() would throw it.
+            Route::Failed(failed) => return Err(failed.error.clone()),
             _ => None,
         })
     }
@@ -382,7 +411,15 @@ impl Manager {
                 "'{recid}' is not an account: use 'master' or a tenant email account's RECID"
             ))
         })?;
-        self.tenant_accounts(host)
+        let accounts = self.tenant_accounts(host);
+        if let Some(failed) = self
+            .failed_accounts
+            .iter()
+            .find(|f| f.id == AccountId::Tenant(id))
+        {
+            return Err(failed.error.clone());
+        }
+        accounts
             .into_iter()
             .find(|a| a.id == AccountId::Tenant(id))
             .ok_or_else(|| {

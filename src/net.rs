@@ -244,12 +244,8 @@ fn build_tls_connector(tls: &TlsSettings) -> crate::Result<TlsConnector> {
                 message,
             )
         };
-        let pem = std::fs::read(path).map_err(|e| {
-            ca_error(format!(
-                "cannot read the CA file: {}",
-                describe_io_error(&e)
-            ))
-        })?;
+        let pem = crate::config::files::read_limited(path, crate::config::files::CA_FILE_LIMIT)
+            .map_err(|e| ca_error(format!("cannot read the CA file: {e}")))?;
         let certs = X509::stack_from_pem(&pem).map_err(|e| {
             ca_error(format!(
                 "the CA file is not a valid PEM certificate file: {e}"

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::config::{Account, AccountType, MailboxType};
+use crate::config::{Account, AccountType, FailedAccount, Incoming, MailboxType};
 use crate::error::{Error, Result};
 
 /// What a message is, which decides the accounts it may go out through.
@@ -61,11 +61,22 @@ impl fmt::Display for MailKind {
     }
 }
 
+/// A tenant account as routing sees it: usable, or failed (its row is broken; see
+/// [`FailedAccount`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantAccount<'a> {
+    Usable(&'a Account),
+    Failed(&'a FailedAccount),
+}
+
 /// What happens to one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route<'a> {
     /// Send it through this account.
     Send(&'a Account),
+    /// The account that would send it is a tenant account whose row is broken: the message
+    /// fails with that account's error, and is never sent through another account (SPEC §3).
+    Failed(&'a FailedAccount),
     /// `SEND_EMAIL` is false: hand it to the host's in-app Messages (status `redirected`).
     Redirect,
     /// `DISABLE_EMAIL` is true: drop it (status `disabled`).
@@ -75,11 +86,13 @@ pub enum Route<'a> {
 }
 
 /// The route of one message of `kind` for a tenant whose Default and Service Desk accounts are
-/// given (see [`select_tenant_accounts`]).
+/// given (see [`select_tenant_accounts`]). The first candidate that can send decides: a usable
+/// account with outgoing settings sends it; a failed account that would send
+/// ([`FailedAccount::sends`]) fails it.
 pub fn route<'a>(
     kind: MailKind,
-    tenant_default: Option<&'a Account>,
-    tenant_sd: Option<&'a Account>,
+    tenant_default: Option<TenantAccount<'a>>,
+    tenant_sd: Option<TenantAccount<'a>>,
     master: Option<&'a Account>,
     send_email: bool,
     disable_email: bool,
@@ -90,46 +103,62 @@ pub fn route<'a>(
     if !send_email {
         return Route::Redirect;
     }
-    let candidates: &[Option<&'a Account>] = match kind {
+    let master = master.map(TenantAccount::Usable);
+    let candidates: &[Option<TenantAccount<'a>>] = match kind {
         MailKind::General => &[tenant_default, master],
         MailKind::ServiceDesk => &[tenant_sd, tenant_default, master],
         MailKind::SdThread => &[tenant_sd],
     };
-    match candidates
-        .iter()
-        .flatten()
-        .find(|account| account.outgoing.is_some())
-    {
-        Some(account) => Route::Send(account),
-        None => Route::Skipped(match kind {
-            MailKind::General => {
-                "no account can send it: neither the tenant's Default account nor the INI \
-                 master account has outgoing settings"
+    for candidate in candidates.iter().flatten() {
+        match *candidate {
+            TenantAccount::Usable(account) if account.outgoing.is_some() => {
+                return Route::Send(account)
             }
-            MailKind::ServiceDesk => {
-                "no account can send it: none of the tenant's Service Desk account, its \
-                 Default account and the INI master account has outgoing settings"
-            }
-            MailKind::SdThread => {
-                "SD thread mail is only sent through the tenant's Service Desk account, and \
-                 the tenant has none with outgoing settings"
-            }
-        }),
+            TenantAccount::Failed(failed) if failed.sends => return Route::Failed(failed),
+            _ => {}
+        }
     }
+    Route::Skipped(match kind {
+        MailKind::General => {
+            "no account can send it: neither the tenant's Default account nor the INI \
+             master account has outgoing settings"
+        }
+        MailKind::ServiceDesk => {
+            "no account can send it: none of the tenant's Service Desk account, its \
+             Default account and the INI master account has outgoing settings"
+        }
+        MailKind::SdThread => {
+            "SD thread mail is only sent through the tenant's Service Desk account, and \
+             the tenant has none with outgoing settings"
+        }
+    })
 }
 
 /// The tenant's Default and Service Desk accounts, in that order. When a tenant has several of
-/// one type, the first that has outgoing settings is taken, else the first.
-pub fn select_tenant_accounts(
-    accounts: &[Account],
+/// one type, the first usable one that has outgoing settings is taken, else the first failed
+/// one that would send, else the first usable one, else the first failed one (a broken row
+/// never takes the place of a working account of the same tenant and type, and never lets
+/// its mail fall through to another account).
+pub fn select_tenant_accounts<'a>(
+    accounts: &'a [Account],
+    failed: &'a [FailedAccount],
     tenant: i64,
-) -> (Option<&Account>, Option<&Account>) {
+) -> (Option<TenantAccount<'a>>, Option<TenantAccount<'a>>) {
     let pick = |kind: AccountType| {
-        let mut of_kind = accounts
+        let mut usable = accounts
             .iter()
             .filter(|a| a.account_type == kind && a.tenants_recid == tenant);
-        let first = of_kind.clone().next();
-        of_kind.find(|a| a.outgoing.is_some()).or(first)
+        let mut broken = failed
+            .iter()
+            .filter(|f| f.account_type == kind && f.tenants_recid == tenant);
+        let first_usable = usable.clone().next();
+        let first_broken = broken.clone().next();
+        usable
+            .find(|a| a.outgoing.is_some())
+            .map(TenantAccount::Usable)
+            .or_else(|| broken.find(|f| f.sends).map(TenantAccount::Failed))
+            .or(first_usable.map(TenantAccount::Usable))
+            .or(first_broken.map(TenantAccount::Failed))
     };
     (pick(AccountType::Default), pick(AccountType::ServiceDesk))
 }
@@ -180,6 +209,84 @@ pub fn incoming_accounts_checked<'a>(
     (chosen, duplicates)
 }
 
+/// One mailbox `eventCheckMail` handles (see [`incoming_readers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader<'a> {
+    /// Read it with this account.
+    Read(&'a Account),
+    /// A Service Desk account whose row is broken: its mailbox is not read (by it or by any
+    /// other account); the run reports [`FailedAccount::error`] for it.
+    Failed(&'a FailedAccount),
+}
+
+/// [`incoming_accounts`] with the broken Service Desk rows in their place: every usable
+/// Service Desk account with incoming settings, every failed Service Desk account that would
+/// receive ([`FailedAccount::receives`]), then the INI master if it has incoming settings —
+/// unless its mailbox is one already listed, a failed account's included (or may be: a failed
+/// row whose mailbox settings cannot be read either names the same server and login), so mail
+/// for a tenant whose account is broken is never read through the master's account. Empty when
+/// email is disabled or `SEND_EMAIL` is false.
+pub fn incoming_readers<'a>(
+    accounts: &'a [Account],
+    failed: &'a [FailedAccount],
+    master: Option<&'a Account>,
+    send_email: bool,
+    disable_email: bool,
+) -> Vec<Reader<'a>> {
+    incoming_readers_checked(accounts, failed, master, send_email, disable_email).0
+}
+
+/// [`incoming_readers`], and the accounts left out because another account listed reads the
+/// same mailbox: `(left out, the account that reads it)`, for the summary.
+pub fn incoming_readers_checked<'a>(
+    accounts: &'a [Account],
+    failed: &'a [FailedAccount],
+    master: Option<&'a Account>,
+    send_email: bool,
+    disable_email: bool,
+) -> (Vec<Reader<'a>>, Vec<(&'a Account, &'a Account)>) {
+    let (tenants, mut duplicates) =
+        incoming_accounts_checked(accounts, None, send_email, disable_email);
+    let mut readers: Vec<Reader<'a>> = tenants.into_iter().map(Reader::Read).collect();
+    if disable_email || !send_email {
+        return (readers, duplicates);
+    }
+    let broken: Vec<&'a FailedAccount> = failed
+        .iter()
+        .filter(|f| f.account_type == AccountType::ServiceDesk && f.receives)
+        .collect();
+    readers.extend(broken.iter().map(|f| Reader::Failed(f)));
+    if let Some(master) = master.filter(|m| m.incoming.is_some()) {
+        let reader = readers.iter().find_map(|r| match r {
+            Reader::Read(a) if same_mailbox(a, master) => Some(*a),
+            _ => None,
+        });
+        let failed_there = readers
+            .iter()
+            .any(|r| matches!(r, Reader::Failed(f) if failed_may_share(f, master)));
+        match reader {
+            Some(tenant) => duplicates.push((master, tenant)),
+            None if failed_there => {}
+            None => readers.push(Reader::Read(master)),
+        }
+    }
+    (readers, duplicates)
+}
+
+/// Whether the failed account `failed` reads (or, when its mailbox settings could not be
+/// read, may read) the mailbox of `other`.
+fn failed_may_share(failed: &FailedAccount, other: &Account) -> bool {
+    let Some(theirs) = &other.incoming else {
+        return false;
+    };
+    match &failed.mailbox {
+        Some((incoming, login)) => same_box(incoming, login, theirs, other.login_name()),
+        // Only what is certain is compared: the address. Another server or login with the
+        // same address is taken to be the same mailbox rather than risk reading it.
+        None => failed.email.eq_ignore_ascii_case(other.email.trim()),
+    }
+}
+
 /// True when both accounts read the same mailbox (see [`mailbox_identity`]).
 pub fn same_mailbox(a: &Account, b: &Account) -> bool {
     match (mailbox_identity(a), mailbox_identity(b)) {
@@ -195,6 +302,11 @@ pub fn same_mailbox(a: &Account, b: &Account) -> bool {
 /// `None` for an account without incoming settings.
 pub fn mailbox_identity(account: &Account) -> Option<String> {
     let incoming = account.incoming.as_ref()?;
+    Some(identity_of(incoming, account.login_name()))
+}
+
+/// [`mailbox_identity`] of incoming settings read with `login`.
+fn identity_of(incoming: &Incoming, login: &str) -> String {
     let folder = if incoming.folder.eq_ignore_ascii_case("INBOX") {
         "INBOX".to_string()
     } else {
@@ -211,19 +323,22 @@ pub fn mailbox_identity(account: &Account) -> Option<String> {
             "{}|{}|{}|{folder}",
             lower(incoming.host.as_deref().unwrap_or("")),
             incoming.port,
-            lower(account.login_name())
+            lower(login)
         ),
         MailboxType::Pop3 => format!(
             "{}|{}|{}",
             lower(incoming.host.as_deref().unwrap_or("")),
             incoming.port,
-            lower(account.login_name())
+            lower(login)
         ),
-        MailboxType::Office365 | MailboxType::Gmail => {
-            format!("{}|{folder}", lower(account.login_name()))
-        }
+        MailboxType::Office365 | MailboxType::Gmail => format!("{}|{folder}", lower(login)),
     };
-    Some(format!("{}|{rest}", incoming.mailbox.as_str()))
+    format!("{}|{rest}", incoming.mailbox.as_str())
+}
+
+/// [`same_mailbox`] over the incoming settings and login names.
+fn same_box(ia: &Incoming, login_a: &str, ib: &Incoming, login_b: &str) -> bool {
+    ia.mailbox == ib.mailbox && identity_of(ia, login_a) == identity_of(ib, login_b)
 }
 
 /// The real path (symlinks resolved) when it exists; else the path with `.` and `..` taken
@@ -353,8 +468,8 @@ mod tests {
                     for disable_email in [true, false] {
                         let got = route(
                             *kind,
-                            d.as_ref(),
-                            s.as_ref(),
+                            d.as_ref().map(TenantAccount::Usable),
+                            s.as_ref().map(TenantAccount::Usable),
                             m.as_ref(),
                             send_email,
                             disable_email,
@@ -427,24 +542,27 @@ mod tests {
             account(AccountId::Tenant(4), AccountType::Default, 2, true),
             account(AccountId::Tenant(5), AccountType::ServiceDesk, 3, false),
         ];
-        let ids = |(d, s): (Option<&Account>, Option<&Account>)| {
-            (d.map(|a| a.id.clone()), s.map(|a| a.id.clone()))
+        let id = |t: Option<TenantAccount>| match t {
+            Some(TenantAccount::Usable(a)) => Some(a.id.clone()),
+            Some(TenantAccount::Failed(f)) => panic!("failed {:?}", f.id),
+            None => None,
         };
+        let ids = |(d, s)| (id(d), id(s));
         assert_eq!(
-            ids(select_tenant_accounts(&accounts, 1)),
+            ids(select_tenant_accounts(&accounts, &[], 1)),
             (Some(AccountId::Tenant(1)), Some(AccountId::Tenant(2)))
         );
         // Two Defaults: the one that can send.
         assert_eq!(
-            ids(select_tenant_accounts(&accounts, 2)),
+            ids(select_tenant_accounts(&accounts, &[], 2)),
             (Some(AccountId::Tenant(4)), None)
         );
         // Only one that cannot send: still returned (route() then skips it).
         assert_eq!(
-            ids(select_tenant_accounts(&accounts, 3)),
+            ids(select_tenant_accounts(&accounts, &[], 3)),
             (None, Some(AccountId::Tenant(5)))
         );
-        assert_eq!(ids(select_tenant_accounts(&accounts, 9)), (None, None));
+        assert_eq!(ids(select_tenant_accounts(&accounts, &[], 9)), (None, None));
     }
 
     #[test]
@@ -517,5 +635,181 @@ mod tests {
         let mut other_folder = master.clone();
         other_folder.incoming.as_mut().unwrap().folder = "Support".into();
         assert!(!same_mailbox(&accounts[0], &other_folder));
+    }
+
+    fn failed(recid: i64, kind: AccountType, tenant: i64, sends: bool) -> FailedAccount {
+        FailedAccount {
+            id: AccountId::Tenant(recid),
+            tenants_recid: tenant,
+            account_type: kind,
+            sends,
+            receives: false,
+            email: "broken@t.example".into(),
+            mailbox: None,
+            error: Error::account_key(&recid.to_string(), "PASSWORD", "cannot be decrypted"),
+        }
+    }
+
+    #[test]
+    fn a_broken_tenant_account_fails_its_mail_instead_of_passing_it_on() {
+        let master = account(AccountId::Master, AccountType::Master, 0, true);
+        let broken_default = failed(10, AccountType::Default, 5, true);
+        let broken_sd = failed(11, AccountType::ServiceDesk, 5, true);
+        let sd = account(AccountId::Tenant(12), AccountType::ServiceDesk, 5, true);
+        let failed_route = |r: Route| match r {
+            Route::Failed(f) => f.id.clone(),
+            other => panic!("{other:?}"),
+        };
+        // general: the broken Default, never the master.
+        let r = route(
+            MailKind::General,
+            Some(TenantAccount::Failed(&broken_default)),
+            None,
+            Some(&master),
+            true,
+            false,
+        );
+        assert_eq!(failed_route(r), AccountId::Tenant(10));
+        // service_desk without an SD account: the broken Default fails it too.
+        let r = route(
+            MailKind::ServiceDesk,
+            Some(TenantAccount::Failed(&broken_default)),
+            None,
+            Some(&master),
+            true,
+            false,
+        );
+        assert_eq!(failed_route(r), AccountId::Tenant(10));
+        // A working SD account still sends service_desk mail.
+        let r = route(
+            MailKind::ServiceDesk,
+            Some(TenantAccount::Failed(&broken_default)),
+            Some(TenantAccount::Usable(&sd)),
+            Some(&master),
+            true,
+            false,
+        );
+        assert!(matches!(r, Route::Send(a) if a.id == AccountId::Tenant(12)));
+        // A broken SD account fails sd_thread and service_desk mail.
+        for kind in [MailKind::SdThread, MailKind::ServiceDesk] {
+            let r = route(
+                kind,
+                None,
+                Some(TenantAccount::Failed(&broken_sd)),
+                Some(&master),
+                true,
+                false,
+            );
+            assert_eq!(failed_route(r), AccountId::Tenant(11), "{kind}");
+        }
+        // A broken row that would not send anyway changes nothing.
+        let quiet = failed(13, AccountType::Default, 5, false);
+        let r = route(
+            MailKind::General,
+            Some(TenantAccount::Failed(&quiet)),
+            None,
+            Some(&master),
+            true,
+            false,
+        );
+        assert!(matches!(r, Route::Send(a) if a.id == AccountId::Master));
+        // The switches still win.
+        let r = route(
+            MailKind::General,
+            Some(TenantAccount::Failed(&broken_default)),
+            None,
+            Some(&master),
+            false,
+            false,
+        );
+        assert_eq!(r, Route::Redirect);
+    }
+
+    #[test]
+    fn selection_prefers_a_working_account_then_a_broken_one() {
+        let accounts = vec![
+            account(AccountId::Tenant(1), AccountType::Default, 1, true),
+            account(AccountId::Tenant(3), AccountType::Default, 2, false),
+        ];
+        let broken = vec![
+            failed(2, AccountType::Default, 1, true),
+            failed(4, AccountType::Default, 2, true),
+            failed(5, AccountType::ServiceDesk, 3, false),
+        ];
+        let id = |t: Option<TenantAccount>| match t {
+            Some(TenantAccount::Usable(a)) => format!("ok {}", a.id),
+            Some(TenantAccount::Failed(f)) => format!("failed {}", f.id),
+            None => "none".into(),
+        };
+        let (d, s) = select_tenant_accounts(&accounts, &broken, 1);
+        assert_eq!((id(d), id(s)), ("ok 1".into(), "none".into()));
+        // The working Default cannot send; the broken one would: it decides.
+        let (d, _) = select_tenant_accounts(&accounts, &broken, 2);
+        assert_eq!(id(d), "failed 4");
+        let (d, s) = select_tenant_accounts(&accounts, &broken, 3);
+        assert_eq!((id(d), id(s)), ("none".into(), "failed 5".into()));
+    }
+
+    #[test]
+    fn a_broken_sd_account_keeps_the_master_out_of_its_mailbox() {
+        let master = with_incoming(
+            account(AccountId::Master, AccountType::Master, 0, true),
+            "mail.pcr.com",
+            "sd@pcr.com",
+        );
+        let shared = master.incoming.clone().unwrap();
+        let mut broken = failed(7, AccountType::ServiceDesk, 3, true);
+        broken.receives = true;
+        broken.mailbox = Some((shared.clone(), "SD@pcr.com".into()));
+        let readers = incoming_readers(
+            &[],
+            std::slice::from_ref(&broken),
+            Some(&master),
+            true,
+            false,
+        );
+        assert_eq!(readers, vec![Reader::Failed(&broken)]);
+
+        // Another mailbox: the master reads its own.
+        let mut elsewhere = broken.clone();
+        let mut other = shared.clone();
+        other.host = Some("imap.tenant3".into());
+        elsewhere.mailbox = Some((other, "sd@tenant3".into()));
+        let readers = incoming_readers(
+            &[],
+            std::slice::from_ref(&elsewhere),
+            Some(&master),
+            true,
+            false,
+        );
+        assert_eq!(
+            readers,
+            vec![Reader::Failed(&elsewhere), Reader::Read(&master)]
+        );
+
+        // Mailbox settings unreadable: the address decides.
+        let mut unknown = broken.clone();
+        unknown.mailbox = None;
+        unknown.email = "master@pcr.com".into();
+        let mut master_named = master.clone();
+        master_named.email = "Master@pcr.com".into();
+        let readers = incoming_readers(
+            &[],
+            std::slice::from_ref(&unknown),
+            Some(&master_named),
+            true,
+            false,
+        );
+        assert_eq!(readers, vec![Reader::Failed(&unknown)]);
+
+        // A broken Default row or one without incoming settings is no reader.
+        let mut default_row = broken.clone();
+        default_row.account_type = AccountType::Default;
+        let mut no_incoming = broken.clone();
+        no_incoming.receives = false;
+        let both = [default_row, no_incoming];
+        let readers = incoming_readers(&[], &both, Some(&master), true, false);
+        assert_eq!(readers, vec![Reader::Read(&master)]);
+        assert!(incoming_readers(&[], &both, Some(&master), false, false).is_empty());
     }
 }

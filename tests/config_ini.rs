@@ -169,3 +169,49 @@ fn seed_matches_php_too() {
     }
     assert_eq!(prod.keys().count(), php["prod"].len());
 }
+
+/// 200,000 keys (a size where a reader that is quadratic in the number of keys takes minutes):
+/// every value is right, a later key overrides an earlier one, and `[test : prod]` inherits
+/// and overrides.
+#[test]
+fn two_hundred_thousand_keys() {
+    const N: usize = 200_000;
+    let mut text = String::with_capacity(N * 24);
+    text.push_str("[prod]\n");
+    for i in 0..N {
+        text.push_str(&format!("app.key{i} = \"value {i}\"\n"));
+    }
+    // Later lines override earlier ones (the first key, one in the middle, the last).
+    text.push_str("app.key0 = overridden\napp.key100000 = \"also\"\n");
+    text.push_str(&format!("app.key{} = last\n", N - 1));
+    text.push_str("[test : prod]\napp.key7 = test\n");
+    for i in 0..1000 {
+        text.push_str(&format!("list[] = {i}\n"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.ini");
+    std::fs::write(&path, &text).unwrap();
+
+    let ini = IniFile::load(&path).unwrap();
+    let prod = ini.section("prod").unwrap();
+    assert_eq!(prod.keys().count(), N);
+    assert_eq!(prod.get("app.key0").unwrap().text(), "overridden");
+    assert_eq!(prod.get("app.key0").unwrap().line, N + 2);
+    assert_eq!(prod.get("app.key1").unwrap().text(), "value 1");
+    assert_eq!(prod.get("app.key1").unwrap().line, 3);
+    assert_eq!(prod.get("app.key100000").unwrap().text(), "also");
+    assert_eq!(prod.get("app.key123456").unwrap().text(), "value 123456");
+    assert_eq!(
+        prod.get(&format!("app.key{}", N - 1)).unwrap().text(),
+        "last"
+    );
+    assert!(prod.get("app.key7").unwrap().text() == "value 7");
+
+    let test = ini.section("test").unwrap();
+    assert_eq!(test.keys().count(), N + 1000);
+    assert_eq!(test.get("app.key7").unwrap().text(), "test");
+    assert_eq!(test.get("app.key8").unwrap().text(), "value 8");
+    assert_eq!(test.get("app.key0").unwrap().text(), "overridden");
+    assert_eq!(test.get("list.999").unwrap().text(), "999");
+    assert_eq!(test.with_prefix("list.").count(), 1000);
+}

@@ -326,3 +326,66 @@ fn no_oauth() -> pcr_email::oauth::OAuthEnv {
         key_file: std::env::temp_dir().join("pcr-email-unused.key"),
     }
 }
+
+/// Two file names that differ only in a byte that is not UTF-8 are two messages: each is
+/// listed (with an id of its own), read and marked, and a literal `%` in a name stays distinct.
+#[test]
+fn names_that_differ_only_in_a_non_utf8_byte_are_two_messages() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    let f = Fixture::new();
+    let put_bytes = |sub: &str, name: &[u8], raw: &[u8], age: u64| {
+        let path = f.root.join(sub).join(OsStr::from_bytes(name));
+        fs::write(&path, raw).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(age))
+            .unwrap();
+    };
+    put_bytes("new", b"1700000001.M1P1.caf\xe9", &msg(1), 30);
+    put_bytes("new", b"1700000001.M1P1.caf\xe8", &msg(2), 20);
+    put_bytes("cur", b"1700000001.M1P1.caf%E9:2,", &msg(3), 10);
+
+    let mut mailbox = f.open(ProcessedAction::Seen);
+    let listed = ids(&mailbox.list().unwrap());
+    assert_eq!(
+        listed,
+        vec![
+            "1700000001.M1P1.caf%E9",
+            "1700000001.M1P1.caf%E8",
+            "1700000001.M1P1.caf%25E9"
+        ]
+    );
+    let got = fetch_all(&mut mailbox, &listed);
+    let fetched: Vec<(String, Vec<u8>)> = got.into_iter().map(|m| (m.id, m.raw)).collect();
+    assert_eq!(
+        fetched,
+        vec![
+            (listed[0].clone(), msg(1)),
+            (listed[1].clone(), msg(2)),
+            (listed[2].clone(), msg(3))
+        ]
+    );
+    mailbox.mark_processed(&listed).unwrap();
+    Box::new(mailbox).finish().unwrap();
+
+    let mut cur: Vec<Vec<u8>> = fs::read_dir(f.root.join("cur"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+        .collect();
+    cur.sort();
+    assert_eq!(
+        cur,
+        vec![
+            b"1700000001.M1P1.caf%E9:2,S".to_vec(),
+            b"1700000001.M1P1.caf\xe8:2,S".to_vec(),
+            b"1700000001.M1P1.caf\xe9:2,S".to_vec(),
+        ]
+    );
+    assert!(f.names("new").is_empty());
+    // All three are recorded as done: nothing is listed again.
+    assert_eq!(f.open(ProcessedAction::Seen).list().unwrap(), vec![]);
+}

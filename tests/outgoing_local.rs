@@ -116,6 +116,52 @@ fn file_transport_through_send_batch() {
     assert!(transport.check().is_ok());
 }
 
+/// A large LF-only text (lettre inserted each CR with `String::insert`: minutes for this size,
+/// hours at 100 MB), a CR-only HTML with a line far over 998 octets and a text attachment
+/// given by content, written by the FILE transport: every part decodes back, the text with
+/// CRLF line ends, the attachment byte for byte, and the file is 7-bit with short lines.
+#[test]
+fn a_large_lf_only_body_is_written_and_decodes_back_with_crlf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let acc = account(TransportType::File, tmp.path(), PathBuf::new());
+    let transport = transport_for(&acc, &no_oauth()).unwrap();
+    let line = "Ticket update: the quick brown fox jumps over the lazy dog. Grüße\n";
+    let text = line.repeat((32 << 20) / line.len());
+    let html = format!(
+        "<p>{}</p>\r<p>{}</p>\r",
+        "long line ".repeat(50_000),
+        "x\r".repeat(100_000)
+    );
+    let attachment = "col1,col2\nä,b\n".repeat(100_000);
+    let req = MessageRequest::from_json(&json!({
+        "to": "a@test.local",
+        "subject": "large",
+        "text": text,
+        "html": html,
+        "attachments": [{"content": attachment, "filename": "data.csv"}],
+    }))
+    .unwrap();
+    let msg = build(&req, &acc, &KEY).unwrap();
+    let d = transport.send(&msg).unwrap();
+    let raw = std::fs::read(d.path.unwrap()).unwrap();
+    assert_eq!(raw, msg.raw);
+    assert!(raw.is_ascii());
+    let longest = raw.split(|&b| b == b'\n').map(<[u8]>::len).max().unwrap();
+    assert!(longest <= 78, "a line of {longest} octets");
+
+    let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();
+    let crlf = |s: &str| {
+        s.replace("\r\n", "\n")
+            .replace('\r', "\n")
+            .replace('\n', "\r\n")
+    };
+    assert!(parsed.body_text(0).unwrap() == crlf(&text), "text differs");
+    assert!(parsed.body_html(0).unwrap() == crlf(&html), "html differs");
+    let att = mail_parser::MimeHeaders::attachment_name(parsed.attachment(0).unwrap());
+    assert_eq!(att, Some("data.csv"));
+    assert!(parsed.attachment(0).unwrap().contents() == attachment.as_bytes());
+}
+
 #[test]
 fn sendmail_via_msmtp_reaches_the_smtp_server() {
     let tmp = tempfile::tempdir().unwrap();

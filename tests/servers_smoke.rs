@@ -1,11 +1,16 @@
 //! Proves the local test environment (`scripts/test-servers.sh start`) works: each server
 //! answers as the other integration tests expect, and the helpers in `common` do what they
-//! say. Plain-text protocol steps over std::net; TLS is checked with the `openssl` CLI.
+//! say. Plain-text protocol steps over std::net; TLS is checked with the `openssl` CLI, and
+//! with native-tls for the OAuth logins (SASL XOAUTH2/OAUTHBEARER with the cloud emulator's
+//! tokens on Dovecot and the XOAUTH2 SMTP ports).
 
 mod common;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use common::*;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -357,4 +362,505 @@ fn mailbox_helpers_deliver_list_and_reset() {
     mailbox_reset(&user);
     assert_eq!(mailbox_folders(&user), ["INBOX"]);
     assert!(mailbox_messages(&user, "INBOX").is_empty());
+}
+
+// ---- OAuth 2.0 (SASL XOAUTH2 / OAUTHBEARER) against the cloud emulator's tokens -------
+
+/// A line client over plain TCP or TLS (verified against the test CA), able to STARTTLS.
+struct Wire {
+    r: BufReader<Box<dyn Io>>,
+}
+
+trait Io: Read + Write + std::fmt::Debug {}
+impl<T: Read + Write + std::fmt::Debug> Io for T {}
+
+fn tls_over(stream: Box<dyn Io>) -> Box<dyn Io> {
+    let ca = native_tls::Certificate::from_pem(&std::fs::read(ca_file()).expect("read the CA"))
+        .expect("CA certificate");
+    let connector = native_tls::TlsConnector::builder()
+        .add_root_certificate(ca)
+        .build()
+        .expect("TLS connector");
+    Box::new(
+        connector
+            .connect(&tls_host(), stream)
+            .unwrap_or_else(|e| panic!("TLS handshake: {e}")),
+    )
+}
+
+impl Wire {
+    fn connect(port: u16, implicit_tls: bool) -> Wire {
+        let tcp = TcpStream::connect((host().as_str(), port))
+            .unwrap_or_else(|e| panic!("connect to port {port}: {e}"));
+        tcp.set_read_timeout(Some(WAIT)).expect("timeout");
+        let stream: Box<dyn Io> = Box::new(tcp);
+        let stream = if implicit_tls {
+            tls_over(stream)
+        } else {
+            stream
+        };
+        Wire {
+            r: BufReader::new(stream),
+        }
+    }
+
+    fn starttls(self) -> Wire {
+        assert!(self.r.buffer().is_empty(), "bytes after the STARTTLS reply");
+        Wire {
+            r: BufReader::new(tls_over(self.r.into_inner())),
+        }
+    }
+
+    fn line(&mut self) -> String {
+        let mut buf = Vec::new();
+        let n = self.r.read_until(b'\n', &mut buf).expect("read a line");
+        assert!(n > 0, "connection closed by the server");
+        String::from_utf8_lossy(&buf)
+            .trim_end_matches(['\r', '\n'])
+            .to_string()
+    }
+
+    fn send(&mut self, line: &str) {
+        let w = self.r.get_mut();
+        w.write_all(format!("{line}\r\n").as_bytes())
+            .and_then(|_| w.flush())
+            .expect("send");
+    }
+
+    fn smtp(&mut self, cmd: &str) -> Vec<String> {
+        self.send(cmd);
+        self.smtp_reply()
+    }
+
+    fn smtp_reply(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let l = self.line();
+            let last = l.len() < 4 || l.as_bytes()[3] == b' ';
+            lines.push(l);
+            if last {
+                return lines;
+            }
+        }
+    }
+}
+
+fn xoauth2(user: &str, token: &str) -> String {
+    B64.encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))
+}
+
+fn oauthbearer(user: &str, token: &str) -> String {
+    B64.encode(format!("n,a={user},\x01auth=Bearer {token}\x01\x01"))
+}
+
+/// The JSON of a SASL failure challenge line (`+ <base64>` or `334 <base64>`).
+fn challenge_json(line: &str, prefix: &str) -> serde_json::Value {
+    let b64 = line
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("expected a {prefix:?} challenge, got {line:?}"));
+    serde_json::from_slice(&B64.decode(b64.trim()).expect("base64 challenge"))
+        .expect("JSON challenge")
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .max_redirects_will_error(false)
+            .timeout_global(Some(WAIT))
+            .build(),
+    )
+}
+
+fn reply_json(resp: ureq::http::Response<ureq::Body>) -> (u16, serde_json::Value) {
+    let status = resp.status().as_u16();
+    let text = resp.into_body().read_to_string().expect("body");
+    (status, serde_json::from_str(&text).unwrap_or_default())
+}
+
+fn cloud_admin(path: &str, body: serde_json::Value) -> serde_json::Value {
+    let (status, v) = reply_json(
+        http()
+            .post(&format!("{}{path}", cloud_emulator_url()))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .expect("cloud emulator"),
+    );
+    assert_eq!(status, 200, "{path}: {v}");
+    v
+}
+
+/// Registers a Microsoft app with these application permissions and mailbox grant.
+fn register_app(tag: &str, roles: &[&str], mailboxes: serde_json::Value) -> (String, String) {
+    let id = unique_token(tag);
+    let secret = unique_token("secret");
+    cloud_admin(
+        "/_admin/clients",
+        serde_json::json!({"provider": "microsoft", "client_id": id, "client_secret": secret,
+                           "app_roles": roles, "mailboxes": mailboxes}),
+    );
+    (id, secret)
+}
+
+/// The client credentials grant (status, reply).
+fn app_token_reply(id: &str, secret: &str, scope: &str) -> (u16, serde_json::Value) {
+    reply_json(
+        http()
+            .post(&format!(
+                "{}/contoso.example/oauth2/v2.0/token",
+                cloud_emulator_url()
+            ))
+            .send_form([
+                ("grant_type", "client_credentials"),
+                ("client_id", id),
+                ("client_secret", secret),
+                ("scope", scope),
+            ])
+            .expect("token endpoint"),
+    )
+}
+
+fn app_token(id: &str, secret: &str) -> String {
+    let (status, reply) = app_token_reply(id, secret, "https://outlook.office365.com/.default");
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["token_type"], "Bearer", "{reply}");
+    assert!(reply["expires_in"].as_u64().unwrap_or(0) > 0, "{reply}");
+    assert!(reply.get("refresh_token").is_none(), "{reply}");
+    reply["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_string()
+}
+
+/// IMAP AUTHENTICATE with an initial response; Ok(()) when logged in (and INBOX selectable),
+/// Err(challenge JSON) when refused the way Dovecot does it (challenge, then NO).
+fn imap_oauth(port: u16, tls: bool, mech: &str, ir: &str) -> Result<(), serde_json::Value> {
+    let mut c = Wire::connect(port, tls);
+    let greeting = c.line();
+    assert!(
+        greeting.contains(&format!("AUTH={mech}")),
+        "{mech} not offered: {greeting}"
+    );
+    c.send(&format!("a1 AUTHENTICATE {mech} {ir}"));
+    let first = c.line();
+    if first.starts_with("a1 OK") {
+        c.send("a2 SELECT INBOX");
+        let mut l = c.line();
+        while !l.starts_with("a2 ") {
+            l = c.line();
+        }
+        assert!(l.starts_with("a2 OK"), "{l}");
+        return Ok(());
+    }
+    let status = challenge_json(&first, "+ ");
+    // XOAUTH2 wants an empty response, OAUTHBEARER the dummy %x01 (RFC 7628 3.2.3).
+    c.send(if mech == "XOAUTH2" { "" } else { "AQ==" });
+    let end = c.line();
+    assert!(
+        end.starts_with("a1 NO [AUTHENTICATIONFAILED]"),
+        "after the challenge: {end}"
+    );
+    Err(status)
+}
+
+/// POP3 AUTH with an initial response, like [`imap_oauth`] (`+ <challenge>`, then -ERR).
+fn pop3_oauth(port: u16, tls: bool, mech: &str, ir: &str) -> Result<(), serde_json::Value> {
+    let mut c = Wire::connect(port, tls);
+    assert!(c.line().starts_with("+OK"));
+    c.send(&format!("AUTH {mech} {ir}"));
+    let first = c.line();
+    if first.starts_with("+OK") {
+        c.send("STAT");
+        let stat = c.line();
+        assert!(stat.starts_with("+OK "), "{stat}");
+        return Ok(());
+    }
+    let status = challenge_json(&first, "+ ");
+    c.send(if mech == "XOAUTH2" { "" } else { "AQ==" });
+    let end = c.line();
+    assert!(end.starts_with("-ERR"), "after the challenge: {end}");
+    Err(status)
+}
+
+#[test]
+fn oauth_app_only_token_opens_the_granted_shared_mailbox_over_imap_and_pop3() {
+    let shared = oauth_shared_mailbox();
+    let other = oauth_users()
+        .into_iter()
+        .find(|u| u != &shared)
+        .expect("an OAuth user besides the shared mailbox");
+    let (id, secret) = register_app(
+        "imapapp",
+        &["IMAP.AccessAsApp", "POP.AccessAsApp"],
+        serde_json::json!([shared]),
+    );
+    let token = app_token(&id, &secret);
+    // A message only the shared mailbox has: the login opened that mailbox.
+    let mark = unique_token("oauth-shared");
+    deliver_to_inbox(
+        &shared,
+        format!("Subject: s\r\nMessage-ID: <{mark}@test>\r\n\r\nhello\r\n").as_bytes(),
+    );
+    let mut c = Wire::connect(port("PCR_OAUTH_IMAP_PORT"), false);
+    c.line();
+    c.send(&format!(
+        "a1 AUTHENTICATE XOAUTH2 {}",
+        xoauth2(&shared, &token)
+    ));
+    let login = c.line();
+    assert!(login.starts_with("a1 OK"), "{login}");
+    c.send("a2 SELECT INBOX");
+    while !c.line().starts_with("a2 OK") {}
+    c.send(&format!("a3 UID SEARCH HEADER Message-ID \"{mark}\""));
+    let hits = c.line();
+    assert!(
+        hits.starts_with("* SEARCH ") && hits.split_whitespace().count() == 3,
+        "{hits}"
+    );
+
+    let imaps = port("PCR_OAUTH_IMAPS_PORT");
+    assert_eq!(
+        imap_oauth(imaps, true, "OAUTHBEARER", &oauthbearer(&shared, &token)),
+        Ok(())
+    );
+    let pop3 = port("PCR_OAUTH_POP3_PORT");
+    assert_eq!(
+        pop3_oauth(pop3, false, "OAUTHBEARER", &oauthbearer(&shared, &token)),
+        Ok(())
+    );
+    let pop3s = port("PCR_OAUTH_POP3S_PORT");
+    assert_eq!(
+        pop3_oauth(pop3s, true, "XOAUTH2", &xoauth2(&shared, &token)),
+        Ok(())
+    );
+
+    // The same token for a mailbox outside the app's grant: the failure challenge, then NO.
+    let refused = imap_oauth(imaps, true, "XOAUTH2", &xoauth2(&other, &token)).unwrap_err();
+    assert_eq!(refused["status"], "401", "{refused}");
+    let refused = pop3_oauth(pop3, false, "OAUTHBEARER", &oauthbearer(&other, &token)).unwrap_err();
+    assert_eq!(refused["status"], "invalid_token", "{refused}");
+}
+
+#[test]
+fn oauth_expired_or_ungranted_tokens_get_the_json_status_challenge() {
+    let shared = oauth_shared_mailbox();
+    // The app may open the mailbox over IMAP only: POP3 with its token is refused.
+    let (id, secret) = register_app("expiring", &["IMAP.AccessAsApp"], serde_json::json!("*"));
+    let token = app_token(&id, &secret);
+    let imap = port("PCR_OAUTH_IMAP_PORT");
+    assert_eq!(
+        imap_oauth(imap, false, "XOAUTH2", &xoauth2(&shared, &token)),
+        Ok(())
+    );
+    let no_role = pop3_oauth(
+        port("PCR_OAUTH_POP3S_PORT"),
+        true,
+        "XOAUTH2",
+        &xoauth2(&shared, &token),
+    )
+    .unwrap_err();
+    assert_eq!(no_role["status"], "401", "{no_role}");
+
+    let expired = cloud_admin(
+        "/_admin/expire_access_tokens",
+        serde_json::json!({ "client_id": id }),
+    );
+    assert_eq!(expired["expired"], 1, "{expired}");
+    let status = imap_oauth(imap, false, "XOAUTH2", &xoauth2(&shared, &token)).unwrap_err();
+    assert_eq!(
+        status,
+        serde_json::json!({"status": "401", "schemes": "bearer", "scope": "mail"})
+    );
+    let status = imap_oauth(imap, false, "OAUTHBEARER", &oauthbearer(&shared, &token)).unwrap_err();
+    assert_eq!(status, serde_json::json!({"status": "invalid_token"}));
+}
+
+#[test]
+fn oauth_delegated_tokens_open_their_own_mailbox_with_the_protocol_scope() {
+    let users = oauth_users();
+    let (ms_user, g_user) = (&users[0], &users[1]);
+    let redirect = "http://localhost/cb";
+    let sign_in = |provider: &str, scope: &str, user: &str| -> String {
+        let id = unique_token("delegated");
+        cloud_admin(
+            "/_admin/clients",
+            serde_json::json!({"provider": provider, "client_id": id, "client_secret": "pw",
+                               "redirect_uris": [redirect]}),
+        );
+        let (authorize, token_path) = if provider == "microsoft" {
+            ("/common/oauth2/v2.0/authorize", "/common/oauth2/v2.0/token")
+        } else {
+            ("/o/oauth2/v2/auth", "/token")
+        };
+        let resp = http()
+            .get(&format!("{}{authorize}", cloud_emulator_url()))
+            .query_pairs([
+                ("client_id", id.as_str()),
+                ("redirect_uri", redirect),
+                ("response_type", "code"),
+                ("scope", scope),
+                ("_user", user),
+            ])
+            .call()
+            .expect("authorize");
+        assert_eq!(resp.status().as_u16(), 302);
+        let location = resp.headers()["location"].to_str().unwrap().to_string();
+        let code = location
+            .split(['?', '&'])
+            .find_map(|p| p.strip_prefix("code="))
+            .unwrap_or_else(|| panic!("no code in {location}"))
+            .replace("%2F", "/");
+        let (status, reply) = reply_json(
+            http()
+                .post(&format!("{}{token_path}", cloud_emulator_url()))
+                .send_form([
+                    ("grant_type", "authorization_code"),
+                    ("client_id", id.as_str()),
+                    ("client_secret", "pw"),
+                    ("code", code.as_str()),
+                    ("redirect_uri", redirect),
+                ])
+                .expect("token"),
+        );
+        assert_eq!(status, 200, "{reply}");
+        reply["access_token"].as_str().unwrap().to_string()
+    };
+
+    let ms = sign_in(
+        "microsoft",
+        "https://outlook.office.com/IMAP.AccessAsUser.All offline_access",
+        ms_user,
+    );
+    let imaps = port("PCR_OAUTH_IMAPS_PORT");
+    assert_eq!(
+        imap_oauth(imaps, true, "XOAUTH2", &xoauth2(ms_user, &ms)),
+        Ok(())
+    );
+    // Not for another mailbox, and not for POP3 (no POP.AccessAsUser.All in its scope).
+    assert!(imap_oauth(imaps, true, "XOAUTH2", &xoauth2(g_user, &ms)).is_err());
+    let pop3 = port("PCR_OAUTH_POP3_PORT");
+    assert!(pop3_oauth(pop3, false, "XOAUTH2", &xoauth2(ms_user, &ms)).is_err());
+
+    let google = sign_in("google", "https://mail.google.com/", g_user);
+    assert_eq!(
+        pop3_oauth(pop3, false, "OAUTHBEARER", &oauthbearer(g_user, &google)),
+        Ok(())
+    );
+}
+
+#[test]
+fn oauth_client_credentials_errors_are_microsofts() {
+    let (id, secret) = register_app("errors", &[], serde_json::json!([]));
+    let error = |reply: (u16, serde_json::Value)| {
+        let desc = reply.1["error_description"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        (
+            reply.0,
+            reply.1["error"].as_str().unwrap_or("").to_string(),
+            desc[..desc.find(':').unwrap_or(0)].to_string(),
+        )
+    };
+    let outlook = "https://outlook.office365.com/.default";
+    assert_eq!(
+        error(app_token_reply(&id, "wrong", outlook)),
+        (401, "invalid_client".into(), "AADSTS7000215".into())
+    );
+    assert_eq!(
+        error(app_token_reply("no-such-app", &secret, outlook)),
+        (400, "unauthorized_client".into(), "AADSTS700016".into())
+    );
+    assert_eq!(
+        error(app_token_reply(
+            &id,
+            &secret,
+            "https://outlook.office365.com/IMAP.AccessAsApp"
+        )),
+        (400, "invalid_scope".into(), "AADSTS1002012".into())
+    );
+    // Graph works too; then the secret is revoked.
+    assert_eq!(
+        app_token_reply(&id, &secret, "https://graph.microsoft.com/.default").0,
+        200
+    );
+    cloud_admin(
+        "/_admin/revoke_secret",
+        serde_json::json!({ "client_id": id }),
+    );
+    assert_eq!(
+        error(app_token_reply(&id, &secret, outlook)),
+        (401, "invalid_client".into(), "AADSTS7000215".into())
+    );
+}
+
+/// SMTP AUTH on an XOAUTH2 port after EHLO (and STARTTLS on the STARTTLS port): the reply.
+fn smtp_oauth_session(port: u16, implicit_tls: bool) -> Wire {
+    let mut c = Wire::connect(port, implicit_tls);
+    assert_eq!(code(&c.smtp_reply()), "220");
+    let ehlo = c.smtp("EHLO client.test");
+    if !implicit_tls {
+        assert!(!ehlo.iter().any(|l| l.contains("AUTH")), "{ehlo:?}");
+        assert_eq!(code(&c.smtp("STARTTLS")), "220");
+        c = c.starttls();
+    }
+    let ehlo = if implicit_tls {
+        ehlo
+    } else {
+        c.smtp("EHLO client.test")
+    };
+    let auth = ehlo
+        .iter()
+        .find(|l| l[4..].starts_with("AUTH "))
+        .unwrap_or_else(|| panic!("no AUTH: {ehlo:?}"));
+    for mech in ["XOAUTH2", "OAUTHBEARER", "PLAIN", "LOGIN"] {
+        assert!(auth.split_whitespace().any(|m| m == mech), "{auth}");
+    }
+    c
+}
+
+#[test]
+fn smtp_xoauth2_ports_accept_a_valid_token_and_refuse_a_bad_one_with_535() {
+    let shared = oauth_shared_mailbox();
+    let (id, secret) = register_app("smtpapp", &["SMTP.SendAsApp"], serde_json::json!([shared]));
+    let token = app_token(&id, &secret);
+    for (var, implicit_tls) in [
+        ("PCR_SMTP_XOAUTH2_STARTTLS_PORT", false),
+        ("PCR_SMTP_XOAUTH2_TLS_PORT", true),
+    ] {
+        let p = port(var);
+        let mut c = smtp_oauth_session(p, implicit_tls);
+        let bad = c.smtp(&format!("AUTH XOAUTH2 {}", xoauth2(&shared, "not-a-token")));
+        let status = challenge_json(&bad[0], "334 ");
+        assert_eq!(status["status"], "401", "{status}");
+        assert_eq!(c.smtp(""), ["535 5.7.3 Authentication unsuccessful"]);
+        let bad = c.smtp(&format!(
+            "AUTH OAUTHBEARER {}",
+            oauthbearer(&shared, "nope")
+        ));
+        assert_eq!(challenge_json(&bad[0], "334 ")["status"], "invalid_token");
+        assert_eq!(code(&c.smtp("AQ==")), "535");
+
+        let mark = unique_token("smtp-oauth");
+        assert_eq!(
+            c.smtp(&format!("AUTH XOAUTH2 {}", xoauth2(&shared, &token))),
+            ["235 2.7.0 Authentication successful"]
+        );
+        assert_eq!(code(&c.smtp(&format!("MAIL FROM:<{shared}>"))), "250");
+        assert_eq!(code(&c.smtp("RCPT TO:<rcpt@test.local>")), "250");
+        assert_eq!(code(&c.smtp("DATA")), "354");
+        assert_eq!(
+            code(&c.smtp(&format!("Subject: {mark}\r\n\r\nbody\r\n."))),
+            "250"
+        );
+        let m = smtp_wait_containing(p, &mark, WAIT);
+        assert_eq!(m.auth_user.as_deref(), Some(shared.as_str()), "{var}");
+        assert!(m.tls, "{var}");
+        let meta: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(m.eml_path.with_extension("json")).expect("the .json"),
+        )
+        .expect("JSON");
+        assert_eq!(meta["auth_mechanism"], "XOAUTH2", "{var}");
+    }
 }

@@ -728,8 +728,11 @@ final class CheckMailTest extends TestCase
             $logged = array_filter($host->errors, fn($e) => ($e['context']['account'] ?? null) === (string) $recid);
             $this->assertNotEmpty($logged, "$recid is in the Error Log");
         }
-        $this->assertSame(3, $summary['totals']['errors']);
-        // The broken row is no mailbox: it is in the Error Log, naming the account and the key.
+        $this->assertSame(4, $summary['totals']['errors']);
+        // The broken row's mailbox is read by nobody: its entry and the Error Log name the account
+        // and the key.
+        $this->assertStringContainsString('INCOMING_PORT', self::box($summary, 75)['errors'][0]);
+        $this->assertSame(0, self::box($summary, 75)['fetched']);
         $row = array_filter($host->errors, fn($e) => str_contains($e['message'], '75') && str_contains($e['message'], 'INCOMING_PORT'));
         $this->assertNotEmpty($row, json_encode($host->errors));
 
@@ -989,6 +992,28 @@ final class CheckMailTest extends TestCase
     }
 
     // ---- 9. what an ordinary host, a hostile sender or a clumsy setup can do -----------------
+
+    /**
+     * A tenant Service Desk row with a tampered password, naming the same Maildir as the INI
+     * master: its mailbox is read by nobody (never as the master's mail), and the summary says why.
+     */
+    public function testABrokenServiceDeskRowsMailboxIsNotReadThroughTheMaster(): void
+    {
+        $maildir = maildir_create($this->dir);
+        maildir_put($maildir, self::message('for tenant 1'));
+        $ini = $this->ini(['INCOMING_MAILBOX_TYPE' => 'MAILDIR', 'INCOMING_PATH' => $maildir]);
+        $tampered = substr($this->encrypted('S3cret-pw'), 0, -6) . 'AAAAA=';
+        $host = new TestHost();
+        $host->accounts = [$this->maildirRow(97, $maildir, ['PASSWORD' => $tampered])];
+        $summary = $this->manager($host, $ini)->eventCheckMail(self::DATA);
+        $this->assertSame([], $host->inquiries, 'not read as the master: ' . json_encode($summary));
+        $this->assertSame('errors', $summary['status']);
+        $box = self::box($summary, 97);
+        $this->assertSame(0, $box['fetched']);
+        $this->assertStringContainsString('PASSWORD', $box['errors'][0]);
+        $this->assertStringNotContainsString($tampered, json_encode($summary));
+        $this->assertCount(1, maildir_files($maildir), 'left where it is');
+    }
 
     /**
      * Outlook names inline images image001.png in nearly every email: two messages of one run

@@ -70,6 +70,108 @@ final class SendTest extends TestCase
         $this->assertStringContainsString(base64_encode("\x00\x01binary\xff"), str_replace("\r\n", '', $raw));
     }
 
+    /** A manager writing .eml files into $this->dir/out. */
+    private function fileManager(): PCR_Utility_EmailManager
+    {
+        $ini = write_ini($this->dir, ['EMAIL' => 'pcr@example.edu', 'OUTGOING_TRANSPORT_TYPE' => 'FILE',
+            'FILE_PATH' => $this->dir . '/out']);
+        return new PCR_Utility_EmailManager($ini, 'prod');
+    }
+
+    /** The header block and the body of a single-part .eml. */
+    private static function splitEml(string $raw): array
+    {
+        $at = strpos($raw, "\r\n\r\n");
+        return [substr($raw, 0, $at), substr($raw, $at + 4)];
+    }
+
+    public function testNulBytesInTheBodyAreEncodedAndDecodeBack(): void
+    {
+        $m = $this->fileManager();
+        foreach (['text' => "line one\0with NUL\nline two\r\0", 'html' => "<p>a\0b</p>\r\n<p>c</p>"] as $key => $body) {
+            $r = $m->send(['to' => 'a@example.edu', 'subject' => 'nul', $key => $body]);
+            $raw = file_get_contents($r['path']);
+            $this->assertStringNotContainsString("\0", $raw, "$key: no raw NUL in the file");
+            [$headers, $encoded] = self::splitEml($raw);
+            $this->assertMatchesRegularExpression('/^Content-Transfer-Encoding: quoted-printable\r?$/mi', $headers, $key);
+            $this->assertStringContainsString('=00', $encoded);
+            $crlf = preg_replace('/\r\n|\r|\n/', "\r\n", $body);
+            // The message's closing CRLF follows the part.
+            $this->assertSame($crlf . "\r\n", quoted_printable_decode($encoded), $key);
+        }
+    }
+
+    public function testNonUtf8StringsAreRefusedNamingTheKey(): void
+    {
+        $m = $this->fileManager();
+        $latin1 = "Gr\xfc\xdfe";    // "Grüße" in ISO-8859-1
+        $base = ['to' => 'a@example.edu', 'subject' => 's', 'text' => 't'];
+        $bad = [
+            'subject' => ['subject' => $latin1],
+            'text' => ['text' => $latin1],
+            'html' => ['html' => "<p>$latin1</p>"],
+            'to' => ['to' => "$latin1 <a@example.edu>"],
+            'cc[0].name' => ['cc' => [['email' => 'c@example.edu', 'name' => $latin1]]],
+            'headers[X-Note]' => ['headers' => ['X-Note' => $latin1]],
+            'attachments[0].filename' => ['attachments' => [['content' => 'x', 'filename' => "$latin1.txt"]]],
+        ];
+        foreach ($bad as $key => $override) {
+            try {
+                $m->send(array_merge($base, $override));
+                $this->fail("$key: no exception");
+            } catch (PCR_Utility_EmailException $e) {
+                $this->assertSame('PCR_Utility_EmailException', get_class($e), $key);
+                $this->assertStringStartsWith("$key: not valid UTF-8", $e->getMessage());
+            }
+        }
+        $this->assertSame([], glob($this->dir . '/out/*.eml') ?: [], 'nothing was written');
+        // sendBatch() reports it for the one message.
+        $results = $m->sendBatch([$base + ['html' => 'ok'], array_merge($base, ['subject' => $latin1])]);
+        $this->assertSame('written', $results[0]['status']);
+        $this->assertSame('failed', $results[1]['status']);
+        $this->assertStringStartsWith('subject: not valid UTF-8', $results[1]['error']);
+    }
+
+    public function testAttachmentContentKeepsAnyBytes(): void
+    {
+        $m = $this->fileManager();
+        $bytes = "caf\xe9\0\xff\xfe\r\n\x00end";   // Latin-1, NUL, invalid UTF-8, CRLF
+        $r = $m->send(['to' => 'a@example.edu', 'text' => 'see attached', 'attachments' => [
+            ['content' => $bytes, 'filename' => 'latin1.txt', 'content_type' => 'text/plain; charset=iso-8859-1'],
+            ['content' => "utf-8 with NUL \0 ✓", 'filename' => 'nul.txt'],
+        ]]);
+        $raw = str_replace("\r\n", '', file_get_contents($r['path']));
+        $this->assertStringContainsString(base64_encode($bytes), $raw);
+        $this->assertStringContainsString(base64_encode("utf-8 with NUL \0 ✓"), $raw);
+    }
+
+    public function testAttachmentPathsThatAreNotRegularFilesAreRefused(): void
+    {
+        $m = $this->fileManager();
+        $fifo = $this->dir . '/pipe';
+        $this->assertTrue(posix_mkfifo($fifo, 0600));
+        $link = $this->dir . '/link-to-pipe';
+        symlink($fifo, $link);
+        $cases = [
+            '/dev/zero' => 'not a regular file (a character device)',
+            $fifo => 'not a regular file (a FIFO)',            // would block an open() without a writer
+            $link => 'not a regular file (a FIFO)',
+            $this->dir => 'not a regular file (a directory)',
+            '/proc/self/pagemap' => 'over the 100 MiB attachment limit',   // reports 0 bytes, holds gigabytes
+        ];
+        foreach ($cases as $path => $why) {
+            try {
+                $m->send(['to' => 'a@example.edu', 'text' => 'x', 'attachments' => [['path' => $path]]]);
+                $this->fail("$path: no exception");
+            } catch (PCR_Utility_EmailException $e) {
+                $this->assertSame('PCR_Utility_EmailException', get_class($e), $path);
+                $this->assertStringStartsWith("attachments[0].path: cannot read $path: ", $e->getMessage());
+                $this->assertStringContainsString($why, $e->getMessage());
+            }
+        }
+        $this->assertSame([], glob($this->dir . '/out/*.eml') ?: [], 'nothing was written');
+    }
+
     public function testSmtpWithStarttlsAndAuth(): void
     {
         $ini = write_ini($this->dir, smtp_master());

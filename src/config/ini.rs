@@ -38,6 +38,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
+use super::files;
 use crate::error::{ConfigLocation, Error, Result};
 
 /// One value as read from the file.
@@ -133,7 +134,9 @@ struct RawSection {
     parent: Option<String>,
     /// Line of the first header of this section.
     line: usize,
-    entries: Vec<(String, IniValue)>,
+    /// Keyed, so a repeated key replaces the earlier one in O(log n) (the file may have
+    /// hundreds of thousands of keys).
+    entries: BTreeMap<String, IniValue>,
     array_counters: HashMap<String, usize>,
 }
 
@@ -142,13 +145,17 @@ struct RawSection {
 pub struct IniFile {
     file: String,
     sections: Vec<RawSection>,
+    /// Section name → index in `sections`.
+    index: HashMap<String, usize>,
 }
 
 impl IniFile {
-    /// Reads and parses `path`. An unreadable file is a configuration error naming it.
+    /// Reads and parses `path`. An unreadable file, one that is not a regular file (a FIFO,
+    /// `/dev/zero`) or one larger than [`files::INI_FILE_LIMIT`] is a configuration error
+    /// naming it.
     pub fn load(path: &Path) -> Result<IniFile> {
         let name = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| {
+        let bytes = files::read_limited(path, files::INI_FILE_LIMIT).map_err(|e| {
             Error::config(
                 ConfigLocation {
                     file: Some(name.clone()),
@@ -185,7 +192,7 @@ impl IniFile {
 
     /// `name` with every parent's keys merged in (parents first, the child overriding).
     pub fn section(&self, name: &str) -> Result<Section> {
-        let find = |n: &str| self.sections.iter().find(|s| s.name == n);
+        let find = |n: &str| self.index.get(n).map(|&i| &self.sections[i]);
         let Some(start) = find(name) else {
             let known = self.section_names().join(", ");
             return Err(Error::config(
@@ -231,10 +238,14 @@ impl IniFile {
             chain.push(next);
             current = next;
         }
-        let mut entries = BTreeMap::new();
-        for section in chain.iter().rev() {
+        // The child first, then each ancestor only fills in what is still missing: every key
+        // is copied once, whatever the depth of the chain.
+        let mut entries = start.entries.clone();
+        for section in chain.iter().skip(1) {
             for (key, value) in &section.entries {
-                entries.insert(key.clone(), value.clone());
+                if !entries.contains_key(key) {
+                    entries.insert(key.clone(), value.clone());
+                }
             }
         }
         Ok(Section {
@@ -252,6 +263,8 @@ struct Parser<'a> {
     pos: usize,
     line: usize,
     sections: Vec<RawSection>,
+    /// Section name → index in `sections`.
+    index: HashMap<String, usize>,
     /// Index of the section keys go into (None before the first header).
     current: Option<usize>,
     /// The line where a quoted value spanning several lines opened, for a hint in later errors.
@@ -267,6 +280,7 @@ impl<'a> Parser<'a> {
             pos: 0,
             line: 1,
             sections: Vec::new(),
+            index: HashMap::new(),
             current: None,
             multiline_quote: None,
         }
@@ -359,6 +373,7 @@ impl<'a> Parser<'a> {
         Ok(IniFile {
             file: self.file.to_string(),
             sections: self.sections,
+            index: self.index,
         })
     }
 
@@ -397,7 +412,7 @@ impl<'a> Parser<'a> {
         if parent.as_deref() == Some(name.as_str()) {
             return Err(self.error(line, format!("section [{name}] extends itself")));
         }
-        if let Some(index) = self.sections.iter().position(|s| s.name == name) {
+        if let Some(&index) = self.index.get(&name) {
             let existing = &self.sections[index];
             if existing.parent != parent {
                 return Err(self.error(
@@ -411,11 +426,12 @@ impl<'a> Parser<'a> {
             }
             self.current = Some(index);
         } else {
+            self.index.insert(name.clone(), self.sections.len());
             self.sections.push(RawSection {
                 name,
                 parent,
                 line,
-                entries: Vec::new(),
+                entries: BTreeMap::new(),
                 array_counters: HashMap::new(),
             });
             self.current = Some(self.sections.len() - 1);
@@ -447,8 +463,7 @@ impl<'a> Parser<'a> {
                     key
                 }
             };
-            section.entries.retain(|(k, _)| *k != key);
-            section.entries.push((key, value));
+            section.entries.insert(key, value);
         }
         Ok(())
     }

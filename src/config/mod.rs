@@ -2,13 +2,14 @@
 //! encrypted secrets (`secrets`). `Settings::load` is the one entry point the manager uses.
 
 pub mod account;
+pub mod files;
 pub mod ini;
 mod normalise;
 mod rows;
 pub mod secrets;
 
 pub use account::*;
-pub use rows::{account_from_row, accounts_from_rows};
+pub use rows::{account_from_row, accounts_from_rows, tenant_rows, FailedAccount, TenantRows};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -288,13 +288,16 @@ pub(crate) fn operational(
     let ca_file = match f.path("CA_FILE", base_dir)? {
         None => fallback.tls.ca_file.clone(),
         Some(path) => {
-            if !path.is_file() {
+            // Read through (bounded) rather than only looked at: a path that reports size 0
+            // but never ends (`/proc/self/pagemap`) must not reach the TLS setup.
+            if let Err(e) = super::files::check_limited(&path, super::files::CA_FILE_LIMIT) {
+                let problem = match e.io_kind() {
+                    Some(std::io::ErrorKind::NotFound) => "does not exist or is not a file".into(),
+                    _ => format!("cannot be used: {e}"),
+                };
                 return Err(f.err(
                     "CA_FILE",
-                    format!(
-                        "the CA file {} does not exist or is not a file",
-                        path.display()
-                    ),
+                    format!("the CA file {} {problem}", path.display()),
                 ));
             }
             Some(path)

@@ -8,8 +8,9 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::account::*;
+use super::files;
 use super::normalise::{self, Field, Fields, Identity};
-use super::secrets::KeyStore;
+use super::secrets::{is_encrypted, KeyStore};
 use super::Settings;
 use crate::error::{ConfigLocation, Error, Result};
 
@@ -18,17 +19,71 @@ use crate::error::{ConfigLocation, Error, Result};
 /// incoming settings are dropped unread (it never receives); passwords and OAuth secrets go
 /// through [`KeyStore::reveal`].
 pub fn account_from_row(row: &Value, settings: &Settings, keys: &KeyStore) -> Result<Account> {
-    account_from_row_at(row, settings, keys, None)
+    let mut reveal = |value: &str, account: &str, key: &str| keys.reveal(value, account, key);
+    account_from_row_at(row, settings, &mut reveal, None)
+}
+
+/// A tenant row that is recognisably an account of one tenant and kind — its `RECID`,
+/// `TENANTS_RECID` (absent: 0, as for a good row) and `ACCOUNT_TYPE` read — but is otherwise
+/// broken (a password that does not decrypt, an unknown transport, a bad port, ...).
+///
+/// It stays in routing (SPEC §3: a bad account fails on its own, and its mail is never routed
+/// to another account): mail routed to it fails with [`FailedAccount::error`], and
+/// `eventCheckMail` must not read its mailbox through another account. It holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedAccount {
+    /// Always `AccountId::Tenant(RECID)`.
+    pub id: AccountId,
+    pub tenants_recid: i64,
+    /// `Default` or `ServiceDesk`.
+    pub account_type: AccountType,
+    /// The row sets `OUTGOING_TRANSPORT_TYPE`: the account would send, so routing picks it
+    /// (and fails) where it would have picked the good account.
+    pub sends: bool,
+    /// A Service Desk row that sets `INCOMING_MAILBOX_TYPE`: `eventCheckMail` would read it.
+    pub receives: bool,
+    /// `EMAIL` as the row gives it (trimmed; may be empty or invalid), for summaries.
+    pub email: String,
+    /// The mailbox it would read, when its mailbox settings could be read in spite of the
+    /// error (e.g. only its password is broken): its incoming settings and login name. Used to
+    /// keep another account (the INI master) from reading the same mailbox.
+    pub mailbox: Option<(Incoming, String)>,
+    /// Why it cannot be used: an [`Error::Config`] naming the account and the key.
+    pub error: Error,
+}
+
+/// Every tenant row sorted out: the good accounts, the broken ones that still belong to a
+/// tenant and kind ([`FailedAccount`]), and one error per bad row (the broken accounts'
+/// included, so every problem is reported).
+#[derive(Debug, Default)]
+pub struct TenantRows {
+    pub accounts: Vec<Account>,
+    pub failed: Vec<FailedAccount>,
+    pub errors: Vec<Error>,
 }
 
 /// Every row of `rows` (a list, or an object keyed by anything) → the good accounts and one
 /// error per bad row, so one bad row never hides the others. A RECID given twice keeps the
-/// first row.
+/// first row. ([`tenant_rows`] gives the broken accounts as well.)
 pub fn accounts_from_rows(
     rows: &Value,
     settings: &Settings,
     keys: &KeyStore,
 ) -> (Vec<Account>, Vec<Error>) {
+    let sorted = tenant_rows(rows, settings, Ok(keys));
+    (sorted.accounts, sorted.errors)
+}
+
+/// Every row of `rows` (a list, or an object keyed by anything) sorted out (see
+/// [`TenantRows`]). One bad row never hides the others; a RECID given twice keeps the first
+/// row. `keys` is the key store, or why it could not be opened: then each encrypted value is
+/// an error of its own account (whose row becomes a [`FailedAccount`]) and rows without
+/// encrypted values still work.
+pub fn tenant_rows(
+    rows: &Value,
+    settings: &Settings,
+    keys: std::result::Result<&KeyStore, &Error>,
+) -> TenantRows {
     let items: Vec<(String, &Value)> = match rows {
         Value::Null => Vec::new(),
         Value::Array(list) => list
@@ -41,44 +96,145 @@ pub fn accounts_from_rows(
             .map(|(k, row)| (format!("row {k}"), row))
             .collect(),
         _ => {
-            return (
-                Vec::new(),
-                vec![Error::config(
+            return TenantRows {
+                errors: vec![Error::config(
                     ConfigLocation {
                         account: Some("(all tenant accounts)".into()),
                         ..Default::default()
                     },
                     "the tenant email accounts must be a list of rows",
                 )],
-            )
+                ..Default::default()
+            }
         }
     };
-    let mut accounts: Vec<Account> = Vec::new();
-    let mut errors = Vec::new();
+    // Without a key store a plain value is still usable (and reported as plain as usual).
+    let no_key = KeyStore::from_key([0; 32]);
+    let mut reveal = |value: &str, account: &str, key: &str| -> Result<Secret> {
+        match keys {
+            Ok(store) => store.reveal(value, account, key),
+            Err(e) if is_encrypted(value) => {
+                let detail = match e {
+                    Error::Config { message, .. } => message.clone(),
+                    other => other.to_string(),
+                };
+                Err(Error::account_key(
+                    account,
+                    key,
+                    format!("cannot decrypt this value: {detail}"),
+                ))
+            }
+            Err(_) => no_key.reveal(value, account, key),
+        }
+    };
+    let mut sorted = TenantRows::default();
     let mut seen = HashSet::new();
     for (label, row) in items {
-        match account_from_row_at(row, settings, keys, Some(&label)) {
+        match account_from_row_at(row, settings, &mut reveal, Some(&label)) {
             Ok(account) => {
                 if seen.insert(account.id.clone()) {
-                    accounts.push(account);
+                    sorted.accounts.push(account);
                 } else {
-                    errors.push(Error::account_key(
-                        &account.id.to_string(),
-                        "RECID",
-                        "the same RECID appears in more than one row; the first row is used",
-                    ));
+                    sorted.errors.push(duplicate(&account.id));
                 }
             }
-            Err(e) => errors.push(e),
+            Err(e) => {
+                if let Some(failed) = failed_account(row, settings, &e) {
+                    if seen.insert(failed.id.clone()) {
+                        sorted.failed.push(failed);
+                    } else {
+                        sorted.errors.push(duplicate(&failed.id));
+                    }
+                }
+                sorted.errors.push(e);
+            }
         }
     }
-    (accounts, errors)
+    sorted
 }
+
+fn duplicate(id: &AccountId) -> Error {
+    Error::account_key(
+        &id.to_string(),
+        "RECID",
+        "the same RECID appears in more than one row; the first row is used",
+    )
+}
+
+/// The broken row as a [`FailedAccount`] when it is recognisably an account of a tenant and
+/// kind; `None` when it is not (no usable RECID, TENANTS_RECID or ACCOUNT_TYPE).
+fn failed_account(row: &Value, settings: &Settings, error: &Error) -> Option<FailedAccount> {
+    let Value::Object(object) = row else {
+        return None;
+    };
+    // Read leniently (the first spelling of each key, in any letter case): the row's problem
+    // may be in how its keys are written.
+    let text = |name: &str| -> Option<String> {
+        let value = object
+            .iter()
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)?;
+        match value {
+            Value::Null => None,
+            Value::String(s) if s.trim().is_empty() => None,
+            Value::String(s) => Some(s.trim().to_string()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(false) => None,
+            _ => Some(String::from("?")),
+        }
+    };
+    let recid = parse_int(&text("RECID")?)?;
+    let tenants_recid = match text("TENANTS_RECID") {
+        None => 0,
+        Some(v) => parse_int(&v)?,
+    };
+    let account_type = match AccountType::parse(&text("ACCOUNT_TYPE")?)? {
+        t @ (AccountType::Default | AccountType::ServiceDesk) => t,
+        AccountType::Master => return None,
+    };
+    let sends = text("OUTGOING_TRANSPORT_TYPE").is_some();
+    let receives =
+        account_type == AccountType::ServiceDesk && text("INCOMING_MAILBOX_TYPE").is_some();
+    // The mailbox it would read: the row built again with each encrypted value replaced by a
+    // stand-in; only the incoming settings and the login name are kept.
+    let mailbox = if receives {
+        let mut stand_in = |value: &str, _: &str, key: &str| -> Result<Secret> {
+            Ok(if !is_encrypted(value) {
+                Secret::new(value)
+            } else if key == "OAUTH.SERVICE_ACCOUNT_JSON" {
+                Secret::new("{}")
+            } else {
+                Secret::new("x")
+            })
+        };
+        account_from_row_at(row, settings, &mut stand_in, None)
+            .ok()
+            .and_then(|a| {
+                let login = a.login_name().to_string();
+                a.incoming.map(|incoming| (incoming, login))
+            })
+    } else {
+        None
+    };
+    Some(FailedAccount {
+        id: AccountId::Tenant(recid),
+        tenants_recid,
+        account_type,
+        sends,
+        receives,
+        email: text("EMAIL").unwrap_or_default(),
+        mailbox,
+        error: error.clone(),
+    })
+}
+
+/// Turns a stored secret (`value`) of `account`'s `key` into its usable value.
+type RowReveal<'a> = dyn FnMut(&str, &str, &str) -> Result<Secret> + 'a;
 
 fn account_from_row_at(
     row: &Value,
     settings: &Settings,
-    keys: &KeyStore,
+    reveal_as: &mut RowReveal<'_>,
     label: Option<&str>,
 ) -> Result<Account> {
     let fallback_label = label.unwrap_or("(no RECID)");
@@ -175,7 +331,7 @@ fn account_from_row_at(
 
     let base_dir = settings_dir(settings);
     let mut reveal =
-        |value: &str, key: &str, _location: ConfigLocation| keys.reveal(value, &account, key);
+        |value: &str, key: &str, _location: ConfigLocation| reveal_as(value, &account, key);
     let oauth = oauth_settings(&fields, &base_dir, &mut reveal)?;
     let ops = normalise::operational(&fields, &settings.defaults, &base_dir)?;
     normalise::build_account(
@@ -349,7 +505,7 @@ fn oauth_settings(
                 Secret::new(value)
             } else {
                 let path = normalise::resolve(base_dir, value);
-                let read = std::fs::read_to_string(&path).map_err(|e| {
+                let cannot = |e: &dyn std::fmt::Display| {
                     f.err(
                         key,
                         format!(
@@ -357,7 +513,10 @@ fn oauth_settings(
                             path.display()
                         ),
                     )
-                })?;
+                };
+                let bytes = files::read_limited(&path, files::SERVICE_ACCOUNT_JSON_LIMIT)
+                    .map_err(|e| cannot(&e))?;
+                let read = String::from_utf8(bytes).map_err(|_| cannot(&"it is not UTF-8 text"))?;
                 Secret::new(read)
             };
             match serde_json::from_str::<Value>(contents.expose()) {

@@ -15,7 +15,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -30,6 +30,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use super::account::Secret;
+use super::files;
 use crate::error::{ConfigLocation, Error, Result};
 
 /// The prefix of every encrypted value (any version).
@@ -62,11 +63,12 @@ impl fmt::Debug for KeyStore {
 
 impl KeyStore {
     /// Opens the key file at `path`, creating it (mode 0600, with a new random key) if missing.
+    /// Anything but a regular file (a FIFO, a device) is refused before it is opened.
     pub fn open(path: &Path) -> Result<KeyStore> {
         for _ in 0..5 {
-            match File::open(path) {
-                Ok(file) => return read_key(file, path, false),
-                Err(e) if e.kind() == ErrorKind::NotFound => {
+            match files::open_regular(path) {
+                Ok(opened) => return read_key(opened, path, false),
+                Err(e) if e.io_kind() == Some(ErrorKind::NotFound) => {
                     if let Some(store) = create_key(path)? {
                         return Ok(store);
                     }
@@ -84,9 +86,9 @@ impl KeyStore {
     /// Opens an existing key file; a missing one is an error (decrypting with a brand-new key
     /// could never succeed).
     pub fn open_existing(path: &Path) -> Result<KeyStore> {
-        match File::open(path) {
-            Ok(file) => read_key(file, path, false),
-            Err(e) if e.kind() == ErrorKind::NotFound => Err(key_error(
+        match files::open_regular(path) {
+            Ok(opened) => read_key(opened, path, false),
+            Err(e) if e.io_kind() == Some(ErrorKind::NotFound) => Err(key_error(
                 path,
                 "the key file does not exist, so encrypted values cannot be decrypted \
                  (was the configuration copied without its key file?)",
@@ -278,8 +280,8 @@ fn key_error(path: &Path, message: impl Into<String>) -> Error {
     )
 }
 
-fn unreadable(path: &Path, e: &std::io::Error) -> Error {
-    let hint = if e.kind() == ErrorKind::PermissionDenied {
+fn unreadable(path: &Path, e: &files::FileProblem) -> Error {
+    let hint = if e.io_kind() == Some(ErrorKind::PermissionDenied) {
         " (the web server's user and the command-line tool's user must both be able to read it)"
     } else {
         ""
@@ -287,12 +289,10 @@ fn unreadable(path: &Path, e: &std::io::Error) -> Error {
     key_error(path, format!("cannot read the key file: {e}{hint}"))
 }
 
-/// Reads and checks an open key file.
-fn read_key(mut file: File, path: &Path, created: bool) -> Result<KeyStore> {
-    let meta = file.metadata().map_err(|e| unreadable(path, &e))?;
-    if !meta.is_file() {
-        return Err(key_error(path, "the key file is not a regular file"));
-    }
+/// Reads and checks an opened key file (a regular file: see [`files::open_regular`]), at most
+/// [`files::KEY_FILE_LIMIT`] bytes.
+fn read_key(opened: (File, std::fs::Metadata), path: &Path, created: bool) -> Result<KeyStore> {
+    let (mut file, meta) = opened;
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(key_error(
@@ -307,14 +307,17 @@ fn read_key(mut file: File, path: &Path, created: bool) -> Result<KeyStore> {
     let mut text = String::new();
     // A key file created by the non-atomic fallback may still be empty for a moment.
     for attempt in 0..50 {
-        text.clear();
-        file.read_to_string(&mut text)
+        let bytes = files::read_open_limited(&mut file, files::KEY_FILE_LIMIT)
+            .map_err(|e| unreadable(path, &e))?;
+        text = String::from_utf8(bytes)
             .map_err(|_| key_error(path, "the key file does not hold a key (it is not text)"))?;
         if !text.trim().is_empty() || attempt == 49 {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
-        file = File::open(path).map_err(|e| unreadable(path, &e))?;
+        file = files::open_regular(path)
+            .map_err(|e| unreadable(path, &e))?
+            .0;
     }
     let key = decode_key(text.trim()).ok_or_else(|| {
         key_error(

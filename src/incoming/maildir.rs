@@ -2,7 +2,9 @@
 //! `cur/` and `tmp/`).
 //!
 //! - A message's id is the unique part of its file name (before the `:2,` info), which stays
-//!   the same when a mail client moves it from `new/` to `cur/` or changes its flags.
+//!   the same when a mail client moves it from `new/` to `cur/` or changes its flags. Names are
+//!   kept as bytes; the id escapes `%` and any byte that is not UTF-8 as `%XX` ([`message_id`]),
+//!   so two names that differ only in such a byte are two messages.
 //! - `list` = the files in `new/` and `cur/` (never `tmp/`: files there are still being
 //!   written) whose id is not yet recorded as done for this account and directory in the
 //!   state store (key-value namespace [`done_namespace`]); sizes come from the file metadata.
@@ -20,8 +22,10 @@
 //!   name, which Maildir delivery never reuses.
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, ErrorKind, Read};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -90,29 +94,80 @@ pub fn unique_part(name: &str) -> &str {
     name.split(':').next().unwrap_or(name)
 }
 
+/// [`unique_part`] of a file name as the file system gives it (any bytes).
+fn unique_bytes(name: &[u8]) -> &[u8] {
+    name.split(|&b| b == b':').next().unwrap_or(name)
+}
+
+/// The id of a message file: the unique part of its name as text that is unique and
+/// reversible for any bytes. Valid UTF-8 is kept as written except `%`, which becomes `%25`;
+/// each byte that is not UTF-8 becomes `%XX` (upper-case hex). So `a\xE9` and `a\xE8` (two
+/// different files) get `a%E9` and `a%E8`, never one id for both; a plain ASCII name without
+/// `%` (what Maildir delivery writes) is its own id. (A file with `%` in its name recorded by
+/// a version before this escaping is listed once more; the Message-ID ledger keeps it from
+/// reaching the host twice, and only its PROCESSED_ACTION is applied again.)
+pub fn message_id(name: &OsStr) -> String {
+    let unique = unique_bytes(name.as_bytes());
+    let mut id = String::with_capacity(unique.len());
+    for chunk in unique.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '%' {
+                id.push_str("%25");
+            } else {
+                id.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            id.push_str(&format!("%{b:02X}"));
+        }
+    }
+    id
+}
+
 /// The file name with flag `flag` added to its `:2,` info (flags kept sorted, no repeats);
 /// a name without info (or with an unknown one) gets `:2,<flag>`.
 pub fn with_flag(name: &str, flag: char) -> String {
-    let unique = unique_part(name);
-    let mut flags: Vec<char> = match name.split_once(':') {
-        Some((_, info)) => match info.strip_prefix("2,") {
-            Some(existing) => existing.chars().collect(),
-            None => Vec::new(),
-        },
+    let mut buf = [0u8; 4];
+    let flag = flag.encode_utf8(&mut buf);
+    let named = with_flag_bytes(name.as_bytes(), flag.as_bytes());
+    // UTF-8 in (name and flag), UTF-8 out: nothing is ever replaced here.
+    String::from_utf8_lossy(&named).into_owned()
+}
+
+/// [`with_flag`] on the name's bytes (a Maildir name need not be UTF-8).
+fn with_flag_bytes(name: &[u8], flag: &[u8]) -> Vec<u8> {
+    let unique = unique_bytes(name);
+    let info = name.get(unique.len() + 1..);
+    let mut flags: Vec<&[u8]> = match info.and_then(|i| i.strip_prefix(b"2,")) {
+        Some(existing) => std::str::from_utf8(existing)
+            .map(|text| {
+                text.char_indices()
+                    .map(|(at, c)| &existing[at..at + c.len_utf8()])
+                    .collect()
+            })
+            .unwrap_or_else(|_| existing.chunks(1).collect()),
         None => Vec::new(),
     };
     flags.push(flag);
     flags.sort_unstable();
     flags.dedup();
-    format!("{unique}:2,{}", flags.into_iter().collect::<String>())
+    let mut out = unique.to_vec();
+    out.extend_from_slice(b":2,");
+    for f in flags {
+        out.extend_from_slice(f);
+    }
+    out
 }
 
 /// The file name as it must be in a `cur/` directory (with `:2,` info).
-fn cur_name(name: &str) -> String {
-    if name.contains(':') {
-        name.to_string()
+fn cur_name(name: &OsStr) -> OsString {
+    let bytes = name.as_bytes();
+    if bytes.contains(&b':') {
+        name.to_os_string()
     } else {
-        format!("{name}:2,")
+        let mut named = bytes.to_vec();
+        named.extend_from_slice(b":2,");
+        OsString::from_vec(named)
     }
 }
 
@@ -126,10 +181,11 @@ pub fn folder_dir_name(folder: &str) -> Option<String> {
     (name != "." && name != "..").then_some(name)
 }
 
-/// The name of a message file (lossy: Maildir names are ASCII).
-fn file_name(path: &Path) -> String {
+/// The name of a message file, as bytes (never made lossy: two names may differ only in a
+/// byte that is not UTF-8).
+fn file_name(path: &Path) -> OsString {
     path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
+        .map(OsStr::to_os_string)
         .unwrap_or_default()
 }
 
@@ -219,20 +275,23 @@ impl MaildirMailbox {
                     Err(e) if vanished(&e) => continue,
                     Err(e) => return Err(self.error(format!("cannot read {sub}/: {e}"))),
                 };
-                let name = item.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') {
+                let name = item.file_name();
+                if name.as_bytes().starts_with(b".") {
                     continue;
                 }
                 let meta = match item.metadata() {
                     Ok(meta) => meta,
                     Err(e) if vanished(&e) => continue,
-                    Err(e) => return Err(self.error(format!("cannot read {sub}/{name}: {e}"))),
+                    Err(e) => {
+                        return Err(self
+                            .error(format!("cannot read {sub}/{}: {e}", name.to_string_lossy())))
+                    }
                 };
                 if !meta.is_file() {
                     continue;
                 }
                 entries.push(Entry {
-                    id: unique_part(&name).to_string(),
+                    id: message_id(&name),
                     path: item.path(),
                     size: meta.len(),
                     modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
@@ -417,7 +476,8 @@ impl Mailbox for MaildirMailbox {
                 let mut first_error = None;
                 for id in ids {
                     let renamed = self.with_file(id, &mut rescanned, |path| {
-                        let target = cur.join(with_flag(&file_name(path), 'S'));
+                        let named = with_flag_bytes(file_name(path).as_bytes(), b"S");
+                        let target = cur.join(OsString::from_vec(named));
                         if target != path {
                             fs::rename(path, &target)?;
                         }
@@ -496,8 +556,23 @@ mod tests {
         assert_eq!(with_flag("u:2,RT", 'S'), "u:2,RST");
         assert_eq!(with_flag("u:2,FS", 'S'), "u:2,FS");
         assert_eq!(with_flag("u:1,xyz", 'S'), "u:2,S");
-        assert_eq!(cur_name("u"), "u:2,");
-        assert_eq!(cur_name("u:2,S"), "u:2,S");
+        assert_eq!(cur_name(OsStr::new("u")), "u:2,");
+        assert_eq!(cur_name(OsStr::new("u:2,S")), "u:2,S");
+        assert_eq!(
+            with_flag_bytes(b"caf\xe9:2,RT", b"S"),
+            b"caf\xe9:2,RST".to_vec()
+        );
+    }
+
+    #[test]
+    fn ids_are_unique_and_reversible_for_any_bytes() {
+        let id = |b: &[u8]| message_id(OsStr::from_bytes(b));
+        assert_eq!(id(b"1700000000.M1P2.host:2,S"), "1700000000.M1P2.host");
+        assert_eq!(id(b"caf\xe9.host:2,"), "caf%E9.host");
+        assert_eq!(id(b"caf\xe8.host"), "caf%E8.host");
+        // A literal `%` is escaped, so `%E9` written out is not the byte 0xE9.
+        assert_eq!(id(b"caf%E9.host"), "caf%25E9.host");
+        assert_eq!(id("café".as_bytes()), "café");
     }
 
     #[test]

@@ -86,6 +86,13 @@ pub trait Mailbox: Send {
     /// The number of messages in the folder, for `checkAccount` (no side effects).
     fn count(&mut self) -> Result<usize>;
 
+    /// Problems found while listing that the run must report (e.g. a POP3 server that gives
+    /// two messages one UIDL: the second is not downloaded); drained by the caller. Each is
+    /// a complete sentence without secrets.
+    fn take_notices(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Commits what was marked and closes the connection cleanly.
     fn finish(self: Box<Self>) -> Result<()>;
 }

@@ -2,7 +2,9 @@
 //!
 //! - `list` = `UIDL` + `LIST`, minus the UIDLs recorded as done for this account, login and
 //!   server in the state store (namespace [`done_namespace`]): skipped and quarantined
-//!   messages, which stay on the server because POP3 has no flags or folders.
+//!   messages, which stay on the server because POP3 has no flags or folders. A server that
+//!   gives two messages the same UIDL (which it must not) has the first processed as usual;
+//!   the other is left on the server and reported through `take_notices` on every run.
 //! - `fetch_each` = pipelined `RETR` (when the server offers PIPELINING), one continuous
 //!   pipeline with at most [`IN_FLIGHT_BYTES`] asked for and not yet read, so that a `Flow::Stop`
 //!   takes effect soon and the round trips do not grow with the mailbox.
@@ -35,6 +37,20 @@ pub fn done_namespace(account: &str, login: &str, host: &str) -> String {
     format!("pop3-done:{account}:{login}@{}", host.to_ascii_lowercase())
 }
 
+/// The notice for a UIDL the server gives message `first` and message `again` alike.
+fn duplicate_uidl_notice(uid: &str, first: u32, again: u32) -> String {
+    let shown: String = uid
+        .chars()
+        .take(80)
+        .collect::<String>()
+        .escape_default()
+        .to_string();
+    format!(
+        "the POP3 server lists UIDL {shown} for messages {first} and {again}; message {again} \
+         is not downloaded (delete the duplicate on the server)"
+    )
+}
+
 /// One POP3 maildrop, logged in (and therefore locked by the server until `finish`).
 pub struct Pop3Mailbox {
     account: String,
@@ -45,6 +61,8 @@ pub struct Pop3Mailbox {
     max_message_bytes: u64,
     /// UIDL → (message number in this session, size), from `list`.
     listed: HashMap<String, (u32, u64)>,
+    /// What `list` found wrong with the server's listing, for `take_notices`.
+    notices: Vec<String>,
     state: StateStore,
 }
 
@@ -122,6 +140,7 @@ impl Pop3Mailbox {
             namespace: done_namespace(&id, login, host),
             max_message_bytes: incoming.max_message_bytes,
             listed: HashMap::new(),
+            notices: Vec::new(),
             state,
         })
     }
@@ -186,11 +205,19 @@ impl Mailbox for Pop3Mailbox {
         uidls.sort_by_key(|e| e.number);
         self.listed.clear();
         let mut listed = Vec::new();
+        // UIDL → the first message number that has it.
+        let mut first_of: HashMap<String, u32> = HashMap::new();
         for entry in uidls {
-            if self.listed.contains_key(&entry.uid) {
-                // A server must not repeat a UIDL; if it does, the first copy is the one.
+            if let Some(&first) = first_of.get(&entry.uid) {
+                // A server must not repeat a UIDL. The first message with it is processed as
+                // usual; the other cannot be told apart from it by its UIDL (a DELE, a ledger
+                // record would hit both), so it stays on the server and is reported each run
+                // until someone removes it.
+                self.notices
+                    .push(duplicate_uidl_notice(&entry.uid, first, entry.number));
                 continue;
             }
+            first_of.insert(entry.uid.clone(), entry.number);
             let size = sizes.get(&entry.number).copied().unwrap_or(0);
             if self.state.get_kv(&self.namespace, &entry.uid)?.is_some() {
                 continue;
@@ -281,6 +308,10 @@ impl Mailbox for Pop3Mailbox {
 
     fn count(&mut self) -> Result<usize> {
         Ok(self.run(|s| s.stat())?.count as usize)
+    }
+
+    fn take_notices(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.notices)
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {

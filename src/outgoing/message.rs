@@ -168,6 +168,7 @@ impl MessageRequest {
                 )));
             }
         }
+        check_utf8(map)?;
         let get = |key: &str| map.get(key).filter(|v| !v.is_null());
         let req = MessageRequest {
             to: addresses_field(get("to"), "to")?,
@@ -425,16 +426,20 @@ fn body(req: &MessageRequest) -> Result<Part> {
 
     let html = match &req.html {
         Some(html) if !related.is_empty() => {
-            let mut multi = MultiPart::related().singlepart(SinglePart::html(html.clone()));
+            let mut multi =
+                MultiPart::related().singlepart(text_part(ContentType::TEXT_HTML, html));
             for a in &related {
                 multi = multi.singlepart(attachment_part(a)?);
             }
             Some(Part::Multi(multi))
         }
-        Some(html) => Some(Part::Single(SinglePart::html(html.clone()))),
+        Some(html) => Some(Part::Single(text_part(ContentType::TEXT_HTML, html))),
         None => None,
     };
-    let text = req.text.clone().map(SinglePart::plain);
+    let text = req
+        .text
+        .as_deref()
+        .map(|text| text_part(ContentType::TEXT_PLAIN, text));
     let main = match (text, html) {
         (Some(text), Some(html)) => {
             let alt = MultiPart::alternative().singlepart(text);
@@ -460,12 +465,139 @@ fn body(req: &MessageRequest) -> Result<Part> {
     Ok(Part::Multi(mixed))
 }
 
+/// A `text/plain` or `text/html` part (UTF-8), encoded here rather than by lettre, in time
+/// linear in the text: lettre's `Body::new` inserts each missing CR with `String::insert`
+/// (quadratic in an LF-only text) and declares text with NUL bytes or bare CRs `7bit`.
+fn text_part(content_type: ContentType, text: &str) -> SinglePart {
+    let canonical = crlf_line_ends(text);
+    let encoding = text_encoding(&canonical);
+    let encoded = match encoding {
+        ContentTransferEncoding::SevenBit => canonical,
+        ContentTransferEncoding::QuotedPrintable => quoted_printable(&canonical),
+        _ => base64_lines(&canonical),
+    };
+    SinglePart::builder()
+        .header(content_type)
+        .body(Body::dangerous_pre_encoded(encoded, encoding))
+}
+
+/// The text with every line end (CRLF, a lone LF or a lone CR) written as CRLF, the canonical
+/// form of a text part (RFC 2045 §2.10). One pass; no CR or LF is left on its own.
+fn crlf_line_ends(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let breaks = memchr::memchr2_iter(b'\r', b'\n', bytes).count();
+    let mut out = Vec::with_capacity(bytes.len() + breaks);
+    let mut start = 0;
+    let mut positions = memchr::memchr2_iter(b'\r', b'\n', bytes).peekable();
+    while let Some(i) = positions.next() {
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(b"\r\n");
+        start = i + 1;
+        if bytes[i] == b'\r' && bytes.get(i + 1) == Some(&b'\n') {
+            positions.next();
+            start = i + 2;
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out
+}
+
+/// Lines up to this many octets (without the CRLF) may go out unencoded; RFC 5322 §2.1.1 asks
+/// for at most 78 (and requires at most 998).
+const MAX_7BIT_LINE: usize = 78;
+
+/// How to send a text already in canonical CRLF form: `7bit` only when it is ASCII without
+/// NUL and every line is short; otherwise quoted-printable (mostly ASCII, stays readable) or
+/// base64 (when more than a third of the bytes would need escaping). Never 8bit: the message
+/// stays 7-bit clean for any relay.
+fn text_encoding(canonical: &[u8]) -> ContentTransferEncoding {
+    let mut escaped = 0usize;
+    let mut line_start = 0usize;
+    let mut long_line = false;
+    for (i, &b) in canonical.iter().enumerate() {
+        match b {
+            b'\n' => {
+                // Always preceded by CR here: the line is canonical[line_start..i - 1].
+                long_line |= i - 1 - line_start > MAX_7BIT_LINE;
+                line_start = i + 1;
+            }
+            b'\r' | b'\t' | b' '..=b'~' => {}
+            _ => escaped += 1,
+        }
+    }
+    long_line |= canonical.len() - line_start > MAX_7BIT_LINE;
+    if escaped == 0 && !long_line {
+        ContentTransferEncoding::SevenBit
+    } else if escaped <= canonical.len() / 3 {
+        ContentTransferEncoding::QuotedPrintable
+    } else {
+        ContentTransferEncoding::Base64
+    }
+}
+
+/// Quoted-printable (RFC 2045 §6.7) of a text in canonical CRLF form: CRLF stays a hard line
+/// break, lines are cut with soft breaks (`=` CRLF) at 76 characters, `=`, bytes outside
+/// printable ASCII and whitespace at the end of a line are escaped as `=XX`.
+fn quoted_printable(canonical: &[u8]) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    const MAX_LINE: usize = 76;
+    let mut out = Vec::with_capacity(canonical.len() + canonical.len() / 8 + 16);
+    for (n, line) in canonical.split(|&b| b == b'\n').enumerate() {
+        if n > 0 {
+            out.extend_from_slice(b"\r\n");
+        }
+        // Every LF follows a CR in canonical text; the CR belongs to the line break.
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let mut width = 0usize;
+        for (i, &b) in line.iter().enumerate() {
+            let last = i + 1 == line.len();
+            let literal = match b {
+                b'=' => false,
+                b' ' | b'\t' => !last,
+                b'!'..=b'~' => true,
+                _ => false,
+            };
+            let len = if literal { 1 } else { 3 };
+            // Room for a soft break's `=` unless this is the line's last character.
+            let limit = if last { MAX_LINE } else { MAX_LINE - 1 };
+            if width + len > limit {
+                out.extend_from_slice(b"=\r\n");
+                width = 0;
+            }
+            if literal {
+                out.push(b);
+            } else {
+                out.extend_from_slice(&[b'=', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+            }
+            width += len;
+        }
+    }
+    out
+}
+
+/// Base64 in lines of 76 characters separated by CRLF.
+fn base64_lines(data: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    const CHUNK: usize = 57; // 76 characters of base64
+    let mut out = Vec::with_capacity(data.len().div_ceil(CHUNK) * 78);
+    let mut line = [0u8; 76];
+    for (i, chunk) in data.chunks(CHUNK).enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"\r\n");
+        }
+        let n = base64::engine::general_purpose::STANDARD
+            .encode_slice(chunk, &mut line)
+            .expect("76 bytes hold the base64 of 57");
+        out.extend_from_slice(&line[..n]);
+    }
+    out
+}
+
 fn attachment_part(a: &AttachmentData) -> Result<SinglePart> {
     let content_type = ContentType::parse(&a.content_type)
         .map_err(|_| Error::message(format!("{:?} is not a MIME type", a.content_type)))?;
     // Base64 always: the bytes come back exactly as given (no line-ending rewriting).
-    let body = Body::new_with_encoding(a.data.clone(), ContentTransferEncoding::Base64)
-        .map_err(|_| Error::message("cannot encode an attachment"))?;
+    let body = Body::dangerous_pre_encoded(base64_lines(&a.data), ContentTransferEncoding::Base64);
     let disposition = match (&a.filename, a.inline) {
         (Some(name), false) => ContentDisposition::attachment(name),
         (Some(name), true) => ContentDisposition::inline_with_name(name),
@@ -593,6 +725,61 @@ fn normalize_msg_id(id: &str) -> Result<String> {
         Err(Error::message(format!(
             "in_reply_to: {id:?} is not a Message-ID (expected <local@domain>)"
         )))
+    }
+}
+
+/// The key the PHP boundary uses for a PHP string that is not valid UTF-8:
+/// `{"$binary": "<base64 of the bytes>"}` (see `crate::php::convert`).
+pub const BINARY_KEY: &str = "$binary";
+
+/// Refuses a non-UTF-8 string anywhere in the message (subject, text, html, an address, a
+/// header, an attachment's filename...), naming where it is; only an attachment's `content`
+/// holds bytes, and keeps any.
+fn check_utf8(map: &Map<String, Value>) -> Result<()> {
+    for (key, value) in map {
+        let found = match (key.as_str(), value) {
+            ("attachments", Value::Array(items)) => {
+                items.iter().enumerate().find_map(|(i, item)| match item {
+                    Value::Object(obj) if binary_content(item).is_none() => obj
+                        .iter()
+                        .filter(|(k, _)| k.as_str() != "content")
+                        .find_map(|(k, v)| binary_at(v, format!("attachments[{i}].{k}"), false)),
+                    other => binary_at(other, format!("attachments[{i}]"), false),
+                })
+            }
+            ("headers", _) => binary_at(value, key.clone(), true),
+            _ => binary_at(value, key.clone(), false),
+        };
+        if let Some(at) = found {
+            return Err(Error::message(format!(
+                "{at}: not valid UTF-8; send() takes UTF-8 strings (convert others first, e.g. \
+                 mb_convert_encoding($s, 'UTF-8', 'ISO-8859-1')); only an attachment's 'content' \
+                 may hold other bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Where (`at`, then `[i]` / `.key`, or `[key]` for header names) a binary string is.
+fn binary_at(value: &Value, at: String, keyed_by_name: bool) -> Option<String> {
+    if binary_content(value).is_some() {
+        return Some(at);
+    }
+    match value {
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| binary_at(v, format!("{at}[{i}]"), false)),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let child = if keyed_by_name {
+                format!("{at}[{k}]")
+            } else {
+                format!("{at}.{k}")
+            };
+            binary_at(v, child, false)
+        }),
+        _ => None,
     }
 }
 
@@ -944,32 +1131,90 @@ fn attachment(item: &Value, at: &str) -> Result<AttachmentData> {
     })
 }
 
+/// Reads an attachment file, refusing anything but a regular file (a FIFO, a device such as
+/// `/dev/zero`, a directory) before opening it, and reading at most [`MAX_ATTACHMENT_BYTES`]
+/// whatever size the file reports (`/proc` files report 0; a file may grow while read).
 fn read_attachment(path: &Path, at: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
     let fail =
         |why: String| Error::message(format!("{at}.path: cannot read {}: {why}", path.display()));
+    let over_limit = |bytes: String| {
+        fail(format!(
+            "{bytes} is over the {} MiB attachment limit",
+            MAX_ATTACHMENT_BYTES >> 20
+        ))
+    };
+    // Follows symlinks: a link to a regular file is fine, a link to a FIFO is not.
     let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
     if !meta.is_file() {
-        return Err(fail("not a regular file".to_string()));
+        return Err(fail(format!("not a regular file ({})", file_kind(&meta))));
     }
     if meta.len() > MAX_ATTACHMENT_BYTES {
-        return Err(fail(format!(
-            "{} bytes is over the {} MiB limit",
-            meta.len(),
-            MAX_ATTACHMENT_BYTES >> 20
-        )));
+        return Err(over_limit(format!("{} bytes", meta.len())));
     }
-    std::fs::read(path).map_err(|e| fail(e.to_string()))
+    // Non-blocking, so that a path swapped for a FIFO after the check cannot block the open;
+    // the handle is checked again (O_NONBLOCK changes nothing for a regular file).
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| fail(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail(format!("not a regular file ({})", file_kind(&meta))));
+    }
+    // Fixed 64 KiB reads (a multiple of 8, as /proc/self/pagemap requires); never more than
+    // the limit is kept.
+    let mut data = Vec::with_capacity(meta.len().min(MAX_ATTACHMENT_BYTES) as usize);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        if (data.len() + n) as u64 > MAX_ATTACHMENT_BYTES {
+            return Err(over_limit(format!(
+                "more than {MAX_ATTACHMENT_BYTES} bytes (the file reported {})",
+                meta.len()
+            )));
+        }
+        data.extend_from_slice(&buf[..n]);
+    }
+    Ok(data)
 }
 
-/// A MIME type from a file name's extension; `application/octet-stream` when unknown.
+/// What a file that is not a regular file is, for error messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
+}
+
 /// The base64 of a binary PHP string, as `crate::php` passes it: `{"$binary": "..."}`.
 fn binary_content(value: &Value) -> Option<&str> {
     match value {
-        Value::Object(map) if map.len() == 1 => map.get("$binary").and_then(Value::as_str),
+        Value::Object(map) if map.len() == 1 => map.get(BINARY_KEY).and_then(Value::as_str),
         _ => None,
     }
 }
 
+/// A MIME type from a file name's extension; `application/octet-stream` when unknown.
 pub fn guess_content_type(filename: &str) -> &'static str {
     let ext = filename
         .rsplit_once('.')
@@ -1400,5 +1645,245 @@ mod tests {
         let t = err_text(json!({"to": "a@x.example", "text": "x", "attachments": [
             {"content": "x", "path": "/etc/hostname", "filename": "a"}]}));
         assert!(t.contains("exactly one"), "{t}");
+    }
+
+    /// Every text part of `m`: its Content-Transfer-Encoding and its body as sent.
+    fn text_parts(raw: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let parsed = MessageParser::default().parse(raw).unwrap();
+        parsed
+            .parts
+            .iter()
+            .filter(|p| p.is_text())
+            .map(|p| {
+                let cte = p
+                    .content_transfer_encoding()
+                    .unwrap_or("7bit")
+                    .to_ascii_lowercase();
+                let body = raw[p.offset_body as usize..p.offset_end as usize].to_vec();
+                (cte, body)
+            })
+            .collect()
+    }
+
+    /// What a 7bit part may hold (RFC 2045 §2.7 and RFC 5322 §2.1.1).
+    fn assert_7bit_clean(body: &[u8], what: &str) {
+        assert!(body.is_ascii(), "{what}: non-ASCII in a 7bit part");
+        assert!(!body.contains(&0), "{what}: NUL in a 7bit part");
+        for (i, &b) in body.iter().enumerate() {
+            if b == b'\r' {
+                assert_eq!(body.get(i + 1), Some(&b'\n'), "{what}: bare CR at {i}");
+            }
+            if b == b'\n' {
+                assert!(i > 0 && body[i - 1] == b'\r', "{what}: bare LF at {i}");
+            }
+        }
+        for line in body.split(|&b| b == b'\n') {
+            assert!(line.len() <= 999, "{what}: a line of {} octets", line.len());
+        }
+    }
+
+    #[test]
+    fn text_parts_are_never_7bit_with_nul_bare_cr_or_long_lines() {
+        let long = "x".repeat(1500);
+        let cases: Vec<(&str, String)> = vec![
+            ("plain", "Hello\nworld\n".into()),
+            ("nul", "before\u{0}after\nline two\u{0}\n".into()),
+            ("bare cr", "one\rtwo\rthree".into()),
+            ("mixed", "a\r\nb\nc\rd\r\r\ne\n\rf".into()),
+            ("long line", format!("short\n{long}\nend")),
+            ("long line no break", long.clone()),
+            ("utf-8", "Grüße\nZoë ✓\r".into()),
+            ("trailing space", "ends with space \nand tab\t\n".into()),
+            ("equals and dots", "a=b\n.\n..dot\n=\n".into()),
+            ("mostly binary", "\u{0}\u{1}\u{2}é\u{3}".repeat(50)),
+            ("empty", String::new()),
+            ("only breaks", "\n\r\r\n\n".into()),
+        ];
+        for (what, text) in cases {
+            for html in [false, true] {
+                let key = if html { "html" } else { "text" };
+                let m = built(json!({"to": "a@x.example", key: text.clone()}));
+                assert!(m.raw.is_ascii(), "{what}: raw message must be 7-bit");
+                let parts = text_parts(&m.raw);
+                assert_eq!(parts.len(), 1, "{what}");
+                let (cte, body) = &parts[0];
+                match cte.as_str() {
+                    "7bit" => assert_7bit_clean(body, what),
+                    "quoted-printable" | "base64" => {
+                        for line in body.split(|&b| b == b'\n') {
+                            assert!(line.len() <= 77, "{what}: encoded line {}", line.len());
+                        }
+                    }
+                    other => panic!("{what}: {other}"),
+                }
+                // The text comes back with every line end as CRLF.
+                let canonical = text
+                    .replace("\r\n", "\n")
+                    .replace('\r', "\n")
+                    .replace('\n', "\r\n");
+                let parsed = MessageParser::default().parse(&m.raw).unwrap();
+                let got = if html {
+                    parsed.body_html(0)
+                } else {
+                    parsed.body_text(0)
+                }
+                .unwrap_or_default()
+                .into_owned();
+                // A single part is followed by the CRLF that ends the message, which the
+                // parser keeps unless base64 decoding drops it.
+                let got = match cte.as_str() {
+                    "base64" => got,
+                    _ => got.strip_suffix("\r\n").unwrap_or(&got).to_string(),
+                };
+                assert_eq!(got, canonical, "{what} ({cte})");
+            }
+        }
+    }
+
+    #[test]
+    fn a_nul_byte_is_quoted_printable() {
+        let m = built(json!({"to": "a@x.example", "text": "a\u{0}b"}));
+        let parts = text_parts(&m.raw);
+        assert_eq!(parts[0].0, "quoted-printable");
+        assert!(
+            String::from_utf8_lossy(&parts[0].1).contains("a=00b"),
+            "{parts:?}"
+        );
+    }
+
+    #[test]
+    fn line_ends_become_crlf_in_one_pass() {
+        assert_eq!(crlf_line_ends("a\nb\rc\r\nd"), b"a\r\nb\r\nc\r\nd");
+        assert_eq!(crlf_line_ends("\r\r\n\n\r"), b"\r\n\r\n\r\n\r\n");
+        assert_eq!(crlf_line_ends(""), b"");
+        assert_eq!(crlf_line_ends("no breaks"), b"no breaks");
+        // Large LF-only text: a single pass (lettre's per-line insert took minutes for this).
+        let text = "line\n".repeat(4 << 20);
+        let out = crlf_line_ends(&text);
+        assert_eq!(out.len(), text.len() + (4 << 20));
+        assert!(out.ends_with(b"line\r\n"));
+    }
+
+    #[test]
+    fn quoted_printable_lines_and_escapes() {
+        let qp = |s: &str| String::from_utf8(quoted_printable(s.as_bytes())).unwrap();
+        assert_eq!(qp("a=b"), "a=3Db");
+        assert_eq!(qp("end \r\nx\t"), "end=20\r\nx=09");
+        assert_eq!(qp("é"), "=C3=A9");
+        // 76 characters fit on a line; the 77th needs a soft break.
+        let exact = "y".repeat(76);
+        assert_eq!(qp(&exact), exact);
+        let over = "y".repeat(77);
+        assert_eq!(qp(&over), format!("{}=\r\n{}", "y".repeat(75), "yy"));
+        // An escape is never split by a soft break.
+        let text = format!("{}é", "z".repeat(74));
+        for line in qp(&text).split("\r\n") {
+            assert!(line.len() <= 76, "{line}");
+            assert!(!line.trim_end_matches('=').ends_with("=C"), "{line}");
+        }
+    }
+
+    #[test]
+    fn non_utf8_strings_are_refused_naming_the_key() {
+        let bin = || json!({"$binary": "6Q=="}); // "\xe9": Latin-1 é
+        for (message, key) in [
+            (
+                json!({"to": "a@x.example", "text": "x", "subject": bin()}),
+                "subject",
+            ),
+            (json!({"to": "a@x.example", "text": bin()}), "text"),
+            (json!({"to": "a@x.example", "html": bin()}), "html"),
+            (json!({"to": bin(), "text": "x"}), "to"),
+            (json!({"to": ["a@x.example", bin()], "text": "x"}), "to[1]"),
+            (
+                json!({"to": [{"email": "a@x.example", "name": bin()}], "text": "x"}),
+                "to[0].name",
+            ),
+            (
+                json!({"to": "a@x.example", "cc": {"email": bin()}, "text": "x"}),
+                "cc.email",
+            ),
+            (
+                json!({"to": "a@x.example", "text": "x", "headers": {"X-A": bin()}}),
+                "headers[X-A]",
+            ),
+            (
+                json!({"to": "a@x.example", "text": "x", "headers": [["X-A", bin()]]}),
+                "headers[0][1]",
+            ),
+            (
+                json!({"to": "a@x.example", "text": "x",
+                    "attachments": [{"content": "x", "filename": bin()}]}),
+                "attachments[0].filename",
+            ),
+            (
+                json!({"to": "a@x.example", "text": "x", "attachments": [{"path": bin()}]}),
+                "attachments[0].path",
+            ),
+            (
+                json!({"to": "a@x.example", "text": "x", "attachments": [bin()]}),
+                "attachments[0]",
+            ),
+        ] {
+            let t = err_text(message);
+            assert!(
+                t.starts_with(&format!("{key}: not valid UTF-8")),
+                "{key}: {t}"
+            );
+        }
+        // An attachment's content is bytes: anything goes.
+        let r = req(json!({"to": "a@x.example", "text": "x",
+            "attachments": [{"content": {"$binary": "AOn/"}, "filename": "l1.txt"}]}))
+        .unwrap();
+        assert_eq!(r.attachments[0].data, vec![0, 0xe9, 0xff]);
+    }
+
+    #[test]
+    fn attachment_paths_that_are_not_regular_files_are_refused_before_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let link = dir.path().join("link-to-pipe");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        for (path, kind) in [
+            (fifo.as_path(), "a FIFO"),
+            (link.as_path(), "a FIFO"),
+            (Path::new("/dev/zero"), "a character device"),
+            (dir.path(), "a directory"),
+        ] {
+            // A FIFO without a writer would block an open() forever: this returns at once.
+            let t = err_text(json!({"to": "a@x.example", "text": "x",
+                "attachments": [{"path": path.to_str().unwrap()}]}));
+            assert!(
+                t.starts_with("attachments[0].path")
+                    && t.contains(path.to_str().unwrap())
+                    && t.contains(&format!("not a regular file ({kind})")),
+                "{t}"
+            );
+        }
+        // A symlink to a regular file is read through.
+        let file = dir.path().join("real.txt");
+        std::fs::write(&file, b"abc").unwrap();
+        let link = dir.path().join("link.txt");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let r = req(json!({"to": "a@x.example", "text": "x",
+            "attachments": [{"path": link.to_str().unwrap()}]}))
+        .unwrap();
+        assert_eq!(r.attachments[0].data, b"abc");
+    }
+
+    #[test]
+    fn a_file_that_reports_size_0_is_read_only_up_to_the_limit() {
+        // /proc/self/pagemap says 0 bytes but has gigabytes to read.
+        let t = err_text(json!({"to": "a@x.example", "text": "x",
+            "attachments": [{"path": "/proc/self/pagemap"}]}));
+        assert!(
+            t.starts_with("attachments[0].path")
+                && t.contains("/proc/self/pagemap")
+                && t.contains("over the 100 MiB attachment limit"),
+            "{t}"
+        );
     }
 }

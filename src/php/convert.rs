@@ -12,7 +12,7 @@ use ext_php_rs::types::{ArrayKey, ZendHashTable, Zval};
 use serde_json::{Map, Number, Value};
 
 /// The key of the object that carries a binary (non-UTF-8) PHP string.
-pub const BINARY_KEY: &str = "$binary";
+pub use crate::outgoing::message::BINARY_KEY;
 
 /// Nesting deeper than this is refused instead of recursing without bound (a PHP array can
 /// contain a reference to itself).

@@ -134,6 +134,31 @@ pub fn spare_port(n: u16) -> u16 {
     first + n
 }
 
+/// The cloud emulator's base URL (Microsoft identity + Graph, Google OAuth + Gmail, admin API).
+pub fn cloud_emulator_url() -> String {
+    env("PCR_CLOUD_URL")
+}
+
+/// The cloud emulator's RFC 7662 token introspection endpoint, through which Dovecot and the
+/// XOAUTH2 SMTP ports check OAuth bearer tokens (`POST ?user=&service=`, form `token=`).
+pub fn introspect_url() -> String {
+    env("PCR_INTROSPECT_URL")
+}
+
+/// The mailboxes for OAuth tests (`oauth1@test.local`..`oauth4@`, `shared@`): Dovecot users
+/// (with a password too) registered in the cloud emulator for both providers.
+pub fn oauth_users() -> Vec<String> {
+    env("PCR_OAUTH_USERS")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The OAuth test mailbox that stands for an Exchange shared mailbox (`shared@test.local`).
+pub fn oauth_shared_mailbox() -> String {
+    env("PCR_OAUTH_SHARED_MAILBOX")
+}
+
 /// A string unique to this call (across processes and runs), to find "my" message.
 pub fn unique_token(tag: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -5,11 +5,17 @@ One plain-HTTP server on loopback (the base URLs are configuration) that follows
 documentation of:
 
 * the Microsoft identity platform (v2.0): ``/{tenant}/oauth2/v2.0/authorize`` and ``/token``
-  (authorization code with PKCE S256, client secret, refresh tokens with rotation);
+  (authorization code with PKCE S256, client secret, refresh tokens with rotation, and the
+  app-only ``client_credentials`` grant: ``client_id`` + ``client_secret`` in the form or HTTP
+  Basic, ``scope`` exactly one ``<resource>/.default`` of ``https://outlook.office365.com``
+  (IMAP, POP, SMTP) or ``https://graph.microsoft.com``; the reply has ``token_type``,
+  ``expires_in``, ``ext_expires_in``, ``access_token`` and no refresh token);
 * Microsoft Graph mail (``/v1.0``): ``/me``, ``/me/sendMail`` (MIME as base64 text/plain, and
   JSON), ``/me/mailFolders`` (+ ``childFolders``), folder ``messages`` with ``$top``/``$skip``
   paging through ``@odata.nextLink``, ``$orderby``, the ``PR_MESSAGE_SIZE`` extended property,
-  ``/me/messages/{id}`` GET/PATCH/DELETE, ``/$value``, ``/move`` (immutable ids honoured);
+  ``/me/messages/{id}`` GET/PATCH/DELETE, ``/$value``, ``/move`` (immutable ids honoured); the
+  same under ``/users/{mailbox}`` (app-only tokens: the Graph resource, the ``Mail.*`` app
+  roles and the app's mailbox grant; delegated tokens: the user's own or Full Access mailboxes);
 * Google OAuth 2.0: ``/o/oauth2/v2/auth`` and ``/token`` (authorization code with PKCE,
   ``access_type=offline``, refresh without rotation, and the RFC 7523 JWT bearer grant of
   service accounts, with the RS256 signature verified against the registered public key);
@@ -20,21 +26,61 @@ documentation of:
 Errors use each service's documented shape: OAuth ``{"error": "invalid_grant",
 "error_description": ...}``, Graph ``{"error": {"code": "InvalidAuthenticationToken",
 "message": ...}}``, Gmail ``{"error": {"code": 401, "message": ..., "status":
-"UNAUTHENTICATED"}}``.
+"UNAUTHENTICATED"}}``. The client credentials grant answers ``invalid_client`` (401: wrong or
+revoked secret AADSTS7000215, expired secret AADSTS7000222, no secret AADSTS7000218),
+``unauthorized_client`` (400, unknown application AADSTS700016), ``invalid_scope`` (400, not
+exactly one ``/.default`` scope, AADSTS1002012), ``invalid_resource`` (400, a resource other
+than the two above, AADSTS500011), ``invalid_request`` (400, no scope, AADSTS900144).
+
+Token introspection for the mail protocol servers (RFC 7662; what Exchange Online and Gmail
+do inside their IMAP/POP/SMTP front ends): ``POST /_introspect?user=<login>&service=<imap|pop3|
+smtp>`` (both query parameters optional) with the form ``token=<access token>`` answers 200
+``{"active": true, "email": <mailbox>, "username": <mailbox>, "scope", "client_id", "exp",
+"iat", "token_type": "Bearer", "sub"}`` or ``{"active": false}``. The mailbox is:
+
+* app-only (client credentials) token: the ``user`` parameter (lower-cased), when the token
+  is for ``https://outlook.office365.com``, the app had the role of the service when the token
+  was issued (``IMAP.AccessAsApp``, ``POP.AccessAsApp``, ``SMTP.SendAsApp``) and the mailbox is
+  in the app's grant now; else inactive (also without ``user``);
+* Microsoft delegated token: its signed-in user, or the ``user`` parameter when that is a
+  mailbox the signed-in user has Full Access to; with ``service`` the token's scope must hold
+  ``https://outlook.office.com/IMAP.AccessAsUser.All``, ``.../POP.AccessAsUser.All`` or
+  ``.../SMTP.Send`` (``outlook.office365.com`` accepted too), else inactive;
+* Google token (code, refresh or service-account grant): its user; with ``service`` the scope
+  must hold ``https://mail.google.com/``, else inactive.
+
+Expired, revoked (``/_admin/expire_access_tokens``) or unknown tokens are inactive. The
+emulator does not refuse a delegated token whose mailbox differs from ``user``: the caller
+compares ``email`` with the login (as Dovecot's ``username_attribute`` check does).
 
 Test-only parts, all under ``/_admin`` (JSON in, JSON out):
 
 * ``POST /_admin/clients`` ``{"provider": "microsoft"|"google", "client_id"?, "client_secret"?,
-  "redirect_uris"?: [...], "access_token_lifetime"?: s, "rotate_refresh_tokens"?: bool}``
+  "redirect_uris"?: [...], "access_token_lifetime"?: s, "rotate_refresh_tokens"?: bool,
+  "app_roles"?: ["IMAP.AccessAsApp", "POP.AccessAsApp", "SMTP.SendAsApp", "Mail.ReadWrite",
+  "Mail.Send", ...], "mailboxes"?: [...]|"*", "client_secret_expires_at"?: epoch s}``;
+  ``app_roles`` are the application permissions consented for the app (copied into each
+  token when it is issued), ``mailboxes`` the Exchange service principal's mailbox grant
+  (checked at each use, so it can change under a live token)
+* ``POST /_admin/app_access`` ``{"client_id", "app_roles"?, "mailboxes"?}`` (change them)
+* ``POST /_admin/revoke_secret`` ``{"client_id", "expired"?: bool}``: the secret is refused
+  from now on (``invalid_client``: AADSTS7000215, or AADSTS7000222 with ``expired``)
 * ``POST /_admin/users`` ``{"provider", "email", "display_name"?, "mail"?: null to omit}``
+* ``POST /_admin/full_access`` ``{"user", "mailboxes": [...]}`` (Exchange Full Access of a
+  Microsoft user to other mailboxes, e.g. a shared mailbox)
 * ``POST /_admin/service_accounts`` ``{"client_email", "public_key_pem", "delegated": [...]|"*"}``
 * ``POST /_admin/seed`` ``{"provider", "user", "raw_b64", "folder"?, "labels"?, "is_read"?}``
 * ``GET /_admin/sent?user=`` (what was sent), ``GET /_admin/mailbox?provider=&user=``
 * ``POST /_admin/fault`` ``{"path": regex, "method"?, "user"?, "client_id"?, "status",
   "retry_after"?, "retry_after_date"?: bool, "count"?: 1, "body"?, "content_type"?}``
 * ``POST /_admin/revoke`` ``{"user"?, "client_id"?}`` (refresh tokens),
-  ``POST /_admin/expire_access_tokens`` ``{"user"}``
+  ``POST /_admin/expire_access_tokens`` ``{"user"?, "client_id"?, "token"?}`` (at least one,
+  all given must match; app-only tokens have no user: name their ``client_id`` or ``token``)
 * ``GET /_admin/stats?client_id=&user=`` (grants issued, requests seen), ``GET /_admin/health``
+* ``POST /_admin/reset``: forget everything, then register the ``--seed-users`` again
+
+``--seed-users a@x,b@x`` registers these users for both providers at start and after every
+reset (``scripts/test-servers.sh`` passes the OAuth test mailboxes of its Dovecot).
 
 The sign-in a browser would do is the authorize endpoint itself: it "signs in" the user named
 by the test-only ``_user`` query parameter (else ``login_hint``) and redirects (302) to
@@ -76,6 +122,22 @@ GMAIL_SYSTEM_LABELS = ["INBOX", "SPAM", "TRASH", "UNREAD", "STARRED", "IMPORTANT
                        "DRAFT", "CATEGORY_PERSONAL", "CATEGORY_SOCIAL", "CATEGORY_PROMOTIONS",
                        "CATEGORY_UPDATES", "CATEGORY_FORUMS"]
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+# Resources an app-only (client credentials) token may be for: Exchange Online (IMAP, POP,
+# SMTP) and Graph.
+OUTLOOK_RESOURCE = "https://outlook.office365.com"
+GRAPH_RESOURCE = "https://graph.microsoft.com"
+APP_RESOURCES = [OUTLOOK_RESOURCE, GRAPH_RESOURCE]
+# Mail protocols as named by the introspection caller (Dovecot's %s, the SMTP server).
+SERVICES = {"imap": "imap", "pop3": "pop", "pop": "pop", "smtp": "smtp", "submission": "smtp"}
+APP_ROLE_OF_SERVICE = {"imap": "IMAP.AccessAsApp", "pop": "POP.AccessAsApp",
+                       "smtp": "SMTP.SendAsApp"}
+DELEGATED_SCOPE_OF_SERVICE = {"imap": "IMAP.AccessAsUser.All", "pop": "POP.AccessAsUser.All",
+                              "smtp": "SMTP.Send"}
+OUTLOOK_SCOPE_PREFIXES = ["https://outlook.office.com/", "https://outlook.office365.com/"]
+GMAIL_SCOPE = "https://mail.google.com/"
+GRAPH_WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="", authorization_uri='
+                          '"https://login.microsoftonline.com/common/oauth2/authorize", '
+                          'client_id="00000003-0000-0000-c000-000000000000"'}
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 
 LOCK = threading.RLock()
@@ -144,8 +206,9 @@ class ApiError(Exception):
 # ---- state ------------------------------------------------------------------------------
 
 class World:
-    def __init__(self, token_lifetime):
+    def __init__(self, token_lifetime, seed_users=()):
         self.default_lifetime = token_lifetime
+        self.seed_users = list(seed_users)
         self.reset()
 
     def reset(self):
@@ -159,6 +222,11 @@ class World:
         self.sent = []
         self.log = []
         self.stats = {}
+        self.full_access = {}    # Microsoft user (lower) -> set of other mailboxes (lower)
+        for address in self.seed_users:
+            for provider in ("microsoft", "google"):
+                self.users[(provider, address.lower())] = new_user(provider, address, address,
+                                                                   address)
 
     def count(self, key):
         self.stats[key] = self.stats.get(key, 0) + 1
@@ -349,8 +417,17 @@ class Handler(BaseHTTPRequestHandler):
             form = {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode(),
                                                                 keep_blank_values=True).items()}
         self.req_client = form.get("client_id") or q.get("client_id")
+        if path == "/_introspect":
+            if self.apply_fault(method, path):
+                return
+            if method != "POST":
+                return self.send(405, {"error": "invalid_request",
+                                       "error_description": "introspection is POST only"},
+                                 headers={"Allow": "POST"})
+            return self.introspect(q, form)
         m = re.fullmatch(r"/([^/]+)/oauth2/v2\.0/(authorize|token)", path)
         if m and m.group(1) not in ("v1.0", "gmail"):
+            self.tenant = m.group(1)
             if self.apply_fault(method, path):
                 return
             if m.group(2) == "authorize" and method == "GET":
@@ -424,7 +501,9 @@ class Handler(BaseHTTPRequestHandler):
             params["session_state"] = str(uuid.uuid4())
         back(params)
 
-    def client_auth(self, provider, form):
+    def client_auth(self, provider, form, confidential=False):
+        """The client of a token request; `confidential`: a secret is required (client
+        credentials), even for a client registered without one."""
         client_id = form.get("client_id")
         secret = form.get("client_secret")
         auth = self.headers.get("Authorization", "")
@@ -439,12 +518,28 @@ class Handler(BaseHTTPRequestHandler):
                                  f"AADSTS700016: Application with identifier '{client_id}' was "
                                  "not found in the directory.", provider, [700016])
             raise OAuthError(401, "invalid_client", "The OAuth client was not found.", provider)
-        if client["client_secret"] and secret != client["client_secret"]:
+        if confidential and not secret:
+            raise OAuthError(401, "invalid_client", "AADSTS7000218: The request body must "
+                             "contain the following parameter: 'client_assertion' or "
+                             "'client_secret'.", provider, [7000218])
+        if (client["client_secret"] or confidential) and \
+                (secret != client["client_secret"] or client.get("secret_revoked")):
             if provider == "microsoft":
                 raise OAuthError(401, "invalid_client", "AADSTS7000215: Invalid client secret "
                                  "provided. Ensure the secret being sent in the request is the "
                                  "client secret value, not the client secret ID.", provider,
                                  [7000215])
+            raise OAuthError(401, "invalid_client", "Unauthorized", provider)
+        expires_at = client.get("client_secret_expires_at")
+        if client["client_secret"] and (client.get("secret_expired") or
+                                        (expires_at is not None and expires_at < now())):
+            if provider == "microsoft":
+                raise OAuthError(401, "invalid_client", "AADSTS7000222: The provided client "
+                                 f"secret keys for app '{client_id}' are expired. Visit the "
+                                 "Azure portal to create new keys for your app: "
+                                 "https://aka.ms/NewClientSecret, or consider using "
+                                 "certificate credentials for added security: "
+                                 "https://aka.ms/certCreds.", provider, [7000222])
             raise OAuthError(401, "invalid_client", "Unauthorized", provider)
         return client
 
@@ -454,7 +549,8 @@ class Handler(BaseHTTPRequestHandler):
             b64url_encode(secrets.token_bytes(32))
         WORLD.access_tokens[access] = {"provider": provider, "user": user_email,
                                        "scope": scope, "expires": now() + lifetime,
-                                       "client_id": client["client_id"], "valid": True}
+                                       "issued": now(), "client_id": client["client_id"],
+                                       "valid": True}
         reply = {"access_token": access, "token_type": "Bearer", "expires_in": lifetime,
                  "scope": scope}
         if provider == "microsoft":
@@ -477,11 +573,14 @@ class Handler(BaseHTTPRequestHandler):
         with LOCK:
             if grant == JWT_BEARER and provider == "google":
                 return self.send(200, self.jwt_grant(form))
-            client = self.client_auth(provider, form)
+            app_only = grant == "client_credentials" and provider == "microsoft"
+            client = self.client_auth(provider, form, confidential=app_only)
             if grant == "authorization_code":
                 reply = self.code_grant(provider, client, form)
             elif grant == "refresh_token":
                 reply = self.refresh_grant(provider, client, form)
+            elif app_only:
+                reply = self.client_credentials_grant(client, form)
             else:
                 raise OAuthError(400, "unsupported_grant_type",
                                  f"AADSTS70003: The app requested an unsupported grant type "
@@ -537,6 +636,99 @@ class Handler(BaseHTTPRequestHandler):
         WORLD.count(f"grant:refresh_token:{client['client_id']}")
         return self.issue(provider, client, record["user"], record["scope"], True,
                           rotate_from=token)
+
+    def client_credentials_grant(self, client, form):
+        """Microsoft's app-only grant: one `<resource>/.default` scope, no refresh token; the
+        token carries the app roles consented now."""
+        scope = (form.get("scope") or "").strip()
+        if not scope:
+            raise OAuthError(400, "invalid_request", "AADSTS900144: The request body must "
+                             "contain the following parameter: 'scope'.", "microsoft",
+                             [900144])
+        parts = scope.split()
+        if len(parts) != 1 or not parts[0].endswith("/.default"):
+            raise OAuthError(400, "invalid_scope", f"AADSTS1002012: The provided value for "
+                             f"scope {scope} is not valid. Client credential flows must have a "
+                             "scope value with /.default suffixed to the resource identifier "
+                             "(application ID URI).", "microsoft", [1002012])
+        resource = parts[0][:-len("/.default")].rstrip("/")
+        canonical = next((r for r in APP_RESOURCES if r.lower() == resource.lower()), None)
+        if canonical is None:
+            raise OAuthError(400, "invalid_resource", f"AADSTS500011: The resource principal "
+                             f"named {resource} was not found in the tenant named "
+                             f"{getattr(self, 'tenant', 'common')}. This can happen if the "
+                             "application has not been installed by the administrator of the "
+                             "tenant or consented to by any user in the tenant. You might "
+                             "have sent your authentication request to the wrong tenant.",
+                             "microsoft", [500011])
+        lifetime = client.get("access_token_lifetime") or WORLD.default_lifetime
+        access = "eyJ0eXAiOiJKV1Qi." + b64url_encode(secrets.token_bytes(32))
+        WORLD.access_tokens[access] = {"provider": "microsoft", "user": None, "app": True,
+                                       "roles": list(client.get("app_roles") or []),
+                                       "resource": canonical, "scope": canonical + "/.default",
+                                       "expires": now() + lifetime, "issued": now(),
+                                       "client_id": client["client_id"], "valid": True}
+        WORLD.count(f"grant:client_credentials:{client['client_id']}")
+        return {"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime,
+                "access_token": access}
+
+    # -- introspection (what the IMAP/POP/SMTP front ends of Exchange and Gmail do) --
+
+    def introspect(self, q, form):
+        token = form.get("token", "")
+        wanted = (q.get("user") or "").strip().lower()
+        raw_service = (q.get("service") or "").strip().lower()
+        service = SERVICES.get(raw_service) if raw_service else ""
+        with LOCK:
+            record = WORLD.access_tokens.get(token)
+            mailbox = None
+            if record is not None:
+                self.req_client = record["client_id"]
+                self.req_user = record["user"] or wanted or None
+                if service is not None:
+                    mailbox = self.introspect_mailbox(record, wanted, service)
+            if mailbox is None:
+                reply = {"active": False}
+            else:
+                reply = {"active": True, "email": mailbox, "username": mailbox,
+                         "scope": " ".join(record["roles"]) if record.get("app")
+                         else record["scope"],
+                         "client_id": record["client_id"], "token_type": "Bearer",
+                         "exp": int(record["expires"]),
+                         "iat": int(record.get("issued", record["expires"])),
+                         "sub": record["client_id"] if record.get("app") else record["user"]}
+                if record.get("app"):
+                    reply["aud"] = record["resource"]
+        self.send(200, reply, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+    def introspect_mailbox(self, record, wanted, service):
+        """The mailbox this token opens for `service` ('' = any) and login `wanted`, or None."""
+        if not record["valid"] or record["expires"] < now():
+            return None
+        if record.get("app"):
+            if not wanted or record["resource"] != OUTLOOK_RESOURCE:
+                return None
+            roles = {r.lower() for r in record["roles"]}
+            if service and APP_ROLE_OF_SERVICE[service].lower() not in roles:
+                return None
+            client = WORLD.clients.get(record["client_id"]) or {}
+            grant = client.get("mailboxes") or []
+            if grant != "*" and wanted not in grant:
+                return None
+            return wanted
+        scopes = {s.lower() for s in record["scope"].split()}
+        if record["provider"] == "microsoft":
+            if service and not any((prefix + DELEGATED_SCOPE_OF_SERVICE[service]).lower()
+                                   in scopes for prefix in OUTLOOK_SCOPE_PREFIXES):
+                return None
+            own = record["user"]
+            if wanted and wanted != own.lower() and \
+                    wanted in WORLD.full_access.get(own.lower(), ()):
+                return wanted
+            return own
+        if service and GMAIL_SCOPE not in scopes:
+            return None
+        return record["user"]
 
     def jwt_grant(self, form):
         def bad(description):
@@ -594,9 +786,7 @@ class Handler(BaseHTTPRequestHandler):
             self.req_user = record["user"]
             self.req_client = record["client_id"]
         if provider == "microsoft":
-            headers = {"WWW-Authenticate": 'Bearer realm="", authorization_uri='
-                       '"https://login.microsoftonline.com/common/oauth2/authorize", '
-                       'client_id="00000003-0000-0000-c000-000000000000"'}
+            headers = GRAPH_WWW_AUTHENTICATE
             if not token:
                 raise ApiError("graph", 401, "InvalidAuthenticationToken",
                                "Access token is empty.", headers=headers)
@@ -623,22 +813,63 @@ class Handler(BaseHTTPRequestHandler):
     # -- Microsoft Graph --
 
     def graph(self, method, path, q, body):
+        other = re.fullmatch(r"/users/([^/]+)(/.*)?", path)
         with LOCK:
             record = self.bearer("microsoft")
+            if record.get("app"):
+                if record["resource"] != GRAPH_RESOURCE:
+                    raise ApiError("graph", 401, "InvalidAuthenticationToken",
+                                   "Access token validation failure. Invalid audience.",
+                                   headers=GRAPH_WWW_AUTHENTICATE)
+                if not other:
+                    raise ApiError("graph", 400, "BadRequest", "/me request is only valid "
+                                   "with delegated authentication flow.")
+            if other:
+                self.req_user = urllib.parse.unquote(other.group(1))
         if self.apply_fault(method, "/v1.0" + path):
             return
         with LOCK:
+            if other:
+                user = self.graph_mailbox(record, urllib.parse.unquote(other.group(1)))
+                scopes = {r.lower() for r in record["roles"]} if record.get("app") else \
+                    {s.lower() for s in record["scope"].split()}
+                return self.graph_route(method, "/me" + (other.group(2) or ""), q, body, user,
+                                        scopes, "/users/" + other.group(1))
             user = WORLD.user("microsoft", record["user"])
             scopes = {s.lower() for s in record["scope"].split()}
             return self.graph_route(method, path, q, body, user, scopes)
+
+    def graph_mailbox(self, record, ref):
+        """The mailbox of `/users/{ref}` (address or id), if this token may open it."""
+        user = WORLD.user("microsoft", ref) or next(
+            (u for u in WORLD.users.values() if u["provider"] == "microsoft" and u["id"] == ref),
+            None)
+        if not user:
+            raise ApiError("graph", 404, "ErrorInvalidUser",
+                           f"The requested user '{ref}' is invalid.")
+        address = user["email"].lower()
+        if record.get("app"):
+            grant = (WORLD.clients.get(record["client_id"]) or {}).get("mailboxes") or []
+            if grant != "*" and address not in grant:
+                raise ApiError("graph", 403, "ErrorAccessDenied", "Access to OData is "
+                               "disabled: [RAOP] : Blocked by tenant configured AppOnly "
+                               "AccessPolicy settings.")
+        else:
+            own = record["user"].lower()
+            if address != own and address not in WORLD.full_access.get(own, ()):
+                raise ApiError("graph", 403, "ErrorAccessDenied",
+                               "Access is denied. Check credentials and try again.")
+        return user
 
     def graph_need(self, scopes, *any_of):
         if not any(s.lower() in scopes for s in any_of):
             raise ApiError("graph", 403, "ErrorAccessDenied",
                            "Access is denied. Check credentials and try again.")
 
-    def graph_route(self, method, path, q, body, user, scopes):
+    def graph_route(self, method, path, q, body, user, scopes, prefix="/me"):
+        """`path` starts with /me; `prefix` is what the request said instead (/users/x)."""
         base = self.base_url() + "/v1.0"
+        link = base + prefix + path[len("/me"):]
         if path == "/me" and method == "GET":
             self.graph_need(scopes, "user.read", "mail.read", "mail.readwrite")
             return self.send(200, {"@odata.context": base + "/$metadata#users/$entity",
@@ -648,7 +879,7 @@ class Handler(BaseHTTPRequestHandler):
             self.graph_need(scopes, "mail.send")
             return self.graph_send(body, user)
         if path == "/me/mailFolders" and method in ("GET", "POST"):
-            return self.graph_folders(method, "root", q, body, user, scopes, base + path)
+            return self.graph_folders(method, "root", q, body, user, scopes, link)
         m = re.fullmatch(r"/me/mailFolders/([^/]+)(/childFolders|/messages)?", path)
         if m:
             folder = graph_folder(user, urllib.parse.unquote(m.group(1)))
@@ -657,10 +888,10 @@ class Handler(BaseHTTPRequestHandler):
                                "The specified object was not found in the store.")
             if m.group(2) == "/childFolders":
                 return self.graph_folders(method, folder["id"], q, body, user, scopes,
-                                          base + path)
+                                          link)
             if m.group(2) == "/messages" and method == "GET":
                 self.graph_need(scopes, "mail.read", "mail.readwrite")
-                return self.graph_list(folder, q, user, base + path)
+                return self.graph_list(folder, q, user, link)
             if m.group(2) is None and method == "GET":
                 self.graph_need(scopes, "mail.read", "mail.readwrite")
                 return self.send(200, self.folder_json(user, folder))
@@ -986,8 +1217,30 @@ class Handler(BaseHTTPRequestHandler):
                     "redirect_uris": req.get("redirect_uris") or [],
                     "access_token_lifetime": req.get("access_token_lifetime"),
                     "rotate_refresh_tokens": req.get("rotate_refresh_tokens",
-                                                     provider == "microsoft")}
+                                                     provider == "microsoft"),
+                    "client_secret_expires_at": req.get("client_secret_expires_at"),
+                    "app_roles": list(req.get("app_roles") or []),
+                    "mailboxes": mailbox_grant(req.get("mailboxes"))}
                 return self.send(200, WORLD.clients[cid])
+            if path == "/_admin/app_access" and method == "POST":
+                client = WORLD.clients.get(req.get("client_id") or "")
+                if not client:
+                    return self.send(404, {"error": "no such client"})
+                if "app_roles" in req:
+                    client["app_roles"] = list(req["app_roles"] or [])
+                if "mailboxes" in req:
+                    client["mailboxes"] = mailbox_grant(req["mailboxes"])
+                return self.send(200, client)
+            if path == "/_admin/revoke_secret" and method == "POST":
+                client = WORLD.clients.get(req.get("client_id") or "")
+                if not client:
+                    return self.send(404, {"error": "no such client"})
+                client["secret_expired" if req.get("expired") else "secret_revoked"] = True
+                return self.send(200, {"client_id": client["client_id"]})
+            if path == "/_admin/full_access" and method == "POST":
+                WORLD.full_access[req["user"].lower()] = {m.lower() for m in req["mailboxes"]}
+                return self.send(200, {"user": req["user"],
+                                       "mailboxes": sorted(WORLD.full_access[req["user"].lower()])})
             if path == "/_admin/users" and method == "POST":
                 provider, address = req["provider"], req["email"]
                 user = new_user(provider, address, req.get("display_name", address),
@@ -1034,9 +1287,17 @@ class Handler(BaseHTTPRequestHandler):
                         revoked += 1
                 return self.send(200, {"revoked": revoked})
             if path == "/_admin/expire_access_tokens" and method == "POST":
+                if not any(req.get(k) for k in ("user", "client_id", "token")):
+                    return self.send(400, {"error": "name a user, client_id or token"})
                 expired = 0
-                for record in WORLD.access_tokens.values():
-                    if record["user"].lower() == req["user"].lower() and record["valid"]:
+                for token, record in WORLD.access_tokens.items():
+                    if req.get("user") and (record["user"] or "").lower() != req["user"].lower():
+                        continue
+                    if req.get("client_id") and record["client_id"] != req["client_id"]:
+                        continue
+                    if req.get("token") and token != req["token"]:
+                        continue
+                    if record["valid"]:
                         record["valid"] = False
                         expired += 1
                 return self.send(200, {"expired": expired})
@@ -1109,6 +1370,13 @@ class Handler(BaseHTTPRequestHandler):
         return {"messages": out, "folders": folders}
 
 
+def mailbox_grant(value):
+    """An app's mailbox grant: "*" (every mailbox) or a list of lower-cased addresses."""
+    if value == "*":
+        return "*"
+    return [m.lower() for m in (value or [])]
+
+
 # ---- RSA (RS256 verification with the standard library) --------------------------------
 
 def der_read(data, pos):
@@ -1152,9 +1420,13 @@ def main():
     parser.add_argument("--port", type=int, default=24880)
     parser.add_argument("--access-token-lifetime", type=int, default=3600,
                         help="expires_in of access tokens (seconds) unless a client sets its own")
+    parser.add_argument("--seed-users", default="",
+                        help="comma-separated addresses registered for both providers at start "
+                             "and after each /_admin/reset")
     args = parser.parse_args()
     global WORLD
-    WORLD = World(args.access_token_lifetime)
+    WORLD = World(args.access_token_lifetime,
+                  [a.strip() for a in args.seed_users.split(",") if a.strip()])
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
     print(f"cloud emulator on http://{args.host}:{args.port}", flush=True)
