@@ -316,7 +316,7 @@ pub fn token_refused(
     } else {
         ""
     };
-    let text = text.trim();
+    let text = text.trim().trim_end_matches('.');
     let said = if text.is_empty() {
         String::new()
     } else {
