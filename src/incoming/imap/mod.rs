@@ -61,13 +61,12 @@ mod fetch;
 pub mod utf7;
 mod wire;
 
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use imap::Session;
-
-use std::cell::{Cell, RefCell};
-use std::sync::Arc;
 
 use crate::config::{Account, MailboxType, ProcessedAction, Secret, SslMode};
 use crate::error::{Error, Result};
