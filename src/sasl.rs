@@ -97,7 +97,13 @@ impl Mechanism {
     /// The client's initial response, base64-encoded (as sent after the mechanism name, or
     /// after an empty `+` challenge). `host` and `port` are the server's (OAUTHBEARER only).
     pub fn initial_response(self, user: &str, token: &Secret, host: &str, port: u16) -> String {
-        let raw = match self {
+        STANDARD.encode(self.initial_bytes(user, token, host, port))
+    }
+
+    /// The initial response before base64 (for clients, such as the `imap` crate's
+    /// authenticator, that encode what they are given).
+    pub fn initial_bytes(self, user: &str, token: &Secret, host: &str, port: u16) -> Vec<u8> {
+        match self {
             Mechanism::XOAuth2 => {
                 format!("user={user}\x01auth=Bearer {}\x01\x01", token.expose())
             }
@@ -106,8 +112,8 @@ impl Mechanism {
                 gs2_name(user),
                 token.expose()
             ),
-        };
-        STANDARD.encode(raw)
+        }
+        .into_bytes()
     }
 }
 
@@ -130,7 +136,12 @@ impl TokenFailure {
     /// not one.
     pub fn from_challenge(challenge: &str) -> Option<TokenFailure> {
         let bytes = STANDARD.decode(challenge.trim()).ok()?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        TokenFailure::from_json(&bytes)
+    }
+
+    /// Reads a failure challenge already decoded from base64; `None` when it is not one.
+    pub fn from_json(bytes: &[u8]) -> Option<TokenFailure> {
+        let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
         let status = value.get("status")?;
         let status = match status {
             serde_json::Value::String(s) => s.clone(),
@@ -161,6 +172,181 @@ pub fn failure_ack(mechanism: Mechanism) -> &'static str {
     }
 }
 
+/// [`failure_ack`] before base64.
+pub fn failure_ack_bytes(mechanism: Mechanism) -> &'static [u8] {
+    match mechanism {
+        Mechanism::XOAuth2 => b"",
+        Mechanism::OAuthBearer => b"\x01",
+    }
+}
+
+/// One sign-in with an access token, across the attempts it may take: the source's current
+/// token first; after a refusal that says the token is invalid or expired (or gives no
+/// reason), one fresh token from [`TokenSource::refresh_after_rejection`] and one more
+/// attempt (on the same connection, or on a new one when the server closed it); then the
+/// refusal is final. Also remembers every token it handed out, so that server texts can be
+/// cleaned of them ([`TokenSignIn::redact`]).
+pub struct TokenSignIn {
+    tokens: Arc<dyn TokenSource>,
+    current: Option<Secret>,
+    refreshed: bool,
+    /// Tokens handed out, and the initial responses built from them.
+    sent: Vec<String>,
+}
+
+impl fmt::Debug for TokenSignIn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSignIn")
+            .field("grant", &self.tokens.grant())
+            .field("refreshed", &self.refreshed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenSignIn {
+    pub fn new(tokens: Arc<dyn TokenSource>) -> TokenSignIn {
+        TokenSignIn {
+            tokens,
+            current: None,
+            refreshed: false,
+            sent: Vec::new(),
+        }
+    }
+
+    /// The token to send now: the source's current one, or the fresh one after a refusal.
+    /// An error is the source's (the grant refused, the token endpoint unreachable).
+    pub fn token(&mut self) -> Result<Secret> {
+        if let Some(token) = &self.current {
+            return Ok(token.clone());
+        }
+        let token = self.tokens.access_token()?;
+        self.remember(&token);
+        self.current = Some(token.clone());
+        Ok(token)
+    }
+
+    /// The initial response of `mechanism` with [`TokenSignIn::token`], base64-encoded.
+    pub fn initial_response(
+        &mut self,
+        mechanism: Mechanism,
+        user: &str,
+        host: &str,
+        port: u16,
+    ) -> Result<String> {
+        let token = self.token()?;
+        let response = mechanism.initial_response(user, &token, host, port);
+        self.sent.push(response.clone());
+        Ok(response)
+    }
+
+    /// After the server refused the token: `Ok(true)` when a fresh token was fetched and one
+    /// more attempt is due, `Ok(false)` when the refusal is final (the fresh token was
+    /// refused too, or the server's reason is not the token's validity: a missing scope, a
+    /// malformed request). `Err` when no fresh token can be had (the grant is refused).
+    pub fn retry_after(&mut self, failure: Option<&TokenFailure>) -> Result<bool> {
+        if self.refreshed || failure.is_some_and(|f| !f.token_rejected()) {
+            return Ok(false);
+        }
+        let rejected = match self.current.take() {
+            Some(token) => token,
+            None => return Ok(false),
+        };
+        let fresh = self.tokens.refresh_after_rejection(&rejected)?;
+        self.refreshed = true;
+        self.remember(&fresh);
+        self.current = Some(fresh);
+        Ok(true)
+    }
+
+    /// The tokens handed out and the initial responses built from them (for a client that
+    /// keeps its own list of what to redact).
+    pub(crate) fn sent(&self) -> &[String] {
+        &self.sent
+    }
+
+    /// True once a fresh token was fetched after a refusal.
+    pub fn refreshed(&self) -> bool {
+        self.refreshed
+    }
+
+    /// `text` with every token handed out (and every initial response built from one) taken
+    /// out.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        // Longest first: an initial response is not spoiled by replacing its token inside.
+        let mut sent: Vec<&String> = self.sent.iter().collect();
+        sent.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        for secret in sent {
+            if !secret.is_empty() && out.contains(secret.as_str()) {
+                out = out.replace(secret.as_str(), "<redacted>");
+            }
+        }
+        out
+    }
+
+    fn remember(&mut self, token: &Secret) {
+        if !token.is_empty() {
+            self.sent.push(token.expose().to_string());
+        }
+    }
+}
+
+/// The account's error when a server refused its access token: `Error::Auth`, naming the
+/// protocol, server, user and mechanism, with the server's (already redacted) `text`.
+#[allow(clippy::too_many_arguments)]
+pub fn token_refused(
+    account: &str,
+    protocol: &str,
+    server: &str,
+    user: &str,
+    mechanism: Mechanism,
+    failure: Option<&TokenFailure>,
+    retried: bool,
+    text: &str,
+) -> crate::Error {
+    let mut why = String::new();
+    if let Some(failure) = failure {
+        why.push_str(&format!(", status {}", failure.status));
+        if let Some(scope) = &failure.scope {
+            why.push_str(&format!(", scope {scope}"));
+        }
+    }
+    let when = if retried {
+        " even after a fresh token was fetched"
+    } else {
+        ""
+    };
+    let text = text.trim().trim_end_matches('.');
+    let said = if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    };
+    crate::Error::auth(
+        account,
+        format!(
+            "the {protocol} server {server} refused the access token for '{user}' ({}{why}){when}{said}; \
+             check that the application is allowed {protocol} access to this mailbox and that \
+             LOGIN names it",
+            mechanism.name()
+        ),
+    )
+}
+
+/// The message when a server offers no token mechanism: `offered` lists what it does offer.
+pub fn no_token_mechanism(protocol: &str, offered: &str) -> String {
+    let offered = offered.trim();
+    let offered = if offered.is_empty() {
+        "no SASL mechanism".to_string()
+    } else {
+        offered.to_string()
+    };
+    format!(
+        "the {protocol} server does not offer OAuth sign-in (SASL XOAUTH2 or OAUTHBEARER; it \
+         offers {offered}), which AUTH_TYPE = XOAUTH2 needs"
+    )
+}
+
 /// `text` (a server's reply) with `secret` (a password or token) taken out, in case a server
 /// echoes what it was sent.
 pub fn redact(text: &str, secret: &Secret) -> String {
@@ -169,6 +355,76 @@ pub fn redact(text: &str, secret: &Secret) -> String {
         return text.to_string();
     }
     text.replace(clear, "<redacted>")
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A token source for the protocol clients' unit tests.
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Hands out `t1` until a refusal, then `t2`, `t3`, ...; counts the calls. With
+    /// `refuse_refresh`, a refresh is an `Error::Auth` (the grant was revoked).
+    pub struct Counting {
+        prefix: String,
+        issued: Mutex<u32>,
+        fetches: Mutex<u32>,
+        refreshes: Mutex<u32>,
+        refuse_refresh: bool,
+    }
+
+    impl Counting {
+        pub fn new(refuse_refresh: bool) -> Arc<Counting> {
+            Counting::with_prefix("t", refuse_refresh)
+        }
+
+        /// Tokens `<prefix>1`, `<prefix>2`, ...
+        pub fn with_prefix(prefix: &str, refuse_refresh: bool) -> Arc<Counting> {
+            Arc::new(Counting {
+                prefix: prefix.to_string(),
+                issued: Mutex::new(1),
+                fetches: Mutex::new(0),
+                refreshes: Mutex::new(0),
+                refuse_refresh,
+            })
+        }
+
+        pub fn refreshes(&self) -> u32 {
+            *self.refreshes.lock().unwrap()
+        }
+
+        pub fn fetches(&self) -> u32 {
+            *self.fetches.lock().unwrap()
+        }
+    }
+
+    impl TokenSource for Counting {
+        fn access_token(&self) -> Result<Secret> {
+            *self.fetches.lock().unwrap() += 1;
+            let n = *self.issued.lock().unwrap();
+            Ok(Secret::new(format!("{}{n}", self.prefix)))
+        }
+        fn refresh_after_rejection(&self, rejected: &Secret) -> Result<Secret> {
+            if self.refuse_refresh {
+                return Err(crate::Error::auth(
+                    "7",
+                    "the token endpoint refused the grant (invalid_client)",
+                ));
+            }
+            *self.refreshes.lock().unwrap() += 1;
+            let mut n = self.issued.lock().unwrap();
+            assert_eq!(
+                rejected.expose(),
+                format!("{}{n}", self.prefix),
+                "refreshed an old token"
+            );
+            *n += 1;
+            Ok(Secret::new(format!("{}{n}", self.prefix)))
+        }
+        fn grant(&self) -> &'static str {
+            "client_credentials"
+        }
+    }
 }
 
 #[cfg(test)]
@@ -244,6 +500,96 @@ mod tests {
             TokenFailure::from_challenge(&STANDARD.encode("plain text")),
             None
         );
+    }
+
+    use testing::Counting;
+
+    fn counting(refuse_refresh: bool) -> Arc<Counting> {
+        Counting::new(refuse_refresh)
+    }
+
+    #[test]
+    fn a_rejected_token_gets_one_fresh_token_and_one_retry() {
+        let source = counting(false);
+        let mut signin = TokenSignIn::new(source.clone());
+        assert_eq!(signin.token().unwrap().expose(), "t1");
+        assert_eq!(signin.token().unwrap().expose(), "t1");
+        let expired = TokenFailure {
+            status: "401".into(),
+            scope: None,
+        };
+        assert!(signin.retry_after(Some(&expired)).unwrap());
+        assert!(signin.refreshed());
+        assert_eq!(signin.token().unwrap().expose(), "t2");
+        // The fresh token refused too: final, no third token.
+        assert!(!signin.retry_after(Some(&expired)).unwrap());
+        assert!(!signin.retry_after(None).unwrap());
+        assert_eq!(source.refreshes(), 1);
+
+        // No reason given: one retry as well.
+        let mut signin = TokenSignIn::new(counting(false));
+        signin.token().unwrap();
+        assert!(signin.retry_after(None).unwrap());
+
+        // A reason other than the token's validity: final at once.
+        let source = counting(false);
+        let mut signin = TokenSignIn::new(source.clone());
+        signin.token().unwrap();
+        let scope = TokenFailure {
+            status: "403".into(),
+            scope: Some("x".into()),
+        };
+        assert!(!signin.retry_after(Some(&scope)).unwrap());
+        assert_eq!(source.refreshes(), 0);
+
+        // The source cannot refresh: its error.
+        let mut signin = TokenSignIn::new(counting(true));
+        signin.token().unwrap();
+        let err = signin.retry_after(Some(&expired)).unwrap_err();
+        assert!(matches!(err, crate::Error::Auth { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn sign_in_texts_lose_every_token_sent() {
+        let mut signin = TokenSignIn::new(counting(false));
+        let ir = signin
+            .initial_response(Mechanism::XOAuth2, "u@x", "h", 1)
+            .unwrap();
+        signin.retry_after(None).unwrap();
+        signin.token().unwrap();
+        let text = format!("NO bad {ir} t1 and t2");
+        assert_eq!(
+            signin.redact(&text),
+            "NO bad <redacted> <redacted> and <redacted>"
+        );
+        let err = token_refused(
+            "9",
+            "IMAP",
+            "imap.x:993",
+            "u@x",
+            Mechanism::OAuthBearer,
+            Some(&TokenFailure {
+                status: "401".into(),
+                scope: Some("s".into()),
+            }),
+            true,
+            " AUTHENTICATE failed ",
+        );
+        let text = err.to_string();
+        assert!(matches!(err, crate::Error::Auth { .. }));
+        assert!(
+            text.contains(
+                "the IMAP server imap.x:993 refused the access token for 'u@x' (OAUTHBEARER, \
+                 status 401, scope s) even after a fresh token was fetched: AUTHENTICATE failed;"
+            ),
+            "{text}"
+        );
+        assert!(no_token_mechanism("POP3", "PLAIN LOGIN").contains("offers PLAIN LOGIN"));
+        assert_eq!(
+            failure_ack_bytes(Mechanism::OAuthBearer),
+            &STANDARD.decode("AQ==").unwrap()[..]
+        );
+        assert_eq!(STANDARD.encode(failure_ack_bytes(Mechanism::XOAuth2)), "");
     }
 
     #[test]

@@ -16,12 +16,14 @@
 //!   them; the ledger tells the rest).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::config::{Account, MailboxType};
 use crate::error::{Error, Result};
-use crate::incoming::pop3::{self, Pop3Session, Transaction};
+use crate::incoming::pop3::{self, Pop3Session, TokenLogin, Transaction};
 use crate::incoming::{Fetched, Flow, Listed, Mailbox};
 use crate::net::{self, MaybeTls};
+use crate::sasl::{Credentials, TokenSignIn};
 use crate::state::StateStore;
 
 /// At most this many bytes of messages (by LIST size) are asked for and not yet read (or one
@@ -75,20 +77,61 @@ impl std::fmt::Debug for Pop3Mailbox {
 }
 
 impl Pop3Mailbox {
-    /// Connects as the account says (SSL, STLS required for TLS, or plain) and logs in.
+    /// Connects as the account says (SSL, STLS required for TLS, or plain) and logs in with
+    /// its LOGIN and PASSWORD.
     pub fn connect(account: &Account, state: StateStore) -> Result<Pop3Mailbox> {
         let (id, incoming) = crate::incoming::settings_of(account, MailboxType::Pop3)?;
-        let (host, password) = crate::incoming::server_and_password(account, &id, incoming)?;
-        let login = account.login_name();
-        let session = pop3::connect(
-            &id,
-            host,
-            incoming.port,
-            incoming.ssl,
-            &account.tls,
-            account.timeout,
-        )?
-        .login(login, &password)?;
+        let (_, password) = crate::incoming::server_and_password(account, &id, incoming)?;
+        let credentials = Credentials::Password {
+            user: account.login_name().to_string(),
+            password,
+        };
+        Pop3Mailbox::connect_with(account, state, credentials)
+    }
+
+    /// [`Pop3Mailbox::connect`] signing in with `credentials`: with
+    /// [`Credentials::Bearer`], `AUTH XOAUTH2` (else OAUTHBEARER) with the token source's
+    /// access token ([`Pop3Session::login_token`]); a token refused as invalid or expired
+    /// gets one fresh token and one more attempt, on a new connection if the server closed
+    /// this one. A final refusal is an `Error::Auth`.
+    pub fn connect_with(
+        account: &Account,
+        state: StateStore,
+        credentials: Credentials,
+    ) -> Result<Pop3Mailbox> {
+        let (id, incoming) = crate::incoming::settings_of(account, MailboxType::Pop3)?;
+        let host = incoming
+            .host
+            .as_deref()
+            .filter(|h| !h.trim().is_empty())
+            .ok_or_else(|| {
+                Error::account_key(&id, "INCOMING_HOST", "a POP3 mailbox needs a server name")
+            })?;
+        let login = credentials.user();
+        let connect = || {
+            pop3::connect(
+                &id,
+                host,
+                incoming.port,
+                incoming.ssl,
+                &account.tls,
+                account.timeout,
+            )
+        };
+        let session = match &credentials {
+            Credentials::Password { user, password } => connect()?.login(user, password)?,
+            Credentials::Bearer { user, tokens } => {
+                let mut signin = TokenSignIn::new(Arc::clone(tokens));
+                let mut reconnected = false;
+                loop {
+                    match connect()?.login_token(user, &mut signin, host, incoming.port)? {
+                        TokenLogin::LoggedIn(session) => break session,
+                        TokenLogin::Reconnect(_) if !reconnected => reconnected = true,
+                        TokenLogin::Reconnect(err) => return Err(err),
+                    }
+                }
+            }
+        };
         Ok(Pop3Mailbox {
             account: id.clone(),
             server: net::server_label(host, incoming.port),

@@ -1,6 +1,12 @@
 //! SMTP transport: an SMTP submission client (RFC 5321) over `crate::net`, with implicit TLS
-//! (`SSL`), required STARTTLS (`TLS`) or no TLS (`""`), AUTH PLAIN/LOGIN, PIPELINING (RFC 2920)
-//! and a pool of authenticated connections reused across `send()` calls.
+//! (`SSL`), required STARTTLS (`TLS`) or no TLS (`""`), AUTH PLAIN/LOGIN or, with an access
+//! token, AUTH XOAUTH2/OAUTHBEARER (RFC 7628), PIPELINING (RFC 2920) and a pool of
+//! authenticated connections reused across `send()` calls.
+//!
+//! With a token, every new connection asks the token source for its current token (the source
+//! caches it); a pooled connection stays signed in when its token expires meanwhile. A token
+//! the server refuses as invalid or expired gets one fresh token and one more attempt (on a
+//! new connection when the server closed this one); a second refusal is an `Error::Auth`.
 //!
 //! Why not lettre's `SmtpTransport`: its implicit-TLS handshake runs before any socket timeout
 //! is set (a silent server hangs it forever), certificate failures come back as generic
@@ -15,7 +21,7 @@
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -25,6 +31,7 @@ use super::{BuiltMessage, CheckReport, Delivery, DeliveryStatus, Transport};
 use crate::config::{Account, Secret, SslMode, TransportType};
 use crate::error::{Error, Result};
 use crate::net::{self, MaybeTls, TlsConnector};
+use crate::sasl::{self, Credentials, Mechanism, TokenFailure, TokenSignIn, TokenSource};
 
 /// Longest reply line accepted from a server (RFC 5321 says 512; be lenient).
 const MAX_REPLY_LINE: usize = 8192;
@@ -37,6 +44,11 @@ const IDLE_REUSE_LIMIT: Duration = Duration::from_secs(50);
 const MAX_IDLE: usize = 16;
 /// Longest server text kept in an error message.
 const MAX_TEXT_IN_ERROR: usize = 400;
+/// RFC 4954 §4 keeps AUTH within SMTP's command line limit (RFC 5321: 512 octets, CRLF
+/// included): a longer initial response (any real access token) goes after the server's 334.
+const AUTH_LINE_LIMIT: usize = 512;
+/// Challenges answered in one AUTH exchange before the client cancels it.
+const MAX_CHALLENGES: usize = 3;
 
 /// Counters of one transport, for tests and benchmarks.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +77,8 @@ struct Config {
     ssl: SslMode,
     login: String,
     password: Option<Secret>,
+    /// With [`Credentials::Bearer`]: the access tokens' source (then `password` is `None`).
+    tokens: Option<Arc<dyn TokenSource>>,
     connector: Option<TlsConnector>,
     timeout: Duration,
     hello: String,
@@ -91,14 +105,39 @@ impl fmt::Debug for SmtpTransport {
             .field("ssl", &self.cfg.ssl)
             .field("login", &self.cfg.login)
             .field("password", &self.cfg.password)
+            .field("tokens", &self.cfg.tokens.as_ref().map(|t| t.grant()))
             .finish_non_exhaustive()
     }
 }
 
 impl SmtpTransport {
     /// The transport for an SMTP account: checks the host and builds the TLS settings (a bad
-    /// `CA_FILE` is a configuration error naming the account). Connects only when used.
+    /// `CA_FILE` is a configuration error naming the account). Connects only when used. It
+    /// signs in with LOGIN and PASSWORD when the account has a password, else not at all.
     pub fn new(account: &Account) -> Result<SmtpTransport> {
+        let credentials = account
+            .password
+            .clone()
+            .filter(|p| !p.is_empty())
+            .map(|password| Credentials::Password {
+                user: account.login_name().to_string(),
+                password,
+            });
+        SmtpTransport::build(account, credentials)
+    }
+
+    /// [`SmtpTransport::new`] signing in with `credentials`: with [`Credentials::Bearer`],
+    /// AUTH XOAUTH2 (else OAUTHBEARER) with the token source's access token on every new
+    /// connection. A password that is empty means no AUTH, as with `new`.
+    pub fn with_credentials(account: &Account, credentials: Credentials) -> Result<SmtpTransport> {
+        let credentials = match credentials {
+            Credentials::Password { password, .. } if password.is_empty() => None,
+            other => Some(other),
+        };
+        SmtpTransport::build(account, credentials)
+    }
+
+    fn build(account: &Account, credentials: Option<Credentials>) -> Result<SmtpTransport> {
         let (id, outgoing) = super::settings(account)?;
         let host = outgoing
             .host
@@ -123,8 +162,18 @@ impl SmtpTransport {
                 host,
                 port: outgoing.port,
                 ssl: outgoing.ssl,
-                login: account.login_name().to_string(),
-                password: account.password.clone().filter(|p| !p.is_empty()),
+                login: credentials
+                    .as_ref()
+                    .map_or(account.login_name(), Credentials::user)
+                    .to_string(),
+                password: match &credentials {
+                    Some(Credentials::Password { password, .. }) => Some(password.clone()),
+                    _ => None,
+                },
+                tokens: match credentials {
+                    Some(Credentials::Bearer { tokens, .. }) => Some(tokens),
+                    _ => None,
+                },
                 connector,
                 timeout: if account.timeout.is_zero() {
                     net::FALLBACK_TIMEOUT
@@ -195,8 +244,35 @@ impl SmtpTransport {
         conn.abort();
     }
 
-    /// Connects, reads the greeting, says EHLO, secures and authenticates a new connection.
+    /// Connects, reads the greeting, says EHLO, secures and authenticates a new connection;
+    /// a second connection when the server closed the first after refusing a token (the
+    /// fresh token goes on the new one).
     fn open(&self, mut steps: Option<&mut Vec<String>>) -> Result<Conn, Fail> {
+        let mut signin = self
+            .cfg
+            .tokens
+            .as_ref()
+            .map(|t| TokenSignIn::new(Arc::clone(t)));
+        let mut redialed = false;
+        loop {
+            match self.open_once(steps.as_deref_mut(), signin.as_mut()) {
+                Err(fail)
+                    if !redialed
+                        && signin.as_ref().is_some_and(TokenSignIn::refreshed)
+                        && fail.stale_connection() =>
+                {
+                    redialed = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(
+        &self,
+        mut steps: Option<&mut Vec<String>>,
+        signin: Option<&mut TokenSignIn>,
+    ) -> Result<Conn, Fail> {
         let cfg = &self.cfg;
         let mut note = |s: String| {
             if let Some(steps) = steps.as_deref_mut() {
@@ -252,11 +328,25 @@ impl SmtpTransport {
         if let Some(password) = &cfg.password {
             let mechanism = conn.auth(&cfg.login, password, cfg.ssl)?;
             note(format!("authenticated as {} ({mechanism})", cfg.login));
+        } else if let Some(signin) = signin {
+            let mechanism = conn.auth_token(cfg, signin)?;
+            let fresh = if signin.refreshed() {
+                ", with a fresh token after the first was refused"
+            } else {
+                ""
+            };
+            note(format!(
+                "authenticated as {} ({mechanism} access token{fresh})",
+                cfg.login
+            ));
         }
         Ok(conn)
     }
 
     fn fail_to_error(&self, fail: Fail) -> Error {
+        if let Fail::Fatal(err) = fail {
+            return err;
+        }
         let (code, transient, message) = fail.describe(self.cfg.timeout, self.cfg.ssl);
         let message = redact(&message, &self.cfg);
         Error::transport(
@@ -559,6 +649,8 @@ enum Fail {
     },
     /// A problem found on our side (missing extension, size, ...).
     Local { message: String, transient: bool },
+    /// The whole error, already phrased (a refused token, the token source's own error).
+    Fatal(Error),
 }
 
 impl Fail {
@@ -670,6 +762,7 @@ impl Fail {
                 format!("unexpected answer at the {stage}: {message} (is this an SMTP server?)"),
             ),
             Fail::Local { message, transient } => (None, transient, message),
+            Fail::Fatal(err) => (None, false, err.to_string()),
         }
     }
 }
@@ -884,6 +977,122 @@ impl Conn {
                 reply,
             }),
         }
+    }
+
+    /// AUTH XOAUTH2 (else OAUTHBEARER) with the sign-in's token; after a refusal, the retry
+    /// decided by the sign-in. Returns the mechanism.
+    fn auth_token(&mut self, cfg: &Config, signin: &mut TokenSignIn) -> Result<&'static str, Fail> {
+        let offers = |m: &str| self.caps.auth.iter().any(|a| a == m);
+        let Some(mechanism) = Mechanism::choose(offers) else {
+            let hint = if cfg.ssl == SslMode::None && self.caps.auth.is_empty() {
+                " (many servers offer AUTH only over TLS: check OUTGOING_SSL)"
+            } else {
+                ""
+            };
+            return Err(Fail::Local {
+                message: format!(
+                    "{}{hint}",
+                    sasl::no_token_mechanism("SMTP", &self.caps.auth.join(" "))
+                ),
+                transient: false,
+            });
+        };
+        let name = mechanism.name();
+        loop {
+            let response = signin
+                .initial_response(mechanism, &cfg.login, &cfg.host, cfg.port)
+                .map_err(Fail::Fatal)?;
+            let mut failure = None;
+            let result = self.token_exchange(mechanism, &response, &mut failure);
+            let refused = |signin: &TokenSignIn, text: &str| {
+                Fail::Fatal(sasl::token_refused(
+                    &cfg.account,
+                    "SMTP",
+                    &cfg.server,
+                    &cfg.login,
+                    mechanism,
+                    failure.as_ref(),
+                    signin.refreshed(),
+                    &signin.redact(text),
+                ))
+            };
+            match result {
+                Ok(reply) if reply.code == 235 => return Ok(name),
+                Ok(reply) if reply.code == 535 || (failure.is_some() && reply.code >= 500) => {
+                    if signin.retry_after(failure.as_ref()).map_err(Fail::Fatal)? {
+                        continue;
+                    }
+                    return Err(refused(signin, &reply.text()));
+                }
+                Ok(mut reply) => {
+                    for line in &mut reply.lines {
+                        *line = signin.redact(line);
+                    }
+                    return Err(Fail::Reply {
+                        what: format!("authentication as {} ({name})", cfg.login),
+                        reply,
+                    });
+                }
+                // Refused (the failure challenge came), then cut off: when a retry is due,
+                // `open` makes it on a new connection.
+                Err(fail @ (Fail::Io { .. } | Fail::Closed { .. }))
+                    if failure.is_some() && !signin.refreshed() =>
+                {
+                    if signin.retry_after(failure.as_ref()).map_err(Fail::Fatal)? {
+                        return Err(fail);
+                    }
+                    return Err(refused(signin, "the server closed the connection"));
+                }
+                Err(Fail::Protocol { stage, message }) => {
+                    return Err(Fail::Protocol {
+                        stage,
+                        message: signin.redact(&message),
+                    })
+                }
+                Err(fail) => return Err(fail),
+            }
+        }
+    }
+
+    /// One AUTH exchange with the base64 initial `response`, up to the server's final reply;
+    /// a failure challenge on the way is decoded into `failure`.
+    fn token_exchange(
+        &mut self,
+        mechanism: Mechanism,
+        response: &str,
+        failure: &mut Option<TokenFailure>,
+    ) -> Result<Reply, Fail> {
+        let name = mechanism.name();
+        let inline = format!("AUTH {name} {response}");
+        let mut reply = if inline.len() + 2 <= AUTH_LINE_LIMIT {
+            self.command(&inline, "AUTH")?
+        } else {
+            let reply = self.command(&format!("AUTH {name}"), "AUTH")?;
+            if reply.code != 334 {
+                return Ok(reply);
+            }
+            self.command(response, "AUTH")?
+        };
+        let mut challenges = 0;
+        while reply.code == 334 {
+            challenges += 1;
+            if challenges >= MAX_CHALLENGES {
+                let _ = self.command("*", "AUTH");
+                return Err(Fail::Protocol {
+                    stage: "AUTH",
+                    message: "the server kept asking for more authentication data".into(),
+                });
+            }
+            if let Some(found) = reply
+                .lines
+                .first()
+                .and_then(|l| TokenFailure::from_challenge(l))
+            {
+                *failure = Some(found);
+            }
+            reply = self.command(sasl::failure_ack(mechanism), "AUTH")?;
+        }
+        Ok(reply)
     }
 
     /// One mail transaction. On failure, says whether the connection can be reused (the

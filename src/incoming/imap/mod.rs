@@ -49,12 +49,21 @@
 //! `CA_FILE`). Connecting, TLS, greeting and login together take at most the account
 //! timeout; afterwards every read and write is bounded by it. Any I/O or protocol failure
 //! drops the connection (nothing half-done can be committed); a `NO` reply does not.
+//!
+//! With an access token ([`ImapMailbox::connect_with`], [`Credentials::Bearer`]) the client
+//! sends `AUTHENTICATE XOAUTH2` (OAUTHBEARER when the server offers only that), the initial
+//! response on the command line when the server has SASL-IR. The server's failure challenge
+//! (base64 JSON) is acknowledged, and a token refused as invalid or expired is replaced once
+//! by a fresh one (on a new connection when the server hung up); then the refusal is the
+//! account's `Error::Auth`.
 
 mod fetch;
 pub mod utf7;
 mod wire;
 
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use imap::Session;
@@ -63,6 +72,7 @@ use crate::config::{Account, MailboxType, ProcessedAction, Secret, SslMode};
 use crate::error::{Error, Result};
 use crate::incoming::{Fetched, Flow, Listed, Mailbox};
 use crate::net::{self, MaybeTls};
+use crate::sasl::{self, Credentials, Mechanism, TokenFailure, TokenSignIn};
 use crate::state::StateStore;
 
 use fetch::{ReadError, Response, Status};
@@ -112,7 +122,10 @@ pub struct ImapMailbox {
     account: String,
     server: String,
     user: String,
-    password: Secret,
+    credentials: Credentials,
+    /// What server texts are cleaned of: the password and the AUTHENTICATE PLAIN response
+    /// built from it, or the access tokens sent and their initial responses.
+    secrets: Vec<String>,
     folder: String,
     mark_key: String,
     action: ProcessedAction,
@@ -172,6 +185,49 @@ impl imap::Authenticator for PlainAuth<'_> {
         out.extend_from_slice(self.password.expose().as_bytes());
         out
     }
+}
+
+/// AUTHENTICATE XOAUTH2 / OAUTHBEARER: the initial response (answering the server's empty
+/// challenge, when it was not sent on the command line with SASL-IR), then the failure
+/// acknowledgement for any further challenge, which is the server's JSON reason for refusing
+/// the token (kept for the retry decision).
+struct TokenAuth {
+    initial: Vec<u8>,
+    ack: &'static [u8],
+    initial_sent: Cell<bool>,
+    failure: RefCell<Option<TokenFailure>>,
+}
+
+impl imap::Authenticator for TokenAuth {
+    type Response = Vec<u8>;
+    fn process(&self, challenge: &[u8]) -> Vec<u8> {
+        if !self.initial_sent.replace(true) {
+            return self.initial.clone();
+        }
+        if let Some(failure) = TokenFailure::from_json(challenge) {
+            *self.failure.borrow_mut() = Some(failure);
+        }
+        self.ack.to_vec()
+    }
+}
+
+/// What signing in on one connection came to.
+enum Opened {
+    Session(ImapSession),
+    /// The server closed the connection after refusing a token; the fresh one waits in the
+    /// sign-in, for a new connection. The error is what ended the old one.
+    Redial(Error),
+}
+
+/// INCOMING_HOST of an IMAP account (a password is not needed with a token).
+fn incoming_host<'a>(id: &str, incoming: &'a crate::config::Incoming) -> Result<&'a str> {
+    incoming
+        .host
+        .as_deref()
+        .filter(|h| !h.trim().is_empty())
+        .ok_or_else(|| {
+            Error::account_key(id, "INCOMING_HOST", "an IMAP mailbox needs a server name")
+        })
 }
 
 /// `INBOX` is case-insensitive; every other name is kept as written.
@@ -403,12 +459,33 @@ pub fn next_low_water(start: u32, listed: &[u32], settled: &HashSet<u32>) -> u32
 }
 
 impl ImapMailbox {
-    /// Connects, starts TLS as the account says, logs in and reads the capabilities. The
-    /// folder is opened by the first operation that needs it.
+    /// Connects, starts TLS as the account says, logs in with the account's LOGIN and
+    /// PASSWORD and reads the capabilities. The folder is opened by the first operation that
+    /// needs it.
     pub fn connect(account: &Account, state: StateStore) -> Result<ImapMailbox> {
         let (id, incoming) = super::settings_of(account, MailboxType::Imap)?;
-        let (host, password) = super::server_and_password(account, &id, incoming)?;
-        let user = account.login_name().to_string();
+        let (_, password) = super::server_and_password(account, &id, incoming)?;
+        let credentials = Credentials::Password {
+            user: account.login_name().to_string(),
+            password,
+        };
+        ImapMailbox::connect_with(account, state, credentials)
+    }
+
+    /// [`ImapMailbox::connect`] signing in with `credentials` instead of the account's
+    /// password: with [`Credentials::Bearer`], `AUTHENTICATE XOAUTH2` (else OAUTHBEARER) with
+    /// the token source's access token, on the command line when the server offers SASL-IR;
+    /// a token refused as invalid or expired gets one fresh token and one more attempt (on a
+    /// new connection if the server closed this one). A final refusal is an `Error::Auth`
+    /// naming the server and user, never the token.
+    pub fn connect_with(
+        account: &Account,
+        state: StateStore,
+        credentials: Credentials,
+    ) -> Result<ImapMailbox> {
+        let (id, incoming) = super::settings_of(account, MailboxType::Imap)?;
+        let host = incoming_host(&id, incoming)?;
+        let user = credentials.user().to_string();
         if user.is_empty() || user.contains(['\r', '\n', '\0']) {
             return Err(Error::account_key(
                 &id,
@@ -416,12 +493,23 @@ impl ImapMailbox {
                 "the login name is empty or contains a line break",
             ));
         }
-        if password.expose().contains(['\r', '\n', '\0']) {
-            return Err(Error::account_key(
-                &id,
-                "PASSWORD",
-                "the password contains a line break or NUL character",
-            ));
+        let mut secrets = Vec::new();
+        if let Credentials::Password { password, .. } = &credentials {
+            if password.expose().contains(['\r', '\n', '\0']) {
+                return Err(Error::account_key(
+                    &id,
+                    "PASSWORD",
+                    "the password contains a line break or NUL character",
+                ));
+            }
+            if !password.is_empty() {
+                use base64::Engine;
+                secrets.push(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(format!("\0{user}\0{}", password.expose())),
+                );
+                secrets.push(password.expose().to_string());
+            }
         }
         let folder = normalize_folder(&incoming.folder);
         if folder.is_empty() || folder.chars().any(char::is_control) {
@@ -482,12 +570,36 @@ impl ImapMailbox {
         };
         let wire = Wire::new(stream, timeout);
         wire.set_deadline(Some(deadline));
+        // A second connection, when a server closed the first after refusing a token.
+        let redial = |connector: &Option<net::TlsConnector>| -> Result<Wire<MaybeTls>> {
+            let tcp = net::connect_tcp(host, port, timeout).map_err(|e| {
+                mailbox_err(format!("cannot connect: {}", net::describe_io_error(&e)))
+            })?;
+            let _ = tcp.set_write_timeout(Some(timeout));
+            let stream = match (connector, incoming.ssl) {
+                (Some(connector), SslMode::Ssl) => {
+                    let _ = tcp.set_read_timeout(Some(timeout));
+                    MaybeTls::start_tls(connector, host, tcp).map_err(|e| {
+                        mailbox_err(format!("cannot start TLS: {}", net::describe_io_error(&e)))
+                    })?
+                }
+                _ => MaybeTls::Plain(tcp),
+            };
+            let wire = Wire::new(stream, timeout);
+            wire.set_deadline(Some(Instant::now() + timeout));
+            Ok(wire)
+        };
 
+        let mut signin = match &credentials {
+            Credentials::Bearer { tokens, .. } => Some(TokenSignIn::new(Arc::clone(tokens))),
+            Credentials::Password { .. } => None,
+        };
         let mut mailbox = ImapMailbox {
             account: id.clone(),
             server: server.clone(),
             user: user.clone(),
-            password,
+            credentials,
+            secrets,
             folder: folder.clone(),
             mark_key: format!("{user}@{}/{folder}", host.to_ascii_lowercase()),
             action: incoming.processed_action.clone(),
@@ -511,9 +623,32 @@ impl ImapMailbox {
             stats: ImapStats::default(),
             state,
         };
-        let session = mailbox.open_session(wire.clone(), host, incoming.ssl, connector)?;
+        let mut redialed = false;
+        let session = loop {
+            let opened = mailbox.open_session(
+                mailbox.wire.clone(),
+                host,
+                port,
+                incoming.ssl,
+                connector.clone(),
+                signin.as_mut(),
+            );
+            for sent in signin.iter().flat_map(|s| s.sent()) {
+                if !mailbox.secrets.contains(sent) {
+                    mailbox.secrets.push(sent.clone());
+                }
+            }
+            match opened? {
+                Opened::Session(session) => break session,
+                Opened::Redial(_) if !redialed => {
+                    redialed = true;
+                    mailbox.wire = redial(&connector)?;
+                }
+                Opened::Redial(err) => return Err(err),
+            }
+        };
         mailbox.session = Some(session);
-        wire.set_deadline(None);
+        mailbox.wire.set_deadline(None);
         // Servers such as Dovecot name them in their reply to LOGIN: no round trip then.
         let caps = match mailbox.login_caps.take() {
             Some(caps) => caps,
@@ -524,14 +659,17 @@ impl ImapMailbox {
         Ok(mailbox)
     }
 
-    /// Greeting, STARTTLS when asked for, login.
+    /// Greeting, STARTTLS when asked for, login (or AUTHENTICATE with a token, through
+    /// `signin`, which the caller keeps across connections).
     fn open_session(
         &mut self,
         wire: Wire<MaybeTls>,
         host: &str,
+        port: u16,
         ssl: SslMode,
         connector: Option<net::TlsConnector>,
-    ) -> Result<ImapSession> {
+        signin: Option<&mut TokenSignIn>,
+    ) -> Result<Opened> {
         let mut greeting = Vec::new();
         wire.read_line(&mut greeting, fetch::MAX_LINE)
             .map_err(|e| self.io_error("waiting for the server's greeting", &e))?;
@@ -596,10 +734,21 @@ impl ImapMailbox {
                     .map_err(|e| self.error("reading the capabilities", &e))?,
             ),
         };
+        let password = match (&self.credentials, signin) {
+            (Credentials::Bearer { .. }, Some(signin)) => {
+                return self.authenticate_token(client, &caps, &wire, host, port, signin);
+            }
+            (Credentials::Password { password, .. }, _) => password.clone(),
+            (Credentials::Bearer { .. }, None) => {
+                return Err(Error::message(
+                    "a token sign-in was started without its state",
+                ))
+            }
+        };
         let plain_ascii = |s: &str| s.bytes().all(|b| (0x20..0x7f).contains(&b));
         let needs_sasl = caps.has("LOGINDISABLED")
             || !plain_ascii(&self.user)
-            || !plain_ascii(self.password.expose());
+            || !plain_ascii(password.expose());
         if needs_sasl && !caps.has("AUTH=PLAIN") {
             return Err(self.mailbox_error(if caps.has("LOGINDISABLED") {
                 "the server does not allow logging in on this connection (LOGINDISABLED); \
@@ -615,16 +764,16 @@ impl ImapMailbox {
         let result = if needs_sasl {
             let auth = PlainAuth {
                 user: &self.user,
-                password: &self.password,
+                password: &password,
             };
             client.authenticate("PLAIN", &auth).map_err(|(e, _)| e)
         } else {
             client
-                .login(&self.user, self.password.expose())
+                .login(&self.user, password.expose())
                 .map_err(|(e, _)| e)
         };
         self.login_caps = Caps::in_reply(&wire.take_capture());
-        result.map_err(|e| match e {
+        result.map(Opened::Session).map_err(|e| match e {
             imap::Error::No(no) => Error::auth(
                 &self.account,
                 format!(
@@ -636,6 +785,137 @@ impl ImapMailbox {
             ),
             other => self.error("logging in", &other),
         })
+    }
+
+    /// `AUTHENTICATE XOAUTH2` (else OAUTHBEARER) with the sign-in's token; see
+    /// [`ImapMailbox::connect_with`].
+    fn authenticate_token(
+        &mut self,
+        mut client: imap::Client<Wire<MaybeTls>>,
+        caps: &Caps,
+        wire: &Wire<MaybeTls>,
+        host: &str,
+        port: u16,
+        signin: &mut TokenSignIn,
+    ) -> Result<Opened> {
+        let Some(mechanism) = Mechanism::choose(|m| caps.has(&format!("AUTH={m}"))) else {
+            let offered = match caps {
+                Caps::Listed(list) => list
+                    .iter()
+                    .filter(|c| c.to_ascii_uppercase().starts_with("AUTH="))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                Caps::Crate(caps) => {
+                    let mut list: Vec<String> = caps
+                        .iter()
+                        // The crate does not export its capability type; its Debug form is
+                        // `Auth("PLAIN")`.
+                        .filter_map(|c| {
+                            let debug = format!("{c:?}");
+                            let name = debug.strip_prefix("Auth(\"")?.strip_suffix("\")")?;
+                            Some(format!("AUTH={name}"))
+                        })
+                        .collect();
+                    list.sort();
+                    list.join(" ")
+                }
+            };
+            return Err(self.mailbox_error(sasl::no_token_mechanism("IMAP", &offered)));
+        };
+        let sasl_ir = caps.has("SASL-IR");
+        loop {
+            // Recorded by the sign-in for redaction whether it goes on the command line or not.
+            let response = signin.initial_response(mechanism, &self.user, host, port)?;
+            let token = signin.token()?;
+            let initial = mechanism.initial_bytes(&self.user, &token, host, port);
+            let auth = TokenAuth {
+                initial,
+                ack: sasl::failure_ack_bytes(mechanism),
+                initial_sent: Cell::new(sasl_ir),
+                failure: RefCell::new(None),
+            };
+            let command = if sasl_ir {
+                format!("{} {response}", mechanism.name())
+            } else {
+                mechanism.name().to_string()
+            };
+            wire.start_capture();
+            let result = client.authenticate(&command, &auth);
+            let captured = wire.take_capture();
+            let failure = auth.failure.into_inner();
+            let (err, back) = match result {
+                Ok(session) => {
+                    self.login_caps = Caps::in_reply(&captured);
+                    return Ok(Opened::Session(session));
+                }
+                Err(e) => e,
+            };
+            let refusal = match &err {
+                imap::Error::No(no) => Some(no.information.to_string()),
+                _ => None,
+            };
+            match refusal {
+                Some(text) => {
+                    if signin.retry_after(failure.as_ref())? {
+                        client = back;
+                        continue;
+                    }
+                    let text = fetch::clean_text(signin.redact(&text).as_bytes());
+                    return Err(sasl::token_refused(
+                        &self.account,
+                        "IMAP",
+                        &self.server,
+                        &self.user,
+                        mechanism,
+                        failure.as_ref(),
+                        signin.refreshed(),
+                        &text,
+                    ));
+                }
+                None => {
+                    let gone = matches!(
+                        err,
+                        imap::Error::Io(_) | imap::Error::ConnectionLost | imap::Error::Bye(_)
+                    );
+                    let what = format!("signing in with {}", mechanism.name());
+                    let detail = self.error(&what, &err);
+                    let error = match detail {
+                        Error::Mailbox(mut m) => {
+                            m.message = signin.redact(&m.message);
+                            Error::Mailbox(m)
+                        }
+                        other => other,
+                    };
+                    if !gone {
+                        return Err(error);
+                    }
+                    // Cut off during the retry with a fresh token: the caller sends it again on
+                    // a new connection (once).
+                    if signin.refreshed() {
+                        return Ok(Opened::Redial(error));
+                    }
+                    // Refused (the failure challenge came), then cut off: the retry goes on a
+                    // new connection.
+                    if failure.is_some() {
+                        if signin.retry_after(failure.as_ref())? {
+                            return Ok(Opened::Redial(error));
+                        }
+                        return Err(sasl::token_refused(
+                            &self.account,
+                            "IMAP",
+                            &self.server,
+                            &self.user,
+                            mechanism,
+                            failure.as_ref(),
+                            false,
+                            "the server closed the connection",
+                        ));
+                    }
+                    return Err(error);
+                }
+            }
+        }
     }
 
     /// What this mailbox has sent and received so far.
@@ -661,17 +941,16 @@ impl ImapMailbox {
     }
 
     /// Removes the password from server text, in case a server echoes it back — as sent in
-    /// LOGIN, or inside the base64 AUTHENTICATE PLAIN response.
+    /// LOGIN, or inside the base64 AUTHENTICATE PLAIN response — and likewise the access
+    /// tokens sent and their initial responses.
     fn redact(&self, text: &str) -> String {
-        use base64::Engine;
-        let secret = self.password.expose();
-        if secret.is_empty() {
-            return text.to_string();
+        let mut out = text.to_string();
+        for secret in &self.secrets {
+            if !secret.is_empty() && out.contains(secret.as_str()) {
+                out = out.replace(secret.as_str(), "<redacted>");
+            }
         }
-        let plain =
-            base64::engine::general_purpose::STANDARD.encode(format!("\0{}\0{secret}", self.user));
-        text.replace(&plain, "<redacted>")
-            .replace(secret, "<redacted>")
+        out
     }
 
     fn io_error(&self, what: &str, e: &std::io::Error) -> Error {

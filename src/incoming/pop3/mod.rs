@@ -1,4 +1,5 @@
-//! An in-house POP3 client: RFC 1939, CAPA (RFC 2449), STLS (RFC 2595), AUTH PLAIN (RFC 5034).
+//! An in-house POP3 client: RFC 1939, CAPA (RFC 2449), STLS (RFC 2595), AUTH PLAIN (RFC 5034),
+//! AUTH XOAUTH2 / OAUTHBEARER with an access token (RFC 7628).
 //!
 //! It works on bytes and is generic over any `Read + Write` stream. A session is typed by its
 //! state: [`Pop3Session<S, Authorization>`] after the greeting, [`Pop3Session<S, Transaction>`]
@@ -23,6 +24,8 @@ mod wire;
 mod mock;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod token_tests;
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -34,7 +37,15 @@ use base64::Engine as _;
 use crate::config::{Secret, SslMode, TlsSettings};
 use crate::incoming::Flow;
 use crate::net::{self, MaybeTls};
-use wire::{listing_lines, sanitize, Conn, Fail, Status, LISTING_LIMIT};
+use crate::sasl::{self, Mechanism, TokenFailure, TokenSignIn};
+use wire::{listing_lines, sanitize, Conn, Fail, SaslReply, Status, LISTING_LIMIT};
+
+/// RFC 5034 §4: an `AUTH` command with its initial response may be at most this long
+/// (CRLF included); a longer response goes after the server's `+` instead.
+const AUTH_LINE_LIMIT: usize = 255;
+/// Challenges answered in one AUTH exchange before the client gives up (the token
+/// mechanisms need at most two: the empty one and the failure).
+const MAX_CHALLENGES: usize = 3;
 
 /// Commands kept in flight when the server offers PIPELINING (refilled when half are
 /// answered). Commands are tiny (~16 bytes): 1024 of them are 16 KiB, which the socket buffers
@@ -146,6 +157,27 @@ pub struct UidlEntry {
     pub number: u32,
     pub uid: String,
 }
+
+/// What signing in with a token on one connection came to.
+pub enum TokenLogin<S> {
+    LoggedIn(Pop3Session<S, Transaction>),
+    /// The server closed the connection after refusing the token: the fresh token waits in
+    /// the sign-in, to be sent on a new connection. The error is what ended this one.
+    Reconnect(crate::Error),
+}
+
+impl<S> fmt::Debug for TokenLogin<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenLogin::LoggedIn(_) => f.write_str("LoggedIn"),
+            TokenLogin::Reconnect(e) => f.debug_tuple("Reconnect").field(e).finish(),
+        }
+    }
+}
+
+/// One AUTH exchange with a token: the failure challenge if the server sent one, and how it
+/// ended (`Ok(None)` signed in, `Ok(Some(text))` refused with `-ERR text`).
+type TokenAttempt = (Option<TokenFailure>, Result<Option<String>, Fail>);
 
 /// The outcome of one command of a pipelined batch: the data, or the server's `-ERR` text.
 pub type Fetched = Result<Vec<u8>, String>;
@@ -532,6 +564,164 @@ impl<S: Read + Write> Pop3Session<S, Authorization> {
         }
         Ok(session)
     }
+}
+
+impl<S: Read + Write> Pop3Session<S, Authorization> {
+    /// Signs in with an access token: `AUTH XOAUTH2` (else OAUTHBEARER, as the `SASL`
+    /// capability offers), the initial response on the command line when the line stays
+    /// within 255 octets, else after the server's `+`. A refusal whose failure challenge
+    /// says the token is invalid or expired (or that gives no reason) gets one fresh token
+    /// and one more attempt on this connection; when the server closed it meanwhile, the
+    /// caller gets [`TokenLogin::Reconnect`] and sends the fresh token on a new one (with the
+    /// same `signin`). A final refusal is an `Error::Auth` that names the server and user,
+    /// never the token. `host` and `port` are the server's, for OAUTHBEARER.
+    pub fn login_token(
+        mut self,
+        user: &str,
+        signin: &mut TokenSignIn,
+        host: &str,
+        port: u16,
+    ) -> crate::Result<TokenLogin<S>> {
+        if user.is_empty() || user.contains(['\r', '\n', '\0']) {
+            return Err(crate::Error::account_key(
+                &self.account,
+                "LOGIN",
+                "the POP3 login name is empty or contains a line break",
+            ));
+        }
+        if let Some(first) = &self.poisoned {
+            return Err(self.error(Fail::Protocol(format!(
+                "the session is unusable after an earlier error ({first})"
+            ))));
+        }
+        let offered = self.caps.sasl();
+        let Some(mechanism) = Mechanism::choose(|m| offered.iter().any(|o| o == m)) else {
+            return Err(self.error(Fail::Protocol(sasl::no_token_mechanism(
+                "POP3",
+                &offered.join(" "),
+            ))));
+        };
+        loop {
+            let response = signin
+                .initial_response(mechanism, user, host, port)
+                .map_err(|e| self.error(Fail::Other(e)))?;
+            let (failure, outcome) = self.token_attempt(mechanism, &response);
+            let refused = |signin: &TokenSignIn, text: &str, retried: bool| {
+                sasl::token_refused(
+                    &self.account,
+                    "POP3",
+                    &self.server,
+                    user,
+                    mechanism,
+                    failure.as_ref(),
+                    retried,
+                    &sanitize(signin.redact(text).as_bytes()),
+                )
+            };
+            match outcome {
+                Ok(None) => break,
+                Ok(Some(text)) => {
+                    if not_about_credentials(&text) {
+                        let text = sanitize(signin.redact(&text).as_bytes());
+                        return Err(self.error(Fail::Protocol(format!(
+                            "the server refused the login for '{user}' for a reason other than \
+                             the token: {text}"
+                        ))));
+                    }
+                    if signin.retry_after(failure.as_ref())? {
+                        continue;
+                    }
+                    return Err(refused(signin, &text, signin.refreshed()));
+                }
+                Err(fail) => {
+                    let message = signin.redact(&fail.describe());
+                    if fail.poisons() {
+                        self.poisoned = Some(message.clone());
+                    }
+                    let error = self.error(Fail::Protocol(message));
+                    let gone = matches!(fail, Fail::Io { .. });
+                    if gone && signin.refreshed() {
+                        // Cut off during the retry: the fresh token goes on a new connection.
+                        return Ok(TokenLogin::Reconnect(error));
+                    }
+                    if gone && failure.is_some() {
+                        // Refused, then cut off: the retry goes on a new connection.
+                        if signin.retry_after(failure.as_ref())? {
+                            return Ok(TokenLogin::Reconnect(error));
+                        }
+                        return Err(refused(signin, "the server closed the connection", false));
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        let mut session = self.into_state::<Transaction>();
+        if session.caps.known {
+            session.capa()?;
+        }
+        Ok(TokenLogin::LoggedIn(session))
+    }
+
+    /// One `AUTH` exchange with the base64 initial `response`.
+    fn token_attempt(&mut self, mechanism: Mechanism, response: &str) -> TokenAttempt {
+        let mut failure = None;
+        let name = mechanism.name();
+        let command = format!("AUTH {name}");
+        let doing = format!("waiting for the reply to {command}");
+        let outcome = (|| {
+            let inline = format!("{command} {response}\r\n");
+            let mut reply = if inline.len() <= AUTH_LINE_LIMIT {
+                self.conn.send(inline.as_bytes(), &command)?;
+                self.conn.read_sasl_reply(&doing)?
+            } else {
+                self.conn
+                    .send(format!("{command}\r\n").as_bytes(), &command)?;
+                match self.conn.read_sasl_reply(&doing)? {
+                    SaslReply::Challenge(_) => {
+                        self.conn
+                            .send(format!("{response}\r\n").as_bytes(), &command)?;
+                        self.conn.read_sasl_reply(&doing)?
+                    }
+                    status => status,
+                }
+            };
+            let mut challenges = 0;
+            loop {
+                match reply {
+                    SaslReply::Status(status) if status.ok => return Ok(None),
+                    SaslReply::Status(status) => {
+                        return Ok(Some(String::from_utf8_lossy(&status.text).into_owned()))
+                    }
+                    SaslReply::Challenge(text) => {
+                        challenges += 1;
+                        if challenges >= MAX_CHALLENGES {
+                            // Cancel (RFC 5034 §4); the session is not trusted afterwards.
+                            let _ = self.conn.send(b"*\r\n", &command);
+                            return Err(Fail::Protocol(format!(
+                                "the server kept sending {name} challenges"
+                            )));
+                        }
+                        if let Some(f) = TokenFailure::from_challenge(&text) {
+                            failure = Some(f);
+                        }
+                        let ack = sasl::failure_ack(mechanism);
+                        self.conn.send(format!("{ack}\r\n").as_bytes(), &command)?;
+                        reply = self.conn.read_sasl_reply(&doing)?;
+                    }
+                }
+            }
+        })();
+        (failure, outcome)
+    }
+}
+
+/// True when a refusal's response code (RFC 2449 / RFC 3206) says it has nothing to do with
+/// the credentials: the maildrop is in use, logins are rate-limited, the server has trouble.
+fn not_about_credentials(text: &str) -> bool {
+    let upper = text.trim_start().to_ascii_uppercase();
+    ["[IN-USE]", "[LOGIN-DELAY]", "[SYS/"]
+        .iter()
+        .any(|code| upper.starts_with(code))
 }
 
 /// The error for a refused login: `Auth`, unless the response code says the refusal has

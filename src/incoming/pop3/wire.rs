@@ -107,6 +107,13 @@ impl Status {
     }
 }
 
+/// A reply during SASL authentication.
+pub(super) enum SaslReply {
+    Status(Status),
+    /// A server challenge (base64 text, possibly empty).
+    Challenge(String),
+}
+
 enum LineError {
     Io(io::Error),
     Eof,
@@ -212,6 +219,33 @@ impl<S: Read + Write> Conn<S> {
         };
         let text = rest.strip_prefix(b" ").unwrap_or(rest).to_vec();
         Ok(Status { ok, text })
+    }
+
+    /// Reads the reply to an `AUTH` command or a SASL response: a status line, or a
+    /// continuation `+ <base64>` (RFC 5034), returned with its text.
+    pub(super) fn read_sasl_reply(&mut self, doing: &str) -> Result<SaslReply, Fail> {
+        let mut line = Vec::new();
+        self.read_line(&mut line, STATUS_LINE_LIMIT)
+            .map_err(|e| line_fail(e, doing, STATUS_LINE_LIMIT as u64))?;
+        let trimmed = trim_eol(&line);
+        if trimmed == b"+" || trimmed.starts_with(b"+ ") {
+            let text = String::from_utf8_lossy(&trimmed[1..]).trim().to_string();
+            return Ok(SaslReply::Challenge(text));
+        }
+        if starts_with_word(trimmed, b"+OK") {
+            let rest = &trimmed[3..];
+            let text = rest.strip_prefix(b" ").unwrap_or(rest).to_vec();
+            return Ok(SaslReply::Status(Status { ok: true, text }));
+        }
+        if starts_with_word(trimmed, b"-ERR") {
+            let rest = &trimmed[4..];
+            let text = rest.strip_prefix(b" ").unwrap_or(rest).to_vec();
+            return Ok(SaslReply::Status(Status { ok: false, text }));
+        }
+        Err(Fail::Protocol(format!(
+            "unexpected reply while {doing}: \"{}\"",
+            sanitize(trimmed)
+        )))
     }
 
     /// Reads the body of a multi-line response into `out`, byte-exact as sent except for the
