@@ -11,7 +11,7 @@ use cloud_support::*;
 use pcr_email::config::{Account, ProcessedAction};
 use pcr_email::error::Error;
 use pcr_email::incoming::{Fetched, Flow, Mailbox};
-use pcr_email::oauth::{self, Provider};
+use pcr_email::oauth::Provider;
 
 fn setup(
     provider: Provider,
@@ -28,7 +28,7 @@ fn setup(
 }
 
 fn open(a: &Account, env: &Env) -> Box<dyn Mailbox> {
-    oauth::open_mailbox(a, &env.env, env.store()).unwrap()
+    pcr_email::incoming::open(a, &env.env, env.store()).unwrap()
 }
 
 fn fetch_all(mb: &mut dyn Mailbox, ids: &[String]) -> Vec<Fetched> {

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use cloud_support::*;
 use pcr_email::error::Error;
-use pcr_email::oauth::{self, tokens, Provider};
+use pcr_email::oauth::{tokens, Provider};
 use pcr_email::outgoing::gmail::GmailTransport;
 use pcr_email::outgoing::graph::GraphTransport;
 use pcr_email::outgoing::{BuiltMessage, DeliveryStatus, Transport};
@@ -398,9 +398,9 @@ fn a_gmail_service_account_sends_as_the_impersonated_mailbox() {
 #[test]
 fn cloud_transports_are_made_from_the_account() {
     let (_, env, a) = graph_setup("gdispatch", 64);
-    let t = oauth::transport_for(&a, &env.env).unwrap();
+    let t = pcr_email::outgoing::transport_for(&a, &env.env).unwrap();
     assert_eq!(t.kind(), pcr_email::config::TransportType::Office365);
     let mut smtp = a.clone();
     smtp.outgoing.as_mut().unwrap().transport = pcr_email::config::TransportType::Smtp;
-    assert!(oauth::transport_for(&smtp, &env.env).is_err());
+    assert!(pcr_email::outgoing::transport_for(&smtp, &env.env).is_err());
 }

@@ -201,6 +201,7 @@ fn account(incoming: Option<(MailboxType, u16)>, outgoing: Option<u16>) -> Accou
         file_path: PathBuf::from("/nonexistent"),
         sendmail_path: PathBuf::from("/nonexistent"),
         timeout: Duration::from_secs(5),
+        auth_type: Default::default(),
         oauth: None,
     }
 }

@@ -214,6 +214,7 @@ fn account(user: &str, incoming: Option<Incoming>, outgoing: Option<Outgoing>) -
         file_path: PathBuf::from("/nonexistent"),
         sendmail_path: PathBuf::from("/nonexistent"),
         timeout: Duration::from_secs(10),
+        auth_type: Default::default(),
         oauth: None,
     }
 }

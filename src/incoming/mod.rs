@@ -19,7 +19,7 @@ pub mod maildir;
 pub mod pop3;
 pub mod pop3_mailbox;
 
-use crate::config::{Account, Incoming, MailboxType, Secret};
+use crate::config::{Account, AuthType, Incoming, MailboxType, Secret};
 use crate::error::{Error, Result};
 use crate::state::StateStore;
 
@@ -107,14 +107,30 @@ pub fn open(
 ) -> Result<Box<dyn Mailbox>> {
     let (_, incoming) = settings(account)?;
     match incoming.mailbox {
+        MailboxType::Imap | MailboxType::Pop3 if account.auth_type == AuthType::XOAuth2 => {
+            let credentials =
+                crate::oauth::bearer_credentials(account, env, crate::http::Role::Receive)?;
+            if incoming.mailbox == MailboxType::Imap {
+                Ok(Box::new(imap::ImapMailbox::connect_with(
+                    account,
+                    state,
+                    credentials,
+                )?))
+            } else {
+                Ok(Box::new(pop3_mailbox::Pop3Mailbox::connect_with(
+                    account,
+                    state,
+                    credentials,
+                )?))
+            }
+        }
         MailboxType::Imap => Ok(Box::new(imap::ImapMailbox::connect(account, state)?)),
         MailboxType::Pop3 => Ok(Box::new(pop3_mailbox::Pop3Mailbox::connect(
             account, state,
         )?)),
         MailboxType::Maildir => Ok(Box::new(maildir::MaildirMailbox::open(account, state)?)),
-        MailboxType::Office365 | MailboxType::Gmail => {
-            crate::oauth::open_mailbox(account, env, state)
-        }
+        MailboxType::Office365 => Ok(Box::new(graph::GraphMailbox::open(account, env, state)?)),
+        MailboxType::Gmail => Ok(Box::new(gmail::GmailMailbox::open(account, env, state)?)),
     }
 }
 

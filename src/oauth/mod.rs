@@ -838,46 +838,19 @@ pub fn mailbox_address(api: &ApiClient) -> std::result::Result<String, ApiError>
     Ok(mailbox)
 }
 
-/// The sending transport of an OFFICE365 (Graph) or GMAIL (Gmail API) account.
-pub fn transport_for(
+/// What an SMTP, IMAP or POP3 account with `AUTH_TYPE = XOAUTH2` signs in with: its `LOGIN`
+/// and the access tokens of its grant. `role` decides how a network failure at the token
+/// endpoint is reported.
+pub fn bearer_credentials(
     account: &Account,
     env: &OAuthEnv,
-) -> Result<Box<dyn crate::outgoing::Transport>> {
-    match account.outgoing.as_ref().map(|o| o.transport) {
-        Some(TransportType::Office365) => Ok(Box::new(
-            crate::outgoing::graph::GraphTransport::new(account, env)?,
-        )),
-        Some(TransportType::Gmail) => Ok(Box::new(crate::outgoing::gmail::GmailTransport::new(
-            account, env,
-        )?)),
-        _ => Err(Error::account_key(
-            &account.id.to_string(),
-            "OUTGOING_TRANSPORT_TYPE",
-            "not an OFFICE365 or GMAIL transport",
-        )),
-    }
-}
-
-/// The incoming mailbox of an OFFICE365 (Graph) or GMAIL (Gmail API) account; `state` keeps
-/// what was finished.
-pub fn open_mailbox(
-    account: &Account,
-    env: &OAuthEnv,
-    state: StateStore,
-) -> Result<Box<dyn crate::incoming::Mailbox>> {
-    match account.incoming.as_ref().map(|i| i.mailbox) {
-        Some(MailboxType::Office365) => Ok(Box::new(crate::incoming::graph::GraphMailbox::open(
-            account, env, state,
-        )?)),
-        Some(MailboxType::Gmail) => Ok(Box::new(crate::incoming::gmail::GmailMailbox::open(
-            account, env, state,
-        )?)),
-        _ => Err(Error::account_key(
-            &account.id.to_string(),
-            "INCOMING_MAILBOX_TYPE",
-            "not an OFFICE365 or GMAIL mailbox",
-        )),
-    }
+    role: Role,
+) -> Result<crate::sasl::Credentials> {
+    let tokens = TokenManager::new(account, env, role)?;
+    Ok(crate::sasl::Credentials::Bearer {
+        user: account.login_name().to_string(),
+        tokens: std::sync::Arc::new(tokens),
+    })
 }
 
 #[cfg(test)]

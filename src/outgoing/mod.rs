@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::config::{Account, Outgoing, TransportType};
+use crate::config::{Account, AuthType, Outgoing, TransportType};
 use crate::error::{Error, Result};
 
 pub use message::{build, BuiltMessage, MailKind, MessageRequest};
@@ -101,10 +101,17 @@ pub fn transport_for(
     match outgoing.transport {
         TransportType::File => Ok(Box::new(file::FileTransport::new(account))),
         TransportType::Sendmail => Ok(Box::new(sendmail::SendmailTransport::new(account))),
-        TransportType::Smtp => Ok(Box::new(smtp::SmtpTransport::new(account)?)),
-        TransportType::Office365 | TransportType::Gmail => {
-            crate::oauth::transport_for(account, env)
+        TransportType::Smtp if account.auth_type == AuthType::XOAuth2 => {
+            let credentials =
+                crate::oauth::bearer_credentials(account, env, crate::http::Role::Send)?;
+            Ok(Box::new(smtp::SmtpTransport::with_credentials(
+                account,
+                credentials,
+            )?))
         }
+        TransportType::Smtp => Ok(Box::new(smtp::SmtpTransport::new(account)?)),
+        TransportType::Office365 => Ok(Box::new(graph::GraphTransport::new(account, env)?)),
+        TransportType::Gmail => Ok(Box::new(gmail::GmailTransport::new(account, env)?)),
     }
 }
 
