@@ -456,9 +456,49 @@ impl Manager {
             let oauth = self.check_cloud_account(&account);
             ok &= oauth["ok"].as_bool().unwrap_or(false);
             view["oauth"] = oauth;
+        } else if account.auth_type == crate::config::AuthType::XOAuth2 {
+            view["oauth"] = self.check_token_sign_in(&account);
         }
         view["ok"] = Value::from(ok);
         Ok(view)
+    }
+
+    /// What `checkAccount()` says of an XOAUTH2 account's sign-in, after the checks above
+    /// have signed in: the grant, whether a token was obtained, the SASL mechanism used and
+    /// the mailbox (LOGIN). Nothing is sent or changed.
+    fn check_token_sign_in(&self, account: &Account) -> Value {
+        let env = self.oauth_env();
+        let tokens = crate::oauth::TokenManager::new(account, &env, crate::http::Role::Authorize);
+        let (grant, provider, token) = match &tokens {
+            Ok(t) => (
+                Value::from(t.grant_name()),
+                Value::from(t.provider().service()),
+                t.has_fresh_token(),
+            ),
+            Err(_) => (Value::Null, Value::Null, false),
+        };
+        let mechanism = tokens
+            .as_ref()
+            .ok()
+            .and_then(|t| {
+                t.store()
+                    .get_kv(crate::oauth::tokens::KV_MECHANISM, t.account())
+                    .ok()
+            })
+            .flatten();
+        let mut report = json!({
+            "auth_type": "XOAUTH2",
+            "grant": grant,
+            "provider": provider,
+            "token_obtained": token,
+            "mechanism": mechanism,
+            "mailbox": account.login_name(),
+            "ok": token,
+        });
+        if let Err(e) = tokens {
+            report["error"] = Value::from(e.to_string());
+        }
+        report
     }
 
     /// Connects, authenticates and opens the incoming folder (IMAP read-only) or Maildir and

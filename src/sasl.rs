@@ -26,6 +26,8 @@ pub trait TokenSource: Send + Sync {
     fn refresh_after_rejection(&self, rejected: &Secret) -> Result<Secret>;
     /// The grant, for reports: `client_credentials`, `service_account`, `authorization_code`.
     fn grant(&self) -> &'static str;
+    /// A client chose `mechanism` for this source's tokens (remembered for `checkAccount`).
+    fn note_mechanism(&self, _mechanism: Mechanism) {}
 }
 
 /// How a client signs in.
@@ -223,6 +225,11 @@ impl TokenSignIn {
         self.remember(&token);
         self.current = Some(token.clone());
         Ok(token)
+    }
+
+    /// The client signs in with `mechanism` (told to the token source, for reports).
+    pub fn using(&self, mechanism: Mechanism) {
+        self.tokens.note_mechanism(mechanism);
     }
 
     /// The initial response of `mechanism` with [`TokenSignIn::token`], base64-encoded.

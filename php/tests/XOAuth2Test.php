@@ -138,6 +138,28 @@ final class XOAuth2Test extends TestCase
         $this->assertSame([], array_values($errors), 'a renewed token is no error');
     }
 
+    public function testCheckAccountReportsTheSignInWithoutSendingOrChangingAnything(): void
+    {
+        mailbox_reset('shared');
+        $app = self::app(['shared@test.local']);
+        $t = token('check');
+        dovecot_deliver('shared', self::message("untouched $t"));
+        $host = new TestHost();
+        $host->accounts = [$this->row(65, $app, 'shared@test.local')];
+        $before = glob(test_env('PCR_SMTP_DROP_DIR') . '/' . test_env('PCR_SMTP_XOAUTH2_STARTTLS_PORT') . '/*.eml') ?: [];
+        $report = (new PCR_Utility_EmailManager($this->ini(), 'prod', $host))->checkAccount(65);
+        $this->assertTrue($report['ok'], json_encode($report));
+        $this->assertSame(1, $report['incoming']['messages']);
+        $this->assertSame('client_credentials', $report['oauth']['grant']);
+        $this->assertTrue($report['oauth']['token_obtained']);
+        $this->assertSame('XOAUTH2', $report['oauth']['mechanism']);
+        $this->assertSame('shared@test.local', $report['oauth']['mailbox']);
+        $this->assertStringNotContainsString($app['client_secret'], json_encode($report));
+        $after = glob(test_env('PCR_SMTP_DROP_DIR') . '/' . test_env('PCR_SMTP_XOAUTH2_STARTTLS_PORT') . '/*.eml') ?: [];
+        $this->assertSame($before, $after, 'nothing sent');
+        $this->assertSame([[]], array_column(mailbox_messages('shared'), 'flags'), 'nothing changed in the mailbox');
+    }
+
     public function testARevokedClientSecretIsAnAuthErrorForThatAccountOnly(): void
     {
         mailbox_reset('shared');

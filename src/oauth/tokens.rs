@@ -33,6 +33,8 @@ pub const REFRESH: &str = "oauth_refresh";
 pub const ACCESS: &str = "oauth_access";
 /// kv namespace: the signed-in mailbox address per account.
 pub const KV_MAILBOX: &str = "oauth-mailbox";
+/// kv namespace: the SASL mechanism an account's tokens were last sent with (`checkAccount`).
+pub const KV_MECHANISM: &str = "oauth-sasl-mechanism";
 /// kv namespace: the last token error per account (no secret in it), cleared on success.
 pub const KV_ERROR: &str = "oauth-error";
 /// A token is renewed this long before it expires (at most a quarter of its lifetime).
@@ -210,6 +212,11 @@ impl TokenManager {
     /// True when no person signs in: client credentials or a service account.
     pub fn is_app_only(&self) -> bool {
         !matches!(self.grant, Grant::Refresh { .. })
+    }
+
+    /// True when a usable access token is cached (the last request for one succeeded).
+    pub fn has_fresh_token(&self) -> bool {
+        matches!(self.cached(None), Ok(Some(_)))
     }
 
     /// The grant's name, for reports.
@@ -452,6 +459,11 @@ impl crate::sasl::TokenSource for TokenManager {
     }
     fn grant(&self) -> &'static str {
         self.grant_name()
+    }
+    fn note_mechanism(&self, mechanism: crate::sasl::Mechanism) {
+        let _ = self
+            .store()
+            .set_kv(KV_MECHANISM, &self.account, mechanism.name());
     }
 }
 

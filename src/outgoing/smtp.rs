@@ -998,6 +998,7 @@ impl Conn {
             });
         };
         let name = mechanism.name();
+        signin.using(mechanism);
         loop {
             let response = signin
                 .initial_response(mechanism, &cfg.login, &cfg.host, cfg.port)

@@ -823,6 +823,7 @@ impl ImapMailbox {
             };
             return Err(self.mailbox_error(sasl::no_token_mechanism("IMAP", &offered)));
         };
+        signin.using(mechanism);
         let sasl_ir = caps.has("SASL-IR");
         loop {
             // Recorded by the sign-in for redaction whether it goes on the command line or not.

@@ -601,6 +601,7 @@ impl<S: Read + Write> Pop3Session<S, Authorization> {
                 &offered.join(" "),
             ))));
         };
+        signin.using(mechanism);
         loop {
             let response = signin
                 .initial_response(mechanism, user, host, port)
