@@ -2,6 +2,10 @@
 /**
  * A sample PCR_Utility_EmailHost, as PCR-360 implements it, storing Inquiries, thread entries,
  * in-app Messages and the Error Log in SQLite (php8.2-sqlite3). Used by the README's main job.
+ *
+ * createInquiry() and addToThread() are idempotent on `$mail['message_key']` (README, "Residual
+ * window"): a message handed over again after a crash (`$mail['attempt']` > 1) gets the Inquiry
+ * or thread entry it got the first time, never a second one.
  */
 declare(strict_types=1);
 
@@ -12,18 +16,29 @@ final class SampleHost implements PCR_Utility_EmailHost
     public function __construct(string $path)
     {
         $this->db = new SQLite3($path);
+        $this->db->enableExceptions(true);
         $this->db->busyTimeout(10000);
         $this->db->exec('PRAGMA journal_mode=WAL');
         $this->db->exec('CREATE TABLE IF NOT EXISTS inquiries (
             sd_number TEXT PRIMARY KEY, created TEXT, sender TEXT, subject TEXT, body TEXT,
-            attachments INTEGER, message_id TEXT, mailbox TEXT)');
+            attachments INTEGER, message_id TEXT, mailbox TEXT, message_key TEXT)');
         $this->db->exec('CREATE TABLE IF NOT EXISTS thread (
-            id INTEGER PRIMARY KEY, sd_number TEXT, created TEXT, sender TEXT, subject TEXT, auto TEXT)');
+            id INTEGER PRIMARY KEY, sd_number TEXT, created TEXT, sender TEXT, subject TEXT, auto TEXT,
+            message_key TEXT)');
+        foreach (['inquiries', 'thread'] as $table) {   // a database of an older sample
+            if (!$this->db->querySingle("SELECT COUNT(*) FROM pragma_table_info('$table') WHERE name = 'message_key'")) {
+                $this->db->exec("ALTER TABLE $table ADD COLUMN message_key TEXT");
+            }
+        }
+        // What makes a message handed over twice one Inquiry (one thread entry) all the same.
+        $this->db->exec('CREATE UNIQUE INDEX IF NOT EXISTS inquiries_message_key ON inquiries (message_key)');
+        $this->db->exec('CREATE UNIQUE INDEX IF NOT EXISTS thread_message_key ON thread (sd_number, message_key)');
         $this->db->exec('CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, created TEXT, subject TEXT, recipients TEXT)');
         $this->db->exec('CREATE TABLE IF NOT EXISTS error_log (id INTEGER PRIMARY KEY, created TEXT, message TEXT, context TEXT)');
         // An existing Service Desk item (tenant 1): the demo sends on its thread and the sample
         // Maildir holds replies naming it.
-        $this->db->exec("INSERT OR IGNORE INTO inquiries VALUES ('SO201700043', '2017-06-02T10:15:00+00:00',
+        $this->db->exec("INSERT OR IGNORE INTO inquiries (sd_number, created, sender, subject, body, attachments,
+            message_id, mailbox) VALUES ('SO201700043', '2017-06-02T10:15:00+00:00',
             'grace@tenant1.example.edu', 'Phone line down', 'The phone line in the front office is down.', 0,
             NULL, 'servicedesk@tenant1.example.edu')");
     }
@@ -49,20 +64,39 @@ final class SampleHost implements PCR_Utility_EmailHost
 
     public function createInquiry(array $mail): string
     {
-        $prefix = 'IQ' . date('Y');
-        $n = (int) $this->db->querySingle("SELECT COUNT(*) FROM inquiries WHERE sd_number LIKE '$prefix%'") + 1;
-        $sd = sprintf('%s%05d', $prefix, $n);
-        $st = $this->db->prepare('INSERT INTO inquiries VALUES (:sd, :c, :f, :s, :b, :a, :m, :mb)');
-        $st->bindValue(':sd', $sd);
-        $st->bindValue(':c', date('c'));
-        $st->bindValue(':f', $mail['from']['email'] ?? '');
-        $st->bindValue(':s', $mail['subject']);
-        $st->bindValue(':b', $mail['text']);
-        $st->bindValue(':a', count($mail['attachments']));
-        $st->bindValue(':m', $mail['message_id']);
-        $st->bindValue(':mb', $mail['account']['EMAIL'] ?? '');
-        $st->execute();
-        return $sd;
+        // One transaction holding the write lock: the lookup, the next number and the INSERT
+        // are one step. Looked up every time, not only when $mail['attempt'] > 1: a state
+        // database restored from a backup hands a message over again as attempt 1.
+        $this->db->exec('BEGIN IMMEDIATE');
+        try {
+            $find = $this->db->prepare('SELECT sd_number FROM inquiries WHERE message_key = :k');
+            $find->bindValue(':k', $mail['message_key']);
+            $found = $find->execute();
+            $sd = $found->fetchArray(SQLITE3_NUM)[0] ?? null;
+            $found->finalize();
+            if ($sd === null) {
+                $prefix = 'IQ' . date('Y');
+                $n = (int) $this->db->querySingle("SELECT COUNT(*) FROM inquiries WHERE sd_number LIKE '$prefix%'") + 1;
+                $sd = sprintf('%s%05d', $prefix, $n);
+                $st = $this->db->prepare('INSERT INTO inquiries (sd_number, created, sender, subject, body, attachments,
+                    message_id, mailbox, message_key) VALUES (:sd, :c, :f, :s, :b, :a, :m, :mb, :k)');
+                $st->bindValue(':sd', $sd);
+                $st->bindValue(':c', date('c'));
+                $st->bindValue(':f', $mail['from']['email'] ?? '');
+                $st->bindValue(':s', $mail['subject']);
+                $st->bindValue(':b', $mail['text']);
+                $st->bindValue(':a', count($mail['attachments']));
+                $st->bindValue(':m', $mail['message_id']);
+                $st->bindValue(':mb', $mail['account']['EMAIL'] ?? '');
+                $st->bindValue(':k', $mail['message_key']);
+                $st->execute();
+            }
+            $this->db->exec('COMMIT');
+            return $sd;
+        } catch (Throwable $e) {
+            $this->db->exec('ROLLBACK');
+            throw $e;   // the message stays in the mailbox; the next run hands it over again
+        }
     }
 
     public function addToThread(string $sdNumber, array $mail): bool
@@ -72,12 +106,15 @@ final class SampleHost implements PCR_Utility_EmailHost
         if (!$exists) {
             return false;
         }
-        $st = $this->db->prepare('INSERT INTO thread (sd_number, created, sender, subject, auto) VALUES (:sd, :c, :f, :s, :a)');
+        // Already on this item's thread (handed over again after a crash): nothing to add.
+        $st = $this->db->prepare('INSERT INTO thread (sd_number, created, sender, subject, auto, message_key)
+            VALUES (:sd, :c, :f, :s, :a, :k) ON CONFLICT (sd_number, message_key) DO NOTHING');
         $st->bindValue(':sd', $sdNumber);
         $st->bindValue(':c', date('c'));
         $st->bindValue(':f', $mail['from']['email'] ?? '');
         $st->bindValue(':s', $mail['subject']);
         $st->bindValue(':a', $mail['auto']);
+        $st->bindValue(':k', $mail['message_key']);
         $st->execute();
         return true;
     }
