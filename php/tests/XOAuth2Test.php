@@ -201,6 +201,34 @@ final class XOAuth2Test extends TestCase
         $this->assertStringNotContainsString($app['client_secret'], $everything);
     }
 
+    /** Delegated sign-in ("Click to Authenticate") for an IMAP+SMTP account of the mailbox's own user. */
+    public function testAnImapAccountSignedInOnTheOAuth2Tab(): void
+    {
+        mailbox_reset('oauth1');
+        $t = token('delegated');
+        dovecot_deliver('oauth1', self::message("delegated $t"));
+        $name = 'xd' . bin2hex(random_bytes(5));
+        $app = cloud_admin('POST', '/_admin/clients', ['provider' => 'microsoft', 'client_id' => "app-$name",
+            'client_secret' => "secret-$name-Zq9", 'redirect_uris' => [OAUTH_REDIRECT_URI]]);
+        $row = $this->row(66, $app, 'oauth1@test.local');
+        $row['OAUTH'] = ['APPLICATION_ID' => $app['client_id'], 'SECRET_KEY' => $app['client_secret'],
+            'AUTHORITY_URL' => test_env('PCR_CLOUD_URL') . '/common'];
+        $host = new TestHost();
+        $host->accounts = [$row];
+        $ini = $this->ini();
+        $url = (new PCR_Utility_EmailManager($ini, 'prod', $host))->authorizationUrl(66, OAUTH_REDIRECT_URI);
+        $this->assertStringContainsString(rawurlencode('https://outlook.office.com/IMAP.AccessAsUser.All'), $url);
+        $this->assertStringContainsString('offline_access', $url);
+        $back = browser_sign_in($url, 'oauth1@test.local');
+        $done = (new PCR_Utility_EmailManager($ini, 'prod', $host))->completeAuthorization($back['state'], $back['code']);
+        $this->assertSame('oauth1@test.local', $done['mailbox']);
+        $summary = (new PCR_Utility_EmailManager($ini, 'prod', $host))->eventCheckMail(self::DATA);
+        $this->assertSame(1, self::box($summary, 66)['inquiries'], json_encode($summary));
+        $r = (new PCR_Utility_EmailManager($ini, 'prod', $host))->send(['to' => 'x@example.org',
+            'subject' => "reply $t", 'text' => 't', 'kind' => 'service_desk', 'tenant' => 1]);
+        $this->assertSame('sent', $r['status']);
+    }
+
     public function testAPop3AccountWithXoauth2(): void
     {
         mailbox_reset('shared');

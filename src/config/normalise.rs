@@ -523,6 +523,17 @@ fn check_xoauth2(
                     "client_credentials needs the application's client secret",
                 ));
             }
+            // Microsoft issues app-only tokens only from the organisation's own tenant, never
+            // from `common`, the default authority.
+            let absolute = |u: &str| u.starts_with("https://") || u.starts_with("http://");
+            if oauth.authority_url.trim().is_empty() && !absolute(oauth.token_endpoint.trim()) {
+                return Err(f.err(
+                    "OAUTH.AUTHORITY_URL",
+                    "client_credentials needs the organisation's authority, \
+                     https://login.microsoftonline.com/<tenant id> (Microsoft refuses app-only \
+                     tokens from the default 'common')",
+                ));
+            }
         }
         OAuthGrant::ServiceAccount => {
             if oauth.service_account_json.is_none() {

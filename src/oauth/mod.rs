@@ -666,13 +666,19 @@ pub fn complete_authorization(
         ));
     };
     let access = crate::config::Secret::new(reply.access_token.clone());
-    let mailbox = signed_in_mailbox(&http, provider, &ep.api_base, &access, &id)?;
+    // An IMAP/POP3/SMTP account's token is for the mail servers, not for an API that could say
+    // whose it is: its mailbox is LOGIN, and the servers check the token against it.
+    let mailbox = if account.auth_type == AuthType::XOAuth2 && !is_cloud(account) {
+        account.login_name().to_string()
+    } else {
+        signed_in_mailbox(&http, provider, &ep.api_base, &access, &id)?
+    };
     {
         let _lock = AccountLock::acquire(&tokens::lock_dir(store), &id, account.timeout * 2)?;
         store.save_token(&id, REFRESH, &keys.encrypt(&refresh), None)?;
         store.save_token(
             &id,
-            ACCESS,
+            &tokens::access_kind(account, &ep.scopes),
             &keys.encrypt(&reply.access_token),
             Some(reply.use_until(now)),
         )?;
@@ -685,6 +691,18 @@ pub fn complete_authorization(
         differs_from_email: !mailbox.eq_ignore_ascii_case(&account.email),
         mailbox,
     })
+}
+
+/// True for an OFFICE365 or GMAIL account (an API, not SASL over IMAP/POP3/SMTP).
+fn is_cloud(account: &Account) -> bool {
+    account
+        .outgoing
+        .as_ref()
+        .is_some_and(|o| o.transport.is_cloud())
+        || account
+            .incoming
+            .as_ref()
+            .is_some_and(|i| i.mailbox.is_cloud())
 }
 
 /// The mailbox an access token belongs to: Graph `GET /me` (`mail`, else

@@ -158,10 +158,11 @@ impl TokenManager {
                 super::check_url(&id, "OAUTH.TOKEN_ENDPOINT", &token_url)?;
                 Grant::ServiceAccount {
                     key: Box::new(key),
+                    // SPEC §3a: IMPERSONATE, default LOGIN (which defaults to EMAIL).
                     subject: oauth
                         .impersonate
                         .clone()
-                        .unwrap_or_else(|| account.email.clone()),
+                        .unwrap_or_else(|| account.login_name().to_string()),
                     scope: ep.scopes.join(" "),
                     token_url,
                 }
