@@ -53,13 +53,18 @@ final class XOAuth2Test extends TestCase
     /** A tenant Service Desk row: SMTP (STARTTLS) out, $incoming in, both with XOAUTH2. */
     private function row(int $recid, array $app, string $mailbox, string $incoming = 'IMAPS', array $extra = []): array
     {
+        return $extra + $this->baseRow($recid, $mailbox, $incoming) + ['OAUTH' => $app ? self::oauth($app) : []];
+    }
+
+    private function baseRow(int $recid, string $mailbox, string $incoming): array
+    {
         [$type, $ssl, $port] = [
             'IMAP' => ['IMAP', 'TLS', 'PCR_OAUTH_IMAP_PORT'],
             'IMAPS' => ['IMAP', 'SSL', 'PCR_OAUTH_IMAPS_PORT'],
             'POP3' => ['POP3', 'TLS', 'PCR_OAUTH_POP3_PORT'],
             'POP3S' => ['POP3', 'SSL', 'PCR_OAUTH_POP3S_PORT'],
         ][$incoming];
-        return $extra + [
+        return [
             'RECID' => $recid, 'TENANTS_RECID' => 1, 'ACCOUNT_TYPE' => 'service_desk',
             'EMAIL' => $mailbox, 'DISPLAY_NAME' => 'Service Desk', 'LOGIN' => $mailbox, 'AUTH_TYPE' => 'XOAUTH2',
             'OUTGOING_TRANSPORT_TYPE' => 'SMTP', 'OUTGOING_HOST' => test_env('PCR_TEST_TLS_HOST'),
@@ -67,7 +72,6 @@ final class XOAuth2Test extends TestCase
             'INCOMING_MAILBOX_TYPE' => $type, 'INCOMING_HOST' => test_env('PCR_TEST_TLS_HOST'),
             'INCOMING_PORT' => (int) test_env($port), 'INCOMING_SSL' => $ssl,
             'CA_FILE' => test_env('PCR_TEST_CA'), 'TIMEOUT' => 10,
-            'OAUTH' => self::oauth($app),
         ];
     }
 
@@ -227,6 +231,33 @@ final class XOAuth2Test extends TestCase
         $r = (new PCR_Utility_EmailManager($ini, 'prod', $host))->send(['to' => 'x@example.org',
             'subject' => "reply $t", 'text' => 't', 'kind' => 'service_desk', 'tenant' => 1]);
         $this->assertSame('sent', $r['status']);
+    }
+
+    /** Google Workspace: a service account with domain-wide delegation, impersonating the mailbox. */
+    public function testAGoogleServiceAccountReadsAndSendsOverImapAndSmtp(): void
+    {
+        mailbox_reset('oauth2');
+        $t = token('google');
+        dovecot_deliver('oauth2', self::message("google $t"));
+        $key = openssl_pkey_new(['private_key_bits' => 2048, 'private_key_type' => OPENSSL_KEYTYPE_RSA]);
+        openssl_pkey_export($key, $pem);
+        $email = 'svc-' . bin2hex(random_bytes(4)) . '@project.iam.gserviceaccount.com';
+        cloud_admin('POST', '/_admin/service_accounts', ['client_email' => $email,
+            'public_key_pem' => openssl_pkey_get_details($key)['key'], 'delegated' => ['oauth2@test.local']]);
+        $json = json_encode(['type' => 'service_account', 'client_email' => $email, 'private_key' => $pem,
+            'private_key_id' => 'k1', 'token_uri' => test_env('PCR_CLOUD_URL') . '/token']);
+        $row = $this->row(67, [], 'oauth2@test.local');
+        $row['OAUTH'] = ['GRANT' => 'service_account', 'SERVICE_ACCOUNT_JSON' => $json, 'IMPERSONATE' => 'oauth2@test.local'];
+        $host = new TestHost();
+        $host->accounts = [$row];
+        $summary = (new PCR_Utility_EmailManager($this->ini(), 'prod', $host))->eventCheckMail(self::DATA);
+        $this->assertSame(1, self::box($summary, 67)['inquiries'], json_encode($summary));
+        $r = (new PCR_Utility_EmailManager($this->ini(), 'prod', $host))->send(['to' => 'x@example.org',
+            'subject' => "google reply $t", 'text' => 't', 'kind' => 'service_desk', 'tenant' => 1]);
+        $this->assertSame('sent', $r['status']);
+        $got = smtp_received((int) test_env('PCR_SMTP_XOAUTH2_STARTTLS_PORT'), "google reply $t");
+        $this->assertSame('oauth2@test.local', $got[0]['meta']['auth_user'] ?? null);
+        $this->assertStringNotContainsString('PRIVATE KEY', json_encode([$summary, $host->errors]));
     }
 
     public function testAPop3AccountWithXoauth2(): void
