@@ -133,12 +133,27 @@ pub fn is_cloud_account(account: &Account) -> bool {
 }
 
 /// Obtains an access token and asks the API whose it is: Graph `GET /me`, Gmail `GET
-/// users/{user}/profile`. `{ok, server, mailbox}` or `{ok: false, server, error}`.
+/// users/{user}/profile`; with Microsoft app-only access, whether the app may open the mailbox
+/// EMAIL (a folder of it). `{ok, server, mailbox}` or `{ok: false, server, error}`.
 fn live_check(account: &Account, env: &oauth::OAuthEnv, provider: Provider) -> Value {
     let api = match ApiClient::new(account, env, Role::Authorize) {
         Ok(api) => api,
         Err(e) => return json!({ "ok": false, "error": e.to_string() }),
     };
+    if let Some(mailbox) = api.app_mailbox() {
+        // App-only: no signed-in user to ask about; check the grant on the mailbox EMAIL.
+        let folder = if account.incoming.is_some() {
+            "inbox"
+        } else {
+            "sentitems"
+        };
+        return match oauth::check_app_mailbox(&api, folder) {
+            Ok(_) => json!({ "ok": true, "server": api.base(), "mailbox": mailbox }),
+            Err(e) => {
+                json!({ "ok": false, "server": api.base(), "error": api.error(e).to_string() })
+            }
+        };
+    }
     let url = match provider {
         Provider::Microsoft => api.url("/me?$select=mail,userPrincipalName"),
         Provider::Google => api.url(&format!(

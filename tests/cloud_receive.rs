@@ -479,3 +479,89 @@ fn a_large_gmail_message_waits_for_the_runs_gate_before_its_download() {
         "the download took the pass, to go with the message"
     );
 }
+
+#[test]
+fn graph_app_only_reads_a_shared_mailbox_marks_and_quarantines_there() {
+    let shared = shared_mailbox("gappread");
+    let app = app_only(
+        "gappread",
+        &["Mail.ReadWrite", "Mail.Send"],
+        json!([shared]),
+    );
+    let env = Env::new();
+    let a = account(93, Provider::Microsoft, &shared, app_only_settings(&app));
+    let mut seeded = Vec::new();
+    for i in 0..3 {
+        let raw = incoming_mime(&format!("Shared {i}"), &unique("m"));
+        // One was read in Outlook before the check: still new to us.
+        seeded.push((seed(Provider::Microsoft, &shared, &raw, None, i == 1), raw));
+    }
+    let mut mb = open(&a, &env);
+    assert_eq!(mb.count().unwrap(), 3);
+    let ids: Vec<String> = mb.list().unwrap().into_iter().map(|l| l.id).collect();
+    let expected: Vec<String> = seeded.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids, expected);
+    let fetched = fetch_all(mb.as_mut(), &ids);
+    for (f, (_, raw)) in fetched.iter().zip(&seeded) {
+        assert_eq!(&f.raw, raw);
+    }
+    mb.mark_processed(&ids[..2]).unwrap();
+    assert!(mb.quarantine(&ids[2..]).unwrap());
+    let dump = mailbox(Provider::Microsoft, &shared);
+    assert_eq!(by_id(&dump, &ids[0])["is_read"], true);
+    assert_eq!(by_id(&dump, &ids[0])["folder"], "Inbox");
+    assert_eq!(by_id(&dump, &ids[2])["folder"], "PCR-Failed");
+    mb.finish().unwrap();
+    assert!(open(&a, &env).list().unwrap().is_empty());
+
+    // Every request named the shared mailbox; none used /me.
+    let encoded = shared.replace('@', "%40");
+    let log: Vec<Value> = stats(&app.client_id, "")["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["path"].as_str().unwrap().starts_with("/v1.0/"))
+        .cloned()
+        .collect();
+    let paths: Vec<&str> = log.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    assert!(paths.len() >= 8, "{paths:?}");
+    assert!(
+        paths
+            .iter()
+            .all(|p| p.starts_with(&format!("/v1.0/users/{encoded}/"))),
+        "{paths:?}"
+    );
+    assert!(
+        log.iter().all(|r| r["status"].as_u64() < Some(300)),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn graph_app_only_mailbox_outside_the_grant_is_an_auth_error() {
+    let outside = shared_mailbox("gappout");
+    let app = app_only("gappout", &["Mail.ReadWrite", "Mail.Send"], json!([]));
+    let env = Env::new();
+    let a = account(94, Provider::Microsoft, &outside, app_only_settings(&app));
+    seed(
+        Provider::Microsoft,
+        &outside,
+        &incoming_mime("waiting", &unique("m")),
+        None,
+        false,
+    );
+    let err = open(&a, &env).list().unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Auth { .. }), "{text}");
+    assert!(text.contains("must be granted"), "{text}");
+    assert!(text.contains(&outside), "{text}");
+    assert_no_secret(&text, &[&app.client_secret]);
+    // An app without the Mail permissions is refused too, with the same advice.
+    let bare = app_only("gappbare", &[], json!([outside]));
+    let b = account(95, Provider::Microsoft, &outside, app_only_settings(&bare));
+    let err = open(&b, &env).list().unwrap_err();
+    assert!(matches!(err, Error::Auth { .. }), "{err}");
+    assert!(err.to_string().contains("Mail.ReadWrite"), "{err}");
+    let dump = mailbox(Provider::Microsoft, &outside);
+    assert_eq!(dump["messages"][0]["is_read"], false, "nothing was touched");
+}

@@ -404,3 +404,159 @@ fn cloud_transports_are_made_from_the_account() {
     smtp.outgoing.as_mut().unwrap().transport = pcr_email::config::TransportType::Smtp;
     assert!(pcr_email::outgoing::transport_for(&smtp, &env.env).is_err());
 }
+
+/// The Graph requests the emulator saw from an app-only client: `(method, path, status)`.
+fn app_requests(client_id: &str) -> Vec<(String, String, u64)> {
+    stats(client_id, "")["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["path"].as_str().unwrap().starts_with("/v1.0/"))
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap().to_string(),
+                r["path"].as_str().unwrap().to_string(),
+                r["status"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn graph_app_only_sends_as_the_shared_mailbox_and_keeps_the_copy_in_its_sent_items() {
+    let shared = shared_mailbox("gappsend");
+    let app = app_only(
+        "gappsend",
+        &["Mail.ReadWrite", "Mail.Send"],
+        json!([shared]),
+    );
+    let env = Env::new();
+    let a = account(91, Provider::Microsoft, &shared, app_only_settings(&app));
+
+    // Nothing to sign in: the authorization URL is refused, and no refresh token is needed.
+    let err = pcr_email::oauth::authorization_url(&a, REDIRECT_URI, &env.store(), &env.keys())
+        .unwrap_err();
+    assert!(matches!(err, Error::Auth { .. }), "{err}");
+    assert!(err.to_string().contains("nothing to sign in"), "{err}");
+    assert!(err.to_string().contains("client_credentials"), "{err}");
+
+    let transport = GraphTransport::new(&a, &env.env).unwrap();
+    assert_eq!(transport.mailbox().unwrap(), shared);
+    let token = unique("tok");
+    let raw = sample_mime(
+        "desk@pcr360.example.edu",
+        "cust@outside.example",
+        &token,
+        1000,
+    );
+    let delivery = transport
+        .send(&built(
+            raw,
+            "Service Desk <desk@pcr360.example.edu>",
+            &["cust@outside.example"],
+        ))
+        .unwrap();
+    assert_eq!(delivery.status, DeliveryStatus::Sent);
+    assert_eq!(
+        delivery.from.as_deref(),
+        Some(format!("Service Desk <{shared}>").as_str())
+    );
+    let sent = sent(&shared);
+    assert_eq!(sent.len(), 1, "sent from the shared mailbox");
+    assert_eq!(
+        sent[0].0["headers"]["From"],
+        format!("Service Desk <{shared}>")
+    );
+    // The copy is in the shared mailbox's Sent Items.
+    let dump = mailbox(Provider::Microsoft, &shared);
+    let copies: Vec<&serde_json::Value> = dump["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["folder"] == "Sent Items")
+        .collect();
+    assert_eq!(copies.len(), 1, "{dump}");
+    assert_eq!(
+        copies[0]["message_id"],
+        format!("<{token}.1@pcr360.example.edu>")
+    );
+    // Through /users/{EMAIL}, never /me; one client_credentials grant, no refresh token.
+    let encoded = shared.replace('@', "%40");
+    assert_eq!(
+        app_requests(&app.client_id),
+        [(
+            "POST".to_string(),
+            format!("/v1.0/users/{encoded}/sendMail"),
+            202
+        )]
+    );
+    assert_eq!(grants(&app.client_id, "client_credentials"), 1);
+    assert!(env
+        .store()
+        .load_token("91", tokens::REFRESH)
+        .unwrap()
+        .is_none());
+
+    // The check opens the mailbox's Sent Items folder and sends nothing.
+    let report = transport.check().unwrap();
+    assert!(
+        report
+            .steps
+            .iter()
+            .any(|s| s.contains(&shared) && s.contains("app-only")),
+        "{report:?}"
+    );
+    assert_eq!(sent_count(&shared), 1);
+    assert!(app_requests(&app.client_id)
+        .iter()
+        .all(|(_, path, _)| path.starts_with(&format!("/v1.0/users/{encoded}/"))));
+}
+
+fn sent_count(user: &str) -> usize {
+    sent(user).len()
+}
+
+#[test]
+fn graph_app_only_refused_the_mailbox_is_an_auth_error_naming_the_grant() {
+    let granted = shared_mailbox("gappok");
+    let outside = shared_mailbox("gappno");
+    let app = app_only("gappno", &["Mail.ReadWrite", "Mail.Send"], json!([granted]));
+    let env = Env::new();
+    let a = account(92, Provider::Microsoft, &outside, app_only_settings(&app));
+    let transport = GraphTransport::new(&a, &env.env).unwrap();
+    let raw = sample_mime(&outside, "cust@outside.example", &unique("tok"), 10);
+    let err = transport
+        .send(&built(raw, &outside, &["cust@outside.example"]))
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(&err, Error::Auth { account, .. } if account == "92"),
+        "{text}"
+    );
+    for part in [
+        outside.as_str(),
+        "must be granted",
+        "New-ApplicationAccessPolicy",
+        "RBAC for Applications",
+        "access policy of the tenant excludes it",
+    ] {
+        assert!(text.contains(part), "{part} missing: {text}");
+    }
+    assert_no_secret(&text, &[&app.client_secret]);
+    assert!(sent(&outside).is_empty());
+    let check = transport.check().unwrap_err();
+    assert!(matches!(check, Error::Auth { .. }), "{check}");
+    assert!(check.to_string().contains("must be granted"), "{check}");
+
+    // Granted now (the policy changed): the same account sends.
+    admin(
+        "POST",
+        "/_admin/app_access",
+        json!({"client_id": app.client_id, "mailboxes": [granted, outside]}),
+    );
+    let raw = sample_mime(&outside, "cust@outside.example", &unique("tok"), 10);
+    transport
+        .send(&built(raw, &outside, &["cust@outside.example"]))
+        .unwrap();
+    assert_eq!(sent(&outside).len(), 1);
+}

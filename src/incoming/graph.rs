@@ -1,5 +1,9 @@
 //! OFFICE365 mailbox: Microsoft Graph.
 //!
+//! Every path below starts with the account's mailbox: `/me` when a person signed in,
+//! `/users/{EMAIL}` with app-only access (client credentials; a shared mailbox works), see
+//! [`crate::oauth::ApiClient::graph_user`].
+//!
 //! - `list`: `GET /me/mailFolders/{folder}/messages` oldest first (`$orderby=receivedDateTime`),
 //!   100 per page, following `@odata.nextLink` (only on the API's own origin). Read and unread
 //!   messages alike: a message someone read in Outlook is still new to us. Messages this
@@ -146,11 +150,11 @@ impl GraphMailbox {
                 continue;
             }
             let collection = match &parent {
-                None => self.cloud.api.url("/me/mailFolders"),
-                Some(id) => self.cloud.api.url(&format!(
-                    "/me/mailFolders/{}/childFolders",
-                    percent_encode(id)
-                )),
+                None => self.cloud.api.graph_url("/mailFolders"),
+                Some(id) => self
+                    .cloud
+                    .api
+                    .graph_url(&format!("/mailFolders/{}/childFolders", percent_encode(id))),
             };
             let found = self.find_child(&collection, segment)?;
             let id = match found {
@@ -222,7 +226,7 @@ impl GraphMailbox {
     fn message_url(&self, id: &str, suffix: &str) -> String {
         self.cloud
             .api
-            .url(&format!("/me/messages/{}{suffix}", percent_encode(id)))
+            .graph_url(&format!("/messages/{}{suffix}", percent_encode(id)))
     }
 
     /// One request on message `id` (`suffix` after its URL), with a JSON `body` if any.
@@ -249,8 +253,8 @@ impl CloudApi for GraphMailbox {
     fn list_new(&mut self) -> Result<Vec<Listed>> {
         let folder = self.incoming_folder()?;
         let expand = format!("singleValueExtendedProperties($filter=id eq '{SIZE_PROPERTY}')");
-        let mut url = self.cloud.api.url(&format!(
-            "/me/mailFolders/{}/messages?{}",
+        let mut url = self.cloud.api.graph_url(&format!(
+            "/mailFolders/{}/messages?{}",
             percent_encode(&folder),
             query(&[
                 ("$select", "id,internetMessageId,isRead,receivedDateTime"),
@@ -322,8 +326,8 @@ impl CloudApi for GraphMailbox {
 
     fn folder_count(&mut self) -> Result<usize> {
         let folder = self.incoming_folder()?;
-        let url = self.cloud.api.url(&format!(
-            "/me/mailFolders/{}?$select=totalItemCount",
+        let url = self.cloud.api.graph_url(&format!(
+            "/mailFolders/{}?$select=totalItemCount",
             percent_encode(&folder)
         ));
         self.cloud.count(&url, &PREFER, "totalItemCount")

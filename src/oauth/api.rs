@@ -5,7 +5,7 @@ use super::tokens::TokenManager;
 use super::{endpoints, OAuthEnv, Provider};
 use crate::config::Account;
 use crate::error::{Error, Result};
-use crate::http::{HttpClient, HttpError, Request, Response, Role};
+use crate::http::{percent_encode, HttpClient, HttpError, Request, Response, Role};
 
 /// Why an API call failed: the HTTP reply (inspect it: 404, 409, ...) or a failure that is
 /// already the crate's error (no token, re-authentication needed, ...).
@@ -38,6 +38,9 @@ pub struct ApiClient {
     tokens: TokenManager,
     base: String,
     role: Role,
+    /// Microsoft app-only (client credentials): the mailbox the app acts on, the account's
+    /// EMAIL. `None` for a signed-in (delegated) account and for Google.
+    app_mailbox: Option<String>,
 }
 
 impl ApiClient {
@@ -46,11 +49,15 @@ impl ApiClient {
     pub fn new(account: &Account, env: &OAuthEnv, role: Role) -> Result<ApiClient> {
         let provider = Provider::of(account)?;
         let base = endpoints(account, provider)?.api_base;
+        let tokens = TokenManager::new(account, env, role)?;
+        let app_mailbox = (provider == Provider::Microsoft && tokens.is_app_only())
+            .then(|| account.email.trim().to_string());
         Ok(ApiClient {
             http: HttpClient::new(&account.tls, account.timeout)?,
-            tokens: TokenManager::new(account, env, role)?,
+            tokens,
             base,
             role,
+            app_mailbox,
         })
     }
 
@@ -72,6 +79,28 @@ impl ApiClient {
 
     pub fn account(&self) -> &str {
         self.tokens.account()
+    }
+
+    /// The mailbox a Microsoft app-only account (client credentials) acts on: its EMAIL.
+    /// `None` when a person signed in (the mailbox is then whoever signed in).
+    pub fn app_mailbox(&self) -> Option<&str> {
+        self.app_mailbox.as_deref()
+    }
+
+    /// The Graph path of the account's mailbox, which every mail request starts with: `/me`
+    /// for a signed-in account, `/users/{EMAIL}` (percent-encoded) for app-only access, which
+    /// has no signed-in user (`/me` is refused) and may open any mailbox it is granted, a
+    /// shared mailbox included.
+    pub fn graph_user(&self) -> String {
+        match &self.app_mailbox {
+            Some(mailbox) => format!("/users/{}", percent_encode(mailbox)),
+            None => "/me".to_string(),
+        }
+    }
+
+    /// `base` + [`ApiClient::graph_user`] + `path` (which starts with `/`, or is empty).
+    pub fn graph_url(&self, path: &str) -> String {
+        format!("{}{}{path}", self.base, self.graph_user())
     }
 
     /// `base` + `path` (which starts with `/`).
@@ -101,7 +130,20 @@ impl ApiClient {
             Err(e) if e.is_status(401) => {
                 let fresh = self.tokens.refresh_after_rejection(&token)?;
                 self.http.execute(&req.with_bearer(&fresh)).map_err(|e| {
-                    if e.is_status(401) {
+                    if !e.is_status(401) {
+                        ApiError::Http(e)
+                    } else if self.app_mailbox.is_some() {
+                        ApiError::Fatal(Error::auth(
+                            self.account(),
+                            format!(
+                                "Microsoft Graph rejected a freshly issued app-only access token \
+                                 ({e}): leave OAUTH.SCOPES empty (or \
+                                 https://graph.microsoft.com/.default) and give the app \
+                                 registration the Microsoft Graph application permissions \
+                                 Mail.ReadWrite and Mail.Send with admin consent"
+                            ),
+                        ))
+                    } else {
                         ApiError::Fatal(Error::auth(
                             self.account(),
                             format!(
@@ -111,8 +153,6 @@ impl ApiClient {
                                 self.tokens.provider().service()
                             ),
                         ))
-                    } else {
-                        ApiError::Http(e)
                     }
                 })
             }
@@ -133,6 +173,11 @@ impl ApiClient {
     pub fn error(&self, e: ApiError) -> Error {
         match e {
             ApiError::Fatal(e) => e,
+            ApiError::Http(e)
+                if e.is_status(403) && !e.throttled() && self.app_mailbox.is_some() =>
+            {
+                self.not_granted(&e)
+            }
             ApiError::Http(mut e) => {
                 if e.is_status(403) && !e.throttled() {
                     e.detail = format!(
@@ -150,5 +195,31 @@ impl ApiClient {
                 e.into_error(self.role, self.account(), &self.base)
             }
         }
+    }
+
+    /// The error of an app-only account refused its mailbox (Graph 403 `ErrorAccessDenied`,
+    /// e.g. "Blocked by tenant configured AppOnly AccessPolicy settings"): the app is not
+    /// granted that mailbox, or lacks the Mail permissions. An administrator must act, so it
+    /// is an `Auth` error whatever the call was.
+    fn not_granted(&self, e: &HttpError) -> Error {
+        let mailbox = self.app_mailbox.as_deref().unwrap_or("");
+        let policy = e.detail.to_ascii_lowercase().contains("accesspolicy");
+        Error::auth(
+            self.account(),
+            format!(
+                "Microsoft 365 refused the application access to the mailbox {mailbox} ({e}): \
+                 {}the app must be granted this mailbox: either the Microsoft Graph application \
+                 permissions Mail.ReadWrite and Mail.Send (with admin consent) and an application \
+                 access policy that includes the mailbox (New-ApplicationAccessPolicy), or, with \
+                 Exchange RBAC for Applications, the roles \"Application Mail.ReadWrite\" and \
+                 \"Application Mail.Send\" assigned to the app with a scope holding the mailbox \
+                 (New-ManagementRoleAssignment)",
+                if policy {
+                    "an application access policy of the tenant excludes it; "
+                } else {
+                    ""
+                }
+            ),
+        )
     }
 }

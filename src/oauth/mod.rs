@@ -1,6 +1,6 @@
-//! OAuth 2.0 for the cloud accounts: OFFICE365 (Microsoft identity platform, delegated sign-in)
-//! and GMAIL (Google: a signed-in personal account, or a service account with domain-wide
-//! delegation).
+//! OAuth 2.0 for the cloud accounts: OFFICE365 (Microsoft identity platform: a delegated
+//! sign-in, or app-only access with client credentials acting on the mailbox EMAIL) and GMAIL
+//! (Google: a signed-in personal account, or a service account with domain-wide delegation).
 //!
 //! Hand-rolled over [`crate::http`] rather than with the `oauth2` crate: the grants are small
 //! and fully specified (RFC 6749 authorization code, RFC 7636 PKCE S256, RFC 7523 JWT bearer,
@@ -388,6 +388,16 @@ pub(crate) fn client_id(account: &Account) -> Result<String> {
     Ok(id)
 }
 
+/// True for Microsoft app-only access (`GRANT = client_credentials`): no person signs in, the
+/// app acts on the mailbox EMAIL (Graph `/users/{EMAIL}`) with its client secret.
+pub fn is_client_credentials(account: &Account, provider: Provider) -> bool {
+    provider == Provider::Microsoft
+        && account
+            .oauth
+            .as_ref()
+            .is_some_and(|o| o.grant == OAuthGrant::ClientCredentials)
+}
+
 fn is_service_account(account: &Account, provider: Provider) -> bool {
     provider == Provider::Google
         && account
@@ -464,6 +474,17 @@ pub fn authorization_url(
             &id,
             "a Gmail service account needs no sign-in: it signs its own requests with its key \
              (SERVICE_ACCOUNT_JSON) and acts as IMPERSONATE",
+        ));
+    }
+    if is_client_credentials(account, provider) {
+        return Err(Error::auth(
+            &id,
+            format!(
+                "the account uses app-only access (GRANT client_credentials): there is nothing \
+                 to sign in; it obtains its tokens with the Application ID and the Secret KEY \
+                 and acts on the mailbox {}",
+                account.email
+            ),
         ));
     }
     check_redirect_uri(redirect_uri)?;
@@ -600,7 +621,11 @@ pub fn complete_authorization(
             )
         })?;
     let provider = Provider::of(account)?;
-    if provider.as_str() != pending.provider || client_id(account)? != pending.client_id {
+    if provider.as_str() != pending.provider
+        || client_id(account)? != pending.client_id
+        || is_client_credentials(account, provider)
+        || is_service_account(account, provider)
+    {
         return Err(Error::auth(
             &id,
             format!("the account's OAuth2 settings changed during the sign-in; {restart}"),
@@ -755,14 +780,17 @@ pub(crate) fn signed_in_mailbox(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OAuthStatus {
     pub provider: Provider,
+    /// `authorization_code`, `client_credentials` or `service_account`.
+    pub grant: &'static str,
     pub service_account: bool,
-    /// A refresh token is stored (or, for a service account, its key is configured).
+    /// A refresh token is stored (or, for app-only access, none is needed: a service account
+    /// signs with its key, client credentials use the client secret).
     pub authorized: bool,
     /// The cached access token is usable until then (Unix seconds).
     pub access_token_valid_until: Option<i64>,
     /// When the refresh token was last saved (Unix seconds).
     pub refresh_token_saved_at: Option<i64>,
-    /// The signed-in mailbox (service accounts: IMPERSONATE).
+    /// The signed-in mailbox (service accounts: IMPERSONATE; client credentials: EMAIL).
     pub mailbox: Option<String>,
     /// The last token error (e.g. the refresh token was revoked), cleared by a success.
     pub last_error: Option<String>,
@@ -773,6 +801,7 @@ impl OAuthStatus {
         let now = now_secs();
         serde_json::json!({
             "provider": self.provider.as_str(),
+            "grant": self.grant,
             "service_account": self.service_account,
             "authorized": self.authorized,
             "access_token_valid": self.access_token_valid_until.is_some_and(|t| t > now),
@@ -789,6 +818,7 @@ pub fn status(account: &Account, store: &StateStore) -> Result<OAuthStatus> {
     let provider = Provider::of(account)?;
     let id = account.id.to_string();
     let service_account = is_service_account(account, provider);
+    let client_credentials = is_client_credentials(account, provider);
     let refresh = store.load_token(&id, REFRESH)?;
     let access = store.load_token(&id, ACCESS)?;
     let mailbox = if service_account {
@@ -797,13 +827,23 @@ pub fn status(account: &Account, store: &StateStore) -> Result<OAuthStatus> {
             .as_ref()
             .and_then(|o| o.impersonate.clone())
             .or_else(|| Some(account.email.clone()))
+    } else if client_credentials {
+        Some(account.email.clone())
     } else {
         store.get_kv(KV_MAILBOX, &id)?
     };
+    let grant = if service_account {
+        OAuthGrant::ServiceAccount
+    } else if client_credentials {
+        OAuthGrant::ClientCredentials
+    } else {
+        OAuthGrant::AuthorizationCode
+    };
     Ok(OAuthStatus {
         provider,
+        grant: grant.as_str(),
         service_account,
-        authorized: service_account || refresh.is_some(),
+        authorized: service_account || client_credentials || refresh.is_some(),
         access_token_valid_until: access.and_then(|a| a.expires_at),
         refresh_token_saved_at: refresh.map(|r| r.version / 1000),
         mailbox,
@@ -812,17 +852,21 @@ pub fn status(account: &Account, store: &StateStore) -> Result<OAuthStatus> {
 }
 
 /// The signed-in mailbox of an account: remembered from the sign-in, else looked up with a
-/// token (and remembered). Service accounts act as IMPERSONATE.
+/// token (and remembered). Service accounts act as IMPERSONATE, Microsoft app-only access as
+/// EMAIL (there is no signed-in user).
 pub fn mailbox_address(api: &ApiClient) -> std::result::Result<String, ApiError> {
     if let Some(subject) = api.tokens().impersonated() {
         return Ok(subject.to_string());
+    }
+    if let Some(mailbox) = api.app_mailbox() {
+        return Ok(mailbox.to_string());
     }
     let account = api.account().to_string();
     if let Some(known) = api.tokens().store().get_kv(KV_MAILBOX, &account)? {
         return Ok(known);
     }
     let url = match api.tokens().provider() {
-        Provider::Microsoft => api.url("/me?$select=mail,userPrincipalName"),
+        Provider::Microsoft => api.graph_url("?$select=mail,userPrincipalName"),
         Provider::Google => api.url("/gmail/v1/users/me/profile"),
     };
     let value: serde_json::Value = api
@@ -854,6 +898,23 @@ pub fn mailbox_address(api: &ApiClient) -> std::result::Result<String, ApiError>
         .store()
         .set_kv(KV_MAILBOX, &account, &mailbox)?;
     Ok(mailbox)
+}
+
+/// Checks that a Microsoft app-only account may open its mailbox (EMAIL) without reading,
+/// sending or changing mail: `GET /users/{EMAIL}/mailFolders/{folder}` (a mail request, so the
+/// mailbox grant applies; looking the user up would need a directory permission the app does
+/// not need otherwise). Returns the mailbox; a refusal is the [`ApiClient::error`] of an app
+/// not granted the mailbox.
+pub fn check_app_mailbox(api: &ApiClient, folder: &str) -> std::result::Result<String, ApiError> {
+    let Some(mailbox) = api.app_mailbox() else {
+        return mailbox_address(api);
+    };
+    let url = api.graph_url(&format!(
+        "/mailFolders/{}?$select=id",
+        crate::http::percent_encode(folder)
+    ));
+    api.send(Request::new(Method::Get, &url))?;
+    Ok(mailbox.to_string())
 }
 
 /// What an SMTP, IMAP or POP3 account with `AUTH_TYPE = XOAUTH2` signs in with: its `LOGIN`
@@ -1044,6 +1105,54 @@ mod tests {
         let err = complete_authorization("old-state", "code", &[], &store, &keys).unwrap_err();
         assert!(err.to_string().contains("expired"), "{err}");
         assert!(matches!(err, Error::Auth { .. }));
+    }
+
+    #[test]
+    fn client_credentials_need_no_sign_in_and_act_on_the_mailbox_email() {
+        let (dir, store, keys) = store_and_keys();
+        let app_only = OAuthSettings {
+            grant: OAuthGrant::ClientCredentials,
+            application_id: "app".into(),
+            secret_key: Some(crate::config::Secret::new("s3cret")),
+            ..Default::default()
+        };
+        let a = account(Provider::Microsoft, app_only.clone());
+        let err =
+            authorization_url(&a, "https://h/core/oauth2/validated", &store, &keys).unwrap_err();
+        assert!(matches!(err, Error::Auth { .. }), "{err}");
+        assert!(err.to_string().contains("nothing to sign in"), "{err}");
+        let st = status(&a, &store).unwrap();
+        assert!(st.authorized && !st.service_account);
+        assert_eq!(st.grant, "client_credentials");
+        assert_eq!(st.mailbox.as_deref(), Some("sd@pcr.example.edu"));
+
+        let env = OAuthEnv {
+            state_dir: dir.path().join("s"),
+            key_file: dir.path().join("k.key"),
+        };
+        let api = ApiClient::new(&a, &env, Role::Send).unwrap();
+        assert_eq!(api.app_mailbox(), Some("sd@pcr.example.edu"));
+        assert_eq!(
+            api.graph_url("/sendMail"),
+            format!("{GRAPH_BASE}/users/sd%40pcr.example.edu/sendMail")
+        );
+        let delegated = account(
+            Provider::Microsoft,
+            OAuthSettings {
+                grant: OAuthGrant::AuthorizationCode,
+                ..app_only
+            },
+        );
+        let api = ApiClient::new(&delegated, &env, Role::Send).unwrap();
+        assert_eq!(api.app_mailbox(), None);
+        assert_eq!(
+            api.graph_url("/sendMail"),
+            format!("{GRAPH_BASE}/me/sendMail")
+        );
+        assert_eq!(
+            status(&delegated, &store).unwrap().grant,
+            "authorization_code"
+        );
     }
 
     #[test]

@@ -1,9 +1,12 @@
-//! OFFICE365 transport: Microsoft Graph `POST /me/sendMail` with the message as MIME
-//! (`Content-Type: text/plain`, the MIME base64-encoded), Graph's documented MIME send. The
-//! message goes out byte for byte as built — attachments, inline images, Message-ID,
-//! In-Reply-To/References and the `[SD number]` subject survive — with two changes:
-//! - the From becomes the signed-in mailbox when it names another address (SPEC §4: OFFICE365
-//!   sends as the signed-in mailbox; its display name is kept);
+//! OFFICE365 transport: Microsoft Graph `POST /me/sendMail` (a signed-in account) or
+//! `POST /users/{EMAIL}/sendMail` (app-only access with client credentials: the mailbox EMAIL,
+//! a shared mailbox included) with the message as MIME (`Content-Type: text/plain`, the MIME
+//! base64-encoded), Graph's documented MIME send, which saves the sent copy in that mailbox's
+//! Sent Items. The message goes out byte for byte as built — attachments, inline images,
+//! Message-ID, In-Reply-To/References and the `[SD number]` subject survive — with two changes:
+//! - the From becomes the mailbox sent from when it names another address (SPEC §4: OFFICE365
+//!   sends as the signed-in mailbox, or as EMAIL with app-only access; the display name is
+//!   kept);
 //! - the Bcc recipients (only in the envelope of a built message) are written into a `Bcc`
 //!   header, the only way a MIME send names them; Exchange removes it on delivery.
 //!
@@ -22,7 +25,7 @@ use crate::oauth::{self, ApiClient, OAuthEnv};
 /// Graph's request size limit (the base64 MIME is the whole request body).
 pub const GRAPH_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
-/// Sends through Microsoft Graph as the account's signed-in mailbox.
+/// Sends through Microsoft Graph as the account's signed-in mailbox (app-only: as EMAIL).
 #[derive(Debug)]
 pub struct GraphTransport {
     api: ApiClient,
@@ -45,7 +48,7 @@ impl GraphTransport {
     }
 
     /// The address messages are sent as: the signed-in mailbox (remembered from the sign-in,
-    /// else looked up with `GET /me`).
+    /// else looked up with `GET /me`); with app-only access the account's EMAIL.
     pub fn mailbox(&self) -> Result<String> {
         oauth::mailbox_address(&self.api).map_err(|e| self.api.error(e))
     }
@@ -80,7 +83,7 @@ impl Transport for GraphTransport {
                 ),
             ));
         }
-        let url = self.api.url("/me/sendMail");
+        let url = self.api.graph_url("/sendMail");
         self.api
             .send(Request::new(Method::Post, &url).with_body(Body::Raw {
                 content_type: "text/plain",
@@ -99,6 +102,18 @@ impl Transport for GraphTransport {
         let mut steps = Vec::new();
         self.api.tokens().access_token()?;
         steps.push("an access token was obtained".to_string());
+        if let Some(mailbox) = self.api.app_mailbox() {
+            oauth::check_app_mailbox(&self.api, "sentitems").map_err(|e| self.api.error(e))?;
+            steps.push(format!(
+                "the application may use the mailbox {mailbox} (app-only access): mail is sent \
+                 as {mailbox} and saved in its Sent Items"
+            ));
+            return Ok(CheckReport {
+                transport: "OFFICE365",
+                server: self.api.base().to_string(),
+                steps,
+            });
+        }
         let url = self.api.url("/me?$select=mail,userPrincipalName");
         let me: serde_json::Value = self.api.json(Request::new(Method::Get, &url))?;
         let mailbox = me

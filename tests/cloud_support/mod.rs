@@ -168,6 +168,60 @@ pub fn oauth_settings(t: &Tenant) -> OAuthSettings {
     }
 }
 
+/// An Entra ID app registration for Microsoft app-only access (client credentials).
+pub struct App {
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+/// Registers an app with the Microsoft Graph application permissions `roles` (e.g.
+/// `Mail.ReadWrite`, `Mail.Send`), granted the mailboxes `mailboxes` (a list, or `"*"`) by
+/// the Exchange application access policy.
+pub fn app_only(tag: &str, roles: &[&str], mailboxes: Value) -> App {
+    let name = unique(tag);
+    let client = admin(
+        "POST",
+        "/_admin/clients",
+        json!({
+            "provider": "microsoft",
+            "client_id": format!("app-{name}"),
+            "client_secret": format!("secret-{name}-Zq9"),
+            "app_roles": roles,
+            "mailboxes": mailboxes,
+        }),
+    );
+    App {
+        client_id: client["client_id"].as_str().unwrap().to_string(),
+        client_secret: client["client_secret"].as_str().unwrap().to_string(),
+    }
+}
+
+/// The OAuth2 settings of an app-only OFFICE365 account: GRANT client_credentials, the
+/// Application ID and Secret KEY, the authority and the Graph base at the emulator, no scopes
+/// (the default, `https://graph.microsoft.com/.default`).
+pub fn app_only_settings(app: &App) -> OAuthSettings {
+    let base = emu();
+    OAuthSettings {
+        grant: pcr_email::config::OAuthGrant::ClientCredentials,
+        application_id: app.client_id.clone(),
+        secret_key: Some(Secret::new(&app.client_secret)),
+        authority_url: format!("{base}/common"),
+        api_base_url: Some(format!("{base}/v1.0")),
+        ..Default::default()
+    }
+}
+
+/// A new Microsoft mailbox (e.g. a shared mailbox) with a unique address.
+pub fn shared_mailbox(tag: &str) -> String {
+    let mailbox = format!("{}@tenant.example", unique(tag));
+    admin(
+        "POST",
+        "/_admin/users",
+        json!({"provider": "microsoft", "email": mailbox, "display_name": format!("Shared {tag}")}),
+    );
+    mailbox
+}
+
 /// A tenant Service Desk account sending and receiving through `provider`.
 pub fn account(recid: i64, provider: Provider, email: &str, oauth: OAuthSettings) -> Account {
     let (transport, mailbox) = match provider {

@@ -11,7 +11,8 @@ documentation of:
   (IMAP, POP, SMTP) or ``https://graph.microsoft.com``; the reply has ``token_type``,
   ``expires_in``, ``ext_expires_in``, ``access_token`` and no refresh token);
 * Microsoft Graph mail (``/v1.0``): ``/me``, ``/me/sendMail`` (MIME as base64 text/plain, and
-  JSON), ``/me/mailFolders`` (+ ``childFolders``), folder ``messages`` with ``$top``/``$skip``
+  JSON; the sent copy saved in the sender's Sent Items, unless JSON ``saveToSentItems`` is
+  false), ``/me/mailFolders`` (+ ``childFolders``), folder ``messages`` with ``$top``/``$skip``
   paging through ``@odata.nextLink``, ``$orderby``, the ``PR_MESSAGE_SIZE`` extended property,
   ``/me/messages/{id}`` GET/PATCH/DELETE, ``/$value``, ``/move`` (immutable ids honoured); the
   same under ``/users/{mailbox}`` (app-only tokens: the Graph resource, the ``Mail.*`` app
@@ -965,17 +966,36 @@ class Handler(BaseHTTPRequestHandler):
             WORLD.sent.append({"via": "graph", "user": user["email"], "format": "mime",
                                "raw_b64": base64.b64encode(raw).decode(), "t": now(),
                                "headers": header_summary(raw)})
+            # The MIME send takes no parameters: the copy is saved (saveToSentItems's default).
+            self.graph_save_sent(user, raw)
         elif ctype.startswith("application/json"):
-            message = json.loads(body or b"{}").get("message")
+            request = json.loads(body or b"{}")
+            message = request.get("message")
             if not isinstance(message, dict):
                 raise ApiError("graph", 400, "ErrorInvalidParameter",
                                "The value of the parameter 'Message' is empty.")
             WORLD.sent.append({"via": "graph", "user": user["email"], "format": "json",
                                "json": message, "t": now()})
+            if str(request.get("saveToSentItems", True)).lower() != "false":
+                content = (message.get("body") or {}).get("content") or ""
+                raw = (f"From: {user['email']}\r\nSubject: {message.get('subject') or ''}\r\n"
+                       f"\r\n{content}\r\n").encode()
+                self.graph_save_sent(user, raw)
         else:
             raise ApiError("graph", 415, "UnsupportedMediaType",
                            "Content-Type must be text/plain (MIME) or application/json.")
         return self.send(202)
+
+    def graph_save_sent(self, user, raw):
+        """The sent copy in the sending mailbox's Sent Items (read, as Exchange saves it)."""
+        parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+        seq = sum(len(u["messages"]) for u in WORLD.users.values()) + len(WORLD.sent)
+        mid = "AAMk" + b64url_encode(secrets.token_bytes(24))
+        user["messages"][mid] = {
+            "id": mid, "raw": raw, "subject": str(parsed.get("Subject", "")),
+            "messageId": str(parsed.get("Message-ID", "")), "received": now(),
+            "lastModified": now(), "seq": seq, "isRead": True,
+            "folder": graph_folder(user, "sentitems")["id"]}
 
     def folder_json(self, user, folder):
         items = [m for m in user["messages"].values() if m["folder"] == folder["id"]]
