@@ -151,28 +151,8 @@ impl Response {
     /// The body as JSON of type `T`; anything else is an error naming the endpoint (and never
     /// quoting the body, which may hold a token).
     pub fn json<T: DeserializeOwned>(&self) -> std::result::Result<T, HttpError> {
-        serde_json::from_slice(&self.body).map_err(|e| {
-            let what = match e.classify() {
-                serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                    "is not valid JSON"
-                }
-                serde_json::error::Category::Data => "does not have the expected fields",
-                serde_json::error::Category::Io => "could not be read",
-            };
-            HttpError {
-                endpoint: self.endpoint.clone(),
-                kind: HttpErrorKind::Malformed,
-                status: Some(self.status),
-                code: None,
-                reason: None,
-                detail: format!(
-                    "the reply {what} (line {}, column {})",
-                    e.line(),
-                    e.column()
-                ),
-                retry_after: None,
-            }
-        })
+        serde_json::from_slice(&self.body)
+            .map_err(|e| HttpError::malformed(&self.endpoint, self.status, &e))
     }
 }
 
@@ -230,6 +210,74 @@ impl fmt::Display for HttpError {
 impl std::error::Error for HttpError {}
 
 impl HttpError {
+    /// The error for a reply (of `status`, from `endpoint`) that is not the JSON expected;
+    /// the body is never quoted (it may hold a token).
+    pub(crate) fn malformed(endpoint: &str, status: u16, e: &serde_json::Error) -> HttpError {
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "is not valid JSON"
+            }
+            serde_json::error::Category::Data => "does not have the expected fields",
+            serde_json::error::Category::Io => "could not be read",
+        };
+        HttpError {
+            endpoint: endpoint.to_string(),
+            kind: HttpErrorKind::Malformed,
+            status: Some(status),
+            code: None,
+            reason: None,
+            detail: format!(
+                "the reply {what} (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+            retry_after: None,
+        }
+    }
+
+    /// The error for a non-2xx reply: the service's error code, reason and description from
+    /// `body` in any of the documented shapes, with every value in `secrets` scrubbed.
+    pub(crate) fn from_reply(
+        endpoint: &str,
+        status: u16,
+        body: &[u8],
+        retry_after: Option<Duration>,
+        secrets: &[&str],
+    ) -> HttpError {
+        let (code, reason, detail) = service_error(status, body);
+        HttpError {
+            endpoint: endpoint.to_string(),
+            kind: HttpErrorKind::Status,
+            status: Some(status),
+            code: code.map(|c| scrub_secrets(&c, secrets)),
+            reason,
+            detail: scrub_secrets(&detail, secrets),
+            retry_after,
+        }
+    }
+
+    /// The error for a non-2xx OAuth reply (RFC 6749 §5.2) whose `error` and
+    /// `error_description` the caller has parsed itself: what [`HttpError::from_reply`] makes
+    /// of the same body.
+    pub(crate) fn from_oauth_reply(
+        endpoint: &str,
+        status: u16,
+        code: &str,
+        description: Option<&str>,
+        secrets: &[&str],
+    ) -> HttpError {
+        let detail = description.map_or_else(|| status_reason(status), str::to_string);
+        HttpError {
+            endpoint: endpoint.to_string(),
+            kind: HttpErrorKind::Status,
+            status: Some(status),
+            code: Some(scrub_secrets(code, secrets)),
+            reason: None,
+            detail: scrub_secrets(&shorten(&first_line(&detail)), secrets),
+            retry_after: None,
+        }
+    }
+
     /// True when the same request may succeed later: network trouble, 408, 429, 5xx.
     pub fn transient(&self) -> bool {
         match self.kind {
@@ -334,15 +382,38 @@ impl HttpClient {
     /// Sends `req`, waiting out throttling (429/503 with `Retry-After`) within the retry
     /// policy. A 2xx reply is `Ok`; anything else is an [`HttpError`].
     pub fn execute(&self, req: &Request<'_>) -> std::result::Result<Response, HttpError> {
+        self.run(req, false)
+    }
+
+    /// Like [`HttpClient::execute`], but a non-2xx reply is returned as it came (status and
+    /// body) to a caller that reads the service's error itself: the `oauth2` client, which
+    /// parses RFC 6749 error replies. Throttling is still waited out (and a throttled reply
+    /// given up on is still an [`HttpError`]), and so is every network failure.
+    pub fn execute_any(&self, req: &Request<'_>) -> std::result::Result<Response, HttpError> {
+        self.run(req, true)
+    }
+
+    fn run(&self, req: &Request<'_>, any_status: bool) -> std::result::Result<Response, HttpError> {
         let started = Instant::now();
         let mut retries = 0;
         loop {
-            let err = match self.once(req) {
-                Ok(resp) => return Ok(resp),
-                Err(err) => err,
-            };
+            let (resp, retry_after) = self.once(req)?;
+            if (200..300).contains(&resp.status) {
+                return Ok(resp);
+            }
+            let err = HttpError::from_reply(
+                &resp.endpoint,
+                resp.status,
+                &resp.body,
+                retry_after,
+                &request_secrets(req),
+            );
             if !err.throttled() || retries >= self.retry.max_retries {
-                return Err(err);
+                return if any_status && !err.throttled() {
+                    Ok(resp)
+                } else {
+                    Err(err)
+                };
             }
             let wait = err
                 .retry_after
@@ -364,7 +435,11 @@ impl HttpClient {
         }
     }
 
-    fn once(&self, req: &Request<'_>) -> std::result::Result<Response, HttpError> {
+    /// One attempt: the reply whatever its status, with its `Retry-After`.
+    fn once(
+        &self,
+        req: &Request<'_>,
+    ) -> std::result::Result<(Response, Option<Duration>), HttpError> {
         let endpoint = endpoint_label(req.method, req.url);
         let fail = |kind: HttpErrorKind, detail: String| HttpError {
             endpoint: endpoint.clone(),
@@ -437,31 +512,28 @@ impl HttpClient {
                     fail(kind, format!("reading the reply: {detail}"))
                 }
             })?;
-        if (200..300).contains(&status) {
-            return Ok(Response {
+        Ok((
+            Response {
                 status,
                 body,
                 endpoint,
-            });
-        }
-        let (code, reason, detail) = service_error(status, &body);
-        let mut scrub: Vec<&str> = req.secrets.to_vec();
-        if let Some(token) = req.bearer {
-            scrub.push(token.expose());
-        }
-        if let Body::Form(fields) = req.body {
-            scrub.extend(fields.iter().map(|(_, v)| *v));
-        }
-        Err(HttpError {
-            endpoint,
-            kind: HttpErrorKind::Status,
-            status: Some(status),
-            code: code.map(|c| scrub_secrets(&c, &scrub)),
-            reason,
-            detail: scrub_secrets(&detail, &scrub),
+            },
             retry_after,
-        })
+        ))
     }
+}
+
+/// The values of `req` never to be quoted in an error: its bearer token, every form value and
+/// its own `secrets`.
+fn request_secrets<'a>(req: &Request<'a>) -> Vec<&'a str> {
+    let mut scrub: Vec<&str> = req.secrets.to_vec();
+    if let Some(token) = req.bearer {
+        scrub.push(token.expose());
+    }
+    if let Body::Form(fields) = req.body {
+        scrub.extend(fields.iter().map(|(_, v)| *v));
+    }
+    scrub
 }
 
 /// `METHOD scheme://host/path`: the URL without user info, query or fragment.
@@ -516,13 +588,7 @@ fn describe_ureq_error(e: &ureq::Error) -> (HttpErrorKind, String) {
 /// The service's error code, Gmail reason and description from an error body in any of the
 /// documented shapes; a non-JSON body gives only the status line.
 fn service_error(status: u16, body: &[u8]) -> (Option<String>, Option<String>, String) {
-    let fallback = || {
-        let reason = ureq::http::StatusCode::from_u16(status)
-            .ok()
-            .and_then(|s| s.canonical_reason())
-            .unwrap_or("error");
-        reason.to_string()
-    };
+    let fallback = || status_reason(status);
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
         return (None, None, fallback());
     };
@@ -546,6 +612,15 @@ fn service_error(status: u16, body: &[u8]) -> (Option<String>, Option<String>, S
         }
         _ => (None, None, fallback()),
     }
+}
+
+/// The status line's reason phrase ("Bad Request"), or "error".
+fn status_reason(status: u16) -> String {
+    ureq::http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("error")
+        .to_string()
 }
 
 fn first_line(text: &str) -> String {
@@ -874,6 +949,35 @@ mod tests {
         assert!(!err.transient());
         let requests = server.join().unwrap();
         assert!(requests[0].contains("grant_type=refresh_token&refresh_token=rt-SECRET-123456"));
+    }
+
+    #[test]
+    fn execute_any_returns_error_replies_but_still_waits_out_throttling() {
+        let (url, server) = serve(vec![
+            reply("429 Too Many Requests", "Retry-After: 0\r\n", ""),
+            reply(
+                "400 Bad Request",
+                "Content-Type: application/json\r\n",
+                r#"{"error":"invalid_grant"}"#,
+            ),
+            reply("503 Service Unavailable", "Retry-After: 0\r\n", ""),
+        ]);
+        let resp = client()
+            .execute_any(&Request::new(Method::Post, &format!("{url}/token")))
+            .unwrap();
+        assert_eq!(resp.status, 400);
+        assert_eq!(resp.body, br#"{"error":"invalid_grant"}"#);
+        // A throttled reply given up on is an error, as with `execute`.
+        let no_retries = RetryPolicy {
+            max_retries: 0,
+            budget: Duration::from_secs(10),
+        };
+        let err = client()
+            .with_retry(no_retries)
+            .execute_any(&Request::new(Method::Post, &format!("{url}/token")))
+            .unwrap_err();
+        assert!(err.is_status(503) && err.transient(), "{err}");
+        assert_eq!(server.join().unwrap().len(), 3);
     }
 
     #[test]

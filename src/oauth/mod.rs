@@ -1,11 +1,19 @@
 //! OAuth 2.0 for the cloud accounts: OFFICE365 (Microsoft identity platform: a delegated
 //! sign-in, or app-only access with client credentials acting on the mailbox EMAIL) and GMAIL
-//! (Google: a signed-in personal account, or a service account with domain-wide delegation).
+//! (Google: a signed-in personal account, or a service account with domain-wide delegation),
+//! and for SMTP/IMAP/POP3 accounts with `AUTH_TYPE = XOAUTH2`.
 //!
-//! Hand-rolled over [`crate::http`] rather than with the `oauth2` crate: the grants are small
-//! and fully specified (RFC 6749 authorization code, RFC 7636 PKCE S256, RFC 7523 JWT bearer,
-//! which `oauth2` does not offer), the endpoints come from per-account configuration at run
-//! time, and the error handling (refused grant → re-authenticate, rotation, CAS) is ours anyway.
+//! The protocol is the `oauth2` crate's (version 5, without its HTTP clients): the
+//! authorization URL with PKCE S256 and a random `state`, and the token requests for the
+//! authorization code (with the PKCE verifier), the refresh token and client credentials, with
+//! its typed error replies. Its requests are sent by a small adapter over our own
+//! [`crate::http::HttpClient`] (the one ureq stack: the account's TLS trust and timeouts,
+//! redirects refused, 429/503 `Retry-After` waited out): see `client.rs`. What `oauth2` does not
+//! cover stays here: the JWT bearer grant of a Gmail service account (RFC 7523, `jwt.rs`); the
+//! endpoints and scopes from each account's configuration; the pending sign-ins in the state
+//! store; the token cache, the per-account lock and the compare-and-swap saving of rotated
+//! refresh tokens ([`tokens`]); and the mapping of a refused grant to what the administrator
+//! must do.
 //!
 //! The flow the PHP side drives:
 //! 1. [`authorization_url`]: the administrator clicks "Click to Authenticate"; a random `state`
@@ -17,15 +25,16 @@
 //!    saving every rotated refresh token at once; [`status`] reports on it without network.
 
 pub mod api;
+mod client;
 mod jwt;
 pub mod tokens;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
-use rand::RngCore;
+use oauth2::{
+    AuthUrl, AuthorizationCode, CsrfToken, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -37,11 +46,10 @@ use crate::config::{
     Account, AccountId, AuthType, MailboxType, OAuthGrant, Settings, TransportType,
 };
 use crate::error::{Error, Result};
-use crate::http::{query, Body, HttpClient, Method, Request, Role};
+use crate::http::{HttpClient, Method, Request, Role};
 use crate::state::{PendingAuth, StateStore};
-use tokens::{
-    grant_error, now_secs, AccountLock, TokenReply, ACCESS, KV_ERROR, KV_MAILBOX, REFRESH,
-};
+use client::{oauth_scopes, token_client, Transport};
+use tokens::{grant_error, now_secs, AccountLock, ACCESS, KV_ERROR, KV_MAILBOX, REFRESH};
 
 pub const MICROSOFT_AUTHORITY: &str = "https://login.microsoftonline.com/common";
 pub const MICROSOFT_AUTHORIZE_PATH: &str = "/oauth2/v2.0/authorize";
@@ -68,6 +76,10 @@ pub const GMAIL_BASE: &str = "https://gmail.googleapis.com";
 pub const PENDING_AUTH_TTL: Duration = Duration::from_secs(600);
 /// kv namespace remembering consumed `state` values (hashed), to tell "used" from "unknown".
 const KV_USED_STATE: &str = "oauth-state-used";
+/// Random bytes of a PKCE verifier (86 characters in base64url; RFC 7636 allows 43 to 128).
+const PKCE_VERIFIER_BYTES: u32 = 64;
+/// Random bytes of a `state` value.
+const STATE_BYTES: u32 = 32;
 
 /// The identity provider of a cloud account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -416,16 +428,6 @@ struct Pending {
     verifier: String,
 }
 
-fn random_b64(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    rand::rngs::OsRng.fill_bytes(&mut buf);
-    URL_SAFE_NO_PAD.encode(buf)
-}
-
-fn pkce_challenge(verifier: &str) -> String {
-    URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
-}
-
 fn state_key(state: &str) -> String {
     let digest = Sha256::digest(state.as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
@@ -443,11 +445,15 @@ fn check_redirect_uri(uri: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::message(
-            "the redirect URI must be an absolute http(s) URL without a fragment, e.g. \
-             https://pcr360.example.edu/core/oauth2/validated",
-        ))
+        Err(bad_redirect_uri())
     }
+}
+
+fn bad_redirect_uri() -> Error {
+    Error::message(
+        "the redirect URI must be an absolute http(s) URL without a fragment, e.g. \
+         https://pcr360.example.edu/core/oauth2/validated",
+    )
 }
 
 /// The authorization-code URL to send the administrator's browser to ("Click to
@@ -490,47 +496,47 @@ pub fn authorization_url(
     check_redirect_uri(redirect_uri)?;
     let ep = endpoints(account, provider)?;
     let client_id = client_id(account)?;
-    let verifier = random_b64(64);
-    let state = random_b64(32);
+    let auth_url = AuthUrl::new(ep.authorize.clone()).map_err(|e| {
+        Error::account_key(
+            &id,
+            "OAUTH.AUTHORIZATION_ENDPOINT",
+            format!("not a valid URL ({e})"),
+        )
+    })?;
+    let redirect = RedirectUrl::new(redirect_uri.to_string()).map_err(|_| bad_redirect_uri())?;
+    let client = token_client(&id, &client_id, None, &ep.token)?
+        .set_auth_uri(auth_url)
+        .set_redirect_uri(redirect);
+    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256_len(PKCE_VERIFIER_BYTES);
+    let mut request = client
+        .authorize_url(|| CsrfToken::new_random_len(STATE_BYTES))
+        .add_scopes(oauth_scopes(&ep.scopes))
+        .set_pkce_challenge(challenge);
+    let extra: &[(&str, &str)] = match provider {
+        Provider::Microsoft => &[("response_mode", "query"), ("prompt", "select_account")],
+        Provider::Google => &[("access_type", "offline"), ("prompt", "consent")],
+    };
+    for (name, value) in extra {
+        request = request.add_extra_param(*name, *value);
+    }
+    if crate::config::address_problem(&account.email).is_none() {
+        request = request.add_extra_param("login_hint", account.email.as_str());
+    }
+    let (url, state) = request.url();
     let pending = Pending {
         recid,
         provider: provider.as_str().to_string(),
-        client_id: client_id.clone(),
+        client_id,
         redirect_uri: redirect_uri.to_string(),
-        verifier: verifier.clone(),
+        verifier: verifier.secret().to_string(),
     };
     let sealed = keys.encrypt(&serde_json::to_string(&pending).expect("plain struct"));
     store.put_pending_auth(
-        &state,
+        state.secret(),
         &sealed,
         now_secs() + PENDING_AUTH_TTL.as_secs() as i64,
     )?;
-    let scope = ep.scopes.join(" ");
-    let challenge = pkce_challenge(&verifier);
-    let mut params: Vec<(&str, &str)> = vec![
-        ("client_id", &client_id),
-        ("response_type", "code"),
-        ("redirect_uri", redirect_uri),
-        ("scope", &scope),
-        ("state", &state),
-        ("code_challenge", &challenge),
-        ("code_challenge_method", "S256"),
-    ];
-    match provider {
-        Provider::Microsoft => {
-            params.push(("response_mode", "query"));
-            params.push(("prompt", "select_account"));
-        }
-        Provider::Google => {
-            params.push(("access_type", "offline"));
-            params.push(("prompt", "consent"));
-        }
-    }
-    if crate::config::address_problem(&account.email).is_none() {
-        params.push(("login_hint", &account.email));
-    }
-    let sep = if ep.authorize.contains('?') { '&' } else { '?' };
-    Ok(format!("{}{sep}{}", ep.authorize, query(&params)))
+    Ok(url.into())
 }
 
 /// A completed sign-in.
@@ -643,25 +649,24 @@ pub fn complete_authorization(
     }
     let ep = endpoints(account, provider)?;
     let http = HttpClient::new(&account.tls, account.timeout)?;
+    let secret = account.oauth.as_ref().and_then(|o| o.secret_key.as_ref());
+    let client = token_client(&id, &pending.client_id, secret, &ep.token)?;
+    let redirect = RedirectUrl::new(pending.redirect_uri.clone())
+        .map_err(|_| Error::auth(&id, format!("the pending sign-in is damaged; {restart}")))?;
     let scope = ep.scopes.join(" ");
-    let mut form: Vec<(&str, &str)> = vec![
-        ("grant_type", "authorization_code"),
-        ("code", code),
-        ("redirect_uri", &pending.redirect_uri),
-        ("client_id", &pending.client_id),
-        ("code_verifier", &pending.verifier),
-    ];
-    let secret = account.oauth.as_ref().and_then(|o| o.secret_key.clone());
-    if let Some(secret) = &secret {
-        form.push(("client_secret", secret.expose()));
-    }
+    let mut request = client
+        .exchange_code(AuthorizationCode::new(code.to_string()))
+        .set_pkce_verifier(PkceCodeVerifier::new(pending.verifier.clone()))
+        .set_redirect_uri(std::borrow::Cow::Owned(redirect));
     if provider == Provider::Microsoft {
-        form.push(("scope", &scope));
+        // Microsoft wants the scopes on the code exchange too; `oauth2` has no setter for it.
+        request = request.add_extra_param("scope", scope);
     }
     let now = now_secs();
-    let reply = http
-        .execute(&Request::new(Method::Post, &ep.token).with_body(Body::Form(&form)))
-        .and_then(|r| r.json::<TokenReply>())
+    let transport = Transport::new(&http);
+    let reply = request
+        .request(&transport)
+        .map_err(|e| transport.error(e, &ep.token))
         .map_err(|e| {
             if e.has_code("invalid_grant") {
                 Error::auth(
@@ -677,7 +682,7 @@ pub fn complete_authorization(
                 grant_error(e, provider, false, &id, &ep.token, Role::Authorize)
             }
         })?;
-    let Some(refresh) = reply.refresh_token.clone().filter(|t| !t.is_empty()) else {
+    let Some(refresh) = reply.refresh_token().map(str::to_string) else {
         return Err(Error::auth(
             &id,
             match provider {
@@ -690,7 +695,7 @@ pub fn complete_authorization(
             },
         ));
     };
-    let access = crate::config::Secret::new(reply.access_token.clone());
+    let access = crate::config::Secret::new(reply.access_token().to_string());
     // An IMAP/POP3/SMTP account's token is for the mail servers, not for an API that could say
     // whose it is: its mailbox is LOGIN, and the servers check the token against it.
     let mailbox = if account.auth_type == AuthType::XOAuth2 && !is_cloud(account) {
@@ -704,7 +709,7 @@ pub fn complete_authorization(
         store.save_token(
             &id,
             &tokens::access_kind(account, &ep.scopes),
-            &keys.encrypt(&reply.access_token),
+            &keys.encrypt(reply.access_token()),
             Some(reply.use_until(now)),
         )?;
     }
@@ -1028,8 +1033,9 @@ mod tests {
 
     #[test]
     fn pkce_matches_rfc7636_appendix_b() {
+        let verifier = PkceCodeVerifier::new("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk".into());
         assert_eq!(
-            pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            PkceCodeChallenge::from_code_verifier_sha256(&verifier).as_str(),
             "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         );
     }
@@ -1058,8 +1064,9 @@ mod tests {
             &keys,
         )
         .unwrap();
-        assert!(url.starts_with("https://accounts.google.com/o/oauth2/v2/auth?client_id=cid.apps"));
+        assert!(url.starts_with("https://accounts.google.com/o/oauth2/v2/auth?"));
         for part in [
+            "client_id=cid.apps.googleusercontent.com",
             "response_type=code",
             "code_challenge_method=S256",
             "access_type=offline",
@@ -1070,8 +1077,64 @@ mod tests {
         ] {
             assert!(url.contains(part), "{part} missing in {url}");
         }
+        // The state is pending with the PKCE verifier whose S256 hash is the challenge sent.
+        let query: std::collections::HashMap<String, String> = oauth2::url::Url::parse(&url)
+            .unwrap()
+            .query_pairs()
+            .into_owned()
+            .collect();
+        assert_eq!(query["state"].len(), 43, "{url}");
+        let PendingAuth::Valid(sealed) = store.take_pending_auth(&query["state"]).unwrap() else {
+            panic!("the state is not pending");
+        };
+        let pending: Pending =
+            serde_json::from_str(keys.decrypt(sealed.expose()).unwrap().expose()).unwrap();
+        assert_eq!(pending.verifier.len(), 86);
+        assert_eq!(pending.redirect_uri, query["redirect_uri"]);
+        assert_eq!(
+            PkceCodeChallenge::from_code_verifier_sha256(&PkceCodeVerifier::new(pending.verifier))
+                .as_str(),
+            query["code_challenge"]
+        );
         let bad = authorization_url(&a, "/core/oauth2/validated", &store, &keys).unwrap_err();
         assert!(bad.to_string().contains("redirect URI"), "{bad}");
+    }
+
+    #[test]
+    fn microsoft_authorization_urls_keep_their_query_and_add_the_specifics() {
+        let (_dir, store, keys) = store_and_keys();
+        let a = account(
+            Provider::Microsoft,
+            OAuthSettings {
+                application_id: "app".into(),
+                authorization_endpoint: "https://login.example.com/t/authorize?domain_hint=x"
+                    .into(),
+                ..Default::default()
+            },
+        );
+        let url = authorization_url(&a, "https://h/core/oauth2/validated", &store, &keys).unwrap();
+        let query: Vec<(String, String)> = oauth2::url::Url::parse(&url)
+            .unwrap()
+            .query_pairs()
+            .into_owned()
+            .collect();
+        let get = |name: &str| {
+            let values: Vec<&str> = query
+                .iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(values.len(), 1, "{name} in {url}");
+            values[0].to_string()
+        };
+        assert!(url.starts_with("https://login.example.com/t/authorize?domain_hint=x&"));
+        assert_eq!(get("response_mode"), "query");
+        assert_eq!(get("prompt"), "select_account");
+        assert_eq!(get("login_hint"), "sd@pcr.example.edu");
+        assert_eq!(get("code_challenge_method"), "S256");
+        assert_eq!(get("client_id"), "app");
+        assert_eq!(get("scope"), MICROSOFT_DEFAULT_SCOPES);
+        assert!(!url.contains("access_type"), "{url}");
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Access tokens for one OFFICE365 / GMAIL account: cached (encrypted) in the state store,
 //! refreshed shortly before they expire, with every rotated refresh token saved at once.
 //!
+//! The refresh and client-credentials grants are `oauth2`'s requests
+//! ([`super::client::OAuthClient`]) sent over the account's [`HttpClient`]; the JWT bearer grant
+//! of a Gmail service account (RFC 7523, which `oauth2` does not offer) is built here.
+//!
 //! Several PHP processes (and the mailbox threads of one process) may need a token at the same
 //! moment. A refresh is therefore done under an exclusive lock file per account
 //! (`STATE_DIR/oauth-locks/<account>.lock`, `flock`, released by the kernel even after
@@ -16,8 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use oauth2::RefreshToken;
 
+use super::client::{oauth_scopes, token_client, OAuthClient, TokenReply, Transport};
 use super::jwt::ServiceAccountKey;
 use super::{endpoints, OAuthEnv, Provider};
 use crate::config::secrets::KeyStore;
@@ -37,59 +42,23 @@ pub const KV_MAILBOX: &str = "oauth-mailbox";
 pub const KV_MECHANISM: &str = "oauth-sasl-mechanism";
 /// kv namespace: the last token error per account (no secret in it), cleared on success.
 pub const KV_ERROR: &str = "oauth-error";
-/// A token is renewed this long before it expires (at most a quarter of its lifetime).
-const RENEW_BEFORE_SECS: i64 = 60;
 /// `grant_type` of RFC 7523.
 pub(crate) const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-
-/// The token endpoint's success reply (RFC 6749 §5.1). Deliberately not `Debug`.
-#[derive(Deserialize)]
-pub(crate) struct TokenReply {
-    pub access_token: String,
-    #[serde(default, deserialize_with = "number_or_string")]
-    pub expires_in: Option<i64>,
-    #[serde(default)]
-    pub refresh_token: Option<String>,
-}
-
-fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Either {
-        N(i64),
-        S(String),
-    }
-    Ok(match Option::<Either>::deserialize(d)? {
-        Some(Either::N(n)) => Some(n),
-        Some(Either::S(s)) => s.trim().parse().ok(),
-        None => None,
-    })
-}
-
-impl TokenReply {
-    /// When to stop using the access token (Unix seconds): its expiry minus a margin.
-    pub fn use_until(&self, now: i64) -> i64 {
-        let lifetime = self.expires_in.unwrap_or(3600).max(1);
-        now + lifetime - RENEW_BEFORE_SECS.min(lifetime / 4)
-    }
-}
 
 /// How the account gets a new access token.
 enum Grant {
     /// A refresh token from the authorization-code sign-in.
     Refresh {
-        client_id: String,
-        client_secret: Option<Secret>,
+        client: OAuthClient,
         token_url: String,
         /// Microsoft wants the scopes again on refresh; Google does not.
-        scope: Option<String>,
+        scopes: Option<Vec<String>>,
     },
     /// Microsoft app-only access: the application's client secret, no refresh token.
     ClientCredentials {
-        client_id: String,
-        client_secret: Secret,
+        client: OAuthClient,
         token_url: String,
-        scope: String,
+        scopes: Vec<String>,
     },
     /// A Gmail service account: a JWT assertion signed with its key.
     ServiceAccount {
@@ -134,18 +103,25 @@ impl TokenManager {
         let ep = endpoints(account, provider)?;
         let oauth = account.oauth.as_ref().expect("endpoints() checked OAUTH");
         let grant = match (&oauth.service_account_json, provider) {
-            _ if oauth.grant == OAuthGrant::ClientCredentials => Grant::ClientCredentials {
-                client_id: super::client_id(account)?,
-                client_secret: oauth.secret_key.clone().ok_or_else(|| {
+            _ if oauth.grant == OAuthGrant::ClientCredentials => {
+                let secret = oauth.secret_key.as_ref().ok_or_else(|| {
                     Error::account_key(
                         &id,
                         "OAUTH.SECRET_KEY",
                         "client_credentials needs the application's client secret",
                     )
-                })?,
-                token_url: ep.token.clone(),
-                scope: ep.scopes.join(" "),
-            },
+                })?;
+                Grant::ClientCredentials {
+                    client: token_client(
+                        &id,
+                        &super::client_id(account)?,
+                        Some(secret),
+                        &ep.token,
+                    )?,
+                    token_url: ep.token.clone(),
+                    scopes: ep.scopes.clone(),
+                }
+            }
             (Some(json), Provider::Google) => {
                 let key = ServiceAccountKey::parse(json.expose(), &id)?;
                 let token_url = if oauth.token_endpoint.trim().is_empty() {
@@ -168,10 +144,14 @@ impl TokenManager {
                 }
             }
             _ => Grant::Refresh {
-                client_id: super::client_id(account)?,
-                client_secret: oauth.secret_key.clone(),
+                client: token_client(
+                    &id,
+                    &super::client_id(account)?,
+                    oauth.secret_key.as_ref(),
+                    &ep.token,
+                )?,
                 token_url: ep.token.clone(),
-                scope: (provider == Provider::Microsoft).then(|| ep.scopes.join(" ")),
+                scopes: (provider == Provider::Microsoft).then(|| ep.scopes.clone()),
             },
         };
         let store = env.open_store()?;
@@ -294,10 +274,9 @@ impl TokenManager {
 
     fn refresh_grant(&self) -> Result<Secret> {
         let Grant::Refresh {
-            client_id,
-            client_secret,
+            client,
             token_url,
-            scope,
+            scopes,
         } = &self.grant
         else {
             unreachable!("refresh_grant on a service account")
@@ -313,28 +292,18 @@ impl TokenManager {
             ));
         };
         let refresh_token = self.keys.decrypt(stored.value.expose())?;
-        let mut form: Vec<(&str, &str)> = vec![
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh_token.expose()),
-            ("client_id", client_id),
-        ];
-        if let Some(secret) = client_secret {
-            form.push(("client_secret", secret.expose()));
-        }
-        if let Some(scope) = scope {
-            form.push(("scope", scope));
-        }
+        let sent = RefreshToken::new(refresh_token.expose().to_string());
         let now = now_secs();
-        let reply = self
-            .http
-            .execute(&Request::new(Method::Post, token_url).with_body(Body::Form(&form)))
-            .and_then(|r| r.json::<TokenReply>());
-        let reply = match reply {
+        let transport = Transport::new(&self.http);
+        let request = client
+            .exchange_refresh_token(&sent)
+            .add_scopes(scopes.iter().flat_map(|s| oauth_scopes(s)));
+        let reply = match request.request(&transport) {
             Ok(reply) => reply,
-            Err(e) => return Err(self.grant_error(e, token_url)),
+            Err(e) => return Err(self.grant_error(transport.error(e, token_url), token_url)),
         };
         // Save a rotated refresh token before anything else can fail.
-        if let Some(new_refresh) = reply.refresh_token.as_deref().filter(|t| !t.is_empty()) {
+        if let Some(new_refresh) = reply.refresh_token() {
             if new_refresh != refresh_token.expose() {
                 let sealed = self.keys.encrypt(new_refresh);
                 // `None`: a new sign-in stored another token meanwhile; it wins.
@@ -352,28 +321,22 @@ impl TokenManager {
 
     fn client_credentials_grant(&self) -> Result<Secret> {
         let Grant::ClientCredentials {
-            client_id,
-            client_secret,
+            client,
             token_url,
-            scope,
+            scopes,
         } = &self.grant
         else {
             unreachable!("client_credentials_grant without client credentials")
         };
         let now = now_secs();
-        let form = [
-            ("grant_type", "client_credentials"),
-            ("client_id", client_id.as_str()),
-            ("client_secret", client_secret.expose()),
-            ("scope", scope.as_str()),
-        ];
-        let reply = self
-            .http
-            .execute(&Request::new(Method::Post, token_url).with_body(Body::Form(&form)))
-            .and_then(|r| r.json::<TokenReply>());
+        let transport = Transport::new(&self.http);
+        let reply = client
+            .exchange_client_credentials()
+            .add_scopes(oauth_scopes(scopes))
+            .request(&transport);
         match reply {
             Ok(reply) => self.cache_access(&reply, now),
-            Err(e) => Err(self.grant_error(e, token_url)),
+            Err(e) => Err(self.grant_error(transport.error(e, token_url), token_url)),
         }
     }
 
@@ -404,20 +367,20 @@ impl TokenManager {
     }
 
     fn cache_access(&self, reply: &TokenReply, now: i64) -> Result<Secret> {
-        if reply.access_token.is_empty() {
+        if reply.access_token().is_empty() {
             return Err(Error::auth(
                 &self.account,
                 "the token endpoint returned an empty access token",
             ));
         }
-        let sealed = self.keys.encrypt(&reply.access_token);
+        let sealed = self.keys.encrypt(reply.access_token());
         self.store().save_token(
             &self.account,
             &self.access_kind,
             &sealed,
             Some(reply.use_until(now)),
         )?;
-        Ok(Secret::new(reply.access_token.clone()))
+        Ok(Secret::new(reply.access_token().to_string()))
     }
 
     /// The error for a failed token request: `Auth` when the grant itself was refused (the
@@ -597,17 +560,6 @@ pub(crate) fn now_secs() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn expires_in_may_be_a_string_and_renewal_comes_early() {
-        let r: TokenReply =
-            serde_json::from_str(r#"{"access_token":"a","expires_in":"3600"}"#).unwrap();
-        assert_eq!(r.use_until(1000), 1000 + 3600 - 60);
-        let r: TokenReply = serde_json::from_str(r#"{"access_token":"a","expires_in":8}"#).unwrap();
-        assert_eq!(r.use_until(1000), 1000 + 8 - 2);
-        let r: TokenReply = serde_json::from_str(r#"{"access_token":"a"}"#).unwrap();
-        assert_eq!(r.use_until(0), 3600 - 60);
-    }
 
     #[test]
     fn the_lock_excludes_a_second_holder_until_dropped() {
