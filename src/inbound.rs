@@ -1320,7 +1320,7 @@ impl Run<'_> {
             self.alert(
                 account,
                 &auth_alert_key(account),
-                "An email account needs to be authenticated again",
+                "An email account cannot sign in",
                 &text,
             );
         }

@@ -752,7 +752,7 @@ final class CheckMailTest extends TestCase
         $host = new TestHost();
         $bad = $this->row(76, 'IMAPS', 'mbox2', ['PASSWORD' => $this->encrypted('Wr0ng-S3cret-pw')]);
         $good = $this->row(76, 'IMAPS', 'mbox2');
-        $alerts = fn() => self::emlContaining($this->dir . '/out', 'needs to be authenticated again');
+        $alerts = fn() => self::emlContaining($this->dir . '/out', 'cannot sign in');
         $run = function (array $row) use ($host) {
             $host->accounts = [$row];
             return self::box($this->manager($host)->eventCheckMail(self::DATA), 76)['errors'];

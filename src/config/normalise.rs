@@ -523,17 +523,7 @@ fn check_xoauth2(
                     "client_credentials needs the application's client secret",
                 ));
             }
-            // Microsoft issues app-only tokens only from the organisation's own tenant, never
-            // from `common`, the default authority.
-            let absolute = |u: &str| u.starts_with("https://") || u.starts_with("http://");
-            if oauth.authority_url.trim().is_empty() && !absolute(oauth.token_endpoint.trim()) {
-                return Err(f.err(
-                    "OAUTH.AUTHORITY_URL",
-                    "client_credentials needs the organisation's authority, \
-                     https://login.microsoftonline.com/<tenant id> (Microsoft refuses app-only \
-                     tokens from the default 'common')",
-                ));
-            }
+            app_only_authority(f, oauth)?;
         }
         OAuthGrant::ServiceAccount => {
             if oauth.service_account_json.is_none() {
@@ -695,6 +685,25 @@ fn check_oauth(
         return Err(f.err(
             "OAUTH.APPLICATION_ID",
             format!("{name} needs the OAuth2 application (client) id"),
+        ));
+    }
+    if office && oauth.grant == OAuthGrant::ClientCredentials {
+        app_only_authority(f, oauth)?;
+    }
+    Ok(())
+}
+
+/// Microsoft issues app-only tokens only from the organisation's own tenant, never from
+/// `common`, the default authority: a client_credentials account must name it.
+fn app_only_authority(f: &Fields, oauth: &OAuthSettings) -> Result<()> {
+    let token = oauth.token_endpoint.trim();
+    let absolute = token.starts_with("https://") || token.starts_with("http://");
+    if oauth.authority_url.trim().is_empty() && !absolute {
+        return Err(f.err(
+            "OAUTH.AUTHORITY_URL",
+            "client_credentials needs the organisation's authority, \
+             https://login.microsoftonline.com/<tenant id> (Microsoft refuses app-only tokens \
+             from the default 'common')",
         ));
     }
     Ok(())
