@@ -468,7 +468,7 @@ impl Manager {
         let mut view = account.public_view();
         view["outgoing"] = outgoing;
         view["incoming"] = incoming;
-        if crate::manager_oauth::is_cloud_account(&account) {
+        if account.is_cloud() {
             let oauth = self.check_cloud_account(&account);
             ok &= oauth["ok"].as_bool().unwrap_or(false);
             view["oauth"] = oauth;
