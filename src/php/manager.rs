@@ -135,10 +135,14 @@ impl EmailManager {
         match object {
             Some(object) => {
                 let mut host = PhpHost::new(object);
+                self.core.log_config_notices(&mut host);
                 let result = f(&mut self.core, &mut host);
                 (result, host.stopped())
             }
-            None => (f(&mut self.core, &mut NoHost), None),
+            None => {
+                self.core.log_config_notices(&mut NoHost);
+                (f(&mut self.core, &mut NoHost), None)
+            }
         }
     }
 
