@@ -128,9 +128,13 @@ impl Manager {
         let sorted = tenant_rows(&rows, &self.settings, keys);
         self.row_errors = sorted.errors.iter().map(|e| e.to_string()).collect();
         self.failed_accounts = sorted.failed;
+        // Once per process (a PHP worker builds a manager per request), per INI file.
+        let file = self.settings.config_file.display().to_string();
         for e in sorted.errors {
             let text = e.to_string();
-            self.logger.once(host, &text.clone(), &text, &Value::Null);
+            let key = format!("row-error:{file}:{text}");
+            self.logger
+                .once_per_process(host, &key, &text, &Value::Null);
         }
         self.log_cleartext(host);
         sorted.accounts

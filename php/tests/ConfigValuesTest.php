@@ -256,6 +256,26 @@ final class ConfigValuesTest extends TestCase
         $this->assertCount(1, $logged, json_encode($host->errors));
     }
 
+    /**
+     * A broken tenant row fails its own mail each time, and its error is logged once per
+     * process however many managers (requests of a PHP worker) find it.
+     */
+    public function testABrokenTenantRowIsLoggedOncePerProcess(): void
+    {
+        $ini = $this->iniFile($this->fileMaster());
+        $host = new TestHost();
+        $host->accounts = [['RECID' => '61', 'TENANTS_RECID' => '6', 'ACCOUNT_TYPE' => 'default',
+            'EMAIL' => 'd@t6.example.edu', 'OUTGOING_TRANSPORT_TYPE' => 'FILE', 'OUTGOING_SSL' => 'maybe',
+            'FILE_PATH' => $this->dir . '/t6']];
+        for ($i = 0; $i < 3; $i++) {
+            $e = self::configError(fn () => (new PCR_Utility_EmailManager($ini, 'prod', $host))->send(self::message(6)));
+            $this->assertStringContainsString('account 61, key OUTGOING_SSL', $e->getMessage());
+        }
+        $rowErrors = array_filter($host->errors, fn ($e) => str_starts_with($e['message'], 'email configuration error (account 61'));
+        $this->assertCount(1, $rowErrors, json_encode($host->errors));
+        $this->assertSame([], self::files($this->dir . '/master-out'), 'never sent as the master');
+    }
+
     /** The whole file's errors still stop the manager (nothing can be trusted). */
     public function testAnUnreadableFileIsStillAnErrorOfTheConstructor(): void
     {
