@@ -267,11 +267,13 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     let started = Instant::now();
     let vhost = event_host(data)?;
     let settings = manager.settings.clone();
+    // What the INI file itself warns of (a quoted "false" that reads as true, ...) shows on
+    // the Events screen too.
     let base = json!({
         "host": vhost,
         "environment": settings.environment,
         "errors": [],
-        "warnings": [],
+        "warnings": settings.warnings,
     });
     if settings.disable_email {
         return Ok(finish_summary(base, "disabled", &[], started));
@@ -284,13 +286,18 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     let mut base = base;
     base["errors"] = json!(manager.row_errors);
     let failed_accounts = std::mem::take(&mut manager.failed_accounts);
-    let (readers, duplicates) = crate::routing::incoming_readers_checked(
+    let (mut readers, duplicates) = crate::routing::incoming_readers_checked(
         &tenant_accounts,
         &failed_accounts,
         settings.master.as_ref(),
         settings.send_email,
         settings.disable_email,
     );
+    // A broken INI master that would receive: its mailbox is read by nobody, and the run
+    // reports its error in its place (the tenants' mailboxes are read as usual).
+    if let Some(master) = settings.master_failed.as_ref().filter(|m| m.receives) {
+        readers.push(crate::routing::Reader::Failed(master));
+    }
     let mut mailboxes: Vec<Account> = Vec::new();
     // Service Desk rows that are broken: their mailbox is read by nobody (never through
     // another account's login); each is a mailbox entry with its error.
@@ -313,7 +320,7 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     }
     // One mailbox configured twice (the INI master and a tenant row naming the same Maildir by
     // another spelling, the same IMAP login twice) is read once; the summary says so.
-    let mut warnings = Vec::new();
+    let mut warnings: Vec<Value> = settings.warnings.iter().map(|w| json!(w)).collect();
     for (left_out, reader) in duplicates {
         let text = format!(
             "account {} ({}) is configured with the same mailbox as account {} ({}): the mailbox \
@@ -386,6 +393,12 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         .iter()
         .chain(settings.master.as_ref())
         .map(|a| a.email.trim().to_ascii_lowercase())
+        .chain(
+            settings
+                .master_failed
+                .iter()
+                .map(|m| m.email.to_ascii_lowercase()),
+        )
         .filter(|e| !e.is_empty())
         .collect();
     let owner = Owner::new_run();

@@ -13,6 +13,10 @@ use serde_json::Value;
 
 use crate::host::Host;
 
+/// Keys of the notices this process has logged (see [`Logger::once_per_process`]).
+static PROCESS_ONCE: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
 #[derive(Debug, Default)]
 pub struct Logger {
     file: Option<PathBuf>,
@@ -38,6 +42,26 @@ impl Logger {
     /// Logs a notice once per process and key (to the host and the file).
     pub fn once(&mut self, host: &mut dyn Host, key: &str, message: &str, context: &Value) {
         if self.once.insert(key.to_string()) {
+            self.error(host, message, context);
+        }
+    }
+
+    /// Logs a notice once per process and key, whichever manager object logs it (e.g. a
+    /// broken INI master account, found again by every `new PCR_Utility_EmailManager()` of a
+    /// long-lived PHP worker).
+    pub fn once_per_process(
+        &mut self,
+        host: &mut dyn Host,
+        key: &str,
+        message: &str,
+        context: &Value,
+    ) {
+        let first = PROCESS_ONCE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string());
+        if first {
+            self.once.insert(key.to_string());
             self.error(host, message, context);
         }
     }
@@ -154,6 +178,18 @@ mod tests {
                 "stored in clear",
                 &Value::Null,
             );
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+    }
+
+    #[test]
+    fn once_per_process_spans_logger_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("email.log");
+        let key = format!("test-once-per-process:{}", path.display());
+        for _ in 0..3 {
+            let mut log = Logger::new(Some(path.clone()));
+            log.once_per_process(&mut NoHost, &key, "broken master", &Value::Null);
         }
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
     }

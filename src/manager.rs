@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::log::Logger;
 use crate::outgoing::{self, build, BuiltMessage, MessageRequest, Transport};
-use crate::routing::{self, MailKind, Route};
+use crate::routing::{self, MailKind, Route, TenantAccount};
 use crate::state::StateStore;
 
 /// The label of the key derived for the keyed hash in our Message-IDs.
@@ -128,11 +128,42 @@ impl Manager {
         let sorted = tenant_rows(&rows, &self.settings, keys);
         self.row_errors = sorted.errors.iter().map(|e| e.to_string()).collect();
         self.failed_accounts = sorted.failed;
+        // Once per process (a PHP worker builds a manager per request), per INI file.
+        let file = self.settings.config_file.display().to_string();
         for e in sorted.errors {
             let text = e.to_string();
-            self.logger.once(host, &text.clone(), &text, &Value::Null);
+            let key = format!("row-error:{file}:{text}");
+            self.logger
+                .once_per_process(host, &key, &text, &Value::Null);
         }
         sorted.accounts
+    }
+
+    /// What the INI file itself gives to log: its warnings (e.g. a quoted `"false"` that
+    /// reads as true) and a broken master account's error, each once per process. Called at
+    /// the start of every API call, so they reach the host's Error Log.
+    pub fn log_config_notices(&mut self, host: &mut dyn Host) {
+        let file = self.settings.config_file.display().to_string();
+        for warning in self.settings.warnings.clone() {
+            let key = format!("ini-warning:{file}:{warning}");
+            self.logger.once_per_process(
+                host,
+                &key,
+                &format!("pcr_email: {warning}"),
+                &Value::Null,
+            );
+        }
+        if let Some(failed) = &self.settings.master_failed {
+            let error = failed.error.to_string();
+            let key = format!("master-failed:{file}:{}:{error}", self.settings.environment);
+            let text = format!(
+                "pcr_email: {error}; the INI master email account cannot be used until this is \
+                 fixed: its mail is not sent and its mailbox is not read (the tenant email \
+                 accounts work as usual)"
+            );
+            self.logger
+                .once_per_process(host, &key, &text, &json!({"account": "master"}));
+        }
     }
 
     /// Logs the notices gathered while the last call ran: each "stored in clear" notice once
@@ -334,11 +365,18 @@ impl Manager {
     fn route<'a>(&'a self, kind: MailKind, accounts: &'a [Account], tenant: i64) -> Route<'a> {
         let (default, service_desk) =
             routing::select_tenant_accounts(accounts, &self.failed_accounts, tenant);
+        // A broken master stays in routing as failed: mail that would reach it fails with its
+        // error instead of being skipped or sent another way.
+        let master = match (&self.settings.master, &self.settings.master_failed) {
+            (Some(master), _) => Some(TenantAccount::Usable(master)),
+            (None, Some(failed)) => Some(TenantAccount::Failed(failed)),
+            (None, None) => None,
+        };
         routing::route(
             kind,
             default,
             service_desk,
-            self.settings.master.as_ref(),
+            master,
             self.settings.send_email,
             self.settings.disable_email,
         )
@@ -414,6 +452,9 @@ impl Manager {
     pub fn find_account(&mut self, host: &mut dyn Host, recid: &str) -> Result<Account> {
         let recid = recid.trim();
         if recid.eq_ignore_ascii_case("master") {
+            if let Some(failed) = &self.settings.master_failed {
+                return Err(failed.error.clone());
+            }
             return self.settings.master.clone().ok_or_else(|| {
                 Error::message(format!(
                     "the INI file {} has no email.* account in [{}]",

@@ -61,8 +61,8 @@ impl fmt::Display for MailKind {
     }
 }
 
-/// A tenant account as routing sees it: usable, or failed (its row is broken; see
-/// [`FailedAccount`]).
+/// An account as routing sees it (a tenant's, or the INI master): usable, or failed (its row
+/// or its `email.*` keys are broken; see [`FailedAccount`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TenantAccount<'a> {
     Usable(&'a Account),
@@ -74,8 +74,9 @@ pub enum TenantAccount<'a> {
 pub enum Route<'a> {
     /// Send it through this account.
     Send(&'a Account),
-    /// The account that would send it is a tenant account whose row is broken: the message
-    /// fails with that account's error, and is never sent through another account (SPEC §3).
+    /// The account that would send it is broken (a tenant's row, or the INI master's
+    /// `email.*` keys): the message fails with that account's error, and is never sent
+    /// through another account (SPEC §3).
     Failed(&'a FailedAccount),
     /// `SEND_EMAIL` is false: hand it to the host's in-app Messages (status `redirected`).
     Redirect,
@@ -93,7 +94,7 @@ pub fn route<'a>(
     kind: MailKind,
     tenant_default: Option<TenantAccount<'a>>,
     tenant_sd: Option<TenantAccount<'a>>,
-    master: Option<&'a Account>,
+    master: Option<TenantAccount<'a>>,
     send_email: bool,
     disable_email: bool,
 ) -> Route<'a> {
@@ -103,7 +104,6 @@ pub fn route<'a>(
     if !send_email {
         return Route::Redirect;
     }
-    let master = master.map(TenantAccount::Usable);
     let candidates: &[Option<TenantAccount<'a>>] = match kind {
         MailKind::General => &[tenant_default, master],
         MailKind::ServiceDesk => &[tenant_sd, tenant_default, master],
@@ -471,7 +471,7 @@ mod tests {
                             *kind,
                             d.as_ref().map(TenantAccount::Usable),
                             s.as_ref().map(TenantAccount::Usable),
-                            m.as_ref(),
+                            m.as_ref().map(TenantAccount::Usable),
                             send_email,
                             disable_email,
                         );
@@ -666,7 +666,7 @@ mod tests {
             MailKind::General,
             Some(TenantAccount::Failed(&broken_default)),
             None,
-            Some(&master),
+            Some(TenantAccount::Usable(&master)),
             true,
             false,
         );
@@ -676,7 +676,7 @@ mod tests {
             MailKind::ServiceDesk,
             Some(TenantAccount::Failed(&broken_default)),
             None,
-            Some(&master),
+            Some(TenantAccount::Usable(&master)),
             true,
             false,
         );
@@ -686,7 +686,7 @@ mod tests {
             MailKind::ServiceDesk,
             Some(TenantAccount::Failed(&broken_default)),
             Some(TenantAccount::Usable(&sd)),
-            Some(&master),
+            Some(TenantAccount::Usable(&master)),
             true,
             false,
         );
@@ -697,7 +697,7 @@ mod tests {
                 kind,
                 None,
                 Some(TenantAccount::Failed(&broken_sd)),
-                Some(&master),
+                Some(TenantAccount::Usable(&master)),
                 true,
                 false,
             );
@@ -709,7 +709,7 @@ mod tests {
             MailKind::General,
             Some(TenantAccount::Failed(&quiet)),
             None,
-            Some(&master),
+            Some(TenantAccount::Usable(&master)),
             true,
             false,
         );
@@ -719,11 +719,59 @@ mod tests {
             MailKind::General,
             Some(TenantAccount::Failed(&broken_default)),
             None,
-            Some(&master),
+            Some(TenantAccount::Usable(&master)),
             false,
             false,
         );
         assert_eq!(r, Route::Redirect);
+    }
+
+    #[test]
+    fn a_broken_master_fails_its_own_mail_only() {
+        let mut master = failed(0, AccountType::Master, 0, true);
+        master.id = AccountId::Master;
+        let default = account(AccountId::Tenant(20), AccountType::Default, 5, true);
+        let sd = account(AccountId::Tenant(21), AccountType::ServiceDesk, 5, true);
+        let broken = Some(TenantAccount::Failed(&master));
+        // The tenant's own accounts send as usual.
+        let r = route(
+            MailKind::General,
+            Some(TenantAccount::Usable(&default)),
+            None,
+            broken,
+            true,
+            false,
+        );
+        assert!(matches!(r, Route::Send(a) if a.id == AccountId::Tenant(20)));
+        let r = route(
+            MailKind::SdThread,
+            None,
+            Some(TenantAccount::Usable(&sd)),
+            broken,
+            true,
+            false,
+        );
+        assert!(matches!(r, Route::Send(a) if a.id == AccountId::Tenant(21)));
+        // Mail that would go out as the master fails with its error (not skipped, not sent
+        // another way).
+        for kind in [MailKind::General, MailKind::ServiceDesk] {
+            let r = route(kind, None, None, broken, true, false);
+            assert!(
+                matches!(r, Route::Failed(f) if f.id == AccountId::Master),
+                "{kind}"
+            );
+        }
+        // A broken master that would not send changes nothing.
+        master.sends = false;
+        let r = route(
+            MailKind::General,
+            None,
+            None,
+            Some(TenantAccount::Failed(&master)),
+            true,
+            false,
+        );
+        assert!(matches!(r, Route::Skipped(_)));
     }
 
     #[test]

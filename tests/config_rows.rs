@@ -199,7 +199,7 @@ fn bad_rows_name_the_account_and_key() {
         (with("OUTGOING_PORT", json!(465.5)), "(account 12, key OUTGOING_PORT): `465.5` is not a port number (1 to 65535)"),
         (with("OUTGOING_HOST", json!(null)), "(account 12, key OUTGOING_HOST): OUTGOING_HOST is required for SMTP"),
         (with("OUTGOING_TRANSPORT_TYPE", json!("MAPI")), "(account 12, key OUTGOING_TRANSPORT_TYPE): unknown outgoing transport type `MAPI` (expected FILE, SENDMAIL, SMTP, OFFICE365 or GMAIL)"),
-        (with("OUTGOING_SSL", json!("SSLv3")), "(account 12, key OUTGOING_SSL): `SSLv3` is not an SSL setting (expected SSL, TLS or empty)"),
+        (with("OUTGOING_SSL", json!("SSLv3")), "(account 12, key OUTGOING_SSL): `SSLv3` is not an SSL setting (expected SSL, TLS or empty, or a boolean: true/1/yes/on = SSL, false/0/no/off = none)"),
         (with("INCOMING_MAILBOX_TYPE", json!("POP3")), "(account 12, key INCOMING_HOST): INCOMING_HOST is required for POP3"),
         (with("INCOMING_MAILBOX_TYPE", json!("MAILDIR")), "(account 12, key INCOMING_PATH): INCOMING_PATH is required for MAILDIR (the Maildir directory)"),
         (with("INCOMING_MAILBOX_TYPE", json!("MBOX")), "(account 12, key INCOMING_MAILBOX_TYPE): unknown incoming mailbox type `MBOX` (expected IMAP, POP3, MAILDIR, OFFICE365 or GMAIL)"),
@@ -235,6 +235,46 @@ fn bad_rows_name_the_account_and_key() {
         "email configuration error (account 12, key OUTGOING_HOST): is given twice (in \
          different letter case) with different values"
     );
+}
+
+/// A row as Zend_Db returns it: every value a string (`'993'`, `'0'`), booleans as `'1'`/`'0'`
+/// or PHP's `true`/`false`; the same row with ints reads the same.
+#[test]
+fn rows_as_the_database_returns_them() {
+    let env = env();
+    let strings = json!({
+        "RECID": "21", "TENANTS_RECID": "0", "ACCOUNT_TYPE": "service_desk",
+        "EMAIL": "sd@t.edu", "OUTGOING_TRANSPORT_TYPE": "SMTP", "OUTGOING_HOST": "smtp.t.edu",
+        "OUTGOING_PORT": "587", "OUTGOING_SSL": "0", "INCOMING_MAILBOX_TYPE": "IMAP",
+        "INCOMING_HOST": "imap.t.edu", "INCOMING_PORT": "993", "INCOMING_SSL": "1",
+        "TIMEOUT": "30", "VERIFY_CERT": "1",
+    });
+    let ints = json!({
+        "RECID": 21, "TENANTS_RECID": 0, "ACCOUNT_TYPE": "service_desk",
+        "EMAIL": "sd@t.edu", "OUTGOING_TRANSPORT_TYPE": "SMTP", "OUTGOING_HOST": "smtp.t.edu",
+        "OUTGOING_PORT": 587, "OUTGOING_SSL": false, "INCOMING_MAILBOX_TYPE": "IMAP",
+        "INCOMING_HOST": "imap.t.edu", "INCOMING_PORT": 993, "INCOMING_SSL": true,
+        "TIMEOUT": 30, "VERIFY_CERT": true,
+    });
+    let a = account_from_row(&strings, &env.settings, &env.keys).unwrap();
+    let b = account_from_row(&ints, &env.settings, &env.keys).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.id, AccountId::Tenant(21));
+    let out = a.outgoing.unwrap();
+    assert_eq!((out.port, out.ssl), (587, SslMode::None));
+    let inc = a.incoming.unwrap();
+    assert_eq!((inc.port, inc.ssl), (993, SslMode::Ssl));
+    // No port where the transport uses none: '0', 0 and '' alike.
+    for port in [json!("0"), json!(0), json!(""), json!(null)] {
+        let row = json!({"RECID": "22", "TENANTS_RECID": "1", "ACCOUNT_TYPE": "default",
+            "EMAIL": "d@t.edu", "OUTGOING_TRANSPORT_TYPE": "FILE", "OUTGOING_PORT": port,
+            "OUTGOING_SSL": "0"});
+        let a = account_from_row(&row, &env.settings, &env.keys).unwrap();
+        assert_eq!(a.outgoing.unwrap().port, 0, "{port}");
+        let mut sendmail = row.clone();
+        sendmail["OUTGOING_TRANSPORT_TYPE"] = json!("SENDMAIL");
+        account_from_row(&sendmail, &env.settings, &env.keys).unwrap();
+    }
 }
 
 #[test]

@@ -25,9 +25,18 @@ fn write_ini(text: &str) -> (tempfile::TempDir, PathBuf) {
     (root, ini)
 }
 
+/// `Settings::load`, with a broken master account's error as the result: the cases below
+/// check each error's text. (That a broken master leaves the settings usable is checked in
+/// `a_broken_master_is_an_account_that_fails`.)
+fn strict(ini: &Path, env: &str) -> Result<Settings, Error> {
+    let settings = Settings::load(ini, env)?;
+    settings.master_account()?;
+    Ok(settings)
+}
+
 fn load(text: &str) -> (tempfile::TempDir, PathBuf, Result<Settings, Error>) {
     let (root, ini) = write_ini(text);
-    let result = Settings::load(&ini, "prod");
+    let result = strict(&ini, "prod");
     (root, ini, result)
 }
 
@@ -217,33 +226,157 @@ fn default_ports_follow_the_ssl_setting() {
 }
 
 #[test]
-fn constants_accept_every_boolean_spelling() {
+fn constants_read_as_php_reads_them() {
+    // PHP's truthiness of what parse_ini_file returns: "" and "0" are false, anything else is
+    // true. A bare false/off/no/none is "" there; a quoted one stays text, and so is true.
     let cases = [
-        ("true", true),
-        ("on", true),
-        ("yes", true),
-        ("1", true),
-        ("\"TRUE\"", true),
-        ("false", false),
-        ("off", false),
-        ("no", false),
-        ("0", false),
-        ("\"\"", false),
-        ("", false),
-        ("'No'", false),
+        ("true", true, false),
+        ("on", true, false),
+        ("yes", true, false),
+        ("1", true, false),
+        ("\"TRUE\"", true, false),
+        ("false", false, false),
+        ("off", false, false),
+        ("no", false, false),
+        ("none", false, false),
+        ("0", false, false),
+        ("\"0\"", false, false),
+        ("\"\"", false, false),
+        ("", false, false),
+        ("'No'", true, true),
+        ("\"false\"", true, true),
+        ("\"off\"", true, true),
+        ("\"no\"", true, true),
+        ("sometimes", true, true),
     ];
-    for (text, value) in cases {
-        let (_r, _i, result) = load(&format!(
+    for (text, value, warned) in cases {
+        let (_r, ini, result) = load(&format!(
             "[prod]\nconstants.SEND_EMAIL = {text}\nconstants.DISABLE_EMAIL = {text}\n"
         ));
         let s = result.unwrap();
         assert_eq!(s.send_email, value, "{text}");
         assert_eq!(s.disable_email, value, "{text}");
         assert!(s.master.is_none());
+        if warned {
+            assert_eq!(s.warnings.len(), 2, "{text}: {:?}", s.warnings);
+            let w = &s.warnings[0];
+            assert!(
+                w.starts_with(&format!(
+                    "constants.SEND_EMAIL = {text} ({}:2) reads as TRUE",
+                    ini.display()
+                )) || w.starts_with(&format!(
+                    "constants.SEND_EMAIL = \"{}\" ({}:2) reads as TRUE",
+                    text.trim_matches(['\'', '"']),
+                    ini.display()
+                )),
+                "{w}"
+            );
+            assert!(
+                s.warnings[1].contains(":3) reads as TRUE"),
+                "{:?}",
+                s.warnings
+            );
+        } else {
+            assert_eq!(s.warnings, Vec::<String>::new(), "{text}");
+        }
     }
+    let (_r, _i, result) = load("[prod]\nconstants.SEND_EMAIL = \"false\"\n");
+    let w = &result.unwrap().warnings[0];
+    assert!(
+        w.contains("a quoted value is text to PHP, not a boolean")
+            && w.contains("write constants.SEND_EMAIL = false without quotes"),
+        "{w}"
+    );
     let (_r, _i, result) = load("[prod]\n");
     let s = result.unwrap();
     assert!(s.send_email && !s.disable_email && s.master.is_none());
+}
+
+#[test]
+fn values_the_product_writes() {
+    // SSL as a boolean; no port where the transport uses none.
+    let (_r, _i, result) = load(&format!(
+        "{SMTP}email.OUTGOING_HOST = h\nemail.OUTGOING_SSL = true\n\
+         email.INCOMING_MAILBOX_TYPE = IMAP\nemail.INCOMING_HOST = i\nemail.INCOMING_SSL = 1\n"
+    ));
+    let m = result.unwrap().master.unwrap();
+    let out = m.outgoing.unwrap();
+    assert_eq!((out.ssl, out.port), (SslMode::Ssl, 465));
+    let inc = m.incoming.unwrap();
+    assert_eq!((inc.ssl, inc.port), (SslMode::Ssl, 993));
+    for (ssl, want) in [
+        ("yes", SslMode::Ssl),
+        ("on", SslMode::Ssl),
+        ("\"true\"", SslMode::Ssl),
+        ("false", SslMode::None),
+        ("off", SslMode::None),
+        ("0", SslMode::None),
+        ("\"no\"", SslMode::None),
+        ("\"\"", SslMode::None),
+    ] {
+        let (_r, _i, result) = load(&format!(
+            "{SMTP}email.OUTGOING_HOST = h\nemail.OUTGOING_SSL = {ssl}\n"
+        ));
+        assert_eq!(
+            result.unwrap().master.unwrap().outgoing.unwrap().ssl,
+            want,
+            "{ssl}"
+        );
+    }
+    for port in ["0", "\"\"", "\"0\"", "25"] {
+        let (_r, _i, result) = load(&format!(
+            "[prod]\nemail.EMAIL = a@b.c\nemail.OUTGOING_TRANSPORT_TYPE = FILE\n\
+             email.OUTGOING_PORT = {port}\nemail.INCOMING_MAILBOX_TYPE = MAILDIR\n\
+             email.INCOMING_PATH = Maildir\nemail.INCOMING_PORT = {port}\n"
+        ));
+        let m = result.unwrap().master.unwrap();
+        assert_eq!(m.outgoing.unwrap().port, 0, "{port}");
+        assert_eq!(m.incoming.unwrap().port, 0, "{port}");
+    }
+    // SMTP does use its port: 0 is still refused there.
+    let e = error_of(&format!(
+        "{SMTP}email.OUTGOING_HOST = h\nemail.OUTGOING_PORT = 0\n"
+    ));
+    assert!(e.contains("`0` is not a port number"), "{e}");
+}
+
+#[test]
+fn a_broken_master_is_an_account_that_fails() {
+    for (tail, key) in [
+        (
+            "email.OUTGOING_HOST = h\nemail.OUTGOING_SSL = maybe\n",
+            "email.OUTGOING_SSL",
+        ),
+        (
+            "email.OUTGOING_HOST = h\nemail.password = x\n",
+            "email.password",
+        ),
+        ("", "email.OUTGOING_HOST"),
+    ] {
+        let (_r, ini) = write_ini(&format!("{SMTP}{tail}"));
+        let s = Settings::load(&ini, "prod").expect("the settings themselves load");
+        assert!(s.master.is_none());
+        let failed = s.master_failed.as_ref().expect("a failed master");
+        assert_eq!(failed.id, AccountId::Master);
+        assert_eq!(failed.account_type, AccountType::Master);
+        assert!(failed.sends && !failed.receives);
+        assert_eq!(failed.email, "a@pcr.com");
+        let e = s.master_account().unwrap_err().to_string();
+        assert!(e.contains(&format!("account master, key {key})")), "{e}");
+    }
+    // The shared settings are still the whole file's errors.
+    for tail in [
+        "email.STATE_DIR = APPLICATION_PATH \"/x\"\n",
+        "email.TIMEOUT = 0\n",
+        "email.timeout = 5\n",
+    ] {
+        let (_r, ini) = write_ini(&format!("{SMTP}{tail}"));
+        assert!(Settings::load(&ini, "prod").is_err(), "{tail}");
+    }
+    // A misspelled master key alone still names a (failed) master account.
+    let (_r, ini) = write_ini("[prod]\nemail.Email = a@b.c\n");
+    let s = Settings::load(&ini, "prod").unwrap();
+    assert!(s.master_failed.is_some());
 }
 
 #[test]
@@ -294,12 +427,12 @@ fn bad_values_name_file_line_and_key() {
             "(INI:4, account master, key email.OUTGOING_HOST): `mail.pcr.com:587` must be a host name only (the port goes in the PORT key)",
         ),
         (
-            "email.OUTGOING_HOST = h\nemail.OUTGOING_SSL = yes\n",
-            "(INI:5, account master, key email.OUTGOING_SSL): `1` is not an SSL setting (expected SSL, TLS or empty)",
+            "email.OUTGOING_HOST = h\nemail.OUTGOING_SSL = maybe\n",
+            "(INI:5, account master, key email.OUTGOING_SSL): `maybe` is not an SSL setting (expected SSL, TLS or empty, or a boolean: true/1/yes/on = SSL, false/0/no/off = none)",
         ),
         (
             "email.OUTGOING_HOST = h\nemail.OUTGOING_SSL = \"STARTSSL\"\n",
-            "(INI:5, account master, key email.OUTGOING_SSL): `STARTSSL` is not an SSL setting (expected SSL, TLS or empty)",
+            "(INI:5, account master, key email.OUTGOING_SSL): `STARTSSL` is not an SSL setting (expected SSL, TLS or empty, or a boolean: true/1/yes/on = SSL, false/0/no/off = none)",
         ),
         (
             "email.OUTGOING_HOST = h\nemail.INCOMING_MAILBOX_TYPE = IMAP\n",
@@ -359,7 +492,7 @@ fn bad_values_name_file_line_and_key() {
         ),
         (
             "email.OUTGOING_HOST = h\nemail.password = x\n",
-            "(INI:5, key email.password): unknown key email.password: did you mean email.PASSWORD? (INI keys are case-sensitive)",
+            "(INI:5, account master, key email.password): unknown key email.password: did you mean email.PASSWORD? (INI keys are case-sensitive)",
         ),
         (
             "email.OUTGOING_HOST = h\nemail.SYSADMIN = \"ops@pcr.edu, nobody\"\n",
@@ -372,10 +505,6 @@ fn bad_values_name_file_line_and_key() {
         (
             "email.OUTGOING_HOST = h\nemail.TENANTS_RECID = one\n",
             "(INI:5, account master, key email.TENANTS_RECID): `one` is not a whole number",
-        ),
-        (
-            "email.OUTGOING_HOST = h\nconstants.SEND_EMAIL = sometimes\n",
-            "(INI:5, key constants.SEND_EMAIL): `sometimes` is not a boolean (true/false, on/off, yes/no, 1/0)",
         ),
     ];
     for (extra, expected) in cases {
@@ -457,7 +586,7 @@ fn inherited_errors_point_at_the_parent_line() {
         "[prod]\nemail.EMAIL = a@b.c\nemail.OUTGOING_TRANSPORT_TYPE = SMTP\nemail.OUTGOING_HOST = h\nemail.OUTGOING_PORT = x25\n[test : prod]\nconstants.SEND_EMAIL = 0\n",
     )
     .unwrap();
-    let e = Settings::load(&ini, "test").unwrap_err().to_string();
+    let e = strict(&ini, "test").unwrap_err().to_string();
     assert!(
         e.contains(&format!(
             "{}:5, account master, key email.OUTGOING_PORT",
@@ -539,7 +668,7 @@ fn encrypted_master_password() {
         format!("{SMTP}email.OUTGOING_HOST = h\nemail.PASSWORD = \"{other}\"\n"),
     )
     .unwrap();
-    let e = Settings::load(&ini, "prod").unwrap_err().to_string();
+    let e = strict(&ini, "prod").unwrap_err().to_string();
     assert!(
         e.contains(&format!(
             "{}:5, account master, key email.PASSWORD",
@@ -561,7 +690,7 @@ fn encrypted_master_password() {
         format!("{SMTP}email.OUTGOING_HOST = h\nemail.PASSWORD = {bad}\n"),
     )
     .unwrap();
-    let e = Settings::load(&ini, "prod").unwrap_err().to_string();
+    let e = strict(&ini, "prod").unwrap_err().to_string();
     assert!(
         e.contains("cannot be decrypted (tampered or wrong key)") || e.contains("malformed"),
         "{e}"
@@ -574,7 +703,7 @@ fn encrypted_master_password() {
         format!("{SMTP}email.OUTGOING_HOST = h\nemail.PASSWORD = \"{enc}\"\n"),
     )
     .unwrap();
-    let e = Settings::load(&ini, "prod").unwrap_err().to_string();
+    let e = strict(&ini, "prod").unwrap_err().to_string();
     assert!(
         e.starts_with(&format!(
             "email configuration error ({}:5, account master, key email.PASSWORD): cannot \
@@ -598,7 +727,7 @@ fn encrypted_master_password() {
     )
     .unwrap();
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let e = Settings::load(&ini, "prod").unwrap_err().to_string();
+    let e = strict(&ini, "prod").unwrap_err().to_string();
     assert!(e.contains("key email.PASSWORD): cannot decrypt this value: the key file is readable by group or others (mode 0644)"), "{e}");
     drop(root);
 }

@@ -785,9 +785,15 @@ final class CheckMailTest extends TestCase
     {
         $ini = $this->ini(['INCOMING_MAILBOX_TYPE' => 'IMAP', 'INCOMING_HOST' => 'localhost', 'INCOMING_PORT' => 99999,
             'LOGIN' => 'desk@test.local', 'PASSWORD' => 'Ini-S3cret-pw']);
+        // A bad INI master is an account that fails: the run reports it, each use throws it.
+        $host = new TestHost();
+        $m = new PCR_Utility_EmailManager($ini, 'prod', $host);
+        $summary = $m->eventCheckMail(self::DATA);
+        $this->assertStringContainsString('INCOMING_PORT', self::box($summary, 'master')['errors'][0]);
+        $this->assertStringNotContainsString('Ini-S3cret-pw', json_encode($summary) . json_encode($host->errors));
         try {
-            (new PCR_Utility_EmailManager($ini, 'prod', new TestHost()))->eventCheckMail(self::DATA);
-            $this->fail('a bad INI is an exception');
+            $m->checkAccount('master');
+            $this->fail('a bad INI master is an exception where it is used');
         } catch (PCR_Utility_EmailConfigException $e) {
             $this->assertStringContainsString('INCOMING_PORT', $e->getMessage());
             $this->assertStringNotContainsString('Ini-S3cret-pw', (string) $e);

@@ -387,6 +387,12 @@ impl TransportType {
     pub fn is_cloud(self) -> bool {
         matches!(self, TransportType::Office365 | TransportType::Gmail)
     }
+
+    /// Whether `OUTGOING_PORT` means anything: SMTP only (FILE and SENDMAIL use no server,
+    /// the cloud APIs their HTTPS base URL).
+    pub fn uses_port(self) -> bool {
+        matches!(self, TransportType::Smtp)
+    }
 }
 
 impl MailboxType {
@@ -406,14 +412,23 @@ impl MailboxType {
     pub fn is_cloud(self) -> bool {
         matches!(self, MailboxType::Office365 | MailboxType::Gmail)
     }
+
+    /// Whether `INCOMING_PORT` means anything: IMAP and POP3 only (the local stores use no
+    /// server, the cloud APIs their HTTPS base URL).
+    pub fn uses_port(self) -> bool {
+        matches!(self, MailboxType::Imap | MailboxType::Pop3)
+    }
 }
 
 impl SslMode {
-    /// `SSL`, `TLS` (also `STARTTLS`) or empty (also `NONE`), case-insensitively.
+    /// `SSL`, `TLS` (also `STARTTLS`) or empty (also `NONE`), case-insensitively; or a boolean
+    /// as PCR-360 writes one ("is set if the server supports SSL"): `true/1/yes/on` = `SSL`,
+    /// `false/0/off/no` = none. (In the INI a bare `true` reaches here as PHP's `"1"` and a
+    /// bare `false` as `""`; a tenant row's boolean the same way.)
     pub fn parse(value: &str) -> Option<SslMode> {
         match value.trim().to_ascii_uppercase().as_str() {
-            "" | "NONE" => Some(SslMode::None),
-            "SSL" => Some(SslMode::Ssl),
+            "" | "NONE" | "0" | "FALSE" | "OFF" | "NO" => Some(SslMode::None),
+            "SSL" | "1" | "TRUE" | "ON" | "YES" => Some(SslMode::Ssl),
             "TLS" | "STARTTLS" => Some(SslMode::StartTls),
             _ => None,
         }
@@ -556,7 +571,23 @@ mod parse_tests {
         assert_eq!(MailboxType::parse("MBOX"), None);
         assert_eq!(SslMode::parse(""), Some(SslMode::None));
         assert_eq!(SslMode::parse("tls"), Some(SslMode::StartTls));
-        assert_eq!(SslMode::parse("yes"), None);
+        // Booleans as PCR-360 writes them: true = SSL, false = none.
+        for yes in ["yes", "1", "TRUE", "on", " On "] {
+            assert_eq!(SslMode::parse(yes), Some(SslMode::Ssl), "{yes}");
+        }
+        for no in ["no", "0", "false", "OFF", "none", ""] {
+            assert_eq!(SslMode::parse(no), Some(SslMode::None), "{no}");
+        }
+        assert_eq!(SslMode::parse("maybe"), None);
+        assert_eq!(SslMode::parse("STARTSSL"), None);
+        assert!(TransportType::Smtp.uses_port());
+        for t in ["FILE", "SENDMAIL", "OFFICE365", "GMAIL"] {
+            assert!(!TransportType::parse(t).unwrap().uses_port(), "{t}");
+        }
+        assert!(MailboxType::Imap.uses_port() && MailboxType::Pop3.uses_port());
+        for t in ["MAILDIR", "OFFICE365", "GMAIL"] {
+            assert!(!MailboxType::parse(t).unwrap().uses_port(), "{t}");
+        }
         assert_eq!(ProcessedAction::parse("SEEN"), Some(ProcessedAction::Seen));
         assert_eq!(
             ProcessedAction::parse("move: Done/PCR "),

@@ -43,6 +43,15 @@ pub struct Settings {
     /// The `email.*` account, when the section has one: any of `email.EMAIL`,
     /// `email.OUTGOING_TRANSPORT_TYPE` or `email.INCOMING_MAILBOX_TYPE` is set.
     pub master: Option<Account>,
+    /// The `email.*` account when the section has one but it cannot be used (a bad value of
+    /// one of its own keys, a password that does not decrypt, ...). Like a broken tenant row
+    /// it fails on its own (SPEC §3): every use of it gives its error, the tenant accounts
+    /// work as usual, and its mail is never sent through another account. `master` is then
+    /// `None`.
+    pub master_failed: Option<FailedAccount>,
+    /// Notices about how the file reads, for the log (e.g. a quoted `"false"` that PHP, and
+    /// so PCR-360, reads as true); each names the file and line.
+    pub warnings: Vec<String>,
     pub state_dir: PathBuf,
     pub key_file: PathBuf,
     pub log_file: Option<PathBuf>,
@@ -126,21 +135,31 @@ const SETTINGS_KEYS: &[&str] = &[
 impl Settings {
     /// Reads `file` and resolves `environment` (with `[child : parent]` inheritance).
     ///
-    /// - `constants.SEND_EMAIL` (default true) and `constants.DISABLE_EMAIL` (default false).
+    /// - `constants.SEND_EMAIL` (default true) and `constants.DISABLE_EMAIL` (default false),
+    ///   read as PCR-360 reads them: PHP's truthiness of what `parse_ini_file` returns (`""`
+    ///   and `"0"` are false, anything else true, so a quoted `"false"` is true; such a value
+    ///   adds a line to `warnings`).
     /// - The master account exists when any of `email.EMAIL`, `email.OUTGOING_TRANSPORT_TYPE`
     ///   or `email.INCOMING_MAILBOX_TYPE` is set; it is then checked like a tenant account
     ///   (EMAIL required, SMTP/IMAP/POP3 need a host, MAILDIR a path, ...). OFFICE365 / GMAIL
-    ///   are refused here (tenant accounts only).
+    ///   are refused here (tenant accounts only). A master account that fails these checks is
+    ///   not an error of the file: it is `master_failed`, and only its own uses fail.
+    /// - Errors of the file itself and of the settings every account shares (`STATE_DIR`,
+    ///   `KEY_FILE`, `LOG_FILE`, `SD_NUMBER_PATTERN`, `MAILBOX_THREADS`, and the operational
+    ///   defaults `FILE_PATH`, `SENDMAIL_PATH`, `TIMEOUT`, `VERIFY_CERT`, `CA_FILE`,
+    ///   `INCOMING_FOLDER`, `PROCESSED_ACTION`, `MAX_MESSAGES`, `MAX_MESSAGE_BYTES`, and
+    ///   `SYSADMIN`'s form) are errors of the whole configuration, as before.
     /// - Relative paths are relative to the INI file's directory. Defaults: `FILE_PATH` =
     ///   `email/` and `STATE_DIR` = `email-state/` beside that directory, `KEY_FILE` =
     ///   `pcr360-email.key` in it.
     /// - The master password: an `ENC:v1:` value is decrypted here, which opens the existing
-    ///   key file (a missing one is an error); a plain value never touches the key file (so a
+    ///   key file (a missing one fails the master account); a plain value never touches the key file (so a
     ///   configuration without encrypted values never creates one) and is reported once by
     ///   `secrets::take_cleartext_warnings`.
     /// - `email.*` keys are case-sensitive, as in PHP; a known key written in another case
-    ///   (`email.password`) is an error rather than silently ignored. Unknown `email.*` keys
-    ///   are ignored (the application may have its own).
+    ///   (`email.password`) is an error rather than silently ignored (of the master account
+    ///   for its own keys, of the file for the shared ones). Unknown `email.*` keys are
+    ///   ignored (the application may have its own).
     pub fn load(file: &Path, environment: &str) -> Result<Settings> {
         let ini = ini::IniFile::load(file)?;
         let section = ini.section(environment)?;
@@ -159,6 +178,8 @@ impl Settings {
             send_email: true,
             disable_email: false,
             master: None,
+            master_failed: None,
+            warnings: Vec::new(),
             state_dir: beside_ini_dir(&dir, "email-state"),
             key_file: dir.join(DEFAULT_KEY_FILE_NAME),
             log_file: None,
@@ -174,7 +195,8 @@ impl Settings {
     pub fn key_file_for(file: &Path, environment: &str) -> Result<PathBuf> {
         let ini = ini::IniFile::load(file)?;
         let section = ini.section(environment)?;
-        let fields = email_fields(&section)?;
+        let email = email_fields(&section);
+        let fields = email.shared()?;
         let dir = ini_dir(file);
         Ok(fields
             .path("KEY_FILE", &dir)?
@@ -185,25 +207,12 @@ impl Settings {
         let dir = ini_dir(file);
         let mut settings = Settings::without_file(file, environment);
 
-        let constant = |name: &str, default: bool| -> Result<bool> {
-            let key = format!("constants.{name}");
-            match section.get(&key) {
-                None => Ok(default),
-                Some(v) => parse_bool(&v.raw).ok_or_else(|| {
-                    section.error(
-                        &key,
-                        format!(
-                            "`{}` is not a boolean (true/false, on/off, yes/no, 1/0)",
-                            normalise::printable(v.raw.trim())
-                        ),
-                    )
-                }),
-            }
-        };
-        settings.send_email = constant("SEND_EMAIL", true)?;
-        settings.disable_email = constant("DISABLE_EMAIL", false)?;
+        settings.send_email = php_constant(section, "SEND_EMAIL", true, &mut settings.warnings);
+        settings.disable_email =
+            php_constant(section, "DISABLE_EMAIL", false, &mut settings.warnings);
 
-        let fields = email_fields(section)?;
+        let email = email_fields(section);
+        let fields = email.shared()?;
         if let Some(dir_path) = fields.path("STATE_DIR", &dir)? {
             settings.state_dir = dir_path;
         }
@@ -230,87 +239,189 @@ impl Settings {
         if let Some(n) = fields.number("MAILBOX_THREADS", 1, MAX_MAILBOX_THREADS, "threads")? {
             settings.mailbox_threads = n as usize;
         }
-        settings.defaults = normalise::operational(&fields, &settings.defaults, &dir)?;
+        settings.defaults = normalise::operational(fields, &settings.defaults, &dir)?;
 
         let present = ["EMAIL", "OUTGOING_TRANSPORT_TYPE", "INCOMING_MAILBOX_TYPE"]
             .iter()
-            .any(|k| fields.get(k).is_some());
+            .any(|k| fields.get(k).is_some())
+            || email.misspelled_account_key.is_some();
         let sysadmin_only = fields.line("SYSADMIN")?.map(str::to_string);
         if present {
-            let tenants_recid = match fields.get("TENANTS_RECID") {
-                None => 0,
-                Some(v) => v.parse::<i64>().map_err(|_| {
-                    fields.err(
-                        "TENANTS_RECID",
-                        format!("`{}` is not a whole number", normalise::printable(v)),
-                    )
-                })?,
-            };
-            if let Some(kind) = fields.get("ACCOUNT_TYPE") {
-                if !matches!(
-                    AccountType::parse(kind),
-                    Some(AccountType::Master | AccountType::Default)
-                ) {
-                    return Err(fields.err(
-                        "ACCOUNT_TYPE",
-                        format!(
-                            "the INI account is the master account; `{}` is not allowed here \
-                             (write master, or leave it out)",
-                            normalise::printable(kind)
-                        ),
-                    ));
+            match master_account(&email, &settings, &dir) {
+                Ok(master) => settings.master = Some(master),
+                Err(error) => {
+                    // Read leniently, in any letter case: the problem may be the spelling.
+                    let set = |name: &str| {
+                        section.with_prefix("email.").any(|(k, v)| {
+                            k["email.".len()..].eq_ignore_ascii_case(name)
+                                && !v.text().trim().is_empty()
+                        })
+                    };
+                    settings.master_failed = Some(FailedAccount {
+                        id: AccountId::Master,
+                        tenants_recid: fields
+                            .get("TENANTS_RECID")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0),
+                        account_type: AccountType::Master,
+                        sends: set("OUTGOING_TRANSPORT_TYPE"),
+                        receives: set("INCOMING_MAILBOX_TYPE"),
+                        email: fields.get("EMAIL").unwrap_or("").to_string(),
+                        mailbox: None,
+                        error,
+                    });
                 }
             }
-            let key_file = settings.key_file.clone();
-            let mut store: Option<secrets::KeyStore> = None;
-            let mut reveal = |value: &str, key: &str, location: ConfigLocation| {
-                if secrets::is_encrypted(value) {
-                    if store.is_none() {
-                        let opened = secrets::KeyStore::open_existing(&key_file).map_err(|e| {
-                            let detail = match &e {
-                                crate::Error::Config { message, .. } => message.clone(),
-                                other => other.to_string(),
-                            };
-                            crate::Error::config(
-                                location.clone(),
-                                format!(
-                                    "cannot decrypt this value: {detail} (key file {})",
-                                    key_file.display()
-                                ),
-                            )
-                        })?;
-                        store = Some(opened);
-                    }
-                    store.as_ref().expect("opened").decrypt_at(value, location)
-                } else {
-                    secrets::note_cleartext("master", key, value);
-                    Ok(Secret::new(value))
-                }
-            };
-            let oauth = rows::oauth_settings(&fields, &dir, &mut reveal)?;
-            let master = normalise::build_account(
-                &fields,
-                Identity {
-                    id: AccountId::Master,
-                    account_type: AccountType::Master,
-                    tenants_recid,
-                    allow_cloud: false,
-                },
-                settings.defaults.clone(),
-                oauth,
-                &dir,
-                &mut reveal,
-            )?;
-            settings.master = Some(master);
         }
         settings.sysadmin = sysadmin_only;
         Ok(settings)
+    }
+
+    /// The master account: `Ok(None)` when the INI has none, its error when it is broken.
+    pub fn master_account(&self) -> Result<Option<&Account>> {
+        match &self.master_failed {
+            Some(failed) => Err(failed.error.clone()),
+            None => Ok(self.master.as_ref()),
+        }
+    }
+}
+
+/// The `email.*` account (the master) from the section's `email.*` keys; any error is the
+/// account's own (see `Settings::master_failed`).
+fn master_account(email: &EmailFields, settings: &Settings, dir: &Path) -> Result<Account> {
+    if let Some(e) = &email.misspelled_account_key {
+        return Err(e.clone());
+    }
+    let fields = &email.fields;
+    let tenants_recid = match fields.get("TENANTS_RECID") {
+        None => 0,
+        Some(v) => v.parse::<i64>().map_err(|_| {
+            fields.err(
+                "TENANTS_RECID",
+                format!("`{}` is not a whole number", normalise::printable(v)),
+            )
+        })?,
+    };
+    if let Some(kind) = fields.get("ACCOUNT_TYPE") {
+        if !matches!(
+            AccountType::parse(kind),
+            Some(AccountType::Master | AccountType::Default)
+        ) {
+            return Err(fields.err(
+                "ACCOUNT_TYPE",
+                format!(
+                    "the INI account is the master account; `{}` is not allowed here \
+                     (write master, or leave it out)",
+                    normalise::printable(kind)
+                ),
+            ));
+        }
+    }
+    let key_file = settings.key_file.clone();
+    let mut store: Option<secrets::KeyStore> = None;
+    let mut reveal = |value: &str, key: &str, location: ConfigLocation| {
+        if secrets::is_encrypted(value) {
+            if store.is_none() {
+                let opened = secrets::KeyStore::open_existing(&key_file).map_err(|e| {
+                    let detail = match &e {
+                        crate::Error::Config { message, .. } => message.clone(),
+                        other => other.to_string(),
+                    };
+                    crate::Error::config(
+                        location.clone(),
+                        format!(
+                            "cannot decrypt this value: {detail} (key file {})",
+                            key_file.display()
+                        ),
+                    )
+                })?;
+                store = Some(opened);
+            }
+            store.as_ref().expect("opened").decrypt_at(value, location)
+        } else {
+            secrets::note_cleartext("master", key, value);
+            Ok(Secret::new(value))
+        }
+    };
+    let oauth = rows::oauth_settings(fields, dir, &mut reveal)?;
+    normalise::build_account(
+        fields,
+        Identity {
+            id: AccountId::Master,
+            account_type: AccountType::Master,
+            tenants_recid,
+            allow_cloud: false,
+        },
+        settings.defaults.clone(),
+        oauth,
+        dir,
+        &mut reveal,
+    )
+}
+
+/// `constants.<name>` as PCR-360 reads it: PHP's truthiness of what `parse_ini_file` returns
+/// (`""` and `"0"` are false, anything else is true). A bare `false/off/no/none` is `""`
+/// there, but a quoted `"false"` stays the text `false`, which PHP takes as true: such a value
+/// (anything true that does not say true) is read as PHP reads it, with a warning naming the
+/// file and line.
+fn php_constant(
+    section: &ini::Section,
+    name: &str,
+    default: bool,
+    warnings: &mut Vec<String>,
+) -> bool {
+    let key = format!("constants.{name}");
+    let Some(value) = section.get(&key) else {
+        return default;
+    };
+    let text = value.text();
+    let truthy = !(text.is_empty() || text == "0");
+    if truthy && parse_bool(text) != Some(true) {
+        let written = normalise::printable(&value.raw);
+        let (shown, hint) = if value.quoted {
+            (
+                format!("\"{written}\""),
+                format!(
+                    "; a quoted value is text to PHP, not a boolean: to mean false, write \
+                     {key} = false without quotes"
+                ),
+            )
+        } else {
+            (written, String::new())
+        };
+        warnings.push(format!(
+            "{key} = {shown} ({}:{}) reads as TRUE, as PCR-360 itself reads it (PHP takes \
+             every value but \"\", \"0\" and a bare false/off/no/none as true){hint}",
+            section.file, value.line
+        ));
+    }
+    truthy
+}
+
+/// The section's `email.*` keys (see [`email_fields`]).
+struct EmailFields {
+    fields: Fields,
+    /// A key of the settings every account shares written in the wrong letter case: an error
+    /// of the whole configuration.
+    misspelled_shared_key: Option<crate::Error>,
+    /// A key of the master account itself written in the wrong letter case: the master
+    /// account's error.
+    misspelled_account_key: Option<crate::Error>,
+}
+
+impl EmailFields {
+    /// The fields, unless a shared setting's key is misspelled.
+    fn shared(&self) -> Result<&Fields> {
+        match &self.misspelled_shared_key {
+            Some(e) => Err(e.clone()),
+            None => Ok(&self.fields),
+        }
     }
 }
 
 /// The section's `email.*` keys, by unprefixed name. A known key in the wrong letter case is
 /// an error (PHP keys are case-sensitive, so it would otherwise be silently ignored).
-fn email_fields(section: &ini::Section) -> Result<Fields> {
+fn email_fields(section: &ini::Section) -> EmailFields {
     let mut fields = Fields::new(
         ConfigLocation {
             file: Some(section.file.clone()),
@@ -320,6 +431,7 @@ fn email_fields(section: &ini::Section) -> Result<Fields> {
         },
         "email.",
     );
+    let (mut misspelled_shared_key, mut misspelled_account_key) = (None, None);
     let known = normalise::GENERAL_KEYS
         .iter()
         .chain(normalise::INCOMING_KEYS)
@@ -330,13 +442,27 @@ fn email_fields(section: &ini::Section) -> Result<Fields> {
         let name = &full_key["email.".len()..];
         if !known.contains(&name) {
             if let Some(proper) = known.iter().find(|k| k.eq_ignore_ascii_case(name)) {
-                return Err(section.error(
-                    full_key,
-                    format!(
-                        "unknown key {full_key}: did you mean email.{proper}? \
-                         (INI keys are case-sensitive)"
-                    ),
-                ));
+                let shared = SETTINGS_KEYS.contains(proper)
+                    || normalise::OPERATIONAL_KEYS.contains(proper)
+                    || *proper == "SYSADMIN";
+                let slot = if shared {
+                    &mut misspelled_shared_key
+                } else {
+                    &mut misspelled_account_key
+                };
+                if slot.is_none() {
+                    let mut error = section.error(
+                        full_key,
+                        format!(
+                            "unknown key {full_key}: did you mean email.{proper}? \
+                             (INI keys are case-sensitive)"
+                        ),
+                    );
+                    if let (false, crate::Error::Config { location, .. }) = (shared, &mut error) {
+                        location.account = Some("master".to_string());
+                    }
+                    *slot = Some(error);
+                }
             }
             continue;
         }
@@ -365,5 +491,9 @@ fn email_fields(section: &ini::Section) -> Result<Fields> {
             },
         );
     }
-    Ok(fields)
+    EmailFields {
+        fields,
+        misspelled_shared_key,
+        misspelled_account_key,
+    }
 }

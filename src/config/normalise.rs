@@ -244,6 +244,20 @@ pub(crate) const INCOMING_KEYS: &[&str] = &[
     "MAX_MESSAGE_BYTES",
 ];
 
+/// The operational keys: an account's own, and (in the INI) the defaults of every account
+/// (see `operational`).
+pub(crate) const OPERATIONAL_KEYS: &[&str] = &[
+    "FILE_PATH",
+    "SENDMAIL_PATH",
+    "TIMEOUT",
+    "VERIFY_CERT",
+    "CA_FILE",
+    "INCOMING_FOLDER",
+    "PROCESSED_ACTION",
+    "MAX_MESSAGES",
+    "MAX_MESSAGE_BYTES",
+];
+
 /// The keys read as booleans: for these an explicit false must not turn into "not set".
 pub(crate) const BOOLEAN_KEYS: &[&str] = &["VERIFY_CERT"];
 
@@ -395,7 +409,13 @@ pub(crate) fn build_account(
         None => None,
         Some(transport) => {
             let ssl = ssl_mode(f, "OUTGOING_SSL")?;
-            let port = f.port("OUTGOING_PORT")?;
+            // A port where the transport uses none (`0`, `''` or anything else the product
+            // stores there) is ignored.
+            let port = if transport.uses_port() {
+                f.port("OUTGOING_PORT")?
+            } else {
+                None
+            };
             let host = if transport == TransportType::Smtp {
                 Some(host(f, "OUTGOING_HOST", "for SMTP")?)
             } else {
@@ -414,7 +434,11 @@ pub(crate) fn build_account(
         None => None,
         Some(mailbox) => {
             let ssl = ssl_mode(f, "INCOMING_SSL")?;
-            let port = f.port("INCOMING_PORT")?;
+            let port = if mailbox.uses_port() {
+                f.port("INCOMING_PORT")?
+            } else {
+                None
+            };
             let host = match mailbox {
                 MailboxType::Imap => Some(host(f, "INCOMING_HOST", "for IMAP")?),
                 MailboxType::Pop3 => Some(host(f, "INCOMING_HOST", "for POP3")?),
@@ -628,7 +652,8 @@ fn ssl_mode(f: &Fields, key: &str) -> Result<SslMode> {
         f.err(
             key,
             format!(
-                "`{}` is not an SSL setting (expected SSL, TLS or empty)",
+                "`{}` is not an SSL setting (expected SSL, TLS or empty, or a boolean: \
+                 true/1/yes/on = SSL, false/0/no/off = none)",
                 printable(value)
             ),
         )

@@ -32,10 +32,11 @@ pub fn account_from_row(row: &Value, settings: &Settings, keys: &KeyStore) -> Re
 /// `eventCheckMail` must not read its mailbox through another account. It holds no secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailedAccount {
-    /// Always `AccountId::Tenant(RECID)`.
+    /// `AccountId::Tenant(RECID)`; `AccountId::Master` for a broken INI master account
+    /// (`Settings::master_failed`).
     pub id: AccountId,
     pub tenants_recid: i64,
-    /// `Default` or `ServiceDesk`.
+    /// `Default` or `ServiceDesk` (`Master` for the INI's).
     pub account_type: AccountType,
     /// The row sets `OUTGOING_TRANSPORT_TYPE`: the account would send, so routing picks it
     /// (and fails) where it would have picked the good account.

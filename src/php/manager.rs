@@ -135,6 +135,7 @@ impl EmailManager {
         match object {
             Some(object) => {
                 let mut host = PhpHost::new(object);
+                self.core.log_config_notices(&mut host);
                 let result = f(&mut self.core, &mut host);
                 if host.stopped().is_none() {
                     self.core.log_notices(&mut host);
@@ -142,6 +143,7 @@ impl EmailManager {
                 (result, host.stopped())
             }
             None => {
+                self.core.log_config_notices(&mut PhpErrorLog);
                 let result = f(&mut self.core, &mut PhpErrorLog);
                 self.core.log_notices(&mut PhpErrorLog);
                 (result, None)
