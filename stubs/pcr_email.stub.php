@@ -21,6 +21,7 @@ interface PCR_Utility_EmailHost
      * @throws \Throwable when the rows cannot be read (the extension logs it and uses none)
      */
     public function emailAccounts(): array;
+
     /**
      * The Blocked Emails patterns: `*` wildcards on the sender address, or `/regex/flags` on the
      * sender address and the subject.
@@ -29,6 +30,7 @@ interface PCR_Utility_EmailHost
      * @throws \Throwable when the list cannot be read (the run goes on without it)
      */
     public function blockedEmails(): array;
+
     /**
      * Creates an Inquiry from an incoming message and returns its SD number. Must be idempotent on
      * `$mail['message_key']` (`$mail['attempt']` > 1: the same message handed over again).
@@ -62,6 +64,7 @@ interface PCR_Utility_EmailHost
      * @throws \Throwable to refuse the message for now: it stays in its mailbox and is retried
      */
     public function createInquiry(array $mail): string;
+
     /**
      * Adds an incoming message to the thread of an existing Service Desk item.
      *
@@ -93,6 +96,7 @@ interface PCR_Utility_EmailHost
      * @throws \Throwable to refuse the message for now: it stays in its mailbox and is retried
      */
     public function addToThread(string $sdNumber, array $mail): bool;
+
     /**
      * Delivers a message in-app (a Message) instead of by email: constants.SEND_EMAIL is false, or
      * the routing redirects it.
@@ -113,6 +117,7 @@ interface PCR_Utility_EmailHost
      * @throws \Throwable send() then throws it on as a PCR_Utility_EmailException
      */
     public function deliverMessage(array $message): void;
+
     /**
      * Writes to the application's Error Log. Never called with a password, secret or token.
      *
@@ -142,6 +147,7 @@ class PCR_Utility_EmailManager
      * @throws \TypeError
      */
     public function __construct(?string $configFile = null, ?string $environment = null, ?\PCR_Utility_EmailHost $host = null) {}
+
     /**
      * The host used by managers constructed without one (the event system's `new
      * PCR_Utility_EmailManager()`), for the rest of the request.
@@ -149,6 +155,7 @@ class PCR_Utility_EmailManager
      * @throws \TypeError
      */
     public static function setDefaultHost(\PCR_Utility_EmailHost $host): void {}
+
     /**
      * The System Check Email event: reads every Service Desk mailbox, hands each new message to the
      * host (addToThread / createInquiry) and returns the summary for the Events screen. One mailbox
@@ -171,6 +178,7 @@ class PCR_Utility_EmailManager
      * @throws \TypeError
      */
     public function eventCheckMail(object|array|string|null $data = null): array {}
+
     /**
      * Sends one message through the account routing picks for its kind and tenant.
      *
@@ -205,6 +213,7 @@ class PCR_Utility_EmailManager
      * @throws \TypeError
      */
     public function send(array $message): array {}
+
     /**
      * Sends many messages over shared connections. Never throws for one message: its entry says
      * 'failed' with the error and the exception class send() would have thrown.
@@ -245,6 +254,7 @@ class PCR_Utility_EmailManager
      * @throws \TypeError
      */
     public function sendBatch(array $messages): array {}
+
     /**
      * The account routing picks for this kind of mail and tenant, without secrets; null when nothing
      * would be sent (disabled, redirected in-app, or skipped).
@@ -276,6 +286,7 @@ class PCR_Utility_EmailManager
      * @throws \TypeError
      */
     public function resolveAccount(string $kind = 'general', int $tenant = 0): ?array {}
+
     /**
      * Connects and authenticates to the account's servers without sending, reading or changing mail.
      * A failed check is reported ('ok' => false, with the error), not thrown.
@@ -310,6 +321,7 @@ class PCR_Utility_EmailManager
      * @throws \TypeError
      */
     public function checkAccount(string|int $recid): array {}
+
     /**
      * "Click to Authenticate" on an OFFICE365 / GMAIL tenant account: the provider's sign-in URL to
      * send the administrator's browser to.
@@ -321,6 +333,7 @@ class PCR_Utility_EmailManager
      * @throws \TypeError
      */
     public function authorizationUrl(int $recid, string $redirectUri): string {}
+
     /**
      * The sign-in page's redirect back (`state` and `code` of its query): stores the account's tokens
      * and returns the signed-in mailbox.
@@ -331,6 +344,7 @@ class PCR_Utility_EmailManager
      * @throws \TypeError
      */
     public function completeAuthorization(string $state, #[\SensitiveParameter] string $code): array {}
+
     /**
      * Encrypts a password for the INI file or a tenant row (`ENC:v1:...`), with the key file of that
      * INI file and environment (created when missing).
@@ -366,6 +380,7 @@ class PCR_Utility_EmailMailboxException extends \PCR_Utility_EmailException
 {
     /** The account: 'master' or the tenant account's RECID (as a string). */
     public ?string $account = null;
+
     /** The mailbox server (host:port), Maildir or API that failed. */
     public ?string $server = null;
 }
@@ -375,10 +390,13 @@ class PCR_Utility_EmailTransportException extends \PCR_Utility_EmailException
 {
     /** The account: 'master' or the tenant account's RECID (as a string). */
     public ?string $account = null;
+
     /** The server that failed: host:port, the sendmail binary, the FILE directory or the API. */
     public ?string $server = null;
+
     /** The SMTP reply code (the HTTP status for Microsoft 365 / Gmail), when the server gave one. */
     public ?int $smtpCode = null;
+
     /** True when trying again later may succeed (4xx, a timeout, a dropped connection). */
     public bool $transient = false;
 }
