@@ -320,6 +320,30 @@ final class PhpApiTest extends TestCase
         $this->assertSame('bool', $docs['PCR_Utility_EmailTransportException::$transient']['type']);
     }
 
+    public function testStubsPhpDocParsesWithPhpStansParser(): void
+    {
+        // Debian's php-phpstan-phpdoc-parser (scripts/install-deps.sh installs it).
+        $autoload = '/usr/share/php/PHPStan/PhpDocParser/autoload.php';
+        if (!is_file($autoload)) {
+            $this->markTestSkipped('php-phpstan-phpdoc-parser is not installed');
+        }
+        require_once $autoload;
+        $lexer = new PHPStan\PhpDocParser\Lexer\Lexer();
+        $const = new PHPStan\PhpDocParser\Parser\ConstExprParser();
+        $parser = new PHPStan\PhpDocParser\Parser\PhpDocParser(new PHPStan\PhpDocParser\Parser\TypeParser($const), $const);
+        preg_match_all('#/\*\*.*?\*/#s', (string) file_get_contents(self::stubPath()), $m);
+        $tags = 0;
+        foreach ($m[0] as $doc) {
+            $node = $parser->parse(new PHPStan\PhpDocParser\Parser\TokenIterator($lexer->tokenize($doc)));
+            foreach ($node->getTags() as $tag) {
+                $tags++;
+                $this->assertNotInstanceOf(PHPStan\PhpDocParser\Ast\PhpDoc\InvalidTagValueNode::class, $tag->value,
+                    "$tag->name in $doc: " . ($tag->value->exception ?? null)?->getMessage());
+            }
+        }
+        $this->assertGreaterThan(40, $tags);
+    }
+
     // ---- Event Data and $mail ----------------------------------------------------------------
 
     private function maildirHost(string $maildir): TestHost
