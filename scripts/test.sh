@@ -70,6 +70,7 @@ run_step "cargo clippy" cargo clippy --all-targets -- -D warnings
 run_step "cargo clippy (php boundary)" cargo clippy --features php --lib -- -D warnings
 run_step "cargo test" cargo test
 run_step "PHP extension + PHP tests" php_tests
+run_step "phpize && configure && make install" bash scripts/test-phpize.sh
 
 echo
 if [ "${#FAILED[@]}" -gt 0 ]; then

@@ -789,14 +789,14 @@ fn system_roots() -> Arc<Vec<Certificate<'static>>> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_server {
+    //! A loopback HTTP server for unit tests (this module's and the OAuth client's).
     use std::io::{Read, Write};
     use std::net::TcpListener;
 
     /// A one-shot HTTP server on loopback answering each connection with the next of
     /// `replies`; returns its base URL and a handle giving the raw requests it received.
-    fn serve(replies: Vec<String>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    pub(crate) fn serve(replies: Vec<String>) -> (String, std::thread::JoinHandle<Vec<String>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let handle = std::thread::spawn(move || {
@@ -834,12 +834,19 @@ mod tests {
         (url, handle)
     }
 
-    fn reply(status: &str, headers: &str, body: &str) -> String {
+    pub(crate) fn reply(status: &str, headers: &str, body: &str) -> String {
         format!(
             "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n{body}",
             body.len()
         )
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_server::{reply, serve};
+    use super::*;
+    use std::net::TcpListener;
 
     fn client() -> HttpClient {
         HttpClient::new(&TlsSettings::default(), Duration::from_secs(5)).unwrap()

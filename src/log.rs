@@ -1,6 +1,8 @@
-//! The error log: every failure goes once to the host's `logError()` (PCR-360's Error Log) and,
-//! when `email.LOG_FILE` is set, as one line to that file. Callers pass only secret-free text:
-//! messages are built from account ids, addresses, servers and codes, never from credentials.
+//! The error log: every failure goes once to the host's `logError()` (PCR-360's Error Log; with
+//! no host, PHP's own error log) and, when `email.LOG_FILE` is set, as one line to that file.
+//! Every entry starts with one `pcr_email: `, whether or not the caller wrote it. Callers pass
+//! only secret-free text: messages are built from account ids, addresses, servers and codes,
+//! never from credentials.
 
 use std::collections::HashSet;
 use std::fs::OpenOptions;
@@ -28,8 +30,9 @@ impl Logger {
 
     /// Logs an error to the host and the log file.
     pub fn error(&mut self, host: &mut dyn Host, message: &str, context: &Value) {
-        host.log_error(message, context);
-        self.to_file("error", message, context);
+        let text = without_prefix(message);
+        host.log_error(&format!("{PREFIX}{text}"), context);
+        self.to_file("error", text, context);
     }
 
     /// Logs a notice once per process and key (to the host and the file).
@@ -46,9 +49,9 @@ impl Logger {
             return;
         };
         let line = format!(
-            "{} [{level}] pcr_email: {}{}\n",
+            "{} [{level}] {PREFIX}{}{}\n",
             chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ"),
-            one_line(message),
+            one_line(without_prefix(message)),
             match context {
                 Value::Null => String::new(),
                 Value::Object(m) if m.is_empty() => String::new(),
@@ -62,6 +65,13 @@ impl Logger {
             let _ = f.write_all(line.as_bytes());
         }
     }
+}
+
+const PREFIX: &str = "pcr_email: ";
+
+/// The message without the `pcr_email: ` its caller may have put in front: the logger adds it.
+fn without_prefix(message: &str) -> &str {
+    message.strip_prefix(PREFIX).unwrap_or(message)
 }
 
 /// Log lines stay single lines: a hostile header value cannot forge a second entry.
@@ -88,8 +98,48 @@ mod tests {
         );
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
-        assert!(text.contains("refused  FAKE ENTRY"));
+        assert!(text.contains("] pcr_email: refused  FAKE ENTRY"));
         assert!(text.contains(r#"{"account":"master"}"#));
+    }
+
+    /// Records what reaches the host's Error Log.
+    #[derive(Default)]
+    struct Recorder(Vec<String>);
+    impl Host for Recorder {
+        fn email_accounts(&mut self) -> crate::Result<Value> {
+            Ok(Value::Array(Vec::new()))
+        }
+        fn blocked_emails(&mut self) -> crate::Result<Vec<String>> {
+            Ok(Vec::new())
+        }
+        fn create_inquiry(&mut self, _mail: &Value) -> crate::Result<String> {
+            Ok(String::new())
+        }
+        fn add_to_thread(&mut self, _sd: &str, _mail: &Value) -> crate::Result<bool> {
+            Ok(false)
+        }
+        fn deliver_message(&mut self, _message: &Value) -> crate::Result<()> {
+            Ok(())
+        }
+        fn log_error(&mut self, message: &str, _context: &Value) {
+            self.0.push(message.to_string());
+        }
+    }
+
+    #[test]
+    fn every_entry_has_one_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("email.log");
+        let mut log = Logger::new(Some(path.clone()));
+        let mut host = Recorder::default();
+        log.error(&mut host, "pcr_email: with the prefix", &Value::Null);
+        log.error(&mut host, "without it", &Value::Null);
+        assert_eq!(
+            host.0,
+            ["pcr_email: with the prefix", "pcr_email: without it"]
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.matches("pcr_email:").count(), 2, "{text}");
     }
 
     #[test]

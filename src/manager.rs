@@ -132,14 +132,30 @@ impl Manager {
             let text = e.to_string();
             self.logger.once(host, &text.clone(), &text, &Value::Null);
         }
-        self.log_cleartext(host);
         sorted.accounts
     }
 
-    fn log_cleartext(&mut self, host: &mut dyn Host) {
-        for warning in secrets::take_cleartext_warnings() {
-            self.logger
-                .once(host, &warning.clone(), &warning, &Value::Null);
+    /// Logs the notices gathered while the last call ran: each "stored in clear" notice once
+    /// per account, key and day across all processes (remembered in the state store, so cron
+    /// does not repeat it every 15 minutes), or once per process when the state store cannot
+    /// be opened. The PHP boundary calls it after every method.
+    pub fn log_notices(&mut self, host: &mut dyn Host) {
+        let warnings = secrets::take_cleartext_warnings();
+        if warnings.is_empty() {
+            return;
+        }
+        let store = StateStore::open(&self.settings.state_dir).ok();
+        for warning in warnings {
+            let today = store
+                .as_ref()
+                .and_then(|s| s.once_per_day(&format!("cleartext:{warning}")).ok());
+            match today {
+                Some(false) => {}
+                Some(true) => self.logger.error(host, &warning, &Value::Null),
+                None => self
+                    .logger
+                    .once(host, &warning.clone(), &warning, &Value::Null),
+            }
         }
     }
 
@@ -452,7 +468,7 @@ impl Manager {
         let mut view = account.public_view();
         view["outgoing"] = outgoing;
         view["incoming"] = incoming;
-        if crate::manager_oauth::is_cloud_account(&account) {
+        if account.is_cloud() {
             let oauth = self.check_cloud_account(&account);
             ok &= oauth["ok"].as_bool().unwrap_or(false);
             view["oauth"] = oauth;

@@ -120,18 +120,6 @@ impl Manager {
     }
 }
 
-/// True for an account that signs in with OAuth2 (OFFICE365 or GMAIL, sending or receiving).
-pub fn is_cloud_account(account: &Account) -> bool {
-    account
-        .outgoing
-        .as_ref()
-        .is_some_and(|o| o.transport.is_cloud())
-        || account
-            .incoming
-            .as_ref()
-            .is_some_and(|i| i.mailbox.is_cloud())
-}
-
 /// Obtains an access token and asks the API whose it is: Graph `GET /me`, Gmail `GET
 /// users/{user}/profile`; with Microsoft app-only access, whether the app may open the mailbox
 /// EMAIL (a folder of it). `{ok, server, mailbox}` or `{ok: false, server, error}`.

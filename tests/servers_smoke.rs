@@ -750,6 +750,61 @@ fn oauth_delegated_tokens_open_their_own_mailbox_with_the_protocol_scope() {
 }
 
 #[test]
+fn oauth_dovecot_checks_every_login_and_reports_endpoint_failures_as_temporary() {
+    // An app granted every mailbox (Exchange's "*"): any Dovecot mail user opens, also one
+    // that is not an OAuth test mailbox, but a login that is no mailbox at all is refused
+    // with the challenge (not a temporary failure: every login has a passdb that checks it).
+    let (id, secret) = register_app(
+        "everywhere",
+        &["IMAP.AccessAsApp", "POP.AccessAsApp"],
+        serde_json::json!("*"),
+    );
+    let token = app_token(&id, &secret);
+    let imap = port("PCR_OAUTH_IMAP_PORT");
+    let plain_user = mail_user("smoke").email;
+    assert_eq!(
+        imap_oauth(imap, false, "XOAUTH2", &xoauth2(&plain_user, &token)),
+        Ok(())
+    );
+    let nobody = format!("nobody-{}@test.local", unique_token("x"));
+    let refused = imap_oauth(imap, false, "XOAUTH2", &xoauth2(&nobody, &token)).unwrap_err();
+    assert_eq!(refused["status"], "401", "{refused}");
+    let refused = imap_oauth(imap, false, "OAUTHBEARER", &oauthbearer(&nobody, &token));
+    assert_eq!(refused, Err(serde_json::json!({"status": "invalid_token"})));
+
+    // The introspection endpoint failing (for this login's checks only): a temporary
+    // failure without a challenge, on IMAP and POP3; the next login is fine again.
+    let user = oauth_users()
+        .into_iter()
+        .find(|u| u.starts_with("oauth4@"))
+        .expect("oauth4 in PCR_OAUTH_USERS");
+    cloud_admin(
+        "/_admin/fault",
+        serde_json::json!({"path": "^/_introspect$", "user": user, "status": 503, "count": 2}),
+    );
+    let mut c = Wire::connect(imap, false);
+    c.line();
+    c.send(&format!(
+        "a1 AUTHENTICATE XOAUTH2 {}",
+        xoauth2(&user, &token)
+    ));
+    let answer = c.line();
+    assert!(
+        answer.starts_with("a1 NO [UNAVAILABLE] Temporary authentication failure."),
+        "{answer}"
+    );
+    let mut c = Wire::connect(port("PCR_OAUTH_POP3_PORT"), false);
+    c.line();
+    c.send(&format!("AUTH OAUTHBEARER {}", oauthbearer(&user, &token)));
+    let answer = c.line();
+    assert!(answer.starts_with("-ERR [SYS/TEMP] "), "{answer}");
+    assert_eq!(
+        imap_oauth(imap, false, "OAUTHBEARER", &oauthbearer(&user, &token)),
+        Ok(())
+    );
+}
+
+#[test]
 fn oauth_client_credentials_errors_are_microsofts() {
     let (id, secret) = register_app("errors", &[], serde_json::json!([]));
     let error = |reply: (u16, serde_json::Value)| {

@@ -292,6 +292,15 @@ pub struct Account {
 }
 
 impl Account {
+    /// True for an OFFICE365 or GMAIL account (sending or receiving through an API that signs
+    /// in with OAuth2), as opposed to SMTP/IMAP/POP3, which may use XOAUTH2 over SASL.
+    pub fn is_cloud(&self) -> bool {
+        self.outgoing
+            .as_ref()
+            .is_some_and(|o| o.transport.is_cloud())
+            || self.incoming.as_ref().is_some_and(|i| i.mailbox.is_cloud())
+    }
+
     /// The username to log in with: `LOGIN`, else `EMAIL`.
     pub fn login_name(&self) -> &str {
         self.login.as_deref().unwrap_or(&self.email)

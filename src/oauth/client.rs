@@ -362,54 +362,15 @@ impl SyncHttpClient for Transport<'_> {
 mod tests {
     use super::*;
     use crate::config::TlsSettings;
+    use crate::http::test_server::reply;
     use crate::http::Role;
     use oauth2::basic::BasicTokenResponse;
-    use std::io::{Read, Write};
     use std::net::TcpListener;
 
-    /// A loopback server answering each connection with the next of `replies`; gives the
-    /// requests it read.
+    /// The shared loopback server, its URL ending in `/token`.
     fn serve(replies: Vec<String>) -> (String, std::thread::JoinHandle<Vec<String>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/token", listener.local_addr().unwrap());
-        let handle = std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            for reply in replies {
-                let (mut conn, _) = listener.accept().unwrap();
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let n = conn.read(&mut chunk).unwrap();
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    let done = text.find("\r\n\r\n").is_some_and(|end| {
-                        let len = text[..end]
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse::<usize>().unwrap())
-                            })
-                            .unwrap_or(0);
-                        buf.len() >= end + 4 + len
-                    });
-                    if done || n == 0 {
-                        break;
-                    }
-                }
-                seen.push(String::from_utf8_lossy(&buf).to_string());
-                conn.write_all(reply.as_bytes()).unwrap();
-            }
-            seen
-        });
-        (url, handle)
-    }
-
-    fn reply(status: &str, headers: &str, body: &str) -> String {
-        format!(
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n{body}",
-            body.len()
-        )
+        let (base, handle) = crate::http::test_server::serve(replies);
+        (format!("{base}/token"), handle)
     }
 
     fn http() -> HttpClient {

@@ -317,15 +317,7 @@ pub fn endpoints(account: &Account, provider: Provider) -> Result<Endpoints> {
 /// The scopes an account asks for when `SCOPES` says nothing (SPEC §3a).
 fn default_scopes(account: &Account, provider: Provider, grant: OAuthGrant) -> Vec<String> {
     let split = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<_>>();
-    let cloud = account
-        .outgoing
-        .as_ref()
-        .is_some_and(|o| o.transport.is_cloud())
-        || account
-            .incoming
-            .as_ref()
-            .is_some_and(|i| i.mailbox.is_cloud());
-    match (provider, grant, cloud) {
+    match (provider, grant, account.is_cloud()) {
         (Provider::Google, _, true) => split(GOOGLE_DEFAULT_SCOPES),
         (Provider::Google, _, false) => split(GOOGLE_MAIL_SCOPE),
         (Provider::Microsoft, OAuthGrant::ClientCredentials, true) => split(GRAPH_APP_SCOPE),
@@ -698,7 +690,7 @@ pub fn complete_authorization(
     let access = crate::config::Secret::new(reply.access_token().to_string());
     // An IMAP/POP3/SMTP account's token is for the mail servers, not for an API that could say
     // whose it is: its mailbox is LOGIN, and the servers check the token against it.
-    let mailbox = if account.auth_type == AuthType::XOAuth2 && !is_cloud(account) {
+    let mailbox = if account.auth_type == AuthType::XOAuth2 && !account.is_cloud() {
         account.login_name().to_string()
     } else {
         signed_in_mailbox(&http, provider, &ep.api_base, &access, &id)?
@@ -721,18 +713,6 @@ pub fn complete_authorization(
         differs_from_email: !mailbox.eq_ignore_ascii_case(&account.email),
         mailbox,
     })
-}
-
-/// True for an OFFICE365 or GMAIL account (an API, not SASL over IMAP/POP3/SMTP).
-fn is_cloud(account: &Account) -> bool {
-    account
-        .outgoing
-        .as_ref()
-        .is_some_and(|o| o.transport.is_cloud())
-        || account
-            .incoming
-            .as_ref()
-            .is_some_and(|i| i.mailbox.is_cloud())
 }
 
 /// The mailbox an access token belongs to: Graph `GET /me` (`mail`, else

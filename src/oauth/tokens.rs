@@ -399,15 +399,7 @@ impl TokenManager {
 
 /// The token kind an account's access token is cached under (see `TokenManager::access_kind`).
 pub(crate) fn access_kind(account: &Account, scopes: &[String]) -> String {
-    let cloud = account
-        .outgoing
-        .as_ref()
-        .is_some_and(|o| o.transport.is_cloud())
-        || account
-            .incoming
-            .as_ref()
-            .is_some_and(|i| i.mailbox.is_cloud());
-    if cloud {
+    if account.is_cloud() {
         ACCESS.to_string()
     } else {
         format!("{ACCESS} {}", scopes.join(" "))

@@ -188,3 +188,37 @@ impl Host for PhpHost {
         }
     }
 }
+
+/// The host of a manager constructed without one (and with no default host): nothing to read
+/// or hand over, and its Error Log is PHP's own (`error_log()`, the `error_log` ini setting),
+/// so a failure is never left without a trace.
+pub struct PhpErrorLog;
+
+impl Host for PhpErrorLog {
+    fn email_accounts(&mut self) -> Result<Value> {
+        crate::host::NoHost.email_accounts()
+    }
+    fn blocked_emails(&mut self) -> Result<Vec<String>> {
+        crate::host::NoHost.blocked_emails()
+    }
+    fn create_inquiry(&mut self, mail: &Value) -> Result<String> {
+        crate::host::NoHost.create_inquiry(mail)
+    }
+    fn add_to_thread(&mut self, sd_number: &str, mail: &Value) -> Result<bool> {
+        crate::host::NoHost.add_to_thread(sd_number, mail)
+    }
+    fn deliver_message(&mut self, message: &Value) -> Result<()> {
+        crate::host::NoHost.deliver_message(message)
+    }
+    fn log_error(&mut self, message: &str, context: &Value) {
+        let line = match context {
+            Value::Null => message.to_string(),
+            Value::Object(m) if m.is_empty() => message.to_string(),
+            other => format!("{message} {other}"),
+        };
+        // Logging must never make things worse: a failing error_log() is ignored.
+        if let Ok(error_log) = ext_php_rs::types::ZendCallable::try_from_name("error_log") {
+            let _ = error_log.try_call(vec![&line]);
+        }
+    }
+}

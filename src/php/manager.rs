@@ -14,14 +14,14 @@ use serde_json::Value;
 
 use super::convert::{zval_to_json, PhpJson};
 use super::exceptions::to_php;
-use super::host::{PhpHost, Stop};
+use super::host::{PhpErrorLog, PhpHost, Stop};
 use super::params::{
     AnyParam, ArrayParam, HostParam, IntDefaultParam, IntOrStrParam, IntParam, NullableHostParam,
     NullableStrParam, StrDefaultParam, StrParam,
 };
 use super::settings;
 use crate::error::Error;
-use crate::host::{Host, NoHost};
+use crate::host::Host;
 use crate::manager::Manager;
 
 thread_local! {
@@ -105,9 +105,16 @@ impl EmailManager {
             Some(object) => {
                 let mut host = PhpHost::new(object);
                 let result = f(&mut self.core, &mut host);
+                if host.stopped().is_none() {
+                    self.core.log_notices(&mut host);
+                }
                 (result, host.stopped())
             }
-            None => (f(&mut self.core, &mut NoHost), None),
+            None => {
+                let result = f(&mut self.core, &mut PhpErrorLog);
+                self.core.log_notices(&mut PhpErrorLog);
+                (result, None)
+            }
         }
     }
 

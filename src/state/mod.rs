@@ -609,6 +609,26 @@ impl StateStore {
         })
     }
 
+    /// True the first time it is called for `key` on a given day (UTC), across all processes:
+    /// for notices worth repeating daily but not every run. Keeps two days of such keys.
+    pub fn once_per_day(&self, key: &str) -> Result<bool> {
+        let now = now_ms();
+        let day = now / 86_400_000;
+        self.write(NO_ACCOUNT, "record a daily notice", |tx| {
+            exec(
+                tx,
+                "DELETE FROM alerts WHERE key LIKE 'daily:%' AND first_at < ?1",
+                params![now - 2 * 86_400_000],
+            )?;
+            exec(
+                tx,
+                "INSERT INTO alerts (key, first_at) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+                params![format!("daily:{day}:{key}"), now],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
     /// Forgets an alert (the problem was resolved), so the next occurrence alerts again.
     pub fn clear_alert(&self, key: &str) -> Result<bool> {
         self.write(NO_ACCOUNT, "clear an alert", |tx| {

@@ -140,7 +140,8 @@ pub fn cloud_emulator_url() -> String {
 }
 
 /// The cloud emulator's RFC 7662 token introspection endpoint, through which Dovecot and the
-/// XOAUTH2 SMTP ports check OAuth bearer tokens (`POST ?user=&service=`, form `token=`).
+/// XOAUTH2 SMTP ports check OAuth bearer tokens (`POST ?user=&service=`, form `token=`; Dovecot's
+/// oauth2 passdb names the service in an `X-Dovecot-Auth-Service` header).
 pub fn introspect_url() -> String {
     env("PCR_INTROSPECT_URL")
 }

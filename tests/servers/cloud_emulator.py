@@ -35,7 +35,9 @@ than the two above, AADSTS500011), ``invalid_request`` (400, no scope, AADSTS900
 
 Token introspection for the mail protocol servers (RFC 7662; what Exchange Online and Gmail
 do inside their IMAP/POP/SMTP front ends): ``POST /_introspect?user=<login>&service=<imap|pop3|
-smtp>`` (both query parameters optional) with the form ``token=<access token>`` answers 200
+smtp>`` (both query parameters optional; without ``service``, the ``X-Dovecot-Auth-Service``
+header that Dovecot's oauth2 passdb sends with ``send_auth_headers = yes``) with the form
+``token=<access token>`` (other form fields ignored) answers 200
 ``{"active": true, "email": <mailbox>, "username": <mailbox>, "scope", "client_id", "exp",
 "iat", "token_type": "Bearer", "sub"}`` or ``{"active": false}``. The mailbox is:
 
@@ -74,6 +76,7 @@ Test-only parts, all under ``/_admin`` (JSON in, JSON out):
 * ``GET /_admin/sent?user=`` (what was sent), ``GET /_admin/mailbox?provider=&user=``
 * ``POST /_admin/fault`` ``{"path": regex, "method"?, "user"?, "client_id"?, "status",
   "retry_after"?, "retry_after_date"?: bool, "count"?: 1, "body"?, "content_type"?}``
+  (``user`` on ``/_introspect``: the ``user`` query parameter, i.e. the login being checked)
 * ``POST /_admin/revoke`` ``{"user"?, "client_id"?}`` (refresh tokens),
   ``POST /_admin/expire_access_tokens`` ``{"user"?, "client_id"?, "token"?}`` (at least one,
   all given must match; app-only tokens have no user: name their ``client_id`` or ``token``)
@@ -128,7 +131,8 @@ JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 OUTLOOK_RESOURCE = "https://outlook.office365.com"
 GRAPH_RESOURCE = "https://graph.microsoft.com"
 APP_RESOURCES = [OUTLOOK_RESOURCE, GRAPH_RESOURCE]
-# Mail protocols as named by the introspection caller (Dovecot's %s, the SMTP server).
+# Mail protocols as named by the introspection caller (Dovecot's X-Dovecot-Auth-Service header,
+# the SMTP server's service parameter).
 SERVICES = {"imap": "imap", "pop3": "pop", "pop": "pop", "smtp": "smtp", "submission": "smtp"}
 APP_ROLE_OF_SERVICE = {"imap": "IMAP.AccessAsApp", "pop": "POP.AccessAsApp",
                        "smtp": "SMTP.SendAsApp"}
@@ -419,6 +423,8 @@ class Handler(BaseHTTPRequestHandler):
                                                                 keep_blank_values=True).items()}
         self.req_client = form.get("client_id") or q.get("client_id")
         if path == "/_introspect":
+            # A fault with "user" hits the introspection of that login only.
+            self.req_user = (q.get("user") or "").strip().lower() or None
             if self.apply_fault(method, path):
                 return
             if method != "POST":
@@ -678,7 +684,10 @@ class Handler(BaseHTTPRequestHandler):
     def introspect(self, q, form):
         token = form.get("token", "")
         wanted = (q.get("user") or "").strip().lower()
-        raw_service = (q.get("service") or "").strip().lower()
+        # The protocol: the query parameter, else the header Dovecot's oauth2 passdb sends
+        # with send_auth_headers = yes.
+        raw_service = (q.get("service") or self.headers.get("X-Dovecot-Auth-Service")
+                       or "").strip().lower()
         service = SERVICES.get(raw_service) if raw_service else ""
         with LOCK:
             record = WORLD.access_tokens.get(token)
