@@ -12,6 +12,8 @@ RUNTIME_ONLY=0
 PACKAGES=(php8.2-dev php8.2-cli php8.2-sqlite3 clang libclang-dev pkg-config libssl-dev)
 if [ "$RUNTIME_ONLY" = 0 ]; then
     PACKAGES+=(msmtp msmtp-mta dovecot-imapd dovecot-pop3d openssl sqlite3 phpunit php8.2-imap time)
+    # PHPStan's PHPDoc parser: a PHP test checks that the stubs' array shapes parse.
+    PACKAGES+=(php-phpstan-phpdoc-parser)
 fi
 
 is_installed() {

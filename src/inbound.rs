@@ -146,14 +146,30 @@ pub fn event_host(data: &Value) -> Result<String> {
         Value::Object(_) => data.clone(),
         Value::String(text) if text.trim_start().starts_with('{') => serde_json::from_str(text)
             .map_err(|e| Error::message(format!("{HOW}; the Data is not valid JSON ({e})")))?,
-        Value::String(text) if is_host_name(text.trim()) => json!({ "host": text.trim() }),
+        Value::String(text) if host_name_of(text).is_some() => json!({ "host": text.trim() }),
         _ => return Err(Error::message(format!("{HOW}; no host was given"))),
     };
-    match object.get("host").and_then(Value::as_str).map(str::trim) {
-        Some(host) if is_host_name(host) => Ok(host.to_string()),
-        Some(_) => Err(Error::message(format!("{HOW}; 'host' is not a host name"))),
+    match object.get("host").and_then(Value::as_str) {
+        Some(host) => host_name_of(host)
+            .ok_or_else(|| Error::message(format!("{HOW}; 'host' is not a host name"))),
         None => Err(Error::message(format!("{HOW}; 'host' is missing"))),
     }
+}
+
+/// The host name in `text`: the text itself when it is one, or the host of a URL
+/// (`https://pcr360.example.edu/`, with or without port and path), which is how an
+/// administrator copies it from the browser.
+fn host_name_of(text: &str) -> Option<String> {
+    let text = text.trim();
+    if is_host_name(text) {
+        return Some(text.to_string());
+    }
+    if !text.contains("://") {
+        return None;
+    }
+    let url = oauth2::url::Url::parse(text).ok()?;
+    let host = url.host_str()?;
+    is_host_name(host).then(|| host.to_ascii_lowercase())
 }
 
 fn is_host_name(s: &str) -> bool {
@@ -1216,7 +1232,7 @@ impl Run<'_> {
                 .map(String::as_str);
             threading::verify_any(ids, &key)
         });
-        let mut mail = self.mail_array(account, parsed, item.as_deref(), attempt)?;
+        let mail = self.mail_array(account, parsed, item.as_deref(), attempt)?;
         let result = (|| {
             if let Some(sd) = &item {
                 if self.host.add_to_thread(sd, &mail)? {
@@ -1228,10 +1244,9 @@ impl Run<'_> {
                 Some(AutoKind::Bounce) => return Ok(Delivered::Skipped("bounce")),
                 None => {}
             }
-            if item.is_some() {
-                // The named item does not exist: a new Inquiry, without the dangling number.
-                mail["sd_number"] = Value::Null;
-            }
+            // The named item does not exist (addToThread said so): a new Inquiry. `$mail`
+            // keeps the number that was matched, so the host knows which item the sender
+            // named (SPEC §5: "matched, or null").
             let sd = self.host.create_inquiry(&mail)?;
             Ok(Delivered::Inquiry(sd))
         })();
@@ -1530,11 +1545,25 @@ mod tests {
             event_host(&json!("pcr360.example.edu")).unwrap(),
             "pcr360.example.edu"
         );
+        // Copied from the browser's address bar: the URL's host name.
+        for url in [
+            "https://pcr360.example.edu/",
+            "https://pcr360.example.edu",
+            " http://PCR360.example.edu:8443/pcr360/index.php?x=1 ",
+        ] {
+            assert_eq!(
+                event_host(&json!({ "host": url })).unwrap(),
+                "pcr360.example.edu"
+            );
+            assert_eq!(event_host(&json!(url)).unwrap(), "pcr360.example.edu");
+        }
         for bad in [
             json!(null),
             json!({}),
             json!("{not json"),
             json!({"host": "a b"}),
+            json!({"host": "https://"}),
+            json!({"host": "file:///etc/passwd"}),
             json!(5),
         ] {
             let err = event_host(&bad).unwrap_err().to_string();

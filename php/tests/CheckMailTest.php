@@ -257,7 +257,9 @@ final class CheckMailTest extends TestCase
         $byId = array_column($new, null, 'message_id');
         $this->assertSame([self::idOf($viaForged), self::idOf($unknownItem)], array_keys($byId));
         $this->assertNull($byId[self::idOf($viaForged)]['sd_number'], 'a forged reference is not trusted');
-        $this->assertNull($byId[self::idOf($unknownItem)]['sd_number'], 'addToThread said no such item');
+        // addToThread said there is no such item: a new Inquiry that still knows which item the
+        // sender named (SPEC §5: "matched, or null").
+        $this->assertSame('SO201799999', $byId[self::idOf($unknownItem)]['sd_number']);
     }
 
     // ---- 3. auto-replies, bounces, our own mail, blocked senders ----------------------------

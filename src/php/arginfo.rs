@@ -1,9 +1,11 @@
 //! What ext-php-rs cannot yet declare: union parameter types (`array|string|object|null`,
-//! `int|string`) and the `#[\SensitiveParameter]` attribute on password parameters. Both are
+//! `int|string`), optional non-nullable parameters whose default the method applies (see
+//! `super::params`) and the `#[\SensitiveParameter]` attribute on password parameters. All are
 //! written into the registered methods' arginfo once, at the first request startup (the
 //! classes are registered after our MINIT hook runs). Reflection, `php --re`, the generated
 //! stubs and PHP's stack-trace redaction then see them.
 
+use std::ffi::CStr;
 use std::os::raw::{c_char, c_void};
 use std::sync::Once;
 
@@ -47,6 +49,10 @@ pub fn patch_once() {
             MAY_BE_ARRAY | MAY_BE_STRING | MAY_BE_OBJECT | MAY_BE_NULL,
         );
         set_union(ce, "checkaccount", 0, MAY_BE_LONG | MAY_BE_STRING);
+        // Optional but not nullable, with PHP-literal defaults (converted in the method,
+        // see `super::params`).
+        set_default(ce, "resolveaccount", 0, MAY_BE_STRING, c"'general'");
+        set_default(ce, "resolveaccount", 1, MAY_BE_LONG, c"0");
         sensitive(ce, "encryptpassword", 0);
         // The authorization code is a one-time secret: kept out of stack traces too.
         sensitive(ce, "completeauthorization", 1);
@@ -79,6 +85,23 @@ fn set_union(ce: &ClassEntry, lc_name: &str, arg: u32, mask: u32) {
         let ty = &mut (*info).type_;
         ty.ptr = std::ptr::null_mut();
         ty.type_mask = (ty.type_mask & !TYPE_MASK) | mask;
+    }
+}
+
+/// Declares argument `arg` as `type $x = default` (not nullable); `default` is a PHP literal,
+/// as Reflection and the generated stubs read it.
+fn set_default(ce: &ClassEntry, lc_name: &str, arg: u32, mask: u32, default: &'static CStr) {
+    set_union(ce, lc_name, arg, mask);
+    let Some(func) = method(ce, lc_name) else {
+        return;
+    };
+    // SAFETY: as in `set_union`; the default is a static C string PHP only reads.
+    unsafe {
+        let internal = &mut (*func).internal_function;
+        if arg >= internal.num_args || internal.arg_info.is_null() {
+            return;
+        }
+        (*internal.arg_info.add(arg as usize)).default_value = default.as_ptr();
     }
 }
 

@@ -6,11 +6,13 @@
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 use ext_php_rs::args::ArgInfoTables;
-use ext_php_rs::builders::{ClassBuilder, ClassProperty};
+use std::os::raw::c_void;
+
+use ext_php_rs::builders::ClassBuilder;
 use ext_php_rs::convert::IntoZval;
 use ext_php_rs::exception::PhpException;
-use ext_php_rs::flags::{DataType, PropertyFlags};
-use ext_php_rs::types::{ZendObject, Zval};
+use ext_php_rs::ffi::zend_type;
+use ext_php_rs::types::{ZendObject, ZendStr, Zval};
 use ext_php_rs::zend::ClassEntry;
 
 use crate::error::Error;
@@ -52,38 +54,82 @@ fn base_ce() -> &'static ClassEntry {
     load(&BASE_CE)
 }
 
-fn property(name: &str, ty: DataType, nullable: bool, doc: &'static str) -> ClassProperty {
-    ClassProperty {
-        name: name.to_string(),
-        flags: PropertyFlags::Public,
-        default: if nullable {
-            None
+const MAY_BE_NULL: u32 = 1 << 1;
+const MAY_BE_BOOL: u32 = (1 << 2) | (1 << 3);
+const MAY_BE_LONG: u32 = 1 << 4;
+const MAY_BE_STRING: u32 = 1 << 6;
+const ZEND_ACC_PUBLIC: i32 = 1;
+
+extern "C" {
+    fn zend_declare_typed_property(
+        ce: *mut ext_php_rs::ffi::zend_class_entry,
+        name: *mut ext_php_rs::ffi::zend_string,
+        property: *mut ext_php_rs::ffi::zval,
+        access_type: i32,
+        doc_comment: *mut ext_php_rs::ffi::zend_string,
+        ty: zend_type,
+    ) -> *mut c_void;
+}
+
+/// A typed public property: `?string $account = null`, `?int $smtpCode = null`,
+/// `bool $transient = false`. ext-php-rs 0.16 declares properties untyped
+/// (`zend_declare_property`; `ClassProperty::ty` only feeds its own stub generator), so they
+/// are declared here with PHP's `zend_declare_typed_property`, as PHP's own classes do:
+/// Reflection, the generated stubs and PHP's assignment checks then know the types.
+struct Property {
+    name: &'static str,
+    mask: u32,
+}
+
+const fn property(name: &'static str, mask: u32) -> Property {
+    Property { name, mask }
+}
+
+fn declare(ce: &'static ClassEntry, props: &[Property]) {
+    for p in props {
+        let mut default = Zval::new();
+        if p.mask & MAY_BE_NULL != 0 {
+            default.set_null();
         } else {
-            Some(Box::new(|| {
-                let mut z = Zval::new();
-                z.set_bool(false);
-                Ok(z)
-            }))
-        },
-        docs: Box::leak(Box::new([doc])),
-        ty: Some(ty),
-        nullable,
-        readonly: false,
-        default_stub: Some(if nullable { "null" } else { "false" }.to_string()),
+            default.set_bool(false);
+        }
+        let name = ZendStr::new_interned(p.name, true).into_raw();
+        let ty = zend_type {
+            ptr: std::ptr::null_mut(),
+            type_mask: p.mask,
+        };
+        // SAFETY: MINIT, a class entry we just registered; an interned persistent name and a
+        // non-refcounted default, as PHP requires for an internal class.
+        unsafe {
+            zend_declare_typed_property(
+                std::ptr::from_ref(ce).cast_mut(),
+                name,
+                &raw mut default,
+                ZEND_ACC_PUBLIC,
+                std::ptr::null_mut(),
+                ty,
+            );
+        }
     }
 }
 
 fn register(
     name: &'static str,
     parent: ext_php_rs::class::ClassEntryInfo,
-    props: Vec<ClassProperty>,
+    slot: &AtomicPtr<ClassEntry>,
+    props: &[Property],
     hook: fn(&'static mut ClassEntry, ArgInfoTables),
 ) -> ext_php_rs::error::Result<()> {
-    let mut builder = ClassBuilder::new(name).extends(parent).registration(hook);
-    for p in props {
-        builder = builder.property(p);
+    ClassBuilder::new(name)
+        .extends(parent)
+        .registration(hook)
+        .register()?;
+    let ptr = slot.load(Ordering::Acquire);
+    // SAFETY: set by `hook` to the class entry PHP just registered (kept for the process).
+    if let Some(ce) = unsafe { ptr.as_ref() } {
+        declare(ce, props);
     }
-    builder.register()
+    Ok(())
 }
 
 macro_rules! hook {
@@ -99,57 +145,40 @@ macro_rules! hook {
 
 /// Registers the classes; called from the module startup (MINIT).
 pub fn register_all() -> ext_php_rs::error::Result<()> {
+    // The account: 'master' or the tenant account's RECID.
+    let account = property("account", MAY_BE_STRING | MAY_BE_NULL);
+    // The server (host:port, binary or directory) that failed.
+    let server = property("server", MAY_BE_STRING | MAY_BE_NULL);
     register(
         BASE,
         (runtime_exception, "RuntimeException"),
-        vec![],
+        &BASE_CE,
+        &[],
         hook!(BASE_CE),
     )?;
-    let account = || {
-        property(
-            "account",
-            DataType::String,
-            true,
-            "The account: 'master' or the tenant account's RECID.",
-        )
-    };
-    let server = || {
-        property(
-            "server",
-            DataType::String,
-            true,
-            "The server (host:port, binary or directory) that failed.",
-        )
-    };
-    register(CONFIG, (base_ce, BASE), vec![], hook!(CONFIG_CE))?;
+    register(CONFIG, (base_ce, BASE), &CONFIG_CE, &[], hook!(CONFIG_CE))?;
     register(
         TRANSPORT,
         (base_ce, BASE),
-        vec![
-            account(),
-            server(),
-            property(
-                "smtpCode",
-                DataType::Long,
-                true,
-                "The SMTP reply code (HTTP status for the cloud APIs), when the server gave one.",
-            ),
-            property(
-                "transient",
-                DataType::Bool,
-                false,
-                "True when trying again later may succeed.",
-            ),
+        &TRANSPORT_CE,
+        &[
+            property("account", MAY_BE_STRING | MAY_BE_NULL),
+            property("server", MAY_BE_STRING | MAY_BE_NULL),
+            // The SMTP reply code (HTTP status for the cloud APIs), when the server gave one.
+            property("smtpCode", MAY_BE_LONG | MAY_BE_NULL),
+            // True when trying again later may succeed.
+            property("transient", MAY_BE_BOOL),
         ],
         hook!(TRANSPORT_CE),
     )?;
     register(
         MAILBOX,
         (base_ce, BASE),
-        vec![account(), server()],
+        &MAILBOX_CE,
+        &[property("account", MAY_BE_STRING | MAY_BE_NULL), server],
         hook!(MAILBOX_CE),
     )?;
-    register(AUTH, (base_ce, BASE), vec![account()], hook!(AUTH_CE))?;
+    register(AUTH, (base_ce, BASE), &AUTH_CE, &[account], hook!(AUTH_CE))?;
     Ok(())
 }
 

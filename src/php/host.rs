@@ -1,10 +1,8 @@
 //! `PCR_Utility_EmailHost`: the PHP interface, and the core `Host` implemented over a PHP object.
 
-use ext_php_rs::convert::FromZval;
-use ext_php_rs::flags::DataType;
 use ext_php_rs::prelude::*;
 use ext_php_rs::types::{ZendHashTable, Zval};
-use ext_php_rs::zend::{ClassEntry, ExecutorGlobals};
+use ext_php_rs::zend::ExecutorGlobals;
 use serde_json::Value;
 
 use super::convert::{json_to_table, zval_to_json};
@@ -32,22 +30,6 @@ pub trait EmailHost {
     fn deliver_message(&self, message: &ZendHashTable);
     /// Writes to the application's Error Log.
     fn log_error(&self, message: String, context: &ZendHashTable);
-}
-
-/// A PHP argument that must implement `PCR_Utility_EmailHost`; holds a reference to the object.
-pub struct HostArg(pub Zval);
-
-impl<'a> FromZval<'a> for HostArg {
-    const TYPE: DataType = DataType::object(HOST_INTERFACE);
-
-    fn from_zval(zval: &'a Zval) -> Option<Self> {
-        let object = zval.object()?;
-        let interface = ClassEntry::try_find(HOST_INTERFACE)?;
-        if !object.instance_of(interface) {
-            return None;
-        }
-        Some(HostArg(zval.shallow_clone()))
-    }
 }
 
 /// The core `Host` over a PHP object. A PHP exception thrown by a host method is taken off the

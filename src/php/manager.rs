@@ -7,16 +7,18 @@
 use std::cell::RefCell;
 use std::path::PathBuf;
 
-use ext_php_rs::convert::FromZval;
 use ext_php_rs::exception::PhpResult;
-use ext_php_rs::flags::DataType;
 use ext_php_rs::prelude::*;
 use ext_php_rs::types::{ZendHashTable, Zval};
 use serde_json::Value;
 
 use super::convert::{zval_to_json, PhpJson};
 use super::exceptions::to_php;
-use super::host::{HostArg, PhpErrorLog, PhpHost, Stop};
+use super::host::{PhpErrorLog, PhpHost, Stop};
+use super::params::{
+    AnyParam, ArrayParam, HostParam, IntDefaultParam, IntOrStrParam, IntParam, NullableHostParam,
+    NullableStrParam, StrDefaultParam, StrParam,
+};
 use super::settings;
 use crate::error::Error;
 use crate::host::Host;
@@ -30,39 +32,6 @@ thread_local! {
 
 pub fn clear_default_host() {
     DEFAULT_HOST.with(|h| h.borrow_mut().take());
-}
-
-/// `$data` of `eventCheckMail`: `array|string|object|null` (the arginfo is patched to say so).
-pub struct AnyValue(pub Value);
-
-impl<'a> FromZval<'a> for AnyValue {
-    const TYPE: DataType = DataType::Mixed;
-    const NULLABLE: bool = true;
-
-    fn from_zval(zval: &'a Zval) -> Option<Self> {
-        if zval.is_null() || zval.array().is_some() || zval.object().is_some() || zval.is_string() {
-            return zval_to_json(zval).ok().map(AnyValue);
-        }
-        None
-    }
-
-    fn from_missing() -> Option<Self> {
-        Some(AnyValue(Value::Null))
-    }
-}
-
-/// `$recid` of `checkAccount`: `int|string` (the arginfo is patched to say so).
-pub struct Recid(pub String);
-
-impl<'a> FromZval<'a> for Recid {
-    const TYPE: DataType = DataType::Mixed;
-
-    fn from_zval(zval: &'a Zval) -> Option<Self> {
-        if let Some(i) = zval.long() {
-            return Some(Recid(i.to_string()));
-        }
-        zval.str().map(|s| Recid(s.trim().to_string()))
-    }
 }
 
 fn json(table: &ZendHashTable, what: &str) -> PhpResult<Value> {
@@ -172,39 +141,50 @@ impl EmailManager {
     /// Reads the INI file (`pcr_email.config` by default) for the environment
     /// (`pcr_email.environment`, else `APPLICATION_ENV`, else `prod`).
     pub fn __construct(
-        configFile: Option<String>,
-        environment: Option<String>,
-        host: Option<HostArg>,
+        configFile: NullableStrParam,
+        environment: NullableStrParam,
+        host: NullableHostParam,
     ) -> PhpResult<Self> {
-        let (file, env) = config_and_environment(configFile, environment);
+        let config_file = configFile.string(1)?;
+        let environment = environment.string(2)?;
+        let host = host.host(3)?;
+        let (file, env) = config_and_environment(config_file, environment);
         let core = Manager::open(&file, &env).map_err(to_php)?;
         Ok(EmailManager {
             core,
-            host: host.map(|h| h.0),
+            host,
             busy: std::cell::Cell::new(false),
         })
     }
 
     /// The host used by managers constructed without one (e.g. by the event system).
-    pub fn set_default_host(host: HostArg) {
-        DEFAULT_HOST.with(|h| *h.borrow_mut() = Some(host.0));
+    pub fn set_default_host(host: HostParam) -> PhpResult<()> {
+        let host = host.host(1)?;
+        DEFAULT_HOST.with(|h| *h.borrow_mut() = Some(host));
+        Ok(())
     }
 
     /// The System Check Email event: reads every Service Desk mailbox and returns the summary.
-    pub fn event_check_mail(&mut self, data: AnyValue) -> PhpResult<PhpJson> {
+    pub fn event_check_mail(&mut self, data: AnyParam) -> PhpResult<PhpJson> {
+        let data = match data.value(1)? {
+            Some(z) => zval_to_json(&z)
+                .map_err(|e| to_php(Error::message(format!("eventCheckMail(): {e}"))))?,
+            None => Value::Null,
+        };
         if !self.has_host() {
             return Err(to_php(Error::message(
                 "eventCheckMail needs a PCR_Utility_EmailHost: pass one to the constructor or call PCR_Utility_EmailManager::setDefaultHost()",
             )));
         }
-        self.with_host(|core, host| core.event_check_mail(host, &data.0))
+        self.with_host(|core, host| core.event_check_mail(host, &data))
             .map(PhpJson)
             .map_err(to_php)
     }
 
     /// Sends one message; see the README for the keys.
-    pub fn send(&mut self, message: &ZendHashTable) -> PhpResult<PhpJson> {
-        let message = json(message, "send()")?;
+    pub fn send(&mut self, message: ArrayParam) -> PhpResult<PhpJson> {
+        let mut message = message;
+        let message = json(message.array(1)?, "send()")?;
         self.with_host(|core, host| core.send(host, &message))
             .map(PhpJson)
             .map_err(to_php)
@@ -212,8 +192,9 @@ impl EmailManager {
 
     /// Sends many messages over shared connections; one result per message, never throws for
     /// one bad message.
-    pub fn send_batch(&mut self, messages: &ZendHashTable) -> PhpResult<PhpJson> {
-        let messages = json(messages, "sendBatch()")?;
+    pub fn send_batch(&mut self, messages: ArrayParam) -> PhpResult<PhpJson> {
+        let mut messages = messages;
+        let messages = json(messages.array(1)?, "sendBatch()")?;
         let list: Vec<Value> = match messages {
             Value::Array(items) => items,
             Value::Object(map) => map.into_iter().map(|(_, v)| v).collect(),
@@ -225,16 +206,24 @@ impl EmailManager {
     }
 
     /// The account routing picks for this kind of mail and tenant, without secrets.
-    #[php(defaults(kind = "\"general\"", tenant = 0))]
-    pub fn resolve_account(&mut self, kind: String, tenant: i64) -> PhpResult<Option<PhpJson>> {
+    /// `$kind` defaults to `'general'` and `$tenant` to 0 (their arginfo says so: see
+    /// `super::arginfo`).
+    pub fn resolve_account(
+        &mut self,
+        kind: StrDefaultParam,
+        tenant: IntDefaultParam,
+    ) -> PhpResult<Option<PhpJson>> {
+        let kind = kind.string_or(1, "general")?;
+        let tenant = tenant.int_or(2, 0)?;
         self.with_host(|core, host| core.resolve_account(host, &kind, tenant))
             .map(|v| v.map(PhpJson))
             .map_err(to_php)
     }
 
     /// Connects and authenticates to the account's servers without sending or changing mail.
-    pub fn check_account(&mut self, recid: Recid) -> PhpResult<PhpJson> {
-        self.with_host(|core, host| core.check_account(host, &recid.0))
+    pub fn check_account(&mut self, recid: IntOrStrParam) -> PhpResult<PhpJson> {
+        let recid = recid.text(1)?;
+        self.with_host(|core, host| core.check_account(host, recid.trim()))
             .map(PhpJson)
             .map_err(to_php)
     }
@@ -242,7 +231,13 @@ impl EmailManager {
     /// "Click to Authenticate" on an OFFICE365 / GMAIL tenant account: the provider's sign-in
     /// URL to send the administrator's browser to; `$redirectUri` is
     /// `https://<host>/core/oauth2/validated`.
-    pub fn authorization_url(&mut self, recid: i64, redirectUri: String) -> PhpResult<String> {
+    pub fn authorization_url(
+        &mut self,
+        recid: IntParam,
+        redirectUri: StrParam,
+    ) -> PhpResult<String> {
+        let recid = recid.int(1)?;
+        let redirectUri = redirectUri.string(2)?;
         self.require_host("authorizationUrl")?;
         self.with_host(|core, host| core.authorization_url(host, recid, &redirectUri))
             .map_err(to_php)
@@ -250,7 +245,13 @@ impl EmailManager {
 
     /// The sign-in page's redirect back (`state` and `code` of its query): stores the
     /// account's tokens and returns the signed-in mailbox.
-    pub fn complete_authorization(&mut self, state: String, code: String) -> PhpResult<PhpJson> {
+    pub fn complete_authorization(
+        &mut self,
+        state: StrParam,
+        code: StrParam,
+    ) -> PhpResult<PhpJson> {
+        let state = state.string(1)?;
+        let code = code.string(2)?;
         self.require_host("completeAuthorization")?;
         self.with_host(|core, host| core.complete_authorization(host, &state, &code))
             .map(PhpJson)
@@ -259,11 +260,14 @@ impl EmailManager {
 
     /// Encrypts a password for the INI file or a tenant row (`ENC:v1:...`).
     pub fn encrypt_password(
-        plain: String,
-        configFile: Option<String>,
-        environment: Option<String>,
+        plain: StrParam,
+        configFile: NullableStrParam,
+        environment: NullableStrParam,
     ) -> PhpResult<String> {
-        let (file, env) = config_and_environment(configFile, environment);
+        let plain = plain.string(1)?;
+        let config_file = configFile.string(2)?;
+        let environment = environment.string(3)?;
+        let (file, env) = config_and_environment(config_file, environment);
         Manager::encrypt_password(&plain, &file, &env).map_err(to_php)
     }
 }

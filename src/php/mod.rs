@@ -11,6 +11,7 @@ mod convert;
 mod exceptions;
 mod host;
 mod manager;
+mod params;
 
 use ext_php_rs::flags::IniEntryPermission;
 use ext_php_rs::prelude::*;
