@@ -271,7 +271,7 @@ final class ConfigValuesTest extends TestCase
             $e = self::configError(fn () => (new PCR_Utility_EmailManager($ini, 'prod', $host))->send(self::message(6)));
             $this->assertStringContainsString('account 61, key OUTGOING_SSL', $e->getMessage());
         }
-        $rowErrors = array_filter($host->errors, fn ($e) => str_starts_with($e['message'], 'email configuration error (account 61'));
+        $rowErrors = array_filter($host->errors, fn ($e) => str_starts_with($e['message'], 'pcr_email: email configuration error (account 61'));
         $this->assertCount(1, $rowErrors, json_encode($host->errors));
         $this->assertSame([], self::files($this->dir . '/master-out'), 'never sent as the master');
     }
