@@ -314,7 +314,7 @@ fn identity_of(incoming: &Incoming, login: &str) -> String {
     };
     let lower = |s: &str| s.trim().to_ascii_lowercase();
     let rest = match incoming.mailbox {
-        MailboxType::Maildir => incoming
+        MailboxType::Maildir | MailboxType::Mbox => incoming
             .path
             .as_deref()
             .map(|p| resolved_path(p).display().to_string())
