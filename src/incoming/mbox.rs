@@ -1546,10 +1546,14 @@ mod tests {
         }
 
         fn open(&self) -> MboxMailbox {
+            self.open_with(ProcessedAction::Delete)
+        }
+
+        fn open_with(&self, action: ProcessedAction) -> MboxMailbox {
             MboxMailbox::at(
                 "master",
                 &self.path,
-                ProcessedAction::Delete,
+                action,
                 Duration::from_secs(5),
                 StateStore::open(&self.state_dir).unwrap(),
             )
@@ -1607,6 +1611,55 @@ mod tests {
                 assert!(next.take_notices().is_empty());
             }
         }
+    }
+
+    #[test]
+    fn a_run_reads_from_the_mark_while_it_fits_and_the_whole_file_when_not() {
+        let big = format!(
+            "From a@example.edu Mon Jan  1 00:00:00 2024\nSubject: big\n\n{}\n\n",
+            "x".repeat(3 * TAIL_CHECK as usize)
+        );
+        let b = Box_::new(&[]);
+        fs::write(&b.path, big.clone() + &entry(2)).unwrap();
+        let mut first = b.open_with(ProcessedAction::Seen);
+        let ids = listed_ids(&mut first);
+        assert_eq!(ids.len(), 2);
+        first.mark_processed(&ids).unwrap();
+        Box::new(first).finish().unwrap();
+
+        // Bytes far before the mark are not read again: even a start that is no longer an
+        // mbox goes unnoticed, and only the new message is listed.
+        let mut text = fs::read(&b.path).unwrap();
+        text[..5].copy_from_slice(b"XXXX ");
+        fs::write(&b.path, &text).unwrap();
+        b.deliver(3);
+        let mut second = b.open_with(ProcessedAction::Seen);
+        let new = listed_ids(&mut second);
+        assert_eq!(new.len(), 1);
+        second.mark_processed(&new).unwrap();
+        Box::new(second).finish().unwrap();
+
+        // Shrunk by someone else: the mark no longer fits; the whole file is read, and only
+        // what is not done is listed.
+        fs::write(&b.path, entry(2) + &entry(3) + &entry(4)).unwrap();
+        let mut third = b.open_with(ProcessedAction::Seen);
+        assert_eq!(listed_ids(&mut third).len(), 1);
+        drop(third);
+        // The same length as when the mark was saved, but changed within the 4 KiB before it:
+        // read whole again (and found to be no mbox any more).
+        fs::write(
+            &b.path,
+            big.replace("From a@", "XXXX a@") + &entry(2) + &entry(5),
+        )
+        .unwrap();
+        assert!(b.open_with(ProcessedAction::Seen).list().is_err());
+        // Changed only far before it: read from the mark.
+        fs::write(
+            &b.path,
+            big.replace("From a@", "XXXX a@") + &entry(2) + &entry(3),
+        )
+        .unwrap();
+        assert_eq!(listed_ids(&mut b.open_with(ProcessedAction::Seen)).len(), 0);
     }
 
     #[test]
