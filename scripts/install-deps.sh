@@ -11,7 +11,8 @@ RUNTIME_ONLY=0
 [ "${1:-}" = "--runtime" ] && RUNTIME_ONLY=1
 PACKAGES=(php8.2-dev php8.2-cli php8.2-sqlite3 clang libclang-dev pkg-config libssl-dev)
 if [ "$RUNTIME_ONLY" = 0 ]; then
-    PACKAGES+=(msmtp msmtp-mta dovecot-imapd dovecot-pop3d openssl sqlite3 phpunit php8.2-imap time)
+    # procmail: the delivery agent appending to mbox files in the MBOX tests.
+    PACKAGES+=(msmtp msmtp-mta dovecot-imapd dovecot-pop3d openssl sqlite3 phpunit php8.2-imap time procmail)
     # PHPStan's PHPDoc parser: a PHP test checks that the stubs' array shapes parse.
     PACKAGES+=(php-phpstan-phpdoc-parser)
 fi

@@ -1189,8 +1189,9 @@ impl Run<'_> {
         }
         let text = format!(
             "pcr_email: {what} in the mailbox of account {id} ({}) was quarantined ({reason}); it \
-             is kept in the folder PCR-Failed (IMAP, Maildir, Microsoft 365, Gmail) or left on \
-             the POP3 server, and will not be retried",
+             is kept in the folder PCR-Failed (IMAP, Maildir, Microsoft 365, Gmail; for an mbox \
+             the mbox file PCR-Failed beside it) or left on the POP3 server, and will not be \
+             retried",
             account.email,
         );
         self.log(&text, json!({"account": id, "key": key}));

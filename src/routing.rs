@@ -314,7 +314,7 @@ fn identity_of(incoming: &Incoming, login: &str) -> String {
     };
     let lower = |s: &str| s.trim().to_ascii_lowercase();
     let rest = match incoming.mailbox {
-        MailboxType::Maildir => incoming
+        MailboxType::Maildir | MailboxType::Mbox => incoming
             .path
             .as_deref()
             .map(|p| resolved_path(p).display().to_string())
@@ -636,6 +636,48 @@ mod tests {
         let mut other_folder = master.clone();
         other_folder.incoming.as_mut().unwrap().folder = "Support".into();
         assert!(!same_mailbox(&accounts[0], &other_folder));
+    }
+
+    #[test]
+    fn an_mbox_is_its_real_path_whatever_the_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("mail")).unwrap();
+        std::fs::write(dir.path().join("mail/desk"), b"").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("mail/desk"), dir.path().join("link")).unwrap();
+        let reading = |id: AccountId, mailbox: MailboxType, path: PathBuf| {
+            let mut a = with_incoming(
+                account(id, AccountType::ServiceDesk, 0, true),
+                "",
+                "sd@pcr.com",
+            );
+            let incoming = a.incoming.as_mut().unwrap();
+            incoming.mailbox = mailbox;
+            incoming.path = Some(path);
+            a
+        };
+        let direct = reading(
+            AccountId::Master,
+            MailboxType::Mbox,
+            dir.path().join("mail/desk"),
+        );
+        let dotted = reading(
+            AccountId::Tenant(1),
+            MailboxType::Mbox,
+            dir.path().join("mail/../mail/./desk"),
+        );
+        let linked = reading(
+            AccountId::Tenant(2),
+            MailboxType::Mbox,
+            dir.path().join("link"),
+        );
+        let as_maildir = reading(
+            AccountId::Tenant(3),
+            MailboxType::Maildir,
+            dir.path().join("mail/desk"),
+        );
+        assert!(same_mailbox(&direct, &dotted));
+        assert!(same_mailbox(&direct, &linked));
+        assert!(!same_mailbox(&direct, &as_maildir));
     }
 
     fn failed(recid: i64, kind: AccountType, tenant: i64, sends: bool) -> FailedAccount {

@@ -202,7 +202,8 @@ fn bad_rows_name_the_account_and_key() {
         (with("OUTGOING_SSL", json!("SSLv3")), "(account 12, key OUTGOING_SSL): `SSLv3` is not an SSL setting (expected SSL, TLS or empty, or a boolean: true/1/yes/on = SSL, false/0/no/off = none)"),
         (with("INCOMING_MAILBOX_TYPE", json!("POP3")), "(account 12, key INCOMING_HOST): INCOMING_HOST is required for POP3"),
         (with("INCOMING_MAILBOX_TYPE", json!("MAILDIR")), "(account 12, key INCOMING_PATH): INCOMING_PATH is required for MAILDIR (the Maildir directory)"),
-        (with("INCOMING_MAILBOX_TYPE", json!("MBOX")), "(account 12, key INCOMING_MAILBOX_TYPE): unknown incoming mailbox type `MBOX` (expected IMAP, POP3, MAILDIR, OFFICE365 or GMAIL)"),
+        (with("INCOMING_MAILBOX_TYPE", json!("MBOX")), "(account 12, key INCOMING_PATH): INCOMING_PATH is required for MBOX (the mbox file)"),
+        (with("INCOMING_MAILBOX_TYPE", json!("EXCHANGE")), "(account 12, key INCOMING_MAILBOX_TYPE): unknown incoming mailbox type `EXCHANGE` (expected IMAP, POP3, MAILDIR, MBOX, OFFICE365 or GMAIL)"),
         (with("EMAIL", json!(null)), "(account 12, key EMAIL): EMAIL is required (the account's address, used as From)"),
         (with("EMAIL", json!("sd@t.edu\r\nBcc: x@y.z")), "(account 12, key EMAIL): `sd@t.edu\\r\\nBcc: x@y.z` contains a line break or control character"),
         (with("DISPLAY_NAME", json!("Help\nBcc: x@y.z")), "(account 12, key DISPLAY_NAME): contains a line break or control character"),
@@ -275,6 +276,23 @@ fn rows_as_the_database_returns_them() {
         sendmail["OUTGOING_TRANSPORT_TYPE"] = json!("SENDMAIL");
         account_from_row(&sendmail, &env.settings, &env.keys).unwrap();
     }
+}
+
+#[test]
+fn mbox_rows_name_the_mbox_file() {
+    let env = env();
+    let a = account_from_row(
+        &json!({"RECID": 5, "ACCOUNT_TYPE": "service_desk", "EMAIL": "x@t.edu",
+                "INCOMING_MAILBOX_TYPE": "mbox", "INCOMING_PATH": "../mail/desk",
+                "PROCESSED_ACTION": "move:Done"}),
+        &env.settings,
+        &env.keys,
+    )
+    .unwrap();
+    let inc = a.incoming.unwrap();
+    assert_eq!(inc.mailbox, MailboxType::Mbox);
+    assert_eq!(inc.path, Some(env.dir.join("../mail/desk")));
+    assert_eq!(inc.processed_action, ProcessedAction::Move("Done".into()));
 }
 
 #[test]
@@ -493,7 +511,7 @@ fn no_secret_in_any_row_error_or_debug() {
         ("OUTGOING_PORT", json!("bad")),
         ("OUTGOING_HOST", json!(null)),
         ("EMAIL", json!("not-an-address")),
-        ("INCOMING_MAILBOX_TYPE", json!("MBOX")),
+        ("INCOMING_MAILBOX_TYPE", json!("EXCHANGE")),
         ("PASSWORD", json!(format!("{secret}\r\nQUIT"))),
         ("PASSWORD", json!(format!("{}x", &enc[..enc.len() - 4]))),
         ("TIMEOUT", json!(secret)),

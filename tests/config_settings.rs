@@ -147,6 +147,26 @@ fn seed_configuration_loads_every_value() {
 }
 
 #[test]
+fn an_mbox_master_reads_the_file_named_by_incoming_path() {
+    let (root, ini, result) = load(concat!(
+        "[prod]\n",
+        "email.EMAIL = sd@pcr.edu\n",
+        "email.INCOMING_MAILBOX_TYPE = \"MBOX\"\n",
+        "email.INCOMING_PATH = ../mail/servicedesk\n",
+        "email.PROCESSED_ACTION = delete\n",
+    ));
+    let inc = result.unwrap().master.unwrap().incoming.unwrap();
+    assert_eq!(inc.mailbox, MailboxType::Mbox);
+    assert_eq!(
+        inc.path,
+        Some(ini.parent().unwrap().join("../mail/servicedesk"))
+    );
+    assert_eq!(inc.processed_action, ProcessedAction::Delete);
+    assert_eq!(inc.port, 0);
+    drop(root);
+}
+
+#[test]
 fn our_keys_and_relative_paths() {
     let (root, ini, result) = load(concat!(
         "[prod]\n",
@@ -448,7 +468,11 @@ fn bad_values_name_file_line_and_key() {
         ),
         (
             "email.OUTGOING_HOST = h\nemail.INCOMING_MAILBOX_TYPE = MBOX\n",
-            "(INI:5, account master, key email.INCOMING_MAILBOX_TYPE): unknown incoming mailbox type `MBOX` (expected IMAP, POP3 or MAILDIR)",
+            "(INI:1, account master, key email.INCOMING_PATH): email.INCOMING_PATH is required for MBOX (the mbox file)",
+        ),
+        (
+            "email.OUTGOING_HOST = h\nemail.INCOMING_MAILBOX_TYPE = EXCHANGE\n",
+            "(INI:5, account master, key email.INCOMING_MAILBOX_TYPE): unknown incoming mailbox type `EXCHANGE` (expected IMAP, POP3, MAILDIR or MBOX)",
         ),
         (
             "email.OUTGOING_HOST = h\nemail.INCOMING_MAILBOX_TYPE = OFFICE365\n",

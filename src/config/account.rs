@@ -95,6 +95,7 @@ pub enum MailboxType {
     Imap,
     Pop3,
     Maildir,
+    Mbox,
     Office365,
     Gmail,
 }
@@ -105,6 +106,7 @@ impl MailboxType {
             MailboxType::Imap => "IMAP",
             MailboxType::Pop3 => "POP3",
             MailboxType::Maildir => "MAILDIR",
+            MailboxType::Mbox => "MBOX",
             MailboxType::Office365 => "OFFICE365",
             MailboxType::Gmail => "GMAIL",
         }
@@ -175,7 +177,7 @@ pub struct Incoming {
     pub ssl: SslMode,
     /// `INCOMING_FOLDER` (IMAP folder, Graph folder, Gmail label), default INBOX.
     pub folder: String,
-    /// `INCOMING_PATH` for MAILDIR.
+    /// `INCOMING_PATH` for MAILDIR (the Maildir directory) and MBOX (the mbox file).
     pub path: Option<PathBuf>,
     pub processed_action: ProcessedAction,
     pub max_messages: usize,
@@ -396,12 +398,13 @@ impl TransportType {
 }
 
 impl MailboxType {
-    /// `IMAP`, `POP3`, `MAILDIR`, `OFFICE365`, `GMAIL`, case-insensitively.
+    /// `IMAP`, `POP3`, `MAILDIR`, `MBOX`, `OFFICE365`, `GMAIL`, case-insensitively.
     pub fn parse(value: &str) -> Option<MailboxType> {
         match value.trim().to_ascii_uppercase().as_str() {
             "IMAP" => Some(MailboxType::Imap),
             "POP3" | "POP" => Some(MailboxType::Pop3),
             "MAILDIR" => Some(MailboxType::Maildir),
+            "MBOX" => Some(MailboxType::Mbox),
             "OFFICE365" | "O365" => Some(MailboxType::Office365),
             "GMAIL" => Some(MailboxType::Gmail),
             _ => None,
@@ -476,7 +479,7 @@ impl Outgoing {
 
 impl Incoming {
     /// IMAP: 993 for SSL, 143 otherwise; POP3: 995 for SSL, 110 otherwise; the cloud APIs
-    /// 443; MAILDIR 0.
+    /// 443; MAILDIR and MBOX 0.
     pub fn default_port(mailbox: MailboxType, ssl: SslMode) -> u16 {
         match (mailbox, ssl) {
             (MailboxType::Imap, SslMode::Ssl) => 993,
@@ -484,7 +487,7 @@ impl Incoming {
             (MailboxType::Pop3, SslMode::Ssl) => 995,
             (MailboxType::Pop3, _) => 110,
             (MailboxType::Office365 | MailboxType::Gmail, _) => 443,
-            (MailboxType::Maildir, _) => 0,
+            (MailboxType::Maildir | MailboxType::Mbox, _) => 0,
         }
     }
 }
@@ -568,7 +571,8 @@ mod parse_tests {
         assert_eq!(TransportType::parse(" smtp "), Some(TransportType::Smtp));
         assert_eq!(TransportType::parse("IMAP"), None);
         assert_eq!(MailboxType::parse("Maildir"), Some(MailboxType::Maildir));
-        assert_eq!(MailboxType::parse("MBOX"), None);
+        assert_eq!(MailboxType::parse("mbox"), Some(MailboxType::Mbox));
+        assert_eq!(MailboxType::parse("EXCHANGE"), None);
         assert_eq!(SslMode::parse(""), Some(SslMode::None));
         assert_eq!(SslMode::parse("tls"), Some(SslMode::StartTls));
         // Booleans as PCR-360 writes them: true = SSL, false = none.

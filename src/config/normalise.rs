@@ -444,11 +444,16 @@ pub(crate) fn build_account(
                 MailboxType::Pop3 => Some(host(f, "INCOMING_HOST", "for POP3")?),
                 _ => None,
             };
-            let path = if mailbox == MailboxType::Maildir {
-                f.required("INCOMING_PATH", "for MAILDIR (the Maildir directory)")?;
-                f.path("INCOMING_PATH", base_dir)?
-            } else {
-                None
+            let path = match mailbox {
+                MailboxType::Maildir => {
+                    f.required("INCOMING_PATH", "for MAILDIR (the Maildir directory)")?;
+                    f.path("INCOMING_PATH", base_dir)?
+                }
+                MailboxType::Mbox => {
+                    f.required("INCOMING_PATH", "for MBOX (the mbox file)")?;
+                    f.path("INCOMING_PATH", base_dir)?
+                }
+                _ => None,
             };
             Some(Incoming {
                 mailbox,
@@ -607,8 +612,8 @@ const MAILBOX_TYPE: KindSetting<MailboxType> = KindSetting {
     key: "INCOMING_MAILBOX_TYPE",
     what: "incoming mailbox",
     expected: [
-        "IMAP, POP3 or MAILDIR",
-        "IMAP, POP3, MAILDIR, OFFICE365 or GMAIL",
+        "IMAP, POP3, MAILDIR or MBOX",
+        "IMAP, POP3, MAILDIR, MBOX, OFFICE365 or GMAIL",
     ],
     parse: MailboxType::parse,
     name: MailboxType::as_str,

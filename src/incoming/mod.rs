@@ -16,6 +16,7 @@ pub mod gmail;
 pub mod graph;
 pub mod imap;
 pub mod maildir;
+pub mod mbox;
 pub mod pop3;
 pub mod pop3_mailbox;
 
@@ -26,7 +27,8 @@ use crate::state::StateStore;
 /// One message as the listing sees it, before download.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
-    /// The mailbox's stable id: IMAP UID (decimal), POP3 UIDL, Maildir file name (unique part).
+    /// The mailbox's stable id: IMAP UID (decimal), POP3 UIDL, Maildir file name (unique part),
+    /// mbox: a hash of the stored message.
     pub id: String,
     /// The size the server reports (bytes), used to refuse oversized messages before download.
     pub size: u64,
@@ -48,7 +50,8 @@ pub enum Flow {
 }
 
 pub trait Mailbox: Send {
-    /// The protocol name for summaries: `IMAP`, `POP3`, `MAILDIR`, `OFFICE365`, `GMAIL`.
+    /// The protocol name for summaries: `IMAP`, `POP3`, `MAILDIR`, `MBOX`, `OFFICE365`,
+    /// `GMAIL`.
     fn protocol(&self) -> &'static str;
 
     /// Messages that may be new: everything after the mailbox's cursor (IMAP: UIDs above the
@@ -129,6 +132,7 @@ pub fn open(
             account, state,
         )?)),
         MailboxType::Maildir => Ok(Box::new(maildir::MaildirMailbox::open(account, state)?)),
+        MailboxType::Mbox => Ok(Box::new(mbox::MboxMailbox::open(account, state)?)),
         MailboxType::Office365 => Ok(Box::new(graph::GraphMailbox::open(account, env, state)?)),
         MailboxType::Gmail => Ok(Box::new(gmail::GmailMailbox::open(account, env, state)?)),
     }
@@ -225,7 +229,7 @@ pub(crate) fn settings_of(account: &Account, expected: MailboxType) -> Result<(S
 /// "an IMAP mailbox", "a POP3 mailbox": the subject of the settings errors.
 fn a_mailbox(mailbox: MailboxType) -> String {
     let article = match mailbox {
-        MailboxType::Imap | MailboxType::Office365 => "an",
+        MailboxType::Imap | MailboxType::Office365 | MailboxType::Mbox => "an",
         _ => "a",
     };
     format!("{article} {} mailbox", mailbox.as_str())
