@@ -3,7 +3,6 @@
 //! messages are built from account ids, addresses, servers and codes, never from credentials.
 
 use std::collections::HashSet;
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -55,10 +54,12 @@ impl Logger {
                 other => format!(" {other}"),
             }
         );
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
+        // Created like the state files (crate::perms): the directory's group, 0660, so that
+        // cron's user and the web server's user both append to it.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = crate::perms::create_dir_all(dir, crate::perms::DIR_MODE);
         }
-        if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok((mut f, _)) = crate::perms::open_or_create(path, crate::perms::FILE_MODE, true) {
             let _ = f.write_all(line.as_bytes());
         }
     }
