@@ -91,6 +91,14 @@ mod tests {
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(text.contains("refused  FAKE ENTRY"));
         assert!(text.contains(r#"{"account":"master"}"#));
+        // Shared by cron's user and the web server's user (crate::perms).
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode();
+        assert_eq!(mode(&path) & 0o7777, 0o660);
+        assert_eq!(mode(&dir.path().join("logs")) & 0o7777, 0o2770);
+        log.error(&mut NoHost, "second", &Value::Null);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "appended: {text}");
     }
 
     #[test]

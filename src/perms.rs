@@ -203,12 +203,24 @@ pub fn is_access_error(e: &io::Error) -> bool {
 }
 
 /// What to do when this process may not use the shared directory `dir`: who it runs as, and
-/// the commands that let cron's user and the web server's user share it.
+/// the commands that let cron's user and the web server's user share it. The group proposed
+/// is this process's own when it is not root (the web server's user: its group is the one to
+/// share), else the group of `dir` or of its parent when not root's, else `www-data`.
 pub fn access_hint(dir: &Path) -> String {
-    let group = std::fs::metadata(dir)
-        .ok()
-        .map(|m| group_name(m.gid()))
-        .filter(|g| g != "root" && g != "0")
+    // SAFETY: geteuid/getegid never fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let not_root = |g: &String| g != "root" && g != "0";
+    let group = Some(gid)
+        .filter(|_| uid != 0)
+        .map(group_name)
+        .filter(not_root)
+        .or_else(|| {
+            dir.ancestors()
+                .take(2)
+                .filter_map(|d| std::fs::metadata(d).ok())
+                .map(|m| group_name(m.gid()))
+                .find(not_root)
+        })
         .unwrap_or_else(|| "www-data".to_string());
     format!(
         "this process runs as {}; cron's user and the web server's user must share {d} through \
