@@ -231,20 +231,15 @@ pub fn access_hint(dir: &Path) -> String {
     )
 }
 
-/// True when this process may create and remove files in `dir` (effective ids).
-pub fn dir_writable(dir: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+/// True when this process (its effective ids) has `how` (`libc::R_OK | libc::W_OK`, ...) on
+/// `path`, asked without opening it: W_OK|X_OK on a directory means it may create and remove
+/// files there.
+pub fn accessible(path: &Path, how: libc::c_int) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
     };
     // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-    unsafe {
-        libc::faccessat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            libc::W_OK | libc::X_OK,
-            libc::AT_EACCESS,
-        ) == 0
-    }
+    unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), how, libc::AT_EACCESS) == 0 }
 }
 
 #[cfg(test)]
@@ -327,7 +322,7 @@ mod tests {
             hint.contains(&format!("chmod g+s {}", dir.path().display())),
             "{hint}"
         );
-        assert!(dir_writable(dir.path()));
-        assert!(!dir_writable(&dir.path().join("missing")));
+        assert!(accessible(dir.path(), libc::W_OK | libc::X_OK));
+        assert!(!accessible(&dir.path().join("missing"), libc::R_OK));
     }
 }

@@ -678,10 +678,15 @@ fn access_hint(e: &std::io::Error, dir: &Path) -> String {
 /// `-wal`/`-shm` companions and the directory (SQLite creates and removes them there): another
 /// user's store that this one may not write is an error saying how to share it, not a
 /// "readonly database" in the middle of a run.
+///
+/// Nothing here opens the database file (or its companions) once it exists: closing any
+/// descriptor of a file drops every POSIX lock this process holds on it, and another thread's
+/// connection may be holding SQLite's. A new file is therefore prepared under a temporary name,
+/// closed, and only then linked into place.
 fn prepare_file(path: &Path) -> Result<()> {
     let dir = crate::perms::parent_of(path);
-    match crate::perms::create_new(path, crate::perms::FILE_MODE, false) {
-        Ok(_) => {}
+    match create_closed(path) {
+        Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::AlreadyExists => {
             let meta = fs::metadata(path)
                 .map_err(|e| open_error(path, format!("cannot read the state database: {e}")))?;
@@ -721,21 +726,21 @@ fn prepare_file(path: &Path) -> Result<()> {
         companions.push(PathBuf::from(name));
     }
     for file in &companions {
-        match fs::OpenOptions::new().read(true).write(true).open(file) {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound && file.as_path() != path => {}
-            Err(e) => {
-                return Err(open_error(
-                    file,
-                    format!(
-                        "cannot open the state database for writing: {e}{}",
-                        access_hint(&e, &dir)
-                    ),
-                ))
-            }
+        if file.as_path() != path && fs::symlink_metadata(file).is_err() {
+            continue;
+        }
+        if !crate::perms::accessible(file, libc::R_OK | libc::W_OK) {
+            let e = std::io::Error::from(ErrorKind::PermissionDenied);
+            return Err(open_error(
+                file,
+                format!(
+                    "cannot open the state database for writing: {e}{}",
+                    access_hint(&e, &dir)
+                ),
+            ));
         }
     }
-    if !crate::perms::dir_writable(&dir) {
+    if !crate::perms::accessible(&dir, libc::W_OK | libc::X_OK) {
         let e = std::io::Error::from(ErrorKind::PermissionDenied);
         return Err(open_error(
             &dir,
@@ -747,6 +752,38 @@ fn prepare_file(path: &Path) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Creates `path` (mode 0660, its directory's group) without leaving a descriptor of it open
+/// once it is visible: prepared as a temporary file, closed, then hard-linked into place.
+/// `AlreadyExists` when it exists.
+fn create_closed(path: &Path) -> std::io::Result<()> {
+    if fs::symlink_metadata(path).is_ok() {
+        return Err(ErrorKind::AlreadyExists.into());
+    }
+    let dir = crate::perms::parent_of(path);
+    let tmp = dir.join(format!(
+        ".{}.new.{}.{:016x}",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    drop(crate::perms::create_new(
+        &tmp,
+        crate::perms::FILE_MODE,
+        false,
+    )?);
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(e),
+        // A file system without hard links: create it in place (a thread of this process that
+        // opens it in the moment before the descriptor is closed is the price).
+        Err(_) => crate::perms::create_new(path, crate::perms::FILE_MODE, false).map(drop),
+    }
 }
 
 /// Runs `f` again while SQLite reports the database busy or locked, until `deadline`.
