@@ -374,7 +374,19 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
             crate::net::prewarm_tls_connector(&account.tls);
         }
     }
-    let state = StateStore::open(&settings.state_dir)?;
+    let state = match StateStore::open(&settings.state_dir) {
+        Ok(state) => state,
+        Err(e) => {
+            // E.g. a state directory another user created: the Error Log says why no
+            // mailbox was read, not only the event's exception.
+            manager.logger().error(
+                host,
+                &format!("pcr_email: no mailbox was read: {e}"),
+                &Value::Null,
+            );
+            return Err(e);
+        }
+    };
     let sd_pattern = Regex::new(&settings.sd_number_pattern).map_err(|e| {
         Error::account_key("master", "SD_NUMBER_PATTERN", format!("not a regex: {e}"))
     })?;
@@ -1461,13 +1473,15 @@ fn write_attachments(
     create_private_dir(dir)?;
     for (entry, attachment) in list.iter_mut().zip(attachments) {
         let path = dir.join(&attachment.filename);
-        std::fs::write(&path, &attachment.data).map_err(|e| {
-            Error::message(format!(
-                "cannot write attachment {} to {}: {e}",
-                attachment.filename,
-                dir.display()
-            ))
-        })?;
+        crate::perms::write_file(&path, &attachment.data, crate::perms::FILE_MODE).map_err(
+            |e| {
+                Error::message(format!(
+                    "cannot write attachment {} to {}: {e}",
+                    attachment.filename,
+                    dir.display()
+                ))
+            },
+        )?;
         entry["path"] = Value::from(path.display().to_string());
         written.push(path);
     }
@@ -1490,8 +1504,12 @@ fn write_run_owner(dir: &Path, owner: &Owner) -> Result<()> {
         owner.start_ticks().to_string(),
     ]
     .join("\n");
-    std::fs::write(dir.join(RUN_OWNER_FILE), text)
-        .map_err(|e| Error::message(format!("cannot write into {}: {e}", dir.display())))
+    crate::perms::write_file(
+        &dir.join(RUN_OWNER_FILE),
+        text.as_bytes(),
+        crate::perms::FILE_MODE,
+    )
+    .map_err(|e| Error::message(format!("cannot write into {}: {e}", dir.display())))
 }
 
 /// Removes the attachment files of runs that died during a host call (kill -9): nobody else
@@ -1519,12 +1537,11 @@ fn remove_dead_runs_attachments(root: &Path, me: &Owner) {
     }
 }
 
+/// Creates an attachment directory: its parent's group, group read/write and setgid (so a run
+/// as the web server's user can remove what a dead run as root left, and the other way round),
+/// nothing for others.
 fn create_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    crate::perms::create_dir_all(dir, crate::perms::DIR_MODE)
         .map_err(|e| Error::message(format!("cannot create {}: {e}", dir.display())))
 }
 

@@ -15,6 +15,7 @@ pub mod mime;
 pub mod net;
 pub mod oauth;
 pub mod outgoing;
+pub mod perms;
 pub mod routing;
 pub mod sasl;
 pub mod state;

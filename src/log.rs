@@ -5,7 +5,6 @@
 //! never from credentials.
 
 use std::collections::HashSet;
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -82,10 +81,12 @@ impl Logger {
                 other => format!(" {other}"),
             }
         );
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
+        // Created like the state files (crate::perms): the directory's group, 0660, so that
+        // cron's user and the web server's user both append to it.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = crate::perms::create_dir_all(dir, crate::perms::DIR_MODE);
         }
-        if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok((mut f, _)) = crate::perms::open_or_create(path, crate::perms::FILE_MODE, true) {
             let _ = f.write_all(line.as_bytes());
         }
     }
@@ -124,6 +125,14 @@ mod tests {
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(text.contains("] pcr_email: refused  FAKE ENTRY"));
         assert!(text.contains(r#"{"account":"master"}"#));
+        // Shared by cron's user and the web server's user (crate::perms).
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode();
+        assert_eq!(mode(&path) & 0o7777, 0o660);
+        assert_eq!(mode(&dir.path().join("logs")) & 0o7777, 0o2770);
+        log.error(&mut NoHost, "second", &Value::Null);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "appended: {text}");
     }
 
     /// Records what reaches the host's Error Log.

@@ -346,7 +346,26 @@ impl Manager {
             }
         };
         let thread_key = if request.sd_number.is_some() || request.in_reply_to.is_some() {
-            self.thread_key()?
+            match self.thread_key() {
+                Ok(key) => key,
+                Err(e) => {
+                    // The key file another user created and this one may not read: the
+                    // Error Log says so, not only the caller's exception.
+                    let text = format!(
+                        "pcr_email: {} mail for tenant {} was not sent: {e}",
+                        kind.as_str(),
+                        request.tenant
+                    );
+                    let context = json!({
+                        "kind": kind.as_str(),
+                        "tenant": request.tenant,
+                        "account": account.id.to_string(),
+                        "subject": request.subject,
+                    });
+                    self.logger.error(host, &text, &context);
+                    return Err(e);
+                }
+            }
         } else {
             // Without an SD item nothing refers back to this message: no key file needed.
             rand::random()

@@ -74,13 +74,13 @@ fn prints_only_the_encrypted_value() {
     // The first run created the key file and said so on stderr.
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("created the key file") && stderr.contains("0600"),
+        stderr.contains("created the key file") && stderr.contains("0640"),
         "{stderr}"
     );
     assert!(!stderr.contains("Pa55"));
     assert_eq!(
         std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
-        0o600
+        0o640
     );
 
     // Later runs reuse it, silently.
@@ -247,7 +247,10 @@ fn errors_exit_2_and_never_echo_the_value() {
     let out = run(&["-i", ini_s, "--js", &js], None);
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("readable by group or others"), "{stderr}");
+    assert!(
+        stderr.contains("the key file is open to others (mode 0644)"),
+        "{stderr}"
+    );
     assert!(!stderr.contains(secret));
 }
 

@@ -1,4 +1,5 @@
-//! The key file on disk: creation (0600, atomic under concurrency), refusal of a readable key,
+//! The key file on disk: creation (0640, its directory's group, atomic under concurrency),
+//! refusal of a key others can read,
 //! bad contents, and encryption through `encrypt_for_config`.
 
 use std::os::unix::fs::PermissionsExt;
@@ -14,13 +15,30 @@ fn mode(path: &Path) -> u32 {
 }
 
 #[test]
-fn created_on_first_use_with_mode_0600() {
+fn created_on_first_use_with_mode_0640_and_the_directorys_group() {
+    use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
+    // As root, give the top directory another group (nogroup, standing for www-data): the key
+    // file and the directories created for it take it.
+    // SAFETY: geteuid never fails.
+    let group = if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(dir.path(), None, Some(65534)).unwrap();
+        65534
+    } else {
+        std::fs::metadata(dir.path()).unwrap().gid()
+    };
+    let gid = |p: &Path| std::fs::metadata(p).unwrap().gid();
     let path = dir.path().join("new/sub/pcr360-email.key");
     let store = KeyStore::open(&path).unwrap();
     assert!(store.created());
-    assert_eq!(mode(&path), 0o600);
-    assert_eq!(mode(&dir.path().join("new/sub")), 0o700);
+    assert_eq!(mode(&path), 0o640);
+    assert_eq!(gid(&path), group);
+    let sub = dir.path().join("new/sub");
+    assert_eq!(
+        std::fs::metadata(&sub).unwrap().permissions().mode() & 0o7777,
+        0o2750
+    );
+    assert_eq!(gid(&sub), group);
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(text.len(), 45, "44 base64 characters and a newline");
     assert!(text.ends_with('\n'));
@@ -43,25 +61,33 @@ fn created_on_first_use_with_mode_0600() {
 }
 
 #[test]
-fn a_readable_key_file_is_refused() {
+fn a_key_file_others_can_use_or_its_group_can_write_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("k.key");
     KeyStore::open(&path).unwrap();
-    for bad in [0o644, 0o640, 0o604, 0o660] {
+    for (bad, who) in [
+        (0o644, "open to others"),
+        (0o604, "open to others"),
+        (0o602, "open to others"),
+        (0o641, "open to others"),
+        (0o660, "writable by its group"),
+        (0o620, "writable by its group"),
+    ] {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(bad)).unwrap();
         let e = KeyStore::open(&path).unwrap_err();
         assert!(matches!(e, Error::Config { .. }));
         assert_eq!(
             e.to_string(),
             format!(
-                "email configuration error ({p}, key KEY_FILE): the key file is readable by group \
-                 or others (mode {bad:04o}); it is refused until you run: chmod 600 {p}",
+                "email configuration error ({p}, key KEY_FILE): the key file is {who} \
+                 (mode {bad:04o}); it is refused until you run: chmod 640 {p}",
                 p = path.display()
             )
         );
         assert!(KeyStore::open_existing(&path).is_err());
     }
-    for good in [0o600, 0o400] {
+    // Readable by its group (the web server's), as `chgrp www-data` + `chmod 640` leave it.
+    for good in [0o600, 0o400, 0o640, 0o440] {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(good)).unwrap();
         KeyStore::open(&path).unwrap();
     }

@@ -752,7 +752,7 @@ fn encrypted_master_password() {
     .unwrap();
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let e = strict(&ini, "prod").unwrap_err().to_string();
-    assert!(e.contains("key email.PASSWORD): cannot decrypt this value: the key file is readable by group or others (mode 0644)"), "{e}");
+    assert!(e.contains("key email.PASSWORD): cannot decrypt this value: the key file is open to others (mode 0644)"), "{e}");
     drop(root);
 }
 

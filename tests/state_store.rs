@@ -406,23 +406,42 @@ fn everything_survives_closing_and_reopening() {
 }
 
 #[test]
-fn the_directory_and_files_are_private() {
+fn the_directory_and_files_are_shared_with_their_directorys_group_only() {
+    use std::os::unix::fs::MetadataExt;
     let tmp = tempfile::tempdir().unwrap();
+    // As root, give the top directory another group (nogroup): what is created below takes it,
+    // as the web server's group on a real installation.
+    // SAFETY: geteuid never fails.
+    let root = unsafe { libc::geteuid() } == 0;
+    let group = if root {
+        std::os::unix::fs::chown(tmp.path(), None, Some(65534)).unwrap();
+        65534
+    } else {
+        fs::metadata(tmp.path()).unwrap().gid()
+    };
     let dir = tmp.path().join("a/b/email-state");
     let s = StateStore::open(&dir).unwrap();
     s.set_kv("n", "k", "v").unwrap();
-    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(&dir), 0o700);
-    assert_eq!(mode(&tmp.path().join("a")), 0o700);
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let gid = |p: &std::path::Path| fs::metadata(p).unwrap().gid();
+    for d in [
+        dir.as_path(),
+        &tmp.path().join("a"),
+        &tmp.path().join("a/b"),
+    ] {
+        assert_eq!(mode(d), 0o2770, "{}", d.display());
+        assert_eq!(gid(d), group, "{}", d.display());
+    }
     assert_eq!(s.path(), dir.join(DB_FILE));
     for name in [DB_FILE, "pcr_email.sqlite-wal", "pcr_email.sqlite-shm"] {
-        assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+        assert_eq!(mode(&dir.join(name)), 0o660, "{name}");
+        assert_eq!(gid(&dir.join(name)), group, "{name}");
     }
     drop(s);
-    // A database someone made world-readable is made private again.
-    fs::set_permissions(dir.join(DB_FILE), fs::Permissions::from_mode(0o644)).unwrap();
+    // A database someone made world-readable loses the others' access, not the group's.
+    fs::set_permissions(dir.join(DB_FILE), fs::Permissions::from_mode(0o664)).unwrap();
     StateStore::open(&dir).unwrap();
-    assert_eq!(mode(&dir.join(DB_FILE)), 0o600);
+    assert_eq!(mode(&dir.join(DB_FILE)), 0o660);
 }
 
 fn config_message(result: Result<StateStore, Error>) -> String {

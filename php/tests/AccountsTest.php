@@ -99,7 +99,7 @@ final class AccountsTest extends TestCase
         $e = self::configError(fn () => $send(1));
         $this->assertStringContainsString('account 32', $e->getMessage());
         $this->assertStringContainsString('PASSWORD', $e->getMessage());
-        $this->assertStringContainsString('chmod 600', $e->getMessage());
+        $this->assertStringContainsString('chmod 640', $e->getMessage());
         $this->assertSame([], self::files($this->dir . '/master'));
         $this->assertSame(42, $send(2)['account']);
     }

@@ -384,7 +384,7 @@ final class SendTest extends TestCase
         $this->assertMatchesRegularExpression('/^ENC:v1:[0-9a-f]{8}:[A-Za-z0-9+\/=]+$/', $enc);
         $key = dirname($ini) . '/pcr360-email.key';
         $this->assertFileExists($key);
-        $this->assertSame(0600, fileperms($key) & 0777);
+        $this->assertSame(0640, fileperms($key) & 0777);
         file_put_contents($ini, str_replace('"placeholder"', '"' . $enc . '"', file_get_contents($ini)));
         $m = new PCR_Utility_EmailManager($ini, 'prod');
         $t = token('enc');

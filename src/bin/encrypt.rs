@@ -25,7 +25,9 @@ Options:
   -h, --help           this help
 
 The key file (email.KEY_FILE, default pcr360-email.key beside the INI file) is created with
-mode 0600 if it does not exist; the web server's user must be able to read it.
+mode 0640 and the group of its directory if it does not exist; the web server's user must be
+able to read it (through that group: chgrp www-data <key file>). A key file others can read is
+refused.
 Exit status: 0 on success, 2 on any error (the value is never printed in an error).";
 
 enum Input {
@@ -171,11 +173,17 @@ fn run(options: Options) -> Result<String, String> {
     let key_file = Settings::key_file_for(&options.ini, &options.env).map_err(|e| e.to_string())?;
     let store = KeyStore::open(&key_file).map_err(|e| e.to_string())?;
     if store.created() {
+        use std::os::unix::fs::MetadataExt;
+        let group = std::fs::metadata(&key_file)
+            .map(|m| pcr_email::perms::group_name(m.gid()))
+            .unwrap_or_else(|_| "?".into());
         eprintln!(
-            "pcr-email-encrypt: created the key file {} (mode 0600, key id {}); make sure the \
-             web server's user owns it or can read it",
+            "pcr-email-encrypt: created the key file {} (mode 0640, group {group}, key id {}); \
+             the web server's user must be in group {group} to read it (otherwise: chgrp \
+             <the web server's group> {})",
             key_file.display(),
-            store.key_id()
+            store.key_id(),
+            key_file.display()
         );
     }
     Ok(store.encrypt(&plain))

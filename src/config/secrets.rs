@@ -1,10 +1,13 @@
 //! Encrypted secrets (SPEC §7): the key file, `ENC:v1:` values and keyed hashes.
 //!
 //! - The key file holds 32 random bytes as one line of standard base64 (44 characters and a
-//!   newline); 64 hex digits are accepted too. It is created with mode 0600 (its directory, if
-//!   missing, with 0700) on first use. Creation is atomic: the key is written to a private
-//!   temporary file that is then hard-linked into place, so two processes creating it at once
-//!   both end up using the one key that won. A key file readable by group or others is refused.
+//!   newline); 64 hex digits are accepted too. It is created on first use with mode 0640 and
+//!   the group of its directory (a missing directory is created 02750 the same way; see
+//!   [`crate::perms`]), so that cron's user (root) and the web server's user (a member of that
+//!   group) both read it. Creation is atomic: the key is written to a temporary file that is
+//!   then hard-linked into place, so two processes creating it at once both end up using the
+//!   one key that won. A key file that others may read or write, or that its group may write,
+//!   is refused.
 //! - An encrypted value is `ENC:v1:<key id>:<base64(nonce || ciphertext || tag)>`: AES-256-GCM
 //!   with a random 96-bit nonce and `ENC:v1:<key id>` as associated data. The key id is the
 //!   first 8 hex digits of SHA-256(key): it tells which key file a value needs and is not secret.
@@ -14,9 +17,9 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -62,7 +65,8 @@ impl fmt::Debug for KeyStore {
 }
 
 impl KeyStore {
-    /// Opens the key file at `path`, creating it (mode 0600, with a new random key) if missing.
+    /// Opens the key file at `path`, creating it (mode 0640, the group of its directory, with a
+    /// new random key) if missing.
     /// Anything but a regular file (a FIFO, a device) is refused before it is opened.
     pub fn open(path: &Path) -> Result<KeyStore> {
         for _ in 0..5 {
@@ -281,25 +285,43 @@ fn key_error(path: &Path, message: impl Into<String>) -> Error {
 }
 
 fn unreadable(path: &Path, e: &files::FileProblem) -> Error {
-    let hint = if e.io_kind() == Some(ErrorKind::PermissionDenied) {
-        " (the web server's user and the command-line tool's user must both be able to read it)"
-    } else {
-        ""
+    let hint = match e {
+        files::FileProblem::Io(io) if crate::perms::is_access_error(io) => format!(
+            "; this process runs as {}: the web server's user and cron's user must both read \
+             it, so give it their shared group and mode 0640: chgrp www-data {p} && chmod 640 {p} \
+             (and let that group into its directory; see the README, \"Two users, one \
+             installation\")",
+            crate::perms::whoami(),
+            p = path.display()
+        ),
+        _ => String::new(),
     };
     key_error(path, format!("cannot read the key file: {e}{hint}"))
 }
+
+/// The mode bits a key file must not have: any access for others, and write for its group
+/// (the group that may read it: the web server's).
+const KEY_FORBIDDEN_BITS: u32 = 0o027;
+
+/// The mode of a new key file: the owner reads and writes, its group reads.
+pub const KEY_FILE_MODE: u32 = 0o640;
 
 /// Reads and checks an opened key file (a regular file: see [`files::open_regular`]), at most
 /// [`files::KEY_FILE_LIMIT`] bytes.
 fn read_key(opened: (File, std::fs::Metadata), path: &Path, created: bool) -> Result<KeyStore> {
     let (mut file, meta) = opened;
     let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
+    if mode & KEY_FORBIDDEN_BITS != 0 {
+        let who = if mode & 0o007 != 0 {
+            "open to others"
+        } else {
+            "writable by its group"
+        };
         return Err(key_error(
             path,
             format!(
-                "the key file is readable by group or others (mode {mode:04o}); it is refused \
-                 until you run: chmod 600 {}",
+                "the key file is {who} (mode {mode:04o}); it is refused until you run: \
+                 chmod 640 {}",
                 path.display()
             ),
         ));
@@ -355,15 +377,16 @@ impl Drop for TempFile {
 
 /// Creates the key file. `Ok(None)` when another process created it first.
 fn create_key(path: &Path) -> Result<Option<KeyStore>> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&parent)
-        .map_err(|e| key_error(path, format!("cannot create the key file's directory: {e}")))?;
+    let parent = crate::perms::parent_of(path);
+    crate::perms::create_dir_all(&parent, 0o2750).map_err(|e| {
+        key_error(
+            path,
+            format!(
+                "cannot create the key file's directory: {e}{}",
+                hint(&e, &parent)
+            ),
+        )
+    })?;
 
     let mut key = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut key);
@@ -377,8 +400,12 @@ fn create_key(path: &Path) -> Result<Option<KeyStore>> {
         std::process::id(),
         rand::random::<u64>()
     )));
-    write_new(&tmp.0, &contents)
-        .map_err(|e| key_error(path, format!("cannot create the key file: {e}")))?;
+    write_new(&tmp.0, &contents).map_err(|e| {
+        key_error(
+            path,
+            format!("cannot create the key file: {e}{}", hint(&e, &parent)),
+        )
+    })?;
 
     match std::fs::hard_link(&tmp.0, path) {
         Ok(()) => {}
@@ -389,7 +416,12 @@ fn create_key(path: &Path) -> Result<Option<KeyStore>> {
             match write_new(path, &contents) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(None),
-                Err(e) => return Err(key_error(path, format!("cannot create the key file: {e}"))),
+                Err(e) => {
+                    return Err(key_error(
+                        path,
+                        format!("cannot create the key file: {e}{}", hint(&e, &parent)),
+                    ))
+                }
             }
         }
     }
@@ -405,12 +437,25 @@ fn create_key(path: &Path) -> Result<Option<KeyStore>> {
     }))
 }
 
+/// "; this process runs as ..." when `e` is a permission problem in `dir`.
+fn hint(e: &std::io::Error, dir: &Path) -> String {
+    if crate::perms::is_access_error(e) {
+        format!(
+            "; this process runs as {} and may not create files in {}: create the key file once \
+             as the directory's owner (pcr-email-encrypt does, e.g. as root), and it is made \
+             readable by the directory's group (see the README, \"Two users, one installation\")",
+            crate::perms::whoami(),
+            dir.display()
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// Writes a new key file: the group of its directory and [`KEY_FILE_MODE`] are set before the
+/// key is written (whatever the umask).
 fn write_new(path: &Path, contents: &str) -> std::io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut file = crate::perms::create_new(path, KEY_FILE_MODE, false)?;
     file.write_all(contents.as_bytes())?;
     file.sync_all()
 }

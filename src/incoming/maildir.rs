@@ -357,13 +357,15 @@ impl MaildirMailbox {
         let name = folder_dir_name(folder)
             .ok_or_else(|| self.error(format!("'{folder}' is not a usable folder name")))?;
         let dir = self.root.join(name);
+        // Created with the Maildir's group, group read/write (crate::perms): a folder made by
+        // a run as root stays usable by a run as the web server's user.
         for sub in ["cur", "new", "tmp"] {
-            fs::create_dir_all(dir.join(sub))
+            crate::perms::create_dir_all(&dir.join(sub), crate::perms::DIR_MODE)
                 .map_err(|e| self.error(format!("cannot create the folder '{folder}': {e}")))?;
         }
         let marker = dir.join("maildirfolder");
         if !marker.exists() {
-            fs::write(&marker, b"")
+            crate::perms::write_file(&marker, b"", crate::perms::FILE_MODE)
                 .map_err(|e| self.error(format!("cannot create the folder '{folder}': {e}")))?;
         }
         Ok(dir)

@@ -7,15 +7,15 @@
 //!
 //! Several PHP processes (and the mailbox threads of one process) may need a token at the same
 //! moment. A refresh is therefore done under an exclusive lock file per account
-//! (`STATE_DIR/oauth-locks/<account>.lock`, `flock`, released by the kernel even after
+//! (`STATE_DIR/oauth-locks/<account>.lock`, shared by the installation's users: see
+//! [`crate::perms`]; `flock`, released by the kernel even after
 //! `kill -9`): whoever waited re-reads the store and uses the token just obtained instead of
 //! refreshing again. That matters with providers that invalidate a refresh token once it is
 //! used: two concurrent refreshes with the same token would make one of them fail. The refresh
 //! token itself is saved with compare-and-swap on its version, so a refresh can never replace a
 //! token stored meanwhile by a new authorization.
 
-use std::fs::{File, OpenOptions, TryLockError};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -506,10 +506,7 @@ impl AccountLock {
             )
         };
         if !dir.is_dir() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
+            crate::perms::create_dir_all(dir, crate::perms::DIR_MODE)
                 .map_err(|e| fail(format!("{}: {e}", dir.display())))?;
         }
         let name: String = account
@@ -517,12 +514,8 @@ impl AccountLock {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
         let path = dir.join(format!("{name}.lock"));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
+        // Shared by cron's user and the web server's user: the directory's group, 0660.
+        let (file, _) = crate::perms::open_or_create(&path, crate::perms::FILE_MODE, false)
             .map_err(|e| fail(format!("{}: {e}", path.display())))?;
         let deadline = Instant::now() + wait;
         loop {

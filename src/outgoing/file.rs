@@ -4,8 +4,12 @@
 //! directory, are fsynced, then hard-linked to a fresh `YYYYMMDD-HHMMSS-<random>.eml` name
 //! (a link fails instead of replacing an existing file; on a collision another name is tried).
 //! Readers therefore never see a partial `.eml`, and no temporary file is left behind.
+//!
+//! Like the state files ([`crate::perms`]), a missing `FILE_PATH` is created 02770 and each
+//! message 0660, with the group of the directory they are created in: cron's user and the web
+//! server's user both write there.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -55,7 +59,7 @@ impl FileTransport {
     }
 
     fn write(&self, raw: &[u8]) -> Result<PathBuf> {
-        fs::create_dir_all(&self.dir)
+        crate::perms::create_dir_all(&self.dir, crate::perms::DIR_MODE)
             .map_err(|e| self.error("cannot create the FILE_PATH directory", &e))?;
         let temp = TempFile::create(&self.dir)
             .map_err(|e| self.error("cannot create a file in FILE_PATH", &e))?;
@@ -138,7 +142,7 @@ impl TempFile {
     fn create(dir: &Path) -> io::Result<TempFile> {
         for _ in 0..MAX_NAME_ATTEMPTS {
             let path = dir.join(format!(".tmp-{}.eml.part", random_hex(8)));
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
+            match crate::perms::create_new(&path, crate::perms::FILE_MODE, false) {
                 Ok(file) => return Ok(TempFile { path, file }),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
@@ -183,10 +187,7 @@ impl TempFile {
     }
 
     fn copy_exclusive(&self, target: &Path) -> io::Result<()> {
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(target)?;
+        let mut out = crate::perms::create_new(target, crate::perms::FILE_MODE, false)?;
         let result = (|| {
             let mut src = File::open(&self.path)?;
             io::copy(&mut src, &mut out)?;

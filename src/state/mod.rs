@@ -26,9 +26,12 @@
 //! Each [`StateStore`] owns one connection; it is `Send` (a mailbox thread may take or open its
 //! own) but not `Sync`. The schema version is kept in `PRAGMA user_version` and upgraded by
 //! [`migrate`] inside a write transaction, so two processes opening a fresh file at once
-//! cannot both create it. The directory is created 0700 and the database file 0600 (SQLite
-//! gives its `-wal`/`-shm` files the database file's mode). Keep `STATE_DIR` on a local disk:
-//! SQLite's locking does not work over NFS.
+//! cannot both create it. The directory is created 02770 and the database file 0660, both with
+//! the group of the directory they are created in ([`crate::perms`]), so cron's user and the
+//! web server's user share one store; SQLite gives its `-wal`/`-shm` files the database file's
+//! mode (and, when root creates them, its owner and group). A user that cannot write the
+//! directory or the files gets an error naming the file, the user it runs as and the commands
+//! that fix it. Keep `STATE_DIR` on a local disk: SQLite's locking does not work over NFS.
 //!
 //! Errors opening or upgrading the database are `Error::Config` naming the file; errors later
 //! are `Error::Mailbox` naming the account and the file. None carries a stored value.
@@ -43,7 +46,7 @@ pub use owner::{process_alive, process_start_ticks, Owner};
 
 use std::fs;
 use std::io::ErrorKind;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -128,24 +131,29 @@ pub(crate) fn one<T>(
 
 impl StateStore {
     /// Opens (creating when missing) `state_dir/pcr_email.sqlite`; the directory is created
-    /// with mode 0700 when it does not exist.
+    /// with mode 02770 and its parent's group when it does not exist.
     pub fn open(state_dir: &Path) -> Result<StateStore> {
         if !state_dir.is_dir() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(state_dir)
-                .map_err(|e| {
-                    open_error(
-                        state_dir,
-                        format!("cannot create the state directory (STATE_DIR): {e}"),
-                    )
-                })?;
+            crate::perms::create_dir_all(state_dir, crate::perms::DIR_MODE).map_err(|e| {
+                let at = state_dir
+                    .ancestors()
+                    .skip(1)
+                    .find(|p| p.is_dir())
+                    .unwrap_or(state_dir);
+                open_error(
+                    state_dir,
+                    format!(
+                        "cannot create the state directory (STATE_DIR): {e}{}",
+                        access_hint(&e, at)
+                    ),
+                )
+            })?;
         }
         StateStore::open_file(&state_dir.join(DB_FILE))
     }
 
-    /// Opens (creating when missing, mode 0600) the database file at `path`.
+    /// Opens (creating when missing, mode 0660, its directory's group) the database file at
+    /// `path`.
     pub fn open_file(path: &Path) -> Result<StateStore> {
         prepare_file(path)?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -676,35 +684,125 @@ fn open_error(path: &Path, message: String) -> Error {
     )
 }
 
-/// Creates the database file with mode 0600 when missing, and tightens a looser mode.
+/// "; this process runs as ..." with the fix, when `e` is a permission problem in `dir`.
+fn access_hint(e: &std::io::Error, dir: &Path) -> String {
+    if crate::perms::is_access_error(e) {
+        format!("; {}", crate::perms::access_hint(dir))
+    } else {
+        String::new()
+    }
+}
+
+/// Creates the database file (mode 0660, its directory's group) when missing, takes the
+/// others' access from a looser one, and checks that this process can write the file, its
+/// `-wal`/`-shm` companions and the directory (SQLite creates and removes them there): another
+/// user's store that this one may not write is an error saying how to share it, not a
+/// "readonly database" in the middle of a run.
+///
+/// Nothing here opens the database file (or its companions) once it exists: closing any
+/// descriptor of a file drops every POSIX lock this process holds on it, and another thread's
+/// connection may be holding SQLite's. A new file is therefore prepared under a temporary name,
+/// closed, and only then linked into place.
 fn prepare_file(path: &Path) -> Result<()> {
-    match fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(_) => Ok(()),
+    let dir = crate::perms::parent_of(path);
+    match create_closed(path) {
+        Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::AlreadyExists => {
             let meta = fs::metadata(path)
                 .map_err(|e| open_error(path, format!("cannot read the state database: {e}")))?;
             if !meta.is_file() {
                 return Err(open_error(path, "the state database is not a file".into()));
             }
-            if meta.permissions().mode() & 0o077 != 0 {
-                fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|e| {
-                    open_error(
-                        path,
-                        format!("the state database is readable by others and cannot be made private: {e}"),
-                    )
-                })?;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o007 != 0 {
+                fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o770)).map_err(
+                    |e| {
+                        open_error(
+                            path,
+                            format!(
+                                "the state database is open to others (mode {mode:04o}) and \
+                                 cannot be made private: {e}; run: chmod o-rwx {}",
+                                path.display()
+                            ),
+                        )
+                    },
+                )?;
             }
-            Ok(())
         }
-        Err(e) => Err(open_error(
-            path,
-            format!("cannot create the state database: {e}"),
-        )),
+        Err(e) => {
+            return Err(open_error(
+                path,
+                format!(
+                    "cannot create the state database: {e}{}",
+                    access_hint(&e, &dir)
+                ),
+            ))
+        }
+    }
+    let mut companions = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_os_string();
+        name.push(suffix);
+        companions.push(PathBuf::from(name));
+    }
+    for file in &companions {
+        if file.as_path() != path && fs::symlink_metadata(file).is_err() {
+            continue;
+        }
+        if !crate::perms::accessible(file, libc::R_OK | libc::W_OK) {
+            let e = std::io::Error::from(ErrorKind::PermissionDenied);
+            return Err(open_error(
+                file,
+                format!(
+                    "cannot open the state database for writing: {e}{}",
+                    access_hint(&e, &dir)
+                ),
+            ));
+        }
+    }
+    if !crate::perms::accessible(&dir, libc::W_OK | libc::X_OK) {
+        let e = std::io::Error::from(ErrorKind::PermissionDenied);
+        return Err(open_error(
+            &dir,
+            format!(
+                "cannot create files in the state directory (STATE_DIR), which SQLite needs \
+                 beside the database: {e}{}",
+                access_hint(&e, &dir)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Creates `path` (mode 0660, its directory's group) without leaving a descriptor of it open
+/// once it is visible: prepared as a temporary file, closed, then hard-linked into place.
+/// `AlreadyExists` when it exists.
+fn create_closed(path: &Path) -> std::io::Result<()> {
+    if fs::symlink_metadata(path).is_ok() {
+        return Err(ErrorKind::AlreadyExists.into());
+    }
+    let dir = crate::perms::parent_of(path);
+    let tmp = dir.join(format!(
+        ".{}.new.{}.{:016x}",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    drop(crate::perms::create_new(
+        &tmp,
+        crate::perms::FILE_MODE,
+        false,
+    )?);
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(e),
+        // A file system without hard links: create it in place (a thread of this process that
+        // opens it in the moment before the descriptor is closed is the price).
+        Err(_) => crate::perms::create_new(path, crate::perms::FILE_MODE, false).map(drop),
     }
 }
 
