@@ -100,6 +100,8 @@ Test-only parts, all under ``/_admin`` (JSON in, JSON out):
   Microsoft user to other mailboxes, e.g. a shared mailbox)
 * ``POST /_admin/service_accounts`` ``{"client_email", "public_key_pem", "delegated": [...]|"*"}``
 * ``POST /_admin/seed`` ``{"provider", "user", "raw_b64", "folder"?, "labels"?, "is_read"?}``
+  (``{"id"}``), or with ``"raws_b64": [...]`` instead of ``raw_b64`` many at once (``{"ids"}``,
+  for the benchmarks)
 * ``GET /_admin/sent?user=`` (what was sent), ``GET /_admin/mailbox?provider=&user=``
 * ``POST /_admin/fault`` ``{"path": regex, "method"?, "user"?, "client_id"?, "status",
   "retry_after"?, "retry_after_date"?: bool, "count"?: 1, "body"?, "content_type"?}``
@@ -1488,6 +1490,9 @@ class Handler(BaseHTTPRequestHandler):
                     "access_token_lifetime": req.get("access_token_lifetime")}
                 return self.send(200, {"client_email": req["client_email"]})
             if path == "/_admin/seed" and method == "POST":
+                if "raws_b64" in req:
+                    ids = [self.seed(dict(req, raw_b64=raw))["id"] for raw in req["raws_b64"]]
+                    return self.send(200, {"ids": ids})
                 return self.send(200, self.seed(req))
             if path == "/_admin/sent" and method == "GET":
                 user = (q.get("user") or "").lower()
