@@ -1211,10 +1211,11 @@ class Handler(BaseHTTPRequestHandler):
         WORLD.delta_tokens[new] = state
         link = f"{base}/mailFolders('{folder['id']}')/messages/delta?"
         result = {"@odata.context": base + "/$metadata#Collection(message)", "value": value}
+        # As Graph writes them: `$` unencoded (the token is URL-safe base64).
         if rest:
-            result["@odata.nextLink"] = link + urllib.parse.urlencode({"$skiptoken": new})
+            result["@odata.nextLink"] = link + "$skiptoken=" + new
         else:
-            result["@odata.deltaLink"] = link + urllib.parse.urlencode({"$deltatoken": new})
+            result["@odata.deltaLink"] = link + "$deltatoken=" + new
         return self.send(200, result)
 
     def graph_list(self, folder, q, user, url):
