@@ -5,8 +5,8 @@
 //!   `GET /gmail/v1/users/{user}/messages?labelIds=<label>` (500 per page, following
 //!   `nextPageToken`), read and unread alike. INCOMING_FOLDER is a label: `INBOX` (or another
 //!   system label id) or a user label by name. The historyId is kept in the state store with
-//!   the messages found and not yet finished ([`ListMark`], namespace [`mark_namespace`], one
-//!   per label). Every later run asks only `GET .../history?startHistoryId=<saved>` with
+//!   the messages found and not yet finished (`cloud::ListMark`, namespace
+//!   [`mark_namespace`], one per label). Every later run asks only `GET .../history?startHistoryId=<saved>` with
 //!   `labelId=<label>` and `historyTypes` `messageAdded` and `labelAdded` (a message labelled
 //!   into the folder later is new to it too), following `nextPageToken`, and keeps the
 //!   `historyId` of its first page; it costs one request for what changed, whatever the label

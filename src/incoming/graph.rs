@@ -7,7 +7,7 @@
 //! - `list`: a delta query on the folder, `GET /me/mailFolders/{folder}/messages/delta`
 //!   (`Prefer: odata.maxpagesize=100`), following `@odata.nextLink` (only on the API's own
 //!   origin) until the round ends with an `@odata.deltaLink`, which is kept in the state store
-//!   with the messages found and not yet finished ([`ListMark`], namespace
+//!   with the messages found and not yet finished (`cloud::ListMark`, namespace
 //!   [`mark_namespace`], one per folder of the mailbox). The first run of a folder is the
 //!   delta's initial round: every message in it, read or unread (a message someone read in
 //!   Outlook is still new to us). Every later run asks only the saved deltaLink, and so costs
