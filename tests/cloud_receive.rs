@@ -88,9 +88,9 @@ fn graph_lists_every_page_oldest_first_and_marks_seen() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|r| r["path"].as_str().unwrap().ends_with("/messages"))
+        .filter(|r| r["path"].as_str().unwrap().ends_with("/messages/delta"))
         .count();
-    assert_eq!(pages, 2, "130 messages are two pages of 100");
+    assert_eq!(pages, 2, "130 messages are two delta pages of 100");
 
     mb.mark_processed(&ids[..40]).unwrap();
     let dump = mailbox(Provider::Microsoft, &t.mailbox);
@@ -198,7 +198,7 @@ fn graph_bad_replies_and_missing_folders_are_mailbox_errors() {
     );
     let mut mb = open(&a, &env);
     fault(
-        "/mailFolders/inbox/messages$",
+        "/mailFolders/inbox/messages/delta$",
         &t.mailbox,
         200,
         1,
@@ -208,13 +208,16 @@ fn graph_bad_replies_and_missing_folders_are_mailbox_errors() {
     let text = err.to_string();
     assert!(matches!(err, Error::Mailbox(_)), "{text}");
     assert!(
-        text.contains(&format!("GET {}/v1.0/me/mailFolders/inbox/messages", emu())),
+        text.contains(&format!(
+            "GET {}/v1.0/me/mailFolders/inbox/messages/delta",
+            emu()
+        )),
         "{text}"
     );
     assert!(text.contains("not valid JSON"), "{text}");
     // A paging link to another host is not followed (the token would go with it).
     fault(
-        "/mailFolders/inbox/messages$",
+        "/mailFolders/inbox/messages/delta$",
         &t.mailbox,
         200,
         1,

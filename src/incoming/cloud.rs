@@ -1,9 +1,11 @@
 //! What the OFFICE365 (Microsoft Graph) and GMAIL (Gmail API) mailboxes share: the account's
 //! incoming settings, the API client, the state store record of the message ids the account has
-//! finished, the one-request-per-message loops of downloading and marking, and so the whole
-//! [`Mailbox`] trait; each API supplies its own requests through [`CloudApi`].
+//! finished, the listing mark (where the next incremental listing starts, and the candidates
+//! found but not finished), the one-request-per-message loops of downloading and marking, and
+//! so the whole [`Mailbox`] trait; each API supplies its own requests through [`CloudApi`].
 
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::{Download, Fetched, Flow, Listed, Mailbox};
 use crate::config::{Account, MailboxType, ProcessedAction};
@@ -21,6 +23,11 @@ pub(super) struct CloudMailbox {
     pub account: String,
     /// The state store namespace of the finished message ids.
     namespace: String,
+    /// The state store namespace of the listing marks ([`ListMark`]), one per folder.
+    marks: String,
+    /// The account's EMAIL (lower case): part of a mark's key, so a mark is never followed
+    /// for another mailbox.
+    email: String,
     /// INCOMING_FOLDER: a Graph folder or a Gmail label.
     pub folder: String,
     pub action: ProcessedAction,
@@ -32,20 +39,24 @@ pub(super) struct CloudMailbox {
 }
 
 impl CloudMailbox {
-    /// The account's settings for a mailbox of type `mailbox`; `namespace` names the state
-    /// store namespace of an account's finished ids. No request is made.
+    /// The account's settings for a mailbox of type `mailbox`; `namespace` and `marks` name
+    /// the state store namespaces of an account's finished ids and of its listing marks. No
+    /// request is made.
     pub fn open(
         account: &Account,
         env: &OAuthEnv,
         state: StateStore,
         mailbox: MailboxType,
         namespace: fn(&str) -> String,
+        marks: fn(&str) -> String,
     ) -> Result<CloudMailbox> {
         let (id, incoming) = super::settings_of(account, mailbox)?;
         Ok(CloudMailbox {
             api: ApiClient::new(account, env, Role::Receive)?,
             state,
             namespace: namespace(&id),
+            marks: marks(&id),
+            email: account.email.trim().to_lowercase(),
             account: id,
             folder: incoming.folder.clone(),
             action: incoming.processed_action.clone(),
@@ -144,6 +155,42 @@ impl CloudMailbox {
         self.state.set_kv(&self.namespace, id, what)
     }
 
+    /// The key of the mark of `folder` (a Graph folder id, a Gmail label id) in the mailbox
+    /// at `user` (the API's path of the mailbox: `/me`, `/users/x`, `me`, an address).
+    pub fn mark_key(&self, user: &str, folder: &str) -> String {
+        format!("{}|{user}|{folder}", self.email)
+    }
+
+    /// The saved mark under `key`, if any; one that cannot be read counts as none (the next
+    /// listing is then a full one, which loses nothing).
+    pub fn load_mark(&self, key: &str) -> Result<Option<ListMark>> {
+        Ok(self
+            .state
+            .get_kv(&self.marks, key)?
+            .and_then(|v| serde_json::from_str::<ListMark>(&v).ok())
+            .filter(|m| !m.cursor.is_empty()))
+    }
+
+    /// Saves the mark under `key`: cursor and candidates in one value, so a run that stops
+    /// anywhere leaves the previous pair or the new one, each complete.
+    pub fn save_mark(&self, key: &str, mark: &ListMark) -> Result<()> {
+        let value = serde_json::to_string(mark)
+            .map_err(|e| self.error(format!("cannot encode the listing mark: {e}")))?;
+        self.state.set_kv(&self.marks, key, &value)
+    }
+
+    /// Drops the candidates the account has finished since they were found.
+    pub fn drop_done(&self, mark: &mut ListMark) -> Result<()> {
+        let mut kept = Vec::with_capacity(mark.pending.len());
+        for c in mark.pending.drain(..) {
+            if !self.is_done(&c.id)? {
+                kept.push(c);
+            }
+        }
+        mark.pending = kept;
+        Ok(())
+    }
+
     /// Applies one request per message; a message already gone (404) counts as done. Each
     /// success is recorded at once; the first failure is reported after all were tried.
     pub fn for_each_message(
@@ -177,6 +224,58 @@ impl CloudMailbox {
             Some(other) => Err(other),
         }
     }
+}
+
+/// What a cloud mailbox keeps between runs for one folder (SPEC §8: "Cloud mailboxes list
+/// incrementally (Graph delta, Gmail history) from marks kept here").
+///
+/// `cursor` is where the next listing starts: Graph's `@odata.deltaLink` (or the
+/// `@odata.nextLink` of a round left unfinished at MAX_MESSAGES), Gmail's `historyId`.
+/// `pending` holds the messages a listing found in the folder that were not finished then
+/// (failed, waiting behind MAX_MESSAGES, oversized, being read by another run): an incremental
+/// listing reports only what changed, so these would otherwise never be seen again. They are
+/// dropped once finished (the state store's record of finished ids), or when the API says they
+/// left the folder.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub(super) struct ListMark {
+    pub cursor: String,
+    #[serde(default)]
+    pub pending: Vec<Candidate>,
+}
+
+/// A message found in the folder and not finished.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct Candidate {
+    pub id: String,
+    /// When it arrived, as the API says it (Graph: `receivedDateTime`, Gmail: `internalDate`
+    /// in ms), for the oldest-first order; empty when not known yet.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub at: String,
+    /// Its size in bytes; 0 when not known.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size: u64,
+}
+
+impl Candidate {
+    /// A candidate known by its id only.
+    pub fn new(id: String) -> Candidate {
+        Candidate {
+            id,
+            at: String::new(),
+            size: 0,
+        }
+    }
+
+    pub fn listed(&self) -> Listed {
+        Listed {
+            id: self.id.clone(),
+            size: self.size,
+        }
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What each cloud API does its own way.

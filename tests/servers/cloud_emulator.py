@@ -14,7 +14,8 @@ documentation of:
   JSON; the sent copy saved in the sender's Sent Items, unless JSON ``saveToSentItems`` is
   false), ``/me/mailFolders`` (+ ``childFolders``), folder ``messages`` with ``$top``/``$skip``
   paging through ``@odata.nextLink``, ``$orderby``, the ``PR_MESSAGE_SIZE`` extended property,
-  ``/me/messages/{id}`` GET/PATCH/DELETE, ``/$value``, ``/move`` (immutable ids honoured); the
+  ``/me/messages/{id}`` GET/PATCH/DELETE, ``/$value``, ``/move`` (immutable ids honoured), and
+  the folder's delta query ``/me/mailFolders/{id}/messages/delta`` (see below); the
   same under ``/users/{mailbox}`` (app-only tokens: the Graph resource, the ``Mail.*`` app
   roles and the app's mailbox grant; delegated tokens: the user's own or Full Access mailboxes);
 * Google OAuth 2.0: ``/o/oauth2/v2/auth`` and ``/token`` (authorization code with PKCE,
@@ -22,7 +23,33 @@ documentation of:
   service accounts, with the RS256 signature verified against the registered public key);
 * the Gmail API (``/gmail/v1/users/{userId}``): ``profile``, ``messages`` (paging with
   ``nextPageToken``), ``messages/{id}`` (``format=raw|minimal|metadata|full``), ``modify``,
-  ``batchModify``, ``trash``, ``labels``, ``messages/send`` (JSON ``raw`` and the media upload).
+  ``batchModify``, ``trash``, ``labels``, ``messages/send`` (JSON ``raw`` and the media upload),
+  and ``history`` (see below).
+
+Graph delta query (message: delta; "Get incremental changes to messages in a folder"): every
+change to a message (arrival, ``isRead``, a move) gives it the mailbox's next change number,
+and a message leaving a folder (moved, deleted) leaves a tombstone there. A round without a
+state token returns every message in the folder; a round from a ``$deltatoken`` returns the
+messages of the folder changed since that token's round began, and the messages moved out or
+deleted as ``{"id", "@removed": {"reason": "deleted"}}``; ``changeType=created|updated|deleted``
+filters the incremental rounds (the initial one returns everything). Pages hold
+``Prefer: odata.maxpagesize=N`` messages (``$top`` also accepted; default 10); each ends with
+an ``@odata.nextLink`` (``$skiptoken``) or, last, an ``@odata.deltaLink`` (``$deltatoken``), both
+of the form ``{base}/v1.0/me/mailFolders('{id}')/messages/delta?...`` as Graph writes them.
+``$select``/``$expand`` of the first request are kept in the tokens (opaque, reusable until
+invalidated). A token the emulator does not know, or one issued before
+``/_admin/sync_state`` invalidated the mailbox's tokens, is refused: ``410``
+``{"error": {"code": "SyncStateNotFound"}}`` unless the admin call chose another status and
+code.
+
+Gmail history (users.history.list): the mailbox's ``historyId`` grows (by 1-3, not contiguous)
+with every change: a message added (``messagesAdded``, its labels at that time), labels added
+or removed (``labelsAdded``/``labelsRemoved`` with ``labelIds``). ``startHistoryId`` (required)
+returns the records after it, oldest first, filtered by the repeated ``historyTypes`` and by
+``labelId`` (records whose message had that label then), ``maxResults`` (default 100, at most
+500) per page with ``nextPageToken``; every page carries the mailbox's current ``historyId``.
+A ``startHistoryId`` older than the oldest record kept (``/_admin/sync_state`` forgets all
+records so far) answers ``404 NOT_FOUND``.
 
 Errors use each service's documented shape: OAuth ``{"error": "invalid_grant",
 "error_description": ...}``, Graph ``{"error": {"code": "InvalidAuthenticationToken",
@@ -73,6 +100,8 @@ Test-only parts, all under ``/_admin`` (JSON in, JSON out):
   Microsoft user to other mailboxes, e.g. a shared mailbox)
 * ``POST /_admin/service_accounts`` ``{"client_email", "public_key_pem", "delegated": [...]|"*"}``
 * ``POST /_admin/seed`` ``{"provider", "user", "raw_b64", "folder"?, "labels"?, "is_read"?}``
+  (``{"id"}``), or with ``"raws_b64": [...]`` instead of ``raw_b64`` many at once (``{"ids"}``,
+  for the benchmarks)
 * ``GET /_admin/sent?user=`` (what was sent), ``GET /_admin/mailbox?provider=&user=``
 * ``POST /_admin/fault`` ``{"path": regex, "method"?, "user"?, "client_id"?, "status",
   "retry_after"?, "retry_after_date"?: bool, "count"?: 1, "body"?, "content_type"?}``
@@ -80,6 +109,11 @@ Test-only parts, all under ``/_admin`` (JSON in, JSON out):
 * ``POST /_admin/revoke`` ``{"user"?, "client_id"?}`` (refresh tokens),
   ``POST /_admin/expire_access_tokens`` ``{"user"?, "client_id"?, "token"?}`` (at least one,
   all given must match; app-only tokens have no user: name their ``client_id`` or ``token``)
+* ``POST /_admin/sync_state`` ``{"provider": "microsoft"|"google", "user", "status"?: 410,
+  "code"?: "SyncStateNotFound"}``: Microsoft: every delta or skip token of the mailbox issued
+  so far is refused from now on with that status and Graph error code (e.g. ``400``
+  ``syncStateInvalid``, ``410`` ``resyncRequired``); Google: every ``historyId`` up to the
+  current one becomes too old (404)
 * ``GET /_admin/stats?client_id=&user=`` (grants issued, requests seen), ``GET /_admin/health``
 * ``POST /_admin/reset``: forget everything, then register the ``--seed-users`` again
 
@@ -228,6 +262,7 @@ class World:
         self.log = []
         self.stats = {}
         self.full_access = {}    # Microsoft user (lower) -> set of other mailboxes (lower)
+        self.delta_tokens = {}   # Graph $skiptoken/$deltatoken -> the state of the round
         for address in self.seed_users:
             for provider in ("microsoft", "google"):
                 self.users[(provider, address.lower())] = new_user(provider, address, address,
@@ -246,7 +281,12 @@ WORLD = None
 def new_user(provider, address, display_name, mail):
     user = {"provider": provider, "email": address, "display_name": display_name,
             "mail": mail, "id": str(uuid.uuid4()), "messages": {}, "folders": {}, "labels": {},
-            "history": 1000}
+            "history": 1000,
+            # Graph delta: the last change number, tombstones of messages that left a folder,
+            # the generation of valid tokens and how older ones are refused.
+            "changes": 0, "tombstones": [], "sync_generation": 0, "sync_refusal": None,
+            # Gmail history: the records, and the oldest startHistoryId still answered.
+            "history_log": [], "history_floor": 0}
     if provider == "microsoft":
         for wk in WELL_KNOWN:
             fid = "AAMkFolder" + b64url_encode(secrets.token_bytes(12))
@@ -266,6 +306,31 @@ def graph_folder(user, ref):
         if folder.get("wellKnown") == ref.lower():
             return folder
     return None
+
+
+def graph_touch(user, msg, entered=False):
+    """A change to a Graph message (arrival in a folder when `entered`): its change number."""
+    user["changes"] += 1
+    msg["changed"] = user["changes"]
+    if entered or "entered" not in msg:
+        msg["entered"] = user["changes"]
+
+
+def graph_left(user, msg_id, folder_id):
+    """A message left a folder (moved out or deleted): the folder's delta reports it."""
+    user["changes"] += 1
+    user["tombstones"].append({"seq": user["changes"], "folder": folder_id, "id": msg_id})
+
+
+def gmail_history(user, kind, msg, label_ids=None):
+    """One Gmail history record (the mailbox's historyId grows by 1-3 each time)."""
+    user["history"] += 1 + secrets.randbelow(3)
+    entry = {"message": {"id": msg["id"], "threadId": msg["threadId"],
+                         "labelIds": list(msg["labels"])}}
+    if label_ids is not None:
+        entry["labelIds"] = list(label_ids)
+    user["history_log"].append({"id": user["history"], "kind": kind, "entry": entry})
+    msg["history"] = user["history"]
 
 
 def header_summary(raw):
@@ -890,6 +955,16 @@ class Handler(BaseHTTPRequestHandler):
             return self.graph_send(body, user)
         if path == "/me/mailFolders" and method in ("GET", "POST"):
             return self.graph_folders(method, "root", q, body, user, scopes, link)
+        # Graph writes its own links as mailfolders('{id}'); both spellings are accepted.
+        m = re.fullmatch(r"/me/mailfolders(?:\('([^']+)'\)|/([^/]+))/messages/delta",
+                         urllib.parse.unquote(path), re.IGNORECASE)
+        if m and method == "GET":
+            folder = graph_folder(user, m.group(1) or m.group(2))
+            if not folder:
+                raise ApiError("graph", 404, "ErrorItemNotFound",
+                               "The specified object was not found in the store.")
+            self.graph_need(scopes, "mail.read", "mail.readbasic", "mail.readwrite")
+            return self.graph_delta(folder, q, user, base + prefix)
         m = re.fullmatch(r"/me/mailFolders/([^/]+)(/childFolders|/messages)?", path)
         if m:
             folder = graph_folder(user, urllib.parse.unquote(m.group(1)))
@@ -925,12 +1000,14 @@ class Handler(BaseHTTPRequestHandler):
                 if "isRead" in changes:
                     msg["isRead"] = bool(changes["isRead"])
                 msg["lastModified"] = now()
+                graph_touch(user, msg)
                 return self.send(200, self.message_json(msg, None))
             if action is None and method == "DELETE":
                 self.graph_need(scopes, "mail.readwrite")
                 deleted = graph_folder(user, "deleteditems")
                 if msg["folder"] == deleted["id"]:
                     del user["messages"][mid]
+                    graph_left(user, mid, deleted["id"])
                 else:
                     self.graph_move(user, msg, deleted["id"])
                 return self.send(204)
@@ -949,6 +1026,7 @@ class Handler(BaseHTTPRequestHandler):
         return 'immutableid' in self.headers.get("Prefer", "").lower().replace('"', '')
 
     def graph_move(self, user, msg, folder_id):
+        graph_left(user, msg["id"], msg["folder"])
         msg["folder"] = folder_id
         msg["lastModified"] = now()
         if not self.immutable():
@@ -956,6 +1034,7 @@ class Handler(BaseHTTPRequestHandler):
             del user["messages"][msg["id"]]
             msg["id"] = "AAMk" + b64url_encode(secrets.token_bytes(24))
             user["messages"][msg["id"]] = msg
+        graph_touch(user, msg, entered=True)
         return msg
 
     def graph_send(self, body, user):
@@ -1005,6 +1084,7 @@ class Handler(BaseHTTPRequestHandler):
             "messageId": str(parsed.get("Message-ID", "")), "received": now(),
             "lastModified": now(), "seq": seq, "isRead": True,
             "folder": graph_folder(user, "sentitems")["id"]}
+        graph_touch(user, user["messages"][mid], entered=True)
 
     def folder_json(self, user, folder):
         items = [m for m in user["messages"].values() if m["folder"] == folder["id"]]
@@ -1057,6 +1137,86 @@ class Handler(BaseHTTPRequestHandler):
             data["singleValueExtendedProperties"] = [{"id": "Integer 0xe08",
                                                       "value": str(len(msg["raw"]))}]
         return data
+
+    def graph_delta(self, folder, q, user, base):
+        """One page of a delta round on `folder` (see the module's documentation)."""
+        token = q.get("$skiptoken") or q.get("$deltatoken")
+        if token:
+            state = WORLD.delta_tokens.get(token)
+            if not state or state["user"] != user["email"].lower() or \
+                    state["folder"] != folder["id"]:
+                raise ApiError("graph", 410, "SyncStateNotFound",
+                               "The sync state was not found; start a new round.")
+            if state["generation"] != user["sync_generation"]:
+                refusal = user["sync_refusal"] or {}
+                raise ApiError("graph", int(refusal.get("status", 410)),
+                               refusal.get("code", "SyncStateNotFound"),
+                               "The sync state is no longer valid; start a new round.")
+            params = state["params"]
+            if "$deltatoken" in q and "$skiptoken" not in q:
+                # A new round: what changed since the last one began.
+                since, upto, after = state["upto"], user["changes"], 0
+            else:
+                since, upto, after = state["since"], state["upto"], state["after"]
+        else:
+            params = {k: v for k, v in q.items() if k in ("$select", "$expand", "changeType")}
+            change_type = params.get("changeType")
+            if change_type not in (None, "created", "updated", "deleted"):
+                raise ApiError("graph", 400, "BadRequest",
+                               f"Invalid changeType '{change_type}'.")
+            since, upto, after = None, user["changes"], 0
+        size = 10
+        prefer = re.search(r"odata\.maxpagesize=(\d+)", self.headers.get("Prefer", ""))
+        if prefer:
+            size = int(prefer.group(1))
+        elif q.get("$top"):
+            size = int(q["$top"])
+        size = max(1, min(size, 1000))
+        entries = []
+        change_type = params.get("changeType")
+        for msg in user["messages"].values():
+            if msg["folder"] != folder["id"] or msg["changed"] > upto:
+                continue
+            if since is not None:
+                if msg["changed"] <= since:
+                    continue
+                if change_type == "created" and msg["entered"] <= since:
+                    continue
+                if change_type == "updated" and msg["entered"] > since:
+                    continue
+                if change_type == "deleted":
+                    continue
+            entries.append((msg["changed"], msg, None))
+        if since is not None and change_type in (None, "deleted"):
+            for tomb in user["tombstones"]:
+                msg = user["messages"].get(tomb["id"])
+                if tomb["folder"] == folder["id"] and since < tomb["seq"] <= upto and \
+                        not (msg and msg["folder"] == folder["id"]):
+                    entries.append((tomb["seq"], None, tomb["id"]))
+        entries = sorted((e for e in entries if e[0] > after), key=lambda e: e[0])
+        chunk, rest = entries[:size], entries[size:]
+        value = []
+        for _, msg, removed in chunk:
+            if msg is None:
+                value.append({"@odata.type": "#microsoft.graph.message", "id": removed,
+                              "@removed": {"reason": "deleted"}})
+            else:
+                data = self.message_json(msg, params)
+                data["@odata.type"] = "#microsoft.graph.message"
+                value.append(data)
+        new = b64url_encode(secrets.token_bytes(24))
+        state = {"user": user["email"].lower(), "folder": folder["id"], "params": params,
+                 "generation": user["sync_generation"], "since": since, "upto": upto,
+                 "after": chunk[-1][0] if chunk else after}
+        WORLD.delta_tokens[new] = state
+        link = f"{base}/mailFolders('{folder['id']}')/messages/delta?"
+        result = {"@odata.context": base + "/$metadata#Collection(message)", "value": value}
+        # As Graph writes them: `$` unencoded (the token is URL-safe base64).
+        if rest:
+            result["@odata.nextLink"] = link + "$skiptoken=" + new
+        else:
+            result["@odata.deltaLink"] = link + "$deltatoken=" + new
+        return self.send(200, result)
 
     def graph_list(self, folder, q, user, url):
         items = [m for m in user["messages"].values() if m["folder"] == folder["id"]]
@@ -1115,6 +1275,8 @@ class Handler(BaseHTTPRequestHandler):
                                    "historyId": str(user["history"])})
         if path == "/messages/send" and method == "POST":
             return self.gmail_send(body, user, upload, q)
+        if path == "/history" and method == "GET":
+            return self.gmail_history_list(user, q)
         if path == "/messages" and method == "GET":
             wanted = [v for k, vs in urllib.parse.parse_qs(
                 urllib.parse.urlsplit(self.path).query).items() if k == "labelIds" for v in vs]
@@ -1180,6 +1342,44 @@ class Handler(BaseHTTPRequestHandler):
         raise ApiError("gmail", 404, "NOT_FOUND", f"no route {method} {path}",
                        reason="notFound")
 
+    def gmail_history_list(self, user, q):
+        start = q.get("startHistoryId", "")
+        if not start.strip().isdigit():
+            raise ApiError("gmail", 400, "INVALID_ARGUMENT",
+                           "Invalid startHistoryId" if start else
+                           "Missing required parameter: startHistoryId",
+                           reason="invalidArgument")
+        start = int(start)
+        if start < user["history_floor"]:
+            raise ApiError("gmail", 404, "NOT_FOUND", "Requested entity was not found.",
+                           reason="notFound")
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        kinds = {"messageAdded": "messagesAdded", "messageDeleted": "messagesDeleted",
+                 "labelAdded": "labelsAdded", "labelRemoved": "labelsRemoved"}
+        wanted = query.get("historyTypes", [])
+        for kind in wanted:
+            if kind not in kinds:
+                raise ApiError("gmail", 400, "INVALID_ARGUMENT",
+                               f"Invalid value at 'history_types' ({kind})",
+                               reason="invalidArgument")
+        wanted = {kinds[k] for k in wanted} or set(kinds.values())
+        label = q.get("labelId")
+        after = int(b64url_decode(q["pageToken"]).decode()) if q.get("pageToken") else start
+        size = max(1, min(int(q.get("maxResults", 100)), 500))
+        records = [r for r in user["history_log"] if r["id"] > after and
+                   r["kind"] in wanted and
+                   (not label or label in r["entry"]["message"]["labelIds"])]
+        chunk = records[:size]
+        result = {"historyId": str(user["history"])}
+        if chunk:
+            result["history"] = [{"id": str(r["id"]),
+                                  "messages": [{"id": r["entry"]["message"]["id"],
+                                                "threadId": r["entry"]["message"]["threadId"]}],
+                                  r["kind"]: [r["entry"]]} for r in chunk]
+        if len(records) > size:
+            result["nextPageToken"] = b64url_encode(str(chunk[-1]["id"]).encode())
+        return self.send(200, result)
+
     def label_json(self, user, label, counts):
         data = {k: v for k, v in label.items() if v is not None}
         if counts:
@@ -1190,13 +1390,18 @@ class Handler(BaseHTTPRequestHandler):
         return data
 
     def gmail_relabel(self, user, msg, req):
-        labels = [lb for lb in msg["labels"] if lb not in req.get("removeLabelIds", [])]
+        removed = [lb for lb in req.get("removeLabelIds", []) if lb in msg["labels"]]
+        labels = [lb for lb in msg["labels"] if lb not in removed]
+        added = []
         for lb in req.get("addLabelIds", []):
             if lb not in labels:
                 labels.append(lb)
+                added.append(lb)
         msg["labels"] = labels
-        user["history"] += 1
-        msg["history"] = user["history"]
+        if added:
+            gmail_history(user, "labelsAdded", msg, added)
+        if removed:
+            gmail_history(user, "labelsRemoved", msg, removed)
 
     def gmail_send(self, body, user, upload, q):
         if upload:
@@ -1286,6 +1491,9 @@ class Handler(BaseHTTPRequestHandler):
                     "access_token_lifetime": req.get("access_token_lifetime")}
                 return self.send(200, {"client_email": req["client_email"]})
             if path == "/_admin/seed" and method == "POST":
+                if "raws_b64" in req:
+                    ids = [self.seed(dict(req, raw_b64=raw))["id"] for raw in req["raws_b64"]]
+                    return self.send(200, {"ids": ids})
                 return self.send(200, self.seed(req))
             if path == "/_admin/sent" and method == "GET":
                 user = (q.get("user") or "").lower()
@@ -1330,6 +1538,19 @@ class Handler(BaseHTTPRequestHandler):
                         record["valid"] = False
                         expired += 1
                 return self.send(200, {"expired": expired})
+            if path == "/_admin/sync_state" and method == "POST":
+                user = WORLD.user(req["provider"], req["user"])
+                if not user:
+                    return self.send(404, {"error": "no such user"})
+                if req["provider"] == "microsoft":
+                    user["sync_generation"] += 1
+                    user["sync_refusal"] = {"status": int(req.get("status", 410)),
+                                            "code": req.get("code", "SyncStateNotFound")}
+                    return self.send(200, {"generation": user["sync_generation"]})
+                user["history"] += 1
+                user["history_floor"] = user["history"]
+                user["history_log"] = []
+                return self.send(200, {"history_floor": user["history_floor"]})
             if path == "/_admin/stats" and method == "GET":
                 cid = q.get("client_id", "")
                 user = (q.get("user") or "").lower()
@@ -1367,6 +1588,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError("graph", 404, "ErrorItemNotFound", "no such folder")
             msg["id"] = "AAMk" + b64url_encode(secrets.token_bytes(24))
             msg["folder"] = folder["id"]
+            graph_touch(user, msg, entered=True)
         else:
             labels = list(req.get("labels", ["INBOX"]))
             if not req.get("is_read") and "UNREAD" not in labels:
@@ -1374,8 +1596,7 @@ class Handler(BaseHTTPRequestHandler):
             msg["id"] = secrets.token_hex(8)
             msg["threadId"] = msg["id"]
             msg["labels"] = labels
-            user["history"] += 1
-            msg["history"] = user["history"]
+            gmail_history(user, "messagesAdded", msg)
         user["messages"][msg["id"]] = msg
         return {"id": msg["id"]}
 
