@@ -705,6 +705,12 @@ fn read_mailbox(
         .as_ref()
         .ok_or_else(|| Error::message("the account has no incoming settings"))?;
     let state = StateStore::open(state_dir)?;
+    // A local mailbox's ledger moves from the configured spelling of its path to the resolved
+    // one (once; a no-op read afterwards), so upgrading never hands its mail over again.
+    let (legacy, scope) = (legacy_ledger_scope(account), ledger_scope(account));
+    if legacy != scope {
+        state.move_ledger_scope(&legacy, &scope)?;
+    }
     let mut mailbox = incoming::open(account, env, state)?;
     let listed = mailbox.list();
     // Problems the listing found that keep a message from being read (a POP3 server listing
@@ -1416,11 +1422,28 @@ enum Delivered {
     Skipped(&'static str),
 }
 
-/// The ledger's "account": the mailbox itself (type, server, port, login, folder; Maildir
-/// path), not the account's RECID — so one mailbox read through another account (the INI
-/// master when the tenant rows could not be read, a recreated tenant row) never hands its
-/// messages to the host a second time.
+/// The ledger's "account": the mailbox itself (type, server, port, login, folder; for MAILDIR
+/// and MBOX the resolved path alone), not the account's RECID — so one mailbox read through
+/// another account (the INI master when the tenant rows could not be read, a recreated tenant
+/// row, the same directory written `../Maildir` in the INI and by its absolute path in a row)
+/// never hands its messages to the host a second time.
 fn ledger_scope(account: &Account) -> String {
+    match &account.incoming {
+        Some(i) if matches!(i.mailbox, MailboxType::Maildir | MailboxType::Mbox) => {
+            format!(
+                "mailbox:{}|{}",
+                i.mailbox.as_str(),
+                crate::routing::mailbox_identity(account).unwrap_or_default()
+            )
+        }
+        _ => legacy_ledger_scope(account),
+    }
+}
+
+/// The scope earlier versions gave every mailbox: the configured path as written, and the
+/// login. A MAILDIR/MBOX ledger kept under it is moved to [`ledger_scope`] when the mailbox
+/// is next read (see `read_mailbox`).
+fn legacy_ledger_scope(account: &Account) -> String {
     match &account.incoming {
         Some(i) => format!(
             "mailbox:{}|{}|{}|{}|{}|{}",

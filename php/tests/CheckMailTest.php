@@ -999,6 +999,30 @@ final class CheckMailTest extends TestCase
         $this->assertCount(2, $host->inquiries);
     }
 
+    /**
+     * The master reads its Maildir ("../Maildir", processed mail kept: seen); later a tenant
+     * Service Desk row names the same directory by its absolute path. The tenant's reads
+     * continue where the master's ended: none of the old mail becomes an Inquiry again.
+     */
+    public function testAMailboxReadUnderAnotherSpellingLaterIsNotReadAgain(): void
+    {
+        $maildir = maildir_create($this->dir);
+        maildir_put($maildir, self::message('old one'));
+        maildir_put($maildir, self::message('old two'));
+        $ini = $this->ini(['INCOMING_MAILBOX_TYPE' => 'MAILDIR', 'INCOMING_PATH' => '../Maildir',
+            'PROCESSED_ACTION' => 'seen']);
+        $host = new TestHost();
+        $first = $this->manager($host, $ini)->eventCheckMail(self::DATA);
+        $this->assertSame('master', $first['mailboxes'][0]['account'], json_encode($first));
+        $this->assertCount(2, $host->inquiries);
+        maildir_put($maildir, self::message('new one'));
+        $host->accounts = [$this->maildirRow(95, $maildir, ['PROCESSED_ACTION' => 'seen'])];
+        $later = $this->manager($host, $ini)->eventCheckMail(self::DATA);
+        $this->assertSame(95, self::box($later, 95)['account'], json_encode($later));
+        $this->assertCount(3, $host->inquiries, 'only the new email: ' . json_encode($later));
+        $this->assertStringStartsWith('new one', end($host->inquiries)['subject']);
+    }
+
     // ---- 9. what an ordinary host, a hostile sender or a clumsy setup can do -----------------
 
     /**

@@ -301,6 +301,27 @@ impl StateStore {
         })
     }
 
+    /// Moves the ledger rows of scope `from` to scope `to` (a mailbox's scope changed its
+    /// spelling); a message recorded under both keeps its row under `to`. Only reads when
+    /// `from` has no rows.
+    pub fn move_ledger_scope(&self, from: &str, to: &str) -> Result<()> {
+        let any = self.read(to, "look up an earlier ledger", |c| {
+            c.prepare_cached("SELECT 1 FROM ledger WHERE account=?1 LIMIT 1")?
+                .exists(params![from])
+        })?;
+        if !any {
+            return Ok(());
+        }
+        self.write(to, "move an earlier ledger", |tx| {
+            exec(
+                tx,
+                "UPDATE OR IGNORE ledger SET account=?2 WHERE account=?1",
+                params![from, to],
+            )?;
+            exec(tx, "DELETE FROM ledger WHERE account=?1", params![from]).map(|_| ())
+        })
+    }
+
     /// Records `settled` (a message the host accepted or that was skipped, see
     /// [`Settled`]) and claims the next message, in one transaction: one commit per message
     /// instead of two while messages are waiting. Nothing is recorded when it fails (the
