@@ -21,7 +21,10 @@
 //! - **Attachments** keep their original bytes (`data`, not serialized; transfer encoding
 //!   undone, charset untouched). File names come from RFC 2231 (continuations and charsets
 //!   included) or RFC 2047 parameters, are sanitised ([`sanitize_filename`]) and made unique
-//!   within the message (`a.pdf`, `a-2.pdf`). Nameless parts get `attachment-N.<ext>` (N is
+//!   within the message, ignoring case: a name already given gets the first free number
+//!   (`a.pdf`, `a-2.pdf`, `A-3.PDF`), never one a real part of the message already has; at
+//!   [`MAX_FILENAME_BYTES`] the number replaces the end of the stem. Naming is linear in the
+//!   number of attachments (one counter per name). Nameless parts get `attachment-N.<ext>` (N is
 //!   the attachment's position); a nameless `text/calendar` part (an invitation) becomes
 //!   `invite.ics`; a forwarded `message/rfc822` becomes `<its subject>.eml` holding the whole
 //!   forwarded message, so it opens in any mail client (its text is *not* merged into
@@ -39,6 +42,11 @@
 //!   requests. Genuine Exchange out-of-office replies carry `Auto-Submitted` anyway.
 //! - **`headers`**: lower-case name → decoded string, or a list of strings when the header
 //!   occurs more than once (like PHP's mailparse).
+//! - **Control characters**: in `subject`, display names, `headers` values, Message-IDs and
+//!   Content-IDs, every run of white space holding a control character (CR, LF, NUL, tab, ...,
+//!   raw or produced by RFC 2047 decoding) becomes one space, so no header value the host sees
+//!   can break a line or carry a NUL. File names get the same treatment (RFC 2231 included) in
+//!   [`sanitize_filename`].
 //! - **Charsets**: everything encoding_rs knows (ISO-8859-x, Windows-125x, GB2312/GBK/GB18030,
 //!   Big5, Shift_JIS, EUC-JP, ISO-2022-JP, KOI8-R/U, ...). Undecodable bytes become U+FFFD.
 //!   Raw 8-bit headers are read as UTF-8 when valid, else in the first 8-bit charset the
@@ -53,6 +61,13 @@
 //!   `boundary` parameter gets the boundary its body uses; a missing closing delimiter
 //!   (a truncated message) keeps what arrived; bad base64/quoted-printable is decoded
 //!   leniently. Each of these is noted in `problems`.
+//! - **Bounds**: at most [`MAX_MIME_PARTS`] entities (the message itself, multiparts and text
+//!   parts count) and [`MAX_DECODED_BYTES`] of decoded content are collected; beyond either
+//!   the message is still returned with what was collected, and `problems` names the bound
+//!   ("the message has more than 10000 MIME parts; the rest were not collected").
+//!   `problems` holds at most [`MAX_PROBLEMS`] entries: the bounds and the header problems are
+//!   always listed, and the last entry counts what was left out. Every step is linear in the
+//!   message size, so a hostile message costs time in proportion to its bytes, not more.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -73,8 +88,24 @@ use sha2::{Digest, Sha256};
 /// How deep MIME multiparts are walked structurally; deeper parts are collected flat.
 pub const MAX_MIME_DEPTH: usize = 64;
 
+/// Most MIME entities collected from one message: the message itself, every multipart and
+/// every text part count. Parts beyond it are not collected (a problem says so).
+pub const MAX_MIME_PARTS: usize = 10_000;
+
+/// Most decoded content collected from one message, in bytes (body text, HTML and attachment
+/// data together): over ten times the default `MAX_MESSAGE_BYTES`, so only a message that an
+/// account with a raised size limit let through can reach it. Parts beyond it are not collected.
+pub const MAX_DECODED_BYTES: usize = 512 * 1024 * 1024;
+
+/// Most entries in [`ParsedMail::problems`]; the last one says how many more were found.
+pub const MAX_PROBLEMS: usize = 100;
+
 /// Longest attachment file name we produce, in bytes (file systems allow 255).
 pub const MAX_FILENAME_BYTES: usize = 180;
+
+/// Longest file name extension kept apart when a name is shortened or numbered (`.pdf`,
+/// `.docx`); anything after a later dot is part of the name.
+const MAX_EXTENSION_BYTES: usize = 16;
 
 /// One mailbox of an address header.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -210,8 +241,25 @@ impl ParsedMail {
 /// has one, else the whole match). A header-only input (e.g. from IMAP `BODY.PEEK[HEADER]`)
 /// is fine and gives an empty body.
 pub fn parse(raw: &[u8], sd_pattern: &Regex) -> ParsedMail {
+    parse_within(raw, sd_pattern, LIMITS)
+}
+
+/// What one message may make the parser collect (see the module docs).
+#[derive(Clone, Copy)]
+struct Limits {
+    parts: usize,
+    decoded_bytes: usize,
+}
+
+const LIMITS: Limits = Limits {
+    parts: MAX_MIME_PARTS,
+    decoded_bytes: MAX_DECODED_BYTES,
+};
+
+/// [`parse`] with other bounds (the tests use small ones).
+fn parse_within(raw: &[u8], sd_pattern: &Regex, limits: Limits) -> ParsedMail {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        parse_inner(raw, sd_pattern)
+        parse_inner(raw, sd_pattern, limits)
     }))
     .unwrap_or_else(|_| {
         fallback(
@@ -264,7 +312,7 @@ fn hex(bytes: &[u8]) -> String {
 // The parse proper
 // ---------------------------------------------------------------------------------------------
 
-fn parse_inner(raw: &[u8], sd_pattern: &Regex) -> ParsedMail {
+fn parse_inner(raw: &[u8], sd_pattern: &Regex, limits: Limits) -> ParsedMail {
     // A byte-order mark (Windows tools) or an mbox "From " line is not part of the message.
     let bom = if raw.starts_with(b"\xEF\xBB\xBF") {
         3
@@ -284,9 +332,15 @@ fn parse_inner(raw: &[u8], sd_pattern: &Regex) -> ParsedMail {
         raw,
         index: &index,
         hint: std::cell::OnceCell::new(),
-        problems: Vec::new(),
+        problems: Problems::default(),
         flattened: false,
         guesses: 0,
+        limits,
+        // The message itself is the first part.
+        parts: 1,
+        decoded: 0,
+        parts_full: false,
+        bytes_full: false,
     };
     let (top, body_start) = walker.open(top_start, raw.len());
     if top.headers.is_empty() {
@@ -296,7 +350,10 @@ fn parse_inner(raw: &[u8], sd_pattern: &Regex) -> ParsedMail {
             "no message headers found"
         };
         let mut mail = fallback(raw, sd_pattern, what.to_string());
-        mail.problems.splice(0..0, walker.problems);
+        walker
+            .problems
+            .push_always(std::mem::take(&mut mail.problems));
+        mail.problems = walker.problems.into_list();
         return mail;
     }
 
@@ -320,7 +377,8 @@ fn parse_inner(raw: &[u8], sd_pattern: &Regex) -> ParsedMail {
     let message_id = top.ids(&HeaderName::MessageId).into_iter().next();
     let in_reply_to = top.ids(&HeaderName::InReplyTo).into_iter().next();
     let references = top.ids(&HeaderName::References);
-    let mut problems = Vec::new();
+    // Few and always listed, after those of the MIME walk.
+    let mut problems: Vec<String> = Vec::new();
     if headers.contains_key("message-id") && message_id.is_none() {
         problems.push("the Message-ID header is empty or unreadable".into());
     }
@@ -354,8 +412,8 @@ fn parse_inner(raw: &[u8], sd_pattern: &Regex) -> ParsedMail {
 
     // Subject and date ---------------------------------------------------------------------
     let subject = match top.value(&HeaderName::Subject) {
-        Some(MpValue::Text(t)) => t.trim().to_string(),
-        Some(MpValue::TextList(l)) => l.join(" ").trim().to_string(),
+        Some(MpValue::Text(t)) => clean_header_text(t),
+        Some(MpValue::TextList(l)) => clean_header_text(&l.join(" ")),
         _ => String::new(),
     };
     let date = match top.get(&HeaderName::Date) {
@@ -392,7 +450,8 @@ fn parse_inner(raw: &[u8], sd_pattern: &Regex) -> ParsedMail {
         &mut collected,
         false,
     );
-    problems.splice(0..0, std::mem::take(&mut walker.problems));
+    walker.problems.push_always(problems);
+    let problems = std::mem::take(&mut walker.problems).into_list();
 
     let texts: Vec<String> = collected
         .texts
@@ -452,6 +511,9 @@ fn parse_inner(raw: &[u8], sd_pattern: &Regex) -> ParsedMail {
     }
 }
 
+/// Longest charset label looked at (IANA's longest are under 50 characters).
+const MAX_CHARSET_LABEL: usize = 64;
+
 /// The charset to read raw 8-bit header bytes in: the first 8-bit `charset=` the message
 /// declares (near its top), if any.
 fn charset_hint(raw: &[u8]) -> Option<HeaderDecoder> {
@@ -465,18 +527,25 @@ fn charset_hint(raw: &[u8]) -> Option<HeaderDecoder> {
         let start = at + pos + needle.len();
         at = start;
         let rest = &window[start..];
+        // Read a label's length at most: `charset=charset=...` must not be read to its end
+        // at every match.
         let value: Vec<u8> = match rest.first() {
             Some(b'"') => rest[1..]
                 .iter()
+                .take(MAX_CHARSET_LABEL + 1)
                 .take_while(|&&b| b != b'"' && b != b'\n')
                 .copied()
                 .collect(),
             _ => rest
                 .iter()
+                .take(MAX_CHARSET_LABEL + 1)
                 .take_while(|&&b| !b.is_ascii_whitespace() && b != b';' && b != b'"' && b != b'>')
                 .copied()
                 .collect(),
         };
+        if value.len() > MAX_CHARSET_LABEL {
+            continue;
+        }
         let label = String::from_utf8_lossy(&value).trim().to_string();
         let lower = label.to_ascii_lowercase();
         if label.is_empty()
@@ -557,8 +626,8 @@ impl HeaderBlock {
 
     fn text(&self, name: &HeaderName<'_>) -> Option<String> {
         match self.value(name)? {
-            MpValue::Text(t) => Some(t.trim().to_string()),
-            MpValue::TextList(l) => l.first().map(|t| t.trim().to_string()),
+            MpValue::Text(t) => Some(clean_header_text(t)),
+            MpValue::TextList(l) => l.first().map(|t| clean_header_text(t)),
             _ => None,
         }
         .filter(|s| !s.is_empty())
@@ -568,8 +637,10 @@ impl HeaderBlock {
         let mut out = Vec::new();
         for h in self.headers.iter().filter(|h| &h.name == name) {
             match &h.value {
-                MpValue::Text(t) => out.push(strip_brackets(t)),
-                MpValue::TextList(l) => out.extend(l.iter().map(|t| strip_brackets(t))),
+                MpValue::Text(t) => out.push(strip_brackets(&clean_header_text(t))),
+                MpValue::TextList(l) => {
+                    out.extend(l.iter().map(|t| strip_brackets(&clean_header_text(t))))
+                }
                 _ => {}
             }
         }
@@ -580,18 +651,20 @@ impl HeaderBlock {
     fn addresses(&self, name: &HeaderName<'_>) -> Vec<MailAddress> {
         let mut out = Vec::new();
         let mut push = |addr: &mail_parser::Addr<'_>| {
-            let email = addr.address().map(str::trim).unwrap_or("");
+            let email = clean_header_text(addr.address().unwrap_or(""));
             if email.is_empty() {
                 return;
             }
             let name = addr
                 .name()
-                .map(|n| n.split_whitespace().collect::<Vec<_>>().join(" "))
+                .map(|n| {
+                    clean_header_text(n)
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
                 .filter(|n| !n.is_empty());
-            out.push(MailAddress {
-                email: email.to_string(),
-                name,
-            });
+            out.push(MailAddress { email, name });
         };
         for h in self.headers.iter().filter(|h| &h.name == name) {
             match &h.value {
@@ -638,7 +711,7 @@ fn looks_like_field(line: &[u8]) -> bool {
 fn transcode_field<'f, 'h>(
     field: &'f [u8],
     hint: impl FnOnce() -> Option<&'h HeaderDecoder>,
-    problems: &mut Vec<String>,
+    problems: &mut Problems,
 ) -> Cow<'f, [u8]> {
     let name = || {
         let n = field
@@ -795,6 +868,60 @@ impl Opened {
     }
 }
 
+/// The problems of one message: at most [`MAX_PROBLEMS`] listed, so a hostile message (a
+/// million damaged header lines) cannot make a huge list.
+#[derive(Default)]
+struct Problems {
+    /// In the order found; `true` marks the ones always listed.
+    entries: Vec<(bool, String)>,
+    /// Entries that may be left out.
+    ordinary: usize,
+    /// Problems found but not listed.
+    unlisted: usize,
+}
+
+impl Problems {
+    fn push(&mut self, problem: String) {
+        if self.ordinary < MAX_PROBLEMS {
+            self.ordinary += 1;
+            self.entries.push((false, problem));
+        } else {
+            self.unlisted += 1;
+        }
+    }
+
+    /// Problems always listed: the bounds and the message's header problems, each of which
+    /// a message can have once.
+    fn push_always(&mut self, problems: impl IntoIterator<Item = String>) {
+        self.entries
+            .extend(problems.into_iter().map(|problem| (true, problem)));
+    }
+
+    /// The list: the always-listed problems and, in the room left, the first others; the
+    /// last entry counts those left out.
+    fn into_list(mut self) -> Vec<String> {
+        loop {
+            let room = MAX_PROBLEMS - usize::from(self.unlisted > 0);
+            if self.entries.len() <= room {
+                break;
+            }
+            let Some(last) = self.entries.iter().rposition(|e| !e.0) else {
+                break;
+            };
+            self.entries.remove(last);
+            self.unlisted += 1;
+        }
+        let mut list: Vec<String> = self.entries.into_iter().map(|e| e.1).collect();
+        if self.unlisted > 0 {
+            list.push(format!(
+                "{} more problems were found but are not listed",
+                self.unlisted
+            ));
+        }
+        list
+    }
+}
+
 /// Boundaries we will guess for multiparts that lack one (each guess scans the body).
 const MAX_BOUNDARY_GUESSES: usize = 8;
 
@@ -804,9 +931,17 @@ struct Walker<'a> {
     /// The message's charset for raw 8-bit header bytes, looked for only when a header has
     /// some (most have none, and the search reads up to 256 KB of the message).
     hint: std::cell::OnceCell<Option<HeaderDecoder>>,
-    problems: Vec<String>,
+    problems: Problems,
     flattened: bool,
     guesses: usize,
+    limits: Limits,
+    /// Entities opened so far (the message itself included).
+    parts: usize,
+    /// Decoded bytes collected so far.
+    decoded: usize,
+    /// A bound was reached: nothing more is collected.
+    parts_full: bool,
+    bytes_full: bool,
 }
 
 impl Walker<'_> {
@@ -924,10 +1059,10 @@ impl Walker<'_> {
     fn flatten(&mut self, children: Vec<Opened>, out: &mut Collected) {
         if !self.flattened {
             self.flattened = true;
-            self.problems.push(format!(
+            self.problems.push_always([format!(
                 "MIME parts are nested more than {MAX_MIME_DEPTH} levels deep; the deeper parts \
                  were collected without their structure"
-            ));
+            )]);
         }
         let mut stack: Vec<Opened> = children;
         stack.reverse();
@@ -1014,6 +1149,18 @@ impl Walker<'_> {
                 String::from_utf8_lossy(&boundary[..boundary.len().min(80)])
             ));
         }
+        let room = self.limits.parts.saturating_sub(self.parts);
+        if spans.len() > room {
+            spans.truncate(room);
+            if !self.parts_full {
+                self.parts_full = true;
+                self.problems.push_always([format!(
+                    "the message has more than {} MIME parts; the rest were not collected",
+                    self.limits.parts
+                )]);
+            }
+        }
+        self.parts += spans.len();
         let in_digest = subtype == "digest";
         let prefix = if e.path.is_empty() {
             String::new()
@@ -1037,6 +1184,9 @@ impl Walker<'_> {
         out: &mut Collected,
         force_attachment: bool,
     ) {
+        if self.bytes_full {
+            return;
+        }
         let name = e
             .block
             .param(&HeaderName::ContentDisposition, "filename")
@@ -1058,6 +1208,9 @@ impl Walker<'_> {
             };
             if subtype == "plain" && param("format").as_deref() == Some("flowed") {
                 text = unflow(&text, param("delsp").as_deref() == Some("yes"));
+            }
+            if !self.take_bytes(text.len()) {
+                return;
             }
             if subtype == "html" {
                 out.htmls.push(text);
@@ -1082,6 +1235,9 @@ impl Walker<'_> {
             Some(_) => false,
             None => content_id.is_some(),
         };
+        if !self.take_bytes(data.len()) {
+            return;
+        }
         let name = name.or_else(|| {
             if ctype == "message" && (subtype == "rfc822" || subtype == "global") {
                 nested_subject(&data).map(|s| format!("{s}.eml"))
@@ -1096,6 +1252,29 @@ impl Walker<'_> {
             inline,
             data,
         });
+    }
+
+    /// Counts `len` decoded bytes against [`MAX_DECODED_BYTES`]; false (and nothing more is
+    /// collected) when they do not fit.
+    fn take_bytes(&mut self, len: usize) -> bool {
+        if self.bytes_full {
+            return false;
+        }
+        if len <= self.limits.decoded_bytes.saturating_sub(self.decoded) {
+            self.decoded += len;
+            return true;
+        }
+        self.bytes_full = true;
+        let limit = self.limits.decoded_bytes;
+        let shown = if limit.is_multiple_of(1 << 20) {
+            format!("{} MiB", limit >> 20)
+        } else {
+            format!("{limit} bytes")
+        };
+        self.problems.push_always([format!(
+            "the message's content decodes to more than {shown}; the rest was not collected"
+        )]);
+        false
     }
 
     /// The body of a leaf with its transfer encoding undone (leniently when it is damaged).
@@ -1114,7 +1293,12 @@ impl Walker<'_> {
             Some(decoded) => decoded,
             None => {
                 let name_note = name
-                    .map(|n| format!(" \"{}\"", n.chars().take(80).collect::<String>()))
+                    .map(|n| {
+                        format!(
+                            " \"{}\"",
+                            clean_header_text(n).chars().take(80).collect::<String>()
+                        )
+                    })
                     .unwrap_or_default();
                 self.problems.push(format!(
                     "{}{name_note} has damaged {} data; decoded what was readable",
@@ -1318,7 +1502,40 @@ fn normalize_newlines(s: String) -> String {
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-/// Decodes one raw header value (folded, possibly RFC 2047-encoded) into a trimmed string.
+/// Header text safe to hand to the host: every run of white space that holds a control
+/// character (CR, LF, NUL, tab, other C0/C1 controls, U+2028/U+2029) becomes one space, so a
+/// value can neither break a line nor carry a NUL; other spaces are kept. Trimmed.
+fn clean_header_text(s: &str) -> String {
+    let breaks = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+    if !s.contains(breaks) {
+        return s.trim().to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut run = String::new();
+    let mut run_breaks = false;
+    for c in s.chars() {
+        if breaks(c) || c.is_whitespace() {
+            run_breaks |= breaks(c);
+            run.push(c);
+            continue;
+        }
+        if run_breaks {
+            out.push(' ');
+        } else {
+            out.push_str(&run);
+        }
+        run.clear();
+        run_breaks = false;
+        out.push(c);
+    }
+    if !run_breaks {
+        out.push_str(&run);
+    }
+    out.trim().to_string()
+}
+
+/// Decodes one raw header value (folded, possibly RFC 2047-encoded) into a trimmed string
+/// without control characters ([`clean_header_text`]).
 fn decode_header_bytes(bytes: &[u8]) -> String {
     let with_newline: Cow<'_, [u8]> = if bytes.ends_with(b"\n") {
         Cow::Borrowed(bytes)
@@ -1328,14 +1545,9 @@ fn decode_header_bytes(bytes: &[u8]) -> String {
         Cow::Owned(v)
     };
     match MessageStream::new(&with_newline).parse_unstructured() {
-        MpValue::Text(t) => t.trim().to_string(),
-        MpValue::TextList(l) => l.join(" ").trim().to_string(),
-        _ => String::from_utf8_lossy(bytes)
-            .split(['\r', '\n'])
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect::<Vec<_>>()
-            .join(" "),
+        MpValue::Text(t) => clean_header_text(&t),
+        MpValue::TextList(l) => clean_header_text(&l.join(" ")),
+        _ => clean_header_text(&String::from_utf8_lossy(bytes)),
     }
 }
 
@@ -1734,19 +1946,20 @@ fn split_params(s: &str) -> Vec<String> {
 // ---------------------------------------------------------------------------------------------
 
 fn finish_attachments(raw: Vec<RawAttachment>) -> Vec<Attachment> {
-    let mut used: HashSet<String> = HashSet::new();
+    let mut names = UniqueNames::default();
     let mut out = Vec::with_capacity(raw.len());
     for (i, a) in raw.into_iter().enumerate() {
+        let content_type = clean_header_text(&a.content_type);
         let base = a
             .name
             .as_deref()
             .and_then(sanitize_filename)
-            .unwrap_or_else(|| generated_name(&a.content_type, i + 1));
-        let filename = unique_name(&base, &mut used);
+            .unwrap_or_else(|| generated_name(&content_type, i + 1));
+        let filename = names.claim(&base);
         out.push(Attachment {
             filename,
             size: a.data.len(),
-            content_type: a.content_type,
+            content_type,
             content_id: a.content_id,
             inline: a.inline,
             data: a.data,
@@ -1858,7 +2071,11 @@ pub fn sanitize_filename(name: &str) -> Option<String> {
     }
     if name.len() > MAX_FILENAME_BYTES {
         let (stem, ext) = split_ext(&name);
-        let ext = if ext.len() <= 16 { ext } else { "" };
+        let ext = if ext.len() <= MAX_EXTENSION_BYTES {
+            ext
+        } else {
+            ""
+        };
         let keep = MAX_FILENAME_BYTES - ext.len();
         let stem = truncate_bytes(stem, keep).trim_end_matches([' ', '.']);
         name = format!("{stem}{ext}");
@@ -1885,23 +2102,59 @@ fn truncate_bytes(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-fn unique_name(base: &str, used: &mut HashSet<String>) -> String {
-    if used.insert(base.to_lowercase()) {
-        return base.to_string();
-    }
-    let (stem, ext) = split_ext(base);
-    for n in 2.. {
-        let suffix = format!("-{n}");
-        let stem = truncate_bytes(
-            stem,
-            MAX_FILENAME_BYTES.saturating_sub(suffix.len() + ext.len()),
-        );
-        let candidate = format!("{stem}{suffix}{ext}");
-        if used.insert(candidate.to_lowercase()) {
-            return candidate;
+/// The attachment names given in one message, compared ignoring case.
+#[derive(Default)]
+struct UniqueNames {
+    /// Every name given, lower case.
+    given: HashSet<String>,
+    /// The next number to try for each numbered form (`report-{n}.pdf`), by its lower-case
+    /// stem and extension. Numbers only go up, so each numbered name is tried at most once:
+    /// naming stays linear in the number of attachments.
+    next: HashMap<(String, String), usize>,
+}
+
+impl UniqueNames {
+    /// `base` when no attachment has that name yet, else the first free numbered form
+    /// (`a.pdf`, `a-2.pdf`, `a-3.pdf`). Real parts named like numbered forms are never
+    /// collided with: a taken number is skipped. At [`MAX_FILENAME_BYTES`] the number replaces
+    /// the end of the stem.
+    fn claim(&mut self, base: &str) -> String {
+        if self.given.insert(base.to_lowercase()) {
+            return base.to_string();
+        }
+        let (stem, ext) = match split_ext(base) {
+            (stem, ext) if ext.len() <= MAX_EXTENSION_BYTES => (stem, ext),
+            _ => (base, ""),
+        };
+        let mut n: usize = 2;
+        loop {
+            // Numbers of one width share a (possibly shortened) stem, and so a counter.
+            let width = n.to_string().len();
+            let room = MAX_FILENAME_BYTES.saturating_sub(1 + width + ext.len());
+            let stem = truncate_bytes(stem, room);
+            let key = (stem.to_lowercase(), ext.to_lowercase());
+            let next = self.next.entry(key).or_insert(2);
+            if *next > n {
+                n = *next;
+                if n.to_string().len() != width {
+                    continue;
+                }
+            }
+            let first_of_next_width = u32::try_from(width)
+                .ok()
+                .and_then(|w| 10usize.checked_pow(w))
+                .unwrap_or(usize::MAX);
+            while n < first_of_next_width {
+                let candidate = format!("{stem}-{n}{ext}");
+                n += 1;
+                if self.given.insert(candidate.to_lowercase()) {
+                    *next = n;
+                    return candidate;
+                }
+            }
+            *next = n;
         }
     }
-    unreachable!("an unbounded counter always finds a free name")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2097,7 +2350,14 @@ fn newline(out: &mut String, count: usize) {
     while out.ends_with(' ') || out.ends_with('\t') {
         out.pop();
     }
-    let have = out.chars().rev().take_while(|&c| c == '\n').count();
+    // Only the last `count` characters matter: after a `<pre>` of many blank lines, every
+    // `<br>` must not count them all again.
+    let have = out
+        .chars()
+        .rev()
+        .take(count)
+        .take_while(|&c| c == '\n')
+        .count();
     for _ in have..count {
         out.push('\n');
     }
@@ -2467,10 +2727,27 @@ mod tests {
 
     #[test]
     fn attachment_names_are_unique_and_generated() {
-        let mut used = HashSet::new();
-        assert_eq!(unique_name("a.txt", &mut used), "a.txt");
-        assert_eq!(unique_name("A.TXT", &mut used), "A-2.TXT");
-        assert_eq!(unique_name("a.txt", &mut used), "a-3.txt");
+        let mut names = UniqueNames::default();
+        assert_eq!(names.claim("a.txt"), "a.txt");
+        assert_eq!(names.claim("A.TXT"), "A-2.TXT");
+        assert_eq!(names.claim("a.txt"), "a-3.txt");
+        assert_eq!(names.claim("a-4.txt"), "a-4.txt");
+        assert_eq!(names.claim("a.txt"), "a-5.txt");
+        assert_eq!(names.claim("a-4.txt"), "a-4-2.txt");
+        assert_eq!(names.claim("noext"), "noext");
+        assert_eq!(names.claim("noext"), "noext-2");
+        // From -9 to -10 the number is one byte longer: at the length bound the stem gives
+        // way, and the name stays unique and within the bound.
+        let long = format!("{}.pdf", "é".repeat(88));
+        let mut got = HashSet::new();
+        for _ in 0..12 {
+            let name = names.claim(&long);
+            assert!(name.len() <= MAX_FILENAME_BYTES, "{name}");
+            assert!(name.ends_with(".pdf"), "{name}");
+            assert!(got.insert(name));
+        }
+        assert!(got.iter().any(|n| n.ends_with("é-9.pdf")), "{got:?}");
+        assert!(got.iter().any(|n| n.ends_with("-11.pdf")), "{got:?}");
         assert_eq!(generated_name("application/pdf", 4), "attachment-4.pdf");
         assert_eq!(generated_name("text/calendar", 1), "invite.ics");
         assert_eq!(
@@ -2715,6 +2992,202 @@ mod tests {
             "{:?}",
             m.problems
         );
+    }
+
+    #[test]
+    fn html_line_breaks_after_a_long_pre_block_stay_linear() {
+        // Each `<br>` used to count every line break before it.
+        let n = 200_000;
+        let html = format!("<pre>a{}</pre>{}b", "\n".repeat(n), "<br>".repeat(n));
+        assert_eq!(html_to_text(&html), "a\n\nb");
+    }
+
+    #[test]
+    fn the_charset_hint_reads_short_labels_only() {
+        // `charset=` repeated: each match used to read the rest of the window as its label.
+        let mut raw = b"From: a@b.c\r\nSubject: B\xfcro\r\n\r\n".to_vec();
+        raw.extend_from_slice("charset=".repeat(40_000).as_bytes());
+        raw.extend_from_slice(b"\r\nContent-Type: text/plain; charset=iso-8859-2\r\n");
+        assert_eq!(pb(&raw).subject, "B\u{fc}ro");
+        // A label of ordinary length after long junk is still found.
+        let mut raw = b"From: a@b.c\r\nSubject: \xb3\r\n\r\n".to_vec();
+        raw.extend_from_slice(format!("charset={}\r\n", "x".repeat(5000)).as_bytes());
+        raw.extend_from_slice(b"charset=\"iso-8859-2\"\r\n");
+        assert_eq!(pb(&raw).subject, "\u{142}");
+    }
+
+    fn damaged_parts(n: usize) -> String {
+        let mut raw =
+            String::from("From: a@b.c\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n");
+        for _ in 0..n {
+            raw.push_str(
+                "--b\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n!!\r\n",
+            );
+        }
+        raw.push_str("--b--\r\n");
+        raw
+    }
+
+    #[test]
+    fn problems_are_capped() {
+        let m = p(&damaged_parts(500));
+        assert_eq!(m.attachments.len(), 500);
+        assert_eq!(m.problems.len(), MAX_PROBLEMS);
+        assert_eq!(
+            m.problems[0],
+            "MIME part 1 has damaged base64 data; decoded what was readable"
+        );
+        assert_eq!(
+            m.problems[MAX_PROBLEMS - 1],
+            "401 more problems were found but are not listed"
+        );
+        // The header problems and the bounds are always listed.
+        let raw = damaged_parts(500).replacen("From: a@b.c", "Date: soon", 1);
+        let m = parse_within(
+            raw.as_bytes(),
+            &pattern(),
+            Limits {
+                parts: 300,
+                decoded_bytes: MAX_DECODED_BYTES,
+            },
+        );
+        assert_eq!(m.problems.len(), MAX_PROBLEMS);
+        assert_eq!(
+            m.problems[0],
+            "the message has more than 300 MIME parts; the rest were not collected"
+        );
+        assert_eq!(
+            m.problems[MAX_PROBLEMS - 3..],
+            [
+                "the message has no From header",
+                "the Date header could not be read: \"soon\"",
+                "203 more problems were found but are not listed",
+            ]
+        );
+        // A million raw 8-bit header lines: still a hundred entries.
+        let mut raw = b"From: a@b.c\r\n".to_vec();
+        for _ in 0..100_000 {
+            raw.extend_from_slice(b"X-A: \xff\r\n");
+        }
+        raw.extend_from_slice(b"\r\nbody\r\n");
+        let m = pb(&raw);
+        assert_eq!(m.problems.len(), MAX_PROBLEMS);
+        assert_eq!(m.text, "body\n");
+    }
+
+    #[test]
+    fn the_part_bound_counts_every_entity_and_keeps_what_came_first() {
+        // message (1) > mixed (2) > text (3), alternative (4) > text (5), html (6); pdf (7)
+        let raw = "From: a@b.c\r\nSubject: s\r\nContent-Type: multipart/mixed; boundary=o\r\n\r\n\
+                   --o\r\nContent-Type: multipart/mixed; boundary=m\r\n\r\n\
+                   --m\r\nContent-Type: text/plain\r\n\r\none\r\n\
+                   --m\r\nContent-Type: multipart/alternative; boundary=a\r\n\r\n\
+                   --a\r\nContent-Type: text/plain\r\n\r\ntwo\r\n\
+                   --a\r\nContent-Type: text/html\r\n\r\n<p>two</p>\r\n--a--\r\n--m--\r\n\
+                   --o\r\nContent-Type: application/pdf; name=x.pdf\r\n\r\n%PDF\r\n--o--\r\n";
+        let within = |parts| {
+            let limits = Limits {
+                parts,
+                decoded_bytes: MAX_DECODED_BYTES,
+            };
+            parse_within(raw.as_bytes(), &pattern(), limits)
+        };
+        let all = within(7);
+        assert_eq!(all.text, "one\ntwo");
+        assert_eq!(all.attachments.len(), 1);
+        assert!(all.problems.is_empty(), "{:?}", all.problems);
+        let bounded = within(5);
+        assert_eq!(bounded.text, "one");
+        assert_eq!(bounded.html, None);
+        // Both children of the top were opened before the bound was reached.
+        assert_eq!(bounded.attachments.len(), 1);
+        assert_eq!(
+            bounded.problems,
+            ["the message has more than 5 MIME parts; the rest were not collected"]
+        );
+        assert_eq!(bounded.subject, "s");
+        // A hundred thousand nested multiparts, each with an attachment: bounded too.
+        let mut deep =
+            String::from("From: a@b.c\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n");
+        for i in 0..100_000 {
+            deep.push_str(&format!(
+                "--b{i}\r\nContent-Type: application/pdf\r\n\r\n%PDF\r\n\
+                 --b{i}\r\nContent-Type: multipart/mixed; boundary=b{}\r\n\r\n",
+                i + 1
+            ));
+        }
+        let m = p(&deep);
+        assert_eq!(m.attachments.len(), MAX_MIME_PARTS / 2);
+        assert!(
+            m.problems
+                .iter()
+                .any(|p| p.contains("more than 10000 MIME parts")),
+            "{:?}",
+            m.problems
+        );
+    }
+
+    #[test]
+    fn the_decoded_bytes_bound_keeps_what_fits() {
+        let raw = "From: a@b.c\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n\
+                   --b\r\nContent-Type: text/plain\r\n\r\n0123456789\r\n\
+                   --b\r\nContent-Type: application/pdf; name=a.pdf\r\n\
+                   Content-Transfer-Encoding: base64\r\n\r\nYWFhYWFhYWFhYQ==\r\n\
+                   --b\r\nContent-Type: application/pdf; name=b.pdf\r\n\r\nbbbbbbbbbbbbbbbbbbbb\r\n\
+                   --b\r\nContent-Type: application/pdf; name=c.pdf\r\n\r\nc\r\n--b--\r\n";
+        let within = |decoded_bytes| {
+            let limits = Limits {
+                parts: MAX_MIME_PARTS,
+                decoded_bytes,
+            };
+            parse_within(raw.as_bytes(), &pattern(), limits)
+        };
+        let all = within(41);
+        assert_eq!(all.attachments.len(), 3);
+        assert!(all.problems.is_empty(), "{:?}", all.problems);
+        // Text (10) and a.pdf (10 decoded bytes) fit in 25; b.pdf does not, and c.pdf
+        // after it is not collected either.
+        let m = within(25);
+        assert_eq!(m.text, "0123456789");
+        let names: Vec<&str> = m.attachments.iter().map(|a| a.filename.as_str()).collect();
+        assert_eq!(names, ["a.pdf"]);
+        assert_eq!(
+            m.problems,
+            ["the message's content decodes to more than 25 bytes; the rest was not collected"]
+        );
+        assert!(within(5).text.is_empty());
+        assert_eq!(
+            within(2 << 20).problems,
+            Vec::<String>::new(),
+            "a bound in MiB"
+        );
+        assert!(MAX_DECODED_BYTES >= 10 * crate::config::DEFAULT_MAX_MESSAGE_BYTES as usize);
+    }
+
+    #[test]
+    fn control_characters_in_headers_become_single_spaces() {
+        assert_eq!(clean_header_text("a\r\nb"), "a b");
+        assert_eq!(clean_header_text("a \r\n\t b\0c"), "a b c");
+        assert_eq!(clean_header_text("keep  two spaces"), "keep  two spaces");
+        assert_eq!(clean_header_text("\u{1}x\u{85}y\u{2028}z\u{7f}"), "x y z");
+        assert_eq!(clean_header_text("  trimmed\t"), "trimmed");
+        let m = pb(
+            b"From: \"Ann\x01\x02Lee\" <a@b.c>\r\nSubject: one\x00two\x0bthree\r\n\
+              Message-ID: <id\x00x@h>\r\nX-Tab: a\tb\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n\
+              --b\r\nContent-Type: image/png\x07\r\nContent-ID: <c\x00d@h>\r\n\r\npng\r\n--b--\r\n",
+        );
+        assert_eq!(m.subject, "one two three");
+        assert_eq!(m.header("subject"), Some("one two three"));
+        assert_eq!(m.header("x-tab"), Some("a b"));
+        assert_eq!(m.from.as_ref().unwrap().name.as_deref(), Some("Ann Lee"));
+        assert_eq!(m.message_id.as_deref(), Some("id x@h"));
+        let a = &m.attachments[0];
+        assert_eq!(a.content_id.as_deref(), Some("c d@h"));
+        assert!(!a.content_type.contains(char::is_control), "{a:?}");
+        // Folding is not a control character's doing: the value reads as one line.
+        let m = p("From: a@b.c\r\nSubject: long\r\n\tsubject\r\n\r\nx\r\n");
+        assert_eq!(m.subject, "long subject");
+        assert_eq!(m.header("subject"), Some("long subject"));
     }
 
     /// A tiny deterministic generator (no dependency needed for pseudo-random bytes).

@@ -149,3 +149,154 @@ fn corpus_matches_expectations() {
         emls.len()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Generated messages: bounds and hostile input
+// ---------------------------------------------------------------------------------------------
+
+fn parse(raw: &[u8]) -> ParsedMail {
+    let pattern = Regex::new(DEFAULT_SD_NUMBER_PATTERN).expect("default pattern compiles");
+    mime::parse(raw, &pattern)
+}
+
+/// A multipart/mixed message with a text part and one small attachment per name.
+fn with_attachments<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
+    let mut raw = String::from(
+        "From: a@example.edu\r\nSubject: many\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+         --b\r\nContent-Type: text/plain\r\n\r\nthe body\r\n",
+    );
+    for name in names {
+        raw.push_str(&format!(
+            "--b\r\nContent-Type: application/octet-stream\r\n\
+             Content-Disposition: attachment; filename=\"{name}\"\r\n\
+             Content-Transfer-Encoding: base64\r\n\r\nYQ==\r\n"
+        ));
+    }
+    raw.push_str("--b--\r\n");
+    raw.into_bytes()
+}
+
+fn assert_distinct(mail: &ParsedMail) {
+    let mut seen = std::collections::HashSet::new();
+    for a in &mail.attachments {
+        assert!(
+            a.filename.len() <= mime::MAX_FILENAME_BYTES,
+            "{} bytes: {:?}",
+            a.filename.len(),
+            a.filename
+        );
+        assert!(
+            seen.insert(a.filename.to_lowercase()),
+            "{:?} given twice (ignoring case)",
+            a.filename
+        );
+    }
+}
+
+#[test]
+fn same_named_attachments_get_distinct_names() {
+    // Real parts named like generated ones, before and after them, and case variants.
+    let names = [
+        "report-2.pdf",
+        "report.pdf",
+        "report.pdf",
+        "Report.PDF",
+        "report-3.pdf",
+        "REPORT.pdf",
+    ];
+    let mail = parse(&with_attachments(names));
+    let got: Vec<&str> = mail
+        .attachments
+        .iter()
+        .map(|a| a.filename.as_str())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "report-2.pdf",
+            "report.pdf",
+            "report-3.pdf",
+            "Report-4.PDF",
+            "report-3-2.pdf",
+            "REPORT-5.pdf"
+        ]
+    );
+
+    // Thousands of one name mixed with real `name-N` parts: still all distinct.
+    let mut names = Vec::new();
+    for i in 0..3000 {
+        names.push("scan.jpg".to_string());
+        if i % 3 == 0 {
+            names.push(format!("Scan-{}.JPG", i + 2));
+        }
+    }
+    let mail = parse(&with_attachments(names.iter().map(String::as_str)));
+    assert_eq!(mail.attachments.len(), names.len());
+    assert_distinct(&mail);
+
+    // Names at the length bound: the number replaces the end of the stem, and a long
+    // "extension" (not a real one) is cut like the rest of the name.
+    let long = format!("{}.pdf", "x".repeat(mime::MAX_FILENAME_BYTES - 4));
+    let odd = format!("a.{}", "b".repeat(mime::MAX_FILENAME_BYTES - 2));
+    let long2 = format!("{}y.pdf", "x".repeat(mime::MAX_FILENAME_BYTES - 5));
+    let names = [&long, &long, &long2, &long2, &odd, &odd, &odd];
+    let mail = parse(&with_attachments(names.iter().map(|s| s.as_str())));
+    assert_eq!(mail.attachments.len(), names.len());
+    assert_distinct(&mail);
+    assert_eq!(mail.attachments[0].filename, long);
+    assert!(mail.attachments[1].filename.ends_with("-2.pdf"));
+}
+
+#[test]
+fn a_hundred_thousand_same_named_parts_are_bounded_not_stuck() {
+    // Quadratic naming made this take about a quarter of an hour; it must finish (no
+    // timing is asserted), keep the body and the first parts, and say what it left out.
+    let names = vec!["invoice.pdf"; 100_000];
+    let mail = parse(&with_attachments(names));
+    assert_eq!(mail.text, "the body");
+    // The message and its text part count as parts too.
+    assert_eq!(mail.attachments.len(), mime::MAX_MIME_PARTS - 2);
+    assert_eq!(mail.attachments[0].filename, "invoice.pdf");
+    assert_distinct(&mail);
+    let bound = format!(
+        "the message has more than {} MIME parts; the rest were not collected",
+        mime::MAX_MIME_PARTS
+    );
+    assert_eq!(mail.problems, [bound]);
+}
+
+#[test]
+fn line_breaks_and_nul_in_decoded_headers_become_spaces() {
+    // "a\r\nBcc: x@y\0z", RFC 2047 encoded in B and in Q form.
+    let b = "=?utf-8?B?YQ0KQmNjOiB4QHkAeg==?=";
+    let q = "=?utf-8?Q?a=0D=0ABcc=3A_x=40y=00z?=";
+    let raw = format!(
+        "From: {b} <ann@example.edu>\r\nTo: {q} <to@example.edu>, \"x\ty\" <t2@example.edu>\r\n\
+         Cc: {q} <cc@example.edu>\r\nReply-To: {b} <rt@example.edu>\r\nSubject: Re: {b}\r\n\
+         X-Note: {q}\r\nMessage-ID: <id@example.edu>\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+         --b\r\nContent-Type: text/plain\r\n\r\nhi\r\n\
+         --b\r\nContent-Type: application/pdf; name=\"{b}.pdf\"\r\n\r\n%PDF\r\n--b--\r\n"
+    );
+    let mail = parse(raw.as_bytes());
+    let clean = "a Bcc: x@y z";
+    assert_eq!(mail.subject, format!("Re: {clean}"));
+    let names: Vec<Option<&str>> = [&mail.to[..], &mail.cc, &mail.reply_to]
+        .into_iter()
+        .flatten()
+        .map(|a| a.name.as_deref())
+        .collect();
+    assert_eq!(names, [Some(clean), Some("x y"), Some(clean), Some(clean)]);
+    assert_eq!(mail.from.as_ref().unwrap().name.as_deref(), Some(clean));
+    assert_eq!(mail.from.as_ref().unwrap().email, "ann@example.edu");
+    assert_eq!(
+        mail.header("subject"),
+        Some(format!("Re: {clean}").as_str())
+    );
+    assert_eq!(mail.header("x-note"), Some(clean));
+    assert_eq!(mail.attachments[0].filename, "a Bcc_ x@y z.pdf");
+    let controls = |s: &str| s.chars().any(char::is_control);
+    for value in mail.headers.values().flat_map(|f| f.all()) {
+        assert!(!controls(value), "{value:?}");
+    }
+    assert!(mail.problems.is_empty(), "{:?}", mail.problems);
+}
