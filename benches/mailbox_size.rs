@@ -103,7 +103,7 @@ impl Drop for Relay {
 
 impl Relay {
     fn start(dir: &Path) -> Relay {
-        let (imaps, pop3s) = (common::spare_port(40), common::spare_port(41));
+        let (imaps, pop3s) = (common::spare_port(30), common::spare_port(31));
         let stats = dir.join("relay-stats.jsonl");
         let host = common::host();
         let script = Path::new(&common::env("PCR_TEST_SERVERS_DIR")).join("delay_proxy.py");
