@@ -2,8 +2,12 @@
 # with cargo. CARGO_TARGET_DIR is honoured; the encryption tool is built beside it.
 PCR_EMAIL_TARGET_DIR = $${CARGO_TARGET_DIR:-$(srcdir)/target}
 
-.PHONY: pcr-email-cargo
-pcr-email-cargo:
+# Rebuilt when a source changed, so `make install` (often run as root, as PIE does through
+# sudo) only copies what `make` built and never runs cargo itself.
+# phpize builds in the source tree (make runs there; srcdir is defined later in the Makefile).
+PCR_EMAIL_SOURCES = $(CURDIR)/Cargo.toml $(CURDIR)/Cargo.lock $(shell find "$(CURDIR)/src" -name "*.rs")
+
+$(phplibdir)/pcr_email.so: $(PCR_EMAIL_SOURCES)
 	# The PHP this is for: ext-php-rs reads its headers through php-config. When it is the
 	# one on PATH, nothing is set, so a build that shares CARGO_TARGET_DIR with plain cargo
 	# builds does not rebuild ext-php-rs each time.
@@ -13,11 +17,9 @@ pcr-email-cargo:
 	fi && \
 	"$(PCR_EMAIL_CARGO)" build --locked --profile "$(PCR_EMAIL_CARGO_PROFILE)" --features php --lib
 	cd "$(srcdir)" && "$(PCR_EMAIL_CARGO)" build --locked --profile "$(PCR_EMAIL_CARGO_PROFILE)" --bin pcr-email-encrypt
-
-$(phplibdir)/pcr_email.so: pcr-email-cargo
 	@mkdir -p "$(phplibdir)"
-	cp "$(PCR_EMAIL_TARGET_DIR)/$(PCR_EMAIL_PROFILE_DIR)/libpcr_email.so" "$@"
 	cp "$(PCR_EMAIL_TARGET_DIR)/$(PCR_EMAIL_PROFILE_DIR)/pcr-email-encrypt" "$(phplibdir)/../pcr-email-encrypt"
+	cp "$(PCR_EMAIL_TARGET_DIR)/$(PCR_EMAIL_PROFILE_DIR)/libpcr_email.so" "$@"
 
 install: install-pcr-email-encrypt
 .PHONY: install-pcr-email-encrypt

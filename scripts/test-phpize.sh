@@ -19,7 +19,10 @@ PCR_EMAIL_CARGO_PROFILE=dev ./configure --quiet >/dev/null
 # The suite's own target dir: the dependencies are built already.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PCR_ROOT/target}"
 make --quiet >/dev/null
-make install INSTALL_ROOT="$work/root" >/dev/null
+# `make install` (often root, PIE runs it through sudo) copies what `make` built: with cargo
+# replaced by `false`, it would fail if it tried to build again.
+make install INSTALL_ROOT="$work/root" PCR_EMAIL_CARGO=false >/dev/null \
+    || die "make install tried to build again (or failed)"
 so="$work/root$(php-config --extension-dir)/pcr_email.so"
 tool="$work/root$(php-config --prefix)/bin/pcr-email-encrypt"
 [ -f "$so" ] || die "make install did not install $so"

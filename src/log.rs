@@ -100,7 +100,7 @@ fn without_prefix(message: &str) -> &str {
 }
 
 /// Log lines stay single lines: a hostile header value cannot forge a second entry.
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()

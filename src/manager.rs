@@ -34,6 +34,9 @@ pub struct Manager {
     /// through another account, and `eventCheckMail` must not read their mailbox through
     /// another account (see `routing::incoming_readers`). Their errors are in `row_errors` too.
     pub failed_accounts: Vec<FailedAccount>,
+    /// Set by `checkAccount()`: the administrator asked, so the notices of that call are
+    /// logged even if today's were logged already (see [`Manager::log_notices`]).
+    notices_asked: bool,
 }
 
 /// A message routed and built, ready for the transport keyed `key`.
@@ -65,6 +68,7 @@ impl Manager {
             transports: HashMap::new(),
             row_errors: Vec::new(),
             failed_accounts: Vec::new(),
+            notices_asked: false,
         }
     }
 
@@ -169,9 +173,17 @@ impl Manager {
     /// Logs the notices gathered while the last call ran: each "stored in clear" notice once
     /// per account, key and day across all processes (remembered in the state store, so cron
     /// does not repeat it every 15 minutes), or once per process when the state store cannot
-    /// be opened. The PHP boundary calls it after every method.
+    /// be opened. After `checkAccount()` they are logged whatever was logged today: the
+    /// administrator asked (the pre-flight script prints them). The PHP boundary calls it
+    /// after every method.
     pub fn log_notices(&mut self, host: &mut dyn Host) {
         let warnings = secrets::take_cleartext_warnings();
+        if std::mem::take(&mut self.notices_asked) {
+            for warning in warnings {
+                self.logger.error(host, &warning, &Value::Null);
+            }
+            return;
+        }
         if warnings.is_empty() {
             return;
         }
@@ -509,6 +521,7 @@ impl Manager {
     /// checks the FILE directory / sendmail binary) without sending; reports, never throws
     /// for a failed check.
     pub fn check_account(&mut self, host: &mut dyn Host, recid: &str) -> Result<Value> {
+        self.notices_asked = true;
         let account = self.find_account(host, recid)?;
         let outgoing = match &account.outgoing {
             None => Value::Null,

@@ -62,6 +62,11 @@ final class PreflightTest extends TestCase
         $this->assertMatchesRegularExpression('/^PROBLEM account 12: incoming .*/m', $out);
         $this->assertMatchesRegularExpression('/^PROBLEM account 13: .*OUTGOING_TRANSPORT_TYPE.*/m', $out);
         $this->assertStringNotContainsString('Wr0ng-pw-for-preflight', $out . $err);
+        // Run again the same day (after fixing something, or after cron logged the notice):
+        // the notices are still printed.
+        [$code, $again] = $this->preflight(["--config=$ini", '--env=prod', "--rows={$this->dir}/rows.json"]);
+        $this->assertSame(1, $code);
+        $this->assertMatchesRegularExpression('/^NOTICE .*account 11: PASSWORD is stored in clear/m', $again);
         $this->assertStringNotContainsString($user['password'], $out . $err);
     }
 

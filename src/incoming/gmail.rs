@@ -311,13 +311,15 @@ impl GmailMailbox {
     }
 
     /// Adds to `mark` the messages brought into `label` since its historyId, which becomes
-    /// the mailbox's historyId of the first page. False (and `mark` unchanged) on a 404: the
-    /// historyId is too old (or invalid).
+    /// the mailbox's historyId of the first page. False (and `mark` unchanged) on a 404 (the
+    /// historyId is too old or invalid) or when the history runs past MAX_PAGES pages: the
+    /// caller then lists the label in full.
     fn history_since(&self, label: &str, mark: &mut ListMark) -> Result<bool> {
         let mut known: HashSet<String> = mark.pending.iter().map(|c| c.id.clone()).collect();
         let mut found = Vec::new();
         let mut latest: Option<String> = None;
         let mut token: Option<String> = None;
+        let mut complete = false;
         for _ in 0..MAX_PAGES {
             let mut params = vec![
                 ("startHistoryId", mark.cursor.as_str()),
@@ -364,8 +366,16 @@ impl GmailMailbox {
             }
             match page.next.filter(|t| !t.is_empty()) {
                 Some(t) => token = Some(t),
-                None => break,
+                None => {
+                    complete = true;
+                    break;
+                }
             }
+        }
+        if !complete {
+            // More history than the pages allowed: saving the newest historyId would skip the
+            // pages not read, so this run lists the label in full instead.
+            return Ok(false);
         }
         let latest = latest.ok_or_else(|| {
             self.cloud

@@ -211,14 +211,19 @@ impl Host for PhpErrorLog {
         crate::host::NoHost.deliver_message(message)
     }
     fn log_error(&mut self, message: &str, context: &Value) {
-        let line = match context {
+        // One entry, one line: a hostile header value cannot forge a second entry.
+        let line = crate::log::one_line(&match context {
             Value::Null => message.to_string(),
             Value::Object(m) if m.is_empty() => message.to_string(),
             other => format!("{message} {other}"),
-        };
-        // Logging must never make things worse: a failing error_log() is ignored.
+        });
+        // Logging must never make things worse: a failing error_log() is ignored, whether it
+        // fails, raises an exception through an error handler, or bails out.
         if let Ok(error_log) = ext_php_rs::types::ZendCallable::try_from_name("error_log") {
-            let _ = error_log.try_call(vec![&line]);
+            let _ = ext_php_rs::zend::try_catch(std::panic::AssertUnwindSafe(|| {
+                error_log.try_call(vec![&line])
+            }));
+            let _ = ExecutorGlobals::take_exception();
         }
     }
 }
