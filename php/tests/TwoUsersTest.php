@@ -153,6 +153,48 @@ final class TwoUsersTest extends TestCase
         $this->assertSame('written', $web['sent']['status'] ?? null, json_encode($web));
     }
 
+    /**
+     * An MBOX with `delete`: root quarantines a message the host refuses into the sibling mbox
+     * PCR-Failed it creates (under umask 077), then the web server's user quarantines another
+     * into the same file and deletes what it processed.
+     */
+    public function testAnMboxQuarantineRootStartedIsContinuedByTheWebServersUser(): void
+    {
+        $mail = "{$this->base}/mail";
+        mkdir($mail, 0770);
+        chgrp($mail, $this->group);
+        chmod($mail, 0770);
+        $mbox = "$mail/servicedesk";
+        $entry = fn(string $subject) => "From zoe@example.org Tue Mar  5 14:22:01 2024\n"
+            . str_replace("\r\n", "\n", self::message($subject)) . "\n";
+        file_put_contents($mbox, $entry('poison, refused as root') . $entry('good, read as root'));
+        chgrp($mbox, $this->group);
+        chmod($mbox, 0660);
+        $ini = $this->ini($mbox, ['INCOMING_MAILBOX_TYPE' => 'MBOX', 'PROCESSED_ACTION' => 'delete']);
+
+        for ($run = 1; $run <= 3; $run++) {
+            $root = $this->run_as(null, $ini, true);
+            $this->assertSame(0, $root['exit'], $root['stderr']);
+            $this->assertSame($run === 3 ? 1 : 0, $root['summary']['totals']['quarantined'] ?? null, json_encode($root));
+        }
+        $this->assertOwnedByTheGroup("$mail/PCR-Failed", 0660);
+        $this->assertStringContainsString('poison, refused as root', (string) file_get_contents("$mail/PCR-Failed"));
+        $this->assertStringNotContainsString('Subject:', (string) file_get_contents($mbox));
+
+        file_put_contents($mbox, $entry('poison, refused as the web server') . $entry('good, read as the web server'), FILE_APPEND);
+        for ($run = 1; $run <= 3; $run++) {
+            $web = $this->run_as($this->user, $ini, true);
+            $this->assertSame(0, $web['exit'], $web['stderr']);
+            $this->assertSame(0, $web['summary']['totals']['errors'], json_encode($web['summary']));
+            $this->assertSame($run === 3 ? 1 : 0, $web['summary']['totals']['quarantined'], json_encode($web));
+        }
+        $failed = (string) file_get_contents("$mail/PCR-Failed");
+        $this->assertStringContainsString('poison, refused as root', $failed);
+        $this->assertStringContainsString('poison, refused as the web server', $failed);
+        $this->assertStringNotContainsString('Subject:', (string) file_get_contents($mbox));
+        $this->assertFileDoesNotExist("$mbox.pcr-rewrite");
+    }
+
     // ---- helpers ----------------------------------------------------------------------------
 
     private static function message(string $subject): string
@@ -175,9 +217,9 @@ final class TwoUsersTest extends TestCase
     }
 
     /** The INI with a FILE master reading the Maildir; its directory as on a real server (root:group 0750). */
-    private function ini(string $maildir): string
+    private function ini(string $maildir, array $extra = []): string
     {
-        $ini = write_ini($this->base, [
+        $ini = write_ini($this->base, $extra + [
             'EMAIL' => 'desk@test.local',
             'OUTGOING_TRANSPORT_TYPE' => 'FILE',
             'FILE_PATH' => "{$this->base}/out",
@@ -195,9 +237,10 @@ final class TwoUsersTest extends TestCase
     /**
      * In a child PHP, as root ($user null) or as $user (its group only, as a web server's
      * worker), under umask 077: the event over the Maildir, then a send that needs the key file
-     * (an SD item's Message-ID). Returns what happened.
+     * (an SD item's Message-ID). With $poison the host refuses every message whose subject
+     * starts with "poison". Returns what happened.
      */
-    private function run_as(?string $user, string $ini): array
+    private function run_as(?string $user, string $ini, bool $poison = false): array
     {
         $code = 'umask(0077);';
         if ($user !== null) {
@@ -206,6 +249,8 @@ final class TwoUsersTest extends TestCase
                 . 'posix_setuid($u["uid"]) || exit(6); if (posix_geteuid() === 0) { exit(3); }';
         }
         $code .= '$h = new TestHost(); $out = ["errors" => []];'
+            . ($poison ? '$h->onCreate = function (array $m) { if (str_starts_with($m["subject"], "poison")) {'
+                . ' throw new RuntimeException("Inquiry rejected"); } };' : '')
             . 'try {'
             . '  $m = new PCR_Utility_EmailManager(' . var_export($ini, true) . ', "prod", $h);'
             . '  $out["summary"] = $m->eventCheckMail(["host" => "x.example.edu"]);'

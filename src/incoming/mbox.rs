@@ -10,7 +10,8 @@
 //!   c-client keep; it is never listed, moved or removed.
 //! - Every access takes the locks the delivery agents take, in their order: the dot-lock
 //!   `<file>.lock` (created with `O_EXCL`; one older than [`DOTLOCK_STALE`] is stale and
-//!   removed, as liblockfile does; refreshed while held long), then an `fcntl` lock on the
+//!   removed, as liblockfile does, but only that file: see `remove_stale`; refreshed while
+//!   held long; released only while it still holds what we wrote), then an `fcntl` lock on the
 //!   whole file (read lock to read, write lock to rewrite; open-file-description locks, which
 //!   conflict with the agents' POSIX locks). They are held for one short step at a time (the
 //!   listing, one message's read, one rewrite), never while the host works, so deliveries
@@ -41,7 +42,8 @@
 //!   whether the file had been cut already from a hash of the bytes the cut removes). A
 //!   message appended while a run works is after the listed ones and is always kept.
 //! - `move:<folder>`: the messages are appended to the mbox file `<folder>` beside
-//!   `INCOMING_PATH` (created with the mbox's permissions; its own locks taken; `<folder>` is
+//!   `INCOMING_PATH` (created with the mbox's mode bits and the directory's group, see
+//!   `open_folder`; its own locks taken; `<folder>` is
 //!   a plain file name), fsync'd, and then removed as for `delete`. A move already appended
 //!   by a run that died before the removal is not appended again.
 //! - Quarantine (after three failed runs) appends to the sibling mbox `PCR-Failed` the same
@@ -379,8 +381,36 @@ enum LockFailure {
 /// The dot-lock `<file>.lock`, removed when dropped (if it is still ours).
 struct DotLock {
     path: PathBuf,
+    dev: u64,
     ino: u64,
+    /// What we wrote into it: our pid and a token no other lock has.
+    content: String,
     touched: Instant,
+}
+
+/// Which file a path named when looked at: a file that is removed and replaced by another can
+/// get the same inode number, but not also the same modification time to the nanosecond.
+fn same_file(a: &Metadata, b: &Metadata) -> bool {
+    a.dev() == b.dev()
+        && a.ino() == b.ino()
+        && a.mtime() == b.mtime()
+        && a.mtime_nsec() == b.mtime_nsec()
+        && a.len() == b.len()
+}
+
+/// A name no other process or thread uses at the same time: pid, a counter and the clock.
+fn unique_token() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{}.{}.{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 impl DotLock {
@@ -394,12 +424,23 @@ impl DotLock {
                 .open(&path)
             {
                 Ok(mut file) => {
-                    // liblockfile writes the pid; nobody relies on it.
-                    let _ = writeln!(file, "{}", std::process::id());
-                    let ino = file.metadata().map(|m| m.ino()).unwrap_or(0);
+                    // liblockfile writes the pid (and reads only the number); the token after
+                    // it tells our lock from one another holder made at the same inode.
+                    let content = format!("{} {}\n", std::process::id(), unique_token());
+                    let written = file.write_all(content.as_bytes());
+                    let meta = file.metadata();
+                    let (dev, ino) = match (written, meta) {
+                        (Ok(()), Ok(m)) => (m.dev(), m.ino()),
+                        (Err(e), _) | (_, Err(e)) => {
+                            let _ = fs::remove_file(&path);
+                            return Err(LockFailure::Io(e));
+                        }
+                    };
                     return Ok(DotLock {
                         path,
+                        dev,
                         ino,
+                        content,
                         touched: Instant::now(),
                     });
                 }
@@ -410,12 +451,7 @@ impl DotLock {
                             .ok()
                             .and_then(|m| SystemTime::now().duration_since(m).ok())
                             .unwrap_or_default();
-                        if age > DOTLOCK_STALE {
-                            // Left by a dead process: removed (only that file, not a newer
-                            // one someone made meanwhile).
-                            if fs::metadata(&path).is_ok_and(|m| m.ino() == meta.ino()) {
-                                let _ = fs::remove_file(&path);
-                            }
+                        if age > DOTLOCK_STALE && remove_stale(&path, &meta) {
                             continue;
                         }
                     }
@@ -442,11 +478,51 @@ impl DotLock {
             self.touched = Instant::now();
         }
     }
+
+    /// Whether the file at the lock's path is still the one we created and wrote.
+    fn still_ours(&self) -> bool {
+        let Ok(mut file) = File::open(&self.path) else {
+            return false;
+        };
+        let Ok(meta) = file.metadata() else {
+            return false;
+        };
+        if meta.dev() != self.dev || meta.ino() != self.ino {
+            return false;
+        }
+        let mut found = Vec::new();
+        let limit = self.content.len() as u64 + 1;
+        (&mut file).take(limit).read_to_end(&mut found).is_ok() && found == self.content.as_bytes()
+    }
+}
+
+/// Removes the stale dot-lock `meta` describes, and only that one: two waiters can both find
+/// it stale, and the first one's fresh lock must survive the second. The lock is first moved
+/// aside under a name of our own (atomically: whatever is at `path` then is ours alone), then
+/// checked to be the stale file; a fresh lock moved aside by mistake is put back. False when
+/// nothing could be moved (then the caller waits as for a live lock).
+fn remove_stale(path: &Path, meta: &Metadata) -> bool {
+    let aside = with_suffix(path, &format!(".stale-{}", unique_token()));
+    match fs::rename(path, &aside) {
+        Ok(()) => {}
+        // Removed by someone else meanwhile.
+        Err(e) if e.kind() == ErrorKind::NotFound => return true,
+        Err(_) => return false,
+    }
+    if fs::symlink_metadata(&aside).is_ok_and(|m| same_file(&m, meta)) {
+        let _ = fs::remove_file(&aside);
+        return true;
+    }
+    // Someone's live lock: back in place, unless yet another lock was taken meanwhile (then
+    // that one stays; a hard link never replaces a file).
+    let _ = fs::hard_link(&aside, path);
+    let _ = fs::remove_file(&aside);
+    true
 }
 
 impl Drop for DotLock {
     fn drop(&mut self) {
-        if fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+        if self.still_ours() {
             let _ = fs::remove_file(&self.path);
         }
     }
@@ -620,6 +696,60 @@ impl Journal {
         Ok(journal
             .filter(|j| j.keep_from <= j.new_len)
             .map(|j| (j, data_at)))
+    }
+}
+
+/// Creates the rewrite journal (or its temporary file) afresh: the other user of the
+/// installation must be able to read it to complete a rewrite this run leaves unfinished, so
+/// it takes the directory's group and mode 0660 whatever the umask (see `perms`).
+fn create_journal(path: &Path) -> io::Result<File> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    crate::perms::create_new(path, crate::perms::FILE_MODE, false)
+}
+
+/// Opens the sibling mbox `path` (a `move:` folder, `PCR-Failed`) for appending, creating it
+/// when missing with the directory's group and the mode bits of the mbox (`source_mode`),
+/// whatever the umask; group read-write when the mbox is group-writable, so that the other
+/// user of the installation can append to what this one created (see `perms`).
+fn open_folder(path: &Path, source_mode: u32) -> io::Result<File> {
+    let mut mode = source_mode & 0o666;
+    if mode & 0o020 != 0 {
+        mode |= crate::perms::FILE_MODE;
+    }
+    loop {
+        match OpenOptions::new()
+            .read(true)
+            .append(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(file) => return Ok(file),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let created = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path);
+        match created {
+            Ok(file) => {
+                if let Err(e) = crate::perms::adopt(&file, &crate::perms::parent_of(path), mode) {
+                    let _ = fs::remove_file(path);
+                    return Err(e);
+                }
+                return Ok(file);
+            }
+            // Created by someone else between the two opens: theirs.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -950,13 +1080,7 @@ impl MboxMailbox {
             cut_hash: hash_range(file, (j.new_len + appended).min(size), size).map_err(io)?,
             prefix_hash: j.prefix_hash.clone(),
         };
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
+        let mut out = create_journal(&tmp).map_err(io)?;
         out.write_all(&next.header()).map_err(io)?;
         copy_range(
             &jfile,
@@ -1065,12 +1189,7 @@ impl MboxMailbox {
         };
         let journal_path = self.journal_path();
         let tmp = with_suffix(&journal_path, ".tmp");
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
+        let mut out = create_journal(&tmp)
             .map_err(|e| self.io_error("write the rewrite journal beside the mbox", e))?;
         out.write_all(&journal.header()).map_err(io)?;
         {
@@ -1126,21 +1245,10 @@ impl MboxMailbox {
             }
             Err(LockFailure::Io(e)) => return Err(io(e)),
         };
-        let out = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(source_meta.permissions().mode() & 0o666)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&target)
-            .map_err(io)?;
+        let out = open_folder(&target, source_meta.permissions().mode()).map_err(io)?;
         let meta = out.metadata().map_err(io)?;
         if !meta.is_file() {
             return Err(self.error(format!("{shown} is not a regular file")));
-        }
-        if meta.len() == 0 && meta.gid() != source_meta.gid() {
-            // Created just now: the mbox's group, where allowed.
-            let _ = std::os::unix::fs::fchown(&out, None, Some(source_meta.gid()));
         }
         loop {
             if try_fcntl_lock(&out, true).map_err(io)? {
@@ -1679,6 +1787,77 @@ mod tests {
         assert_eq!(notices.len(), 1);
         assert!(notices[0].contains("could not be completed"), "{notices:?}");
         assert!(!b.path.with_file_name("desk.pcr-rewrite").exists());
+    }
+
+    #[test]
+    fn a_dot_lock_another_holder_replaced_is_not_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("desk.lock");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        // Ours: removed when dropped.
+        drop(DotLock::acquire(path.clone(), deadline).ok().unwrap());
+        assert!(!path.exists());
+        // Replaced meanwhile by another holder's lock at the same inode (as after a stale lock
+        // was broken and the new one reused the number): that one stays.
+        let ours = DotLock::acquire(path.clone(), deadline).ok().unwrap();
+        fs::write(&path, "4242\n").unwrap();
+        drop(ours);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "4242\n");
+        // A stale lock is broken, and nothing is left beside it.
+        let old = SystemTime::now() - DOTLOCK_STALE - Duration::from_secs(60);
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let taken = DotLock::acquire(path.clone(), deadline).ok().unwrap();
+        assert_ne!(fs::read_to_string(&path).unwrap(), "4242\n");
+        drop(taken);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn files_created_beside_the_mbox_let_the_other_user_in_whatever_the_umask() {
+        // SAFETY: umask only sets the process's file mode creation mask; 022 is root's usual.
+        unsafe { libc::umask(0o022) };
+        let b = Box_::new(&[1, 2, 3]);
+        let dir = b.path.parent().unwrap().to_path_buf();
+        // The installation's group on the directory (not setgid: what is created must take
+        // it explicitly). Only root can give it a group it is not in.
+        // SAFETY: geteuid never fails.
+        let root = unsafe { libc::geteuid() } == 0;
+        let group = if root {
+            std::os::unix::fs::chown(&dir, None, Some(54321)).unwrap();
+            54321
+        } else {
+            fs::metadata(&dir).unwrap().gid()
+        };
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o770)).unwrap();
+        fs::set_permissions(&b.path, fs::Permissions::from_mode(0o660)).unwrap();
+        let mut mailbox = b.open_with(ProcessedAction::Move("Done".into()));
+        let ids = listed_ids(&mut mailbox);
+        assert!(mailbox.quarantine(&ids[..1]).unwrap());
+        // A run that dies in the middle of a rewrite leaves its journal.
+        mailbox.crash = Some(Crash::JournalWritten);
+        mailbox.mark_processed(&ids[1..2]).unwrap_err();
+        drop(mailbox);
+        for name in ["PCR-Failed", "Done", "desk.pcr-rewrite"] {
+            let meta = fs::metadata(dir.join(name)).unwrap();
+            assert_eq!(meta.mode() & 0o7777, 0o660, "{name}");
+            assert_eq!(meta.gid(), group, "{name}");
+        }
+        // A mbox only its owner may read gives its folders no more.
+        fs::remove_file(dir.join("PCR-Failed")).unwrap();
+        fs::set_permissions(&b.path, fs::Permissions::from_mode(0o600)).unwrap();
+        let mut next = b.open_with(ProcessedAction::Move("Done".into()));
+        let ids = listed_ids(&mut next);
+        assert_eq!(ids.len(), 1);
+        assert!(next.quarantine(&ids).unwrap());
+        let meta = fs::metadata(dir.join("PCR-Failed")).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o600);
+        assert_eq!(b.text(), "");
+        assert!(!dir.join("desk.pcr-rewrite").exists());
     }
 
     #[test]
