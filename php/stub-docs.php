@@ -53,7 +53,7 @@ array{
     status: 'failed',
     error: string,
     exception: class-string<\PCR_Utility_EmailException>,
-    account?: string,
+    account?: int|'master',
     server?: string,
     smtp_code?: int|null,
     transient?: bool

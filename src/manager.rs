@@ -696,7 +696,11 @@ fn failed_result(error: &Error) -> Value {
         "exception": exception_class(error),
     });
     if let Error::Transport(t) = error {
-        result["account"] = Value::from(t.account.clone());
+        // As a sent result names it: the tenant RECID as an int, or 'master'.
+        result["account"] = match t.account.parse::<i64>() {
+            Ok(recid) => Value::from(recid),
+            Err(_) => Value::from(t.account.clone()),
+        };
         result["server"] = Value::from(t.server.clone());
         result["smtp_code"] = json!(t.code);
         result["transient"] = Value::from(t.transient);

@@ -245,7 +245,7 @@ class PCR_Utility_EmailManager
      *     status: 'failed',
      *     error: string,
      *     exception: class-string<\PCR_Utility_EmailException>,
-     *     account?: string,
+     *     account?: int|'master',
      *     server?: string,
      *     smtp_code?: int|null,
      *     transient?: bool

@@ -258,6 +258,7 @@ final class SendTest extends TestCase
         foreach ($results as $i => $r) {
             if ($i === 3) {
                 $this->assertSame('failed', $r['status']);
+                $this->assertSame('master', $r['account']);
                 $this->assertSame(550, $r['smtp_code']);
                 $this->assertFalse($r['transient']);
             } elseif ($i === 7) {
@@ -272,6 +273,26 @@ final class SendTest extends TestCase
             }
         }
         $this->assertCount(9, smtp_received((int) test_env('PCR_SMTP_STARTTLS_PORT'), $t, 9));
+    }
+
+    /** A failed entry names a tenant account as a sent one does: its RECID as an int. */
+    public function testSendBatchNamesTenantAccountsAlike(): void
+    {
+        $ini = write_ini($this->dir, ['EMAIL' => 'pcr@example.edu', 'OUTGOING_TRANSPORT_TYPE' => 'FILE',
+            'FILE_PATH' => $this->dir . '/master-out']);
+        $host = new TestHost();
+        $host->accounts = [smtp_master(['RECID' => 41, 'TENANTS_RECID' => 4, 'ACCOUNT_TYPE' => 'default',
+            'EMAIL' => 'desk4@test.local'])];
+        $m = new PCR_Utility_EmailManager($ini, 'prod', $host);
+        $t = token('batch4');
+        $results = $m->sendBatch([
+            ['to' => 'r1@test.local', 'subject' => "$t sent", 'text' => 'x', 'tenant' => 4],
+            ['to' => 'reject-me@test.local', 'subject' => "$t refused", 'text' => 'x', 'tenant' => 4],
+        ]);
+        $this->assertSame('sent', $results[0]['status'], json_encode($results));
+        $this->assertSame(41, $results[0]['account']);
+        $this->assertSame('failed', $results[1]['status'], json_encode($results));
+        $this->assertSame(41, $results[1]['account']);
     }
 
     public function testSendmailBinary(): void
