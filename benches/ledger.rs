@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use pcr_email::state::{Claim, Owner, Settled, StateStore, DB_FILE};
+use pcr_email::state::{Claim, LedgerOutcome, Owner, Settled, StateStore, DB_FILE};
 
 struct Options {
     messages: usize,
@@ -61,7 +61,7 @@ fn settled(key: String, n: usize) -> Settled {
     Settled {
         account: SCOPE.to_string(),
         key,
-        outcome: "inquiry".to_string(),
+        outcome: LedgerOutcome::Inquiry,
         sd_number: Some(format!("SD{n:07}")),
     }
 }

@@ -13,7 +13,7 @@ if [ "${1:-}" = "--release" ]; then
     profile=release
     args+=(--release)
 fi
-cargo build --quiet "${args[@]}" --features php --lib >&2
+cargo build --locked --quiet "${args[@]}" --features php --lib >&2
 so="${CARGO_TARGET_DIR:-$PCR_ROOT/target}/$profile/libpcr_email.so"
 [ -f "$so" ] || die "build finished but $so is missing"
 php -n -d "extension=$so" -r 'exit(extension_loaded("pcr_email") ? 0 : 1);' \

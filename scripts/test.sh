@@ -58,7 +58,7 @@ php_tests() {
 
 fatal_step "install dependencies" bash scripts/install-deps.sh
 fatal_step "toolchain" check_toolchain
-fatal_step "build" cargo build --all-targets
+fatal_step "build" cargo build --locked --all-targets
 trap stop_servers EXIT
 trap 'exit 130' INT TERM
 fatal_step "start test servers" bash scripts/test-servers.sh start
@@ -66,9 +66,9 @@ fatal_step "start test servers" bash scripts/test-servers.sh start
 . "$PCR_TESTENV/env"
 
 run_step "cargo fmt --check" cargo fmt --all -- --check
-run_step "cargo clippy" cargo clippy --all-targets -- -D warnings
-run_step "cargo clippy (php boundary)" cargo clippy --features php --lib -- -D warnings
-run_step "cargo test" cargo test
+run_step "cargo clippy" cargo clippy --locked --all-targets -- -D warnings
+run_step "cargo clippy (php boundary)" cargo clippy --locked --features php --lib -- -D warnings
+run_step "cargo test" cargo test --locked
 run_step "PHP extension + PHP tests" php_tests
 run_step "phpize && configure && make install" bash scripts/test-phpize.sh
 

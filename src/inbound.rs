@@ -36,7 +36,7 @@ use crate::incoming::{self, gate, Fetched, Flow, Listed};
 use crate::manager::Manager;
 use crate::mime::{self, AutoKind, ParsedMail};
 use crate::oauth::OAuthEnv;
-use crate::state::{Claim, Owner, Settled, StateStore, MAX_ATTEMPTS};
+use crate::state::{Claim, LedgerOutcome, Owner, Settled, StateStore, MAX_ATTEMPTS};
 use crate::threading;
 
 /// Messages in flight between the mailbox threads and PHP's thread: memory stays bounded (a
@@ -1113,13 +1113,13 @@ impl Run<'_> {
             Ok(Delivered::Inquiry(sd)) => Outcome::Inquiry(Settled {
                 account: scope,
                 key,
-                outcome: "inquiry".to_string(),
+                outcome: LedgerOutcome::Inquiry,
                 sd_number: (!sd.is_empty()).then_some(sd),
             }),
             Ok(Delivered::Thread(sd)) => Outcome::Threaded(Settled {
                 account: scope,
                 key,
-                outcome: "threaded".to_string(),
+                outcome: LedgerOutcome::Threaded,
                 sd_number: Some(sd),
             }),
             Ok(Delivered::Skipped(reason)) => {

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::config::secrets::{self, KeyStore};
 use crate::config::{tenant_rows, Account, AccountId, FailedAccount, Settings};
@@ -26,7 +25,9 @@ pub struct Manager {
     keys: Option<KeyStore>,
     /// One transport per account (and configuration): SMTP connections are reused across
     /// `send()` calls for the life of the PHP object.
-    transports: HashMap<String, Box<dyn Transport>>,
+    /// Each kept with the account it was built for: a changed row (new password, new server,
+    /// another AUTH_TYPE or EMAIL) gets a new transport. Compared by value, not by any text.
+    transports: HashMap<String, (Box<Account>, Box<dyn Transport>)>,
     /// The tenant rows that could not be used at the last `tenant_accounts()` (secret-free).
     pub row_errors: Vec<String>,
     /// The broken tenant accounts of the last `tenant_accounts()`: rows that belong to a
@@ -251,8 +252,10 @@ impl Manager {
                 keys.dedup();
                 keys
             };
-            let transports: Vec<&dyn Transport> =
-                keys.iter().map(|k| self.transports[*k].as_ref()).collect();
+            let transports: Vec<&dyn Transport> = keys
+                .iter()
+                .map(|k| self.transports[*k].1.as_ref())
+                .collect();
             let jobs: Vec<outgoing::BatchJob<'_>> = pending
                 .iter()
                 .map(|(_, job)| outgoing::BatchJob {
@@ -383,7 +386,7 @@ impl Manager {
             rand::random()
         };
         let built = build(&request, &account, &thread_key)?;
-        let key = transport_key(&account);
+        let key = account.id.to_string();
         Ok(Prepared::Deliver(Job {
             key,
             account,
@@ -414,11 +417,16 @@ impl Manager {
     }
 
     fn transport(&mut self, key: &str, account: &Account) -> Result<&dyn Transport> {
-        if !self.transports.contains_key(key) {
+        let stale = self
+            .transports
+            .get(key)
+            .is_none_or(|(built_for, _)| **built_for != *account);
+        if stale {
             let transport = outgoing::transport_for(account, &self.oauth_env())?;
-            self.transports.insert(key.to_string(), transport);
+            self.transports
+                .insert(key.to_string(), (Box::new(account.clone()), transport));
         }
-        Ok(self.transports[key].as_ref())
+        Ok(self.transports[key].1.as_ref())
     }
 
     /// Remembers the Message-ID sent for an SD item (SPEC §8). Threading itself relies on the
@@ -624,37 +632,6 @@ impl Manager {
     pub fn encrypt_password(plain: &str, config_file: &Path, environment: &str) -> Result<String> {
         secrets::encrypt_for_config(plain, config_file, environment)
     }
-}
-
-/// The cache key of an account's transport: its id and every setting the transport uses, so
-/// a changed row (new password, new server) gets a new transport. The password enters only
-/// as a hash.
-fn transport_key(account: &Account) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(account.password.as_ref().map(|p| p.expose()).unwrap_or(""));
-    // OFFICE365 / GMAIL: the OAuth2 tab (its secrets, which `Debug` redacts, as a hash too).
-    if let Some(oauth) = &account.oauth {
-        for secret in [&oauth.secret_key, &oauth.service_account_json] {
-            hasher.update([0]);
-            hasher.update(secret.as_ref().map(|s| s.expose()).unwrap_or(""));
-        }
-    }
-    format!(
-        "{}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
-        account.id,
-        account.outgoing,
-        account.login_name(),
-        account.tls,
-        account.file_path,
-        account.sendmail_path,
-        account.timeout,
-        account.oauth,
-        hex(&hasher.finalize()[..8]),
-    )
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn account_json(account: &Account) -> Value {

@@ -124,7 +124,7 @@ fn race_child() {
         }
         for k in won {
             store
-                .complete(ACCOUNT, &k, &format!("worker-{worker}"), None)
+                .complete(ACCOUNT, &k, format!("worker-{worker}").as_str(), None)
                 .unwrap();
         }
         // Let the others at the lock (SQLite's busy wait favours whoever holds it).

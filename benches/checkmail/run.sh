@@ -20,7 +20,7 @@ php -r 'exit(function_exists("imap_open") ? 0 : 1);' ||
 
 target="${CARGO_TARGET_DIR:-$PCR_ROOT/target}"
 log "building the extension (release) in $target"
-cargo build --quiet --release --features php --lib
+cargo build --locked --quiet --release --features php --lib
 so="$target/release/libpcr_email.so"
 php -n -d "extension=$so" -r 'exit(extension_loaded("pcr_email") ? 0 : 1);' || die "$so does not load"
 

@@ -463,7 +463,15 @@ fn with_account(err: Error, account: &str) -> Error {
 
 /// The EHLO name: this machine's host name when it is a plain domain, else `localhost`.
 fn hello_name() -> String {
-    let name = lettre::transport::smtp::extension::ClientId::default().to_string();
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is writable for its whole length; gethostname writes at most that much.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
     let ok = !name.is_empty()
         && name.len() <= 253
         && name

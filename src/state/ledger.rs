@@ -38,8 +38,7 @@ use crate::error::Result;
 pub struct Settled {
     pub account: String,
     pub key: String,
-    /// `inquiry`, `threaded`, or [`SKIPPED_PREFIX`] and the reason.
-    pub outcome: String,
+    pub outcome: LedgerOutcome,
     pub sd_number: Option<String>,
 }
 
@@ -51,7 +50,7 @@ impl Settled {
             &self.account,
             &self.key,
             LedgerState::Done,
-            &self.outcome,
+            &self.outcome.to_db(),
             self.sd_number.as_deref(),
             None,
         )
@@ -62,9 +61,53 @@ impl Settled {
         Settled {
             account: account.to_string(),
             key: key.to_string(),
-            outcome: format!("{SKIPPED_PREFIX}{reason}"),
+            outcome: LedgerOutcome::Skipped(reason.to_string()),
             sd_number: None,
         }
+    }
+}
+
+/// What became of a message the ledger holds as done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerOutcome {
+    /// The host created an Inquiry for it.
+    Inquiry,
+    /// The host added it to an item's thread.
+    Threaded,
+    /// Never given to the host (blocked sender, our own mail, auto-reply without SD item,
+    /// oversized): the reason. Such a message is left in the mailbox.
+    Skipped(String),
+    /// Any other text in the `outcome` column (written by a test or another version): kept.
+    Other(String),
+}
+
+impl LedgerOutcome {
+    /// Its text in the `outcome` column: `inquiry`, `threaded`, `skipped: <reason>`.
+    pub fn to_db(&self) -> String {
+        match self {
+            LedgerOutcome::Inquiry => "inquiry".to_string(),
+            LedgerOutcome::Threaded => "threaded".to_string(),
+            LedgerOutcome::Skipped(reason) => format!("{SKIPPED_PREFIX}{reason}"),
+            LedgerOutcome::Other(text) => text.clone(),
+        }
+    }
+
+    /// The outcome a column text stands for (the inverse of [`LedgerOutcome::to_db`]).
+    pub fn from_db(text: &str) -> LedgerOutcome {
+        match text {
+            "inquiry" => LedgerOutcome::Inquiry,
+            "threaded" => LedgerOutcome::Threaded,
+            _ => match text.strip_prefix(SKIPPED_PREFIX) {
+                Some(reason) => LedgerOutcome::Skipped(reason.to_string()),
+                None => LedgerOutcome::Other(text.to_string()),
+            },
+        }
+    }
+}
+
+impl From<&str> for LedgerOutcome {
+    fn from(text: &str) -> LedgerOutcome {
+        LedgerOutcome::from_db(text)
     }
 }
 
@@ -81,11 +124,14 @@ pub enum Claim {
     /// Never seen: now in progress, owned by the caller.
     New,
     /// Already handled: the caller only re-applies the mailbox action (never the host).
-    /// A skipped message's outcome starts with [`SKIPPED_PREFIX`]; see [`Claim::is_skipped`].
+    /// A skipped message's outcome is [`LedgerOutcome::Skipped`]; see [`Claim::is_skipped`].
     /// `same_copy` is false when the row was recorded for another mailbox copy (another
     /// `mailbox_ref`): a second message with a Message-ID already seen, which must be left
     /// where it is rather than deleted as if it had been processed.
-    Done { outcome: String, same_copy: bool },
+    Done {
+        outcome: LedgerOutcome,
+        same_copy: bool,
+    },
     /// A live run owns it (possibly the caller's own run): leave it alone this run.
     Busy,
     /// An earlier attempt failed or its run died: now owned by the caller. `attempts` counts
@@ -99,7 +145,13 @@ impl Claim {
     /// True for a `Done` whose outcome was recorded by [`StateStore::skip`] (the message never
     /// reached the host, so it must not be deleted from the mailbox).
     pub fn is_skipped(&self) -> bool {
-        matches!(self, Claim::Done { outcome, .. } if outcome.starts_with(SKIPPED_PREFIX))
+        matches!(
+            self,
+            Claim::Done {
+                outcome: LedgerOutcome::Skipped(_),
+                ..
+            }
+        )
     }
 }
 
@@ -424,7 +476,7 @@ impl StateStore {
         }
         match LedgerState::parse(&row.state) {
             Some(LedgerState::Done) => Ok(Claim::Done {
-                outcome: row.outcome.unwrap_or_default(),
+                outcome: LedgerOutcome::from_db(row.outcome.as_deref().unwrap_or_default()),
                 same_copy: match (&row.mailbox_ref, mailbox_ref) {
                     (Some(stored), Some(given)) => stored == given,
                     _ => true,
@@ -468,16 +520,17 @@ impl StateStore {
         &self,
         account: &str,
         key: &str,
-        outcome: &str,
+        outcome: impl Into<LedgerOutcome>,
         sd_number: Option<&str>,
     ) -> Result<()> {
-        self.settle(account, key, LedgerState::Done, outcome, sd_number, None)
+        let outcome = outcome.into().to_db();
+        self.settle(account, key, LedgerState::Done, &outcome, sd_number, None)
     }
 
     /// Records a skipped message (blocked sender, our own mail, auto-reply without SD item,
     /// oversized) as done with outcome `skipped: <reason>`: counted once, never reconsidered.
     pub fn skip(&self, account: &str, key: &str, reason: &str) -> Result<()> {
-        let outcome = format!("{SKIPPED_PREFIX}{reason}");
+        let outcome = LedgerOutcome::Skipped(reason.to_string()).to_db();
         self.settle(account, key, LedgerState::Done, &outcome, None, None)
     }
 

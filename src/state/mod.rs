@@ -40,7 +40,8 @@ pub mod ledger;
 pub mod owner;
 
 pub use ledger::{
-    Claim, LedgerCounts, LedgerEntry, LedgerState, Settled, MAX_ATTEMPTS, SKIPPED_PREFIX,
+    Claim, LedgerCounts, LedgerEntry, LedgerOutcome, LedgerState, Settled, MAX_ATTEMPTS,
+    SKIPPED_PREFIX,
 };
 pub use owner::{process_alive, process_start_ticks, Owner};
 
