@@ -389,6 +389,32 @@ mod tests {
         assert_eq!(wire.read(&mut buf).unwrap(), 0);
     }
 
+    /// The shared-socket scheme in one test, with the real `imap` crate: after the crate has
+    /// read the replies to its commands, every byte the server sent after them (here in the
+    /// same segment) is still in the wire for our FETCH reader. Fails if a new version of the
+    /// crate reads ahead of the line it needs (the scheme would then lose bytes).
+    #[test]
+    fn the_imap_crate_leaves_what_follows_its_replies_in_the_wire() {
+        let following = b"* 1 FETCH (UID 5 BODY[] {5}\r\nab\ncd)\r\n";
+        let mut input = b"* OK ready\r\na1 OK Logged in\r\n* 3 EXISTS\r\n\
+                          * OK [UIDVALIDITY 7] ok\r\na2 OK [READ-ONLY] done\r\n"
+            .to_vec();
+        input.extend_from_slice(following);
+        // The whole script in one read: the server's replies and what follows them together.
+        let mock = MockStream::new(&input, input.len());
+        let wire = Wire::new(mock.clone(), Duration::from_secs(1));
+        let mut greeting = Vec::new();
+        wire.read_line(&mut greeting, 1000).unwrap();
+        let client = imap::Client::new(wire.clone());
+        let mut session = client.login("u", "p").map_err(|(e, _)| e).unwrap();
+        let mailbox = session.examine("INBOX").unwrap();
+        assert_eq!(mailbox.exists, 3);
+        assert_eq!(wire.buffered(), following.len(), "the crate read ahead");
+        let mut rest = Vec::new();
+        wire.read_exact_into(&mut rest, following.len()).unwrap();
+        assert_eq!(rest, following);
+    }
+
     #[test]
     fn lines_and_literals_across_tiny_reads() {
         let mock = MockStream::new(b"* 1 FETCH {5}\r\nab\ncd)\r\n", 1);
