@@ -1,4 +1,5 @@
-//! The one error type of the core. `src/php` maps each variant to one PHP exception class:
+//! The one error type of the core, and the one mapping of its variants to the PHP exception
+//! classes ([`Error::exception_class`]; `src/php` throws that class, `sendBatch` names it):
 //!
 //! | variant     | PHP class                              |
 //! |-------------|----------------------------------------|
@@ -87,6 +88,18 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The PHP exception class of this error (the table above): what `src/php` throws, and
+    /// what a failed `sendBatch` entry names.
+    pub fn exception_class(&self) -> &'static str {
+        match self {
+            Error::Config { .. } => "PCR_Utility_EmailConfigException",
+            Error::Transport(_) => "PCR_Utility_EmailTransportException",
+            Error::Mailbox(_) => "PCR_Utility_EmailMailboxException",
+            Error::Auth { .. } => "PCR_Utility_EmailAuthException",
+            Error::Message(_) | Error::Host(_) => "PCR_Utility_EmailException",
+        }
+    }
+
     pub fn config(location: ConfigLocation, message: impl Into<String>) -> Self {
         Error::Config {
             location,

@@ -670,7 +670,7 @@ fn failed_result(error: &Error) -> Value {
     let mut result = json!({
         "status": "failed",
         "error": error.to_string(),
-        "exception": exception_class(error),
+        "exception": error.exception_class(),
     });
     if let Error::Transport(t) = error {
         // As a sent result names it: the tenant RECID as an int, or 'master'.
@@ -683,17 +683,6 @@ fn failed_result(error: &Error) -> Value {
         result["transient"] = Value::from(t.transient);
     }
     result
-}
-
-/// The PHP exception class `send()` would have thrown for this error.
-pub fn exception_class(error: &Error) -> &'static str {
-    match error {
-        Error::Config { .. } => "PCR_Utility_EmailConfigException",
-        Error::Transport(_) => "PCR_Utility_EmailTransportException",
-        Error::Mailbox(_) => "PCR_Utility_EmailMailboxException",
-        Error::Auth { .. } => "PCR_Utility_EmailAuthException",
-        Error::Message(_) | Error::Host(_) => "PCR_Utility_EmailException",
-    }
 }
 
 fn check_error(account: &Account, error: &Error) -> Value {

@@ -193,17 +193,29 @@ fn object(ce: &'static ClassEntry, message: &str, props: &[(&str, Zval)]) -> Opt
     obj.into_zval(false).ok()
 }
 
+/// The registered class entry of one of our exception class names.
+fn class_entry(name: &str) -> &'static ClassEntry {
+    match name {
+        CONFIG => load(&CONFIG_CE),
+        TRANSPORT => load(&TRANSPORT_CE),
+        MAILBOX => load(&MAILBOX_CE),
+        AUTH => load(&AUTH_CE),
+        _ => base_ce(),
+    }
+}
+
 fn string_zval(s: &str) -> Zval {
     let mut z = Zval::new();
     let _ = z.set_string(s, false);
     z
 }
 
-/// The one mapping from core errors to PHP exceptions.
+/// A core error as the PHP exception of its class ([`Error::exception_class`], the one
+/// mapping), with the class's properties set.
 pub fn to_php(err: Error) -> PhpException {
     let message = err.to_string();
-    let (ce, props): (&'static ClassEntry, Vec<(&str, Zval)>) = match &err {
-        Error::Config { .. } => (load(&CONFIG_CE), vec![]),
+    let ce = class_entry(err.exception_class());
+    let props: Vec<(&str, Zval)> = match &err {
         Error::Transport(t) => {
             let mut code = Zval::new();
             match t.code {
@@ -212,25 +224,19 @@ pub fn to_php(err: Error) -> PhpException {
             }
             let mut transient = Zval::new();
             transient.set_bool(t.transient);
-            (
-                load(&TRANSPORT_CE),
-                vec![
-                    ("account", string_zval(&t.account)),
-                    ("server", string_zval(&t.server)),
-                    ("smtpCode", code),
-                    ("transient", transient),
-                ],
-            )
-        }
-        Error::Mailbox(m) => (
-            load(&MAILBOX_CE),
             vec![
-                ("account", string_zval(&m.account)),
-                ("server", string_zval(&m.server)),
-            ],
-        ),
-        Error::Auth { account, .. } => (load(&AUTH_CE), vec![("account", string_zval(account))]),
-        Error::Message(_) | Error::Host(_) => (base_ce(), vec![]),
+                ("account", string_zval(&t.account)),
+                ("server", string_zval(&t.server)),
+                ("smtpCode", code),
+                ("transient", transient),
+            ]
+        }
+        Error::Mailbox(m) => vec![
+            ("account", string_zval(&m.account)),
+            ("server", string_zval(&m.server)),
+        ],
+        Error::Auth { account, .. } => vec![("account", string_zval(account))],
+        Error::Config { .. } | Error::Message(_) | Error::Host(_) => vec![],
     };
     let exception = PhpException::new(message.clone(), 0, ce);
     match object(ce, &message, &props) {
