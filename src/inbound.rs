@@ -835,6 +835,8 @@ impl Run<'_> {
     ) {
         // Owned here: dropping a mailbox's sender is what lets its thread commit.
         self.decisions = decisions.into_iter().map(Some).collect();
+        // Each mailbox's ledger scope, worked out once (MAILDIR/MBOX resolve their path).
+        let scopes: Vec<String> = mailboxes.iter().map(ledger_scope).collect();
         while let Some(event) = self.next_event(&events) {
             match event {
                 Event::Listed { mailbox, deferred } => {
@@ -843,7 +845,7 @@ impl Run<'_> {
                 Event::Oversized { mailbox, listed } => {
                     // No decision: the mailbox leaves it where it is, as a candidate.
                     summaries[mailbox].skip("oversized");
-                    self.oversized(&mailboxes[mailbox], &listed);
+                    self.oversized(&mailboxes[mailbox], &scopes[mailbox], &listed);
                 }
                 Event::Message {
                     mailbox,
@@ -859,7 +861,7 @@ impl Run<'_> {
                         continue;
                     }
                     let account = &mailboxes[mailbox];
-                    let outcome = self.process(account, &id, *parsed);
+                    let outcome = self.process(account, &scopes[mailbox], &id, *parsed);
                     // The host has returned and the message is gone: the next large one may
                     // be downloaded.
                     drop(pass);
@@ -920,7 +922,7 @@ impl Run<'_> {
                 }
                 Event::Unreadable { mailbox, id, error } => {
                     let summary = &mut summaries[mailbox];
-                    match self.unreadable(&mailboxes[mailbox], &id, &error) {
+                    match self.unreadable(&mailboxes[mailbox], &scopes[mailbox], &id, &error) {
                         Outcome::Busy => summary.deferred += 1,
                         Outcome::Quarantined => {
                             summary.failed += 1;
@@ -970,9 +972,9 @@ impl Run<'_> {
     /// A message over MAX_MESSAGE_BYTES: not downloaded, and not recorded as done either, so it
     /// is counted in every run's summary while it waits and becomes an ordinary message once the
     /// limit allows it. Logged and alerted once (per mailbox and message).
-    fn oversized(&mut self, account: &Account, listed: &Listed) {
+    fn oversized(&mut self, account: &Account, scope: &str, listed: &Listed) {
         let id = account.id.to_string();
-        let once = format!("oversized:{}:{}", ledger_scope(account), listed.id);
+        let once = format!("oversized:{scope}:{}", listed.id);
         match self.state.alert_once(&format!("log:{once}")) {
             Ok(true) => {}
             Ok(false) => return,
@@ -1007,21 +1009,26 @@ impl Run<'_> {
     /// A message that could not be read: a failure of that message like a host failure
     /// (logged, retried by the next runs, quarantined after the third), keyed by its place in
     /// the mailbox since its Message-ID is unknown.
-    fn unreadable(&mut self, account: &Account, mailbox_ref: &str, error: &Error) -> Outcome {
+    fn unreadable(
+        &mut self,
+        account: &Account,
+        scope: &str,
+        mailbox_ref: &str,
+        error: &Error,
+    ) -> Outcome {
         self.flush_pending();
         let id = account.id.to_string();
-        let scope = ledger_scope(account);
         let key = format!("unreadable:{mailbox_ref}");
         let what = format!("the message {mailbox_ref} (it cannot be read)");
         match self
             .state
-            .claim(&scope, &key, Some(mailbox_ref), &self.owner)
+            .claim(scope, &key, Some(mailbox_ref), &self.owner)
         {
             Ok(Claim::Busy) => return Outcome::Busy,
             Ok(Claim::Quarantined) | Ok(Claim::Done { .. }) => return Outcome::StillQuarantined,
             Ok(Claim::Retry { attempts }) if attempts >= MAX_ATTEMPTS => {
                 let reason = format!("failed {attempts} times; last error: {error}");
-                return self.quarantine(account, &key, &what, &reason);
+                return self.quarantine(account, scope, &key, &what, &reason);
             }
             Ok(Claim::New) | Ok(Claim::Retry { .. }) => {}
             Err(e) => {
@@ -1037,10 +1044,10 @@ impl Run<'_> {
             ),
             json!({"account": id, "message": mailbox_ref}),
         );
-        match self.state.fail(&scope, &key, &error.to_string()) {
+        match self.state.fail(scope, &key, &error.to_string()) {
             Ok(attempts) if attempts >= MAX_ATTEMPTS => {
                 let reason = format!("failed {attempts} times; last error: {error}");
-                self.quarantine(account, &key, &what, &reason)
+                self.quarantine(account, scope, &key, &what, &reason)
             }
             Ok(_) => Outcome::Failed,
             Err(e) => {
@@ -1051,14 +1058,19 @@ impl Run<'_> {
     }
 
     /// One downloaded message, start to end.
-    fn process(&mut self, account: &Account, mailbox_ref: &str, mut parsed: ParsedMail) -> Outcome {
+    fn process(
+        &mut self,
+        account: &Account,
+        scope: &str,
+        mailbox_ref: &str,
+        mut parsed: ParsedMail,
+    ) -> Outcome {
         let id = account.id.to_string();
-        let scope = ledger_scope(account);
         let key = parsed.message_key.clone();
         let claim = match self.pending.take() {
             Some(pending) => match self.state.settle_then_claim(
                 &pending.settled,
-                &scope,
+                scope,
                 &key,
                 Some(mailbox_ref),
                 &self.owner,
@@ -1071,12 +1083,12 @@ impl Run<'_> {
                 Err(_) => {
                     self.commit_pending(pending);
                     self.state
-                        .claim(&scope, &key, Some(mailbox_ref), &self.owner)
+                        .claim(scope, &key, Some(mailbox_ref), &self.owner)
                 }
             },
             None => self
                 .state
-                .claim(&scope, &key, Some(mailbox_ref), &self.owner),
+                .claim(scope, &key, Some(mailbox_ref), &self.owner),
         };
         let claim = match claim {
             Ok(claim) => claim,
@@ -1098,7 +1110,7 @@ impl Run<'_> {
             Claim::Quarantined => return Outcome::StillQuarantined,
             Claim::Retry { attempts } if attempts >= MAX_ATTEMPTS => {
                 let reason = format!("failed {attempts} times");
-                return self.quarantine(account, &key, &describe(&parsed), &reason);
+                return self.quarantine(account, scope, &key, &describe(&parsed), &reason);
             }
             Claim::New | Claim::Retry { .. } => {}
         }
@@ -1111,19 +1123,19 @@ impl Run<'_> {
         let verdict = self.deliver(account, &mut parsed, attempt);
         match verdict {
             Ok(Delivered::Inquiry(sd)) => Outcome::Inquiry(Settled {
-                account: scope,
+                account: scope.to_string(),
                 key,
                 outcome: LedgerOutcome::Inquiry,
                 sd_number: (!sd.is_empty()).then_some(sd),
             }),
             Ok(Delivered::Thread(sd)) => Outcome::Threaded(Settled {
-                account: scope,
+                account: scope.to_string(),
                 key,
                 outcome: LedgerOutcome::Threaded,
                 sd_number: Some(sd),
             }),
             Ok(Delivered::Skipped(reason)) => {
-                Outcome::Skipped(reason, Settled::skipped(&scope, &key, reason))
+                Outcome::Skipped(reason, Settled::skipped(scope, &key, reason))
             }
             Err(error) => {
                 let text = format!(
@@ -1136,10 +1148,10 @@ impl Run<'_> {
                     &text,
                     json!({"account": id, "message_id": parsed.message_id, "key": key}),
                 );
-                match self.state.fail(&scope, &key, &error.to_string()) {
+                match self.state.fail(scope, &key, &error.to_string()) {
                     Ok(attempts) if attempts >= MAX_ATTEMPTS => {
                         let reason = format!("failed {attempts} times; last error: {error}");
-                        self.quarantine(account, &key, &describe(&parsed), &reason)
+                        self.quarantine(account, scope, &key, &describe(&parsed), &reason)
                     }
                     Ok(_) => Outcome::Failed,
                     Err(e) => {
@@ -1200,9 +1212,16 @@ impl Run<'_> {
     }
 
     /// Quarantines the message `what` describes (see [`describe`]).
-    fn quarantine(&mut self, account: &Account, key: &str, what: &str, reason: &str) -> Outcome {
+    fn quarantine(
+        &mut self,
+        account: &Account,
+        scope: &str,
+        key: &str,
+        what: &str,
+        reason: &str,
+    ) -> Outcome {
         let id = account.id.to_string();
-        if let Err(e) = self.state.quarantine(&ledger_scope(account), key, reason) {
+        if let Err(e) = self.state.quarantine(scope, key, reason) {
             self.log(&format!("pcr_email: {e}"), json!({"account": id}));
         }
         let text = format!(
