@@ -1135,8 +1135,7 @@ fn attachment(item: &Value, at: &str) -> Result<AttachmentData> {
 /// `/dev/zero`, a directory) before opening it, and reading at most [`MAX_ATTACHMENT_BYTES`]
 /// whatever size the file reports (`/proc` files report 0; a file may grow while read).
 fn read_attachment(path: &Path, at: &str) -> Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
+    use crate::config::files::{self, FileProblem};
 
     let fail =
         |why: String| Error::message(format!("{at}.path: cannot read {}: {why}", path.display()));
@@ -1146,64 +1145,22 @@ fn read_attachment(path: &Path, at: &str) -> Result<Vec<u8>> {
             MAX_ATTACHMENT_BYTES >> 20
         ))
     };
+    let problem = |p: FileProblem| match p {
+        FileProblem::NotRegular(what) => fail(format!("not a regular file ({what})")),
+        other => fail(other.to_string()),
+    };
     // Follows symlinks: a link to a regular file is fine, a link to a FIFO is not.
-    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(fail(format!("not a regular file ({})", file_kind(&meta))));
-    }
+    let (mut file, meta) = files::open_regular(path).map_err(problem)?;
     if meta.len() > MAX_ATTACHMENT_BYTES {
         return Err(over_limit(format!("{} bytes", meta.len())));
     }
-    // Non-blocking, so that a path swapped for a FIFO after the check cannot block the open;
-    // the handle is checked again (O_NONBLOCK changes nothing for a regular file).
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| fail(e.to_string()))?;
-    let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(fail(format!("not a regular file ({})", file_kind(&meta))));
-    }
-    // Fixed 64 KiB reads (a multiple of 8, as /proc/self/pagemap requires); never more than
-    // the limit is kept.
-    let mut data = Vec::with_capacity(meta.len().min(MAX_ATTACHMENT_BYTES) as usize);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(fail(e.to_string())),
-        };
-        if (data.len() + n) as u64 > MAX_ATTACHMENT_BYTES {
-            return Err(over_limit(format!(
-                "more than {MAX_ATTACHMENT_BYTES} bytes (the file reported {})",
-                meta.len()
-            )));
-        }
-        data.extend_from_slice(&buf[..n]);
-    }
-    Ok(data)
-}
-
-/// What a file that is not a regular file is, for error messages.
-fn file_kind(meta: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = meta.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a file"
-    }
+    files::read_open_limited(&mut file, MAX_ATTACHMENT_BYTES).map_err(|p| match p {
+        FileProblem::TooLarge(_) => over_limit(format!(
+            "more than {MAX_ATTACHMENT_BYTES} bytes (the file reported {})",
+            meta.len()
+        )),
+        other => problem(other),
+    })
 }
 
 /// The base64 of a binary PHP string, as `crate::php` passes it: `{"$binary": "..."}`.
