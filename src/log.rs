@@ -19,7 +19,7 @@ static PROCESS_ONCE: std::sync::Mutex<std::collections::BTreeSet<String>> =
 #[derive(Debug, Default)]
 pub struct Logger {
     file: Option<PathBuf>,
-    /// Keys of notices already written by this process (e.g. "stored in clear").
+    /// Keys of the notices this logger has written (see [`Logger::once`]).
     once: HashSet<String>,
 }
 
@@ -38,7 +38,8 @@ impl Logger {
         self.to_file("error", text, context);
     }
 
-    /// Logs a notice once per process and key (to the host and the file).
+    /// Logs a notice once per key for this logger (one manager object), to the host and the
+    /// file.
     pub fn once(&mut self, host: &mut dyn Host, key: &str, message: &str, context: &Value) {
         if self.once.insert(key.to_string()) {
             self.error(host, message, context);
@@ -60,7 +61,6 @@ impl Logger {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.to_string());
         if first {
-            self.once.insert(key.to_string());
             self.error(host, message, context);
         }
     }
@@ -72,14 +72,9 @@ impl Logger {
             return;
         };
         let line = format!(
-            "{} [{level}] {PREFIX}{}{}\n",
+            "{} [{level}] {PREFIX}{}\n",
             chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ"),
-            one_line(without_prefix(message)),
-            match context {
-                Value::Null => String::new(),
-                Value::Object(m) if m.is_empty() => String::new(),
-                other => format!(" {other}"),
-            }
+            entry(without_prefix(message), context),
         );
         // Created like the state files (crate::perms): the directory's group, 0660, so that
         // cron's user and the web server's user both append to it.
@@ -99,8 +94,17 @@ fn without_prefix(message: &str) -> &str {
     message.strip_prefix(PREFIX).unwrap_or(message)
 }
 
+/// One log entry as one line: the message, then its context as JSON when there is any.
+pub(crate) fn entry(message: &str, context: &Value) -> String {
+    match context {
+        Value::Null => one_line(message),
+        Value::Object(m) if m.is_empty() => one_line(message),
+        other => format!("{} {other}", one_line(message)),
+    }
+}
+
 /// Log lines stay single lines: a hostile header value cannot forge a second entry.
-pub(crate) fn one_line(s: &str) -> String {
+fn one_line(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()

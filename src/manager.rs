@@ -178,27 +178,23 @@ impl Manager {
     /// administrator asked (the pre-flight script prints them). The PHP boundary calls it
     /// after every method.
     pub fn log_notices(&mut self, host: &mut dyn Host) {
+        let asked = std::mem::take(&mut self.notices_asked);
+        // Each warning is taken once per process already (see `secrets::note_cleartext`).
         let warnings = secrets::take_cleartext_warnings();
-        if std::mem::take(&mut self.notices_asked) {
-            for warning in warnings {
-                self.logger.error(host, &warning, &Value::Null);
-            }
-            return;
-        }
         if warnings.is_empty() {
             return;
         }
-        let store = StateStore::open(&self.settings.state_dir).ok();
+        let store = match asked {
+            true => None,
+            false => StateStore::open(&self.settings.state_dir).ok(),
+        };
         for warning in warnings {
-            let today = store
+            let logged_today = store
                 .as_ref()
-                .and_then(|s| s.once_per_day(&format!("cleartext:{warning}")).ok());
-            match today {
-                Some(false) => {}
-                Some(true) => self.logger.error(host, &warning, &Value::Null),
-                None => self
-                    .logger
-                    .once(host, &warning.clone(), &warning, &Value::Null),
+                .and_then(|s| s.once_per_day(&format!("cleartext:{warning}")).ok())
+                == Some(false);
+            if !logged_today {
+                self.logger.error(host, &warning, &Value::Null);
             }
         }
     }

@@ -212,11 +212,7 @@ impl Host for PhpErrorLog {
     }
     fn log_error(&mut self, message: &str, context: &Value) {
         // One entry, one line: a hostile header value cannot forge a second entry.
-        let line = crate::log::one_line(&match context {
-            Value::Null => message.to_string(),
-            Value::Object(m) if m.is_empty() => message.to_string(),
-            other => format!("{message} {other}"),
-        });
+        let line = crate::log::entry(message, context);
         // Logging must never make things worse: a failing error_log() is ignored, whether it
         // fails, raises an exception through an error handler, or bails out.
         if let Ok(error_log) = ext_php_rs::types::ZendCallable::try_from_name("error_log") {
