@@ -50,10 +50,6 @@ impl Credentials {
             Credentials::Password { user, .. } | Credentials::Bearer { user, .. } => user,
         }
     }
-
-    pub fn is_bearer(&self) -> bool {
-        matches!(self, Credentials::Bearer { .. })
-    }
 }
 
 impl fmt::Debug for Credentials {
@@ -354,16 +350,6 @@ pub fn no_token_mechanism(protocol: &str, offered: &str) -> String {
     )
 }
 
-/// `text` (a server's reply) with `secret` (a password or token) taken out, in case a server
-/// echoes what it was sent.
-pub fn redact(text: &str, secret: &Secret) -> String {
-    let clear = secret.expose();
-    if clear.is_empty() {
-        return text.to_string();
-    }
-    text.replace(clear, "<redacted>")
-}
-
 #[cfg(test)]
 pub(crate) mod testing {
     //! A token source for the protocol clients' unit tests.
@@ -606,9 +592,5 @@ mod tests {
             password: Secret::new("hunter2"),
         };
         assert!(!format!("{c:?}").contains("hunter2"));
-        assert_eq!(
-            redact("echo hunter2!", &Secret::new("hunter2")),
-            "echo <redacted>!"
-        );
     }
 }

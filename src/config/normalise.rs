@@ -445,12 +445,12 @@ pub(crate) fn build_account(
                 _ => None,
             };
             let path = match mailbox {
-                MailboxType::Maildir => {
-                    f.required("INCOMING_PATH", "for MAILDIR (the Maildir directory)")?;
-                    f.path("INCOMING_PATH", base_dir)?
-                }
-                MailboxType::Mbox => {
-                    f.required("INCOMING_PATH", "for MBOX (the mbox file)")?;
+                MailboxType::Maildir | MailboxType::Mbox => {
+                    let what = match mailbox {
+                        MailboxType::Maildir => "for MAILDIR (the Maildir directory)",
+                        _ => "for MBOX (the mbox file)",
+                    };
+                    f.required("INCOMING_PATH", what)?;
                     f.path("INCOMING_PATH", base_dir)?
                 }
                 _ => None,

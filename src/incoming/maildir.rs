@@ -89,12 +89,8 @@ fn read_message(path: &Path) -> io::Result<Vec<u8>> {
     Ok(raw)
 }
 
-/// The unique part of a Maildir file name (everything before the first `:`).
-pub fn unique_part(name: &str) -> &str {
-    name.split(':').next().unwrap_or(name)
-}
-
-/// [`unique_part`] of a file name as the file system gives it (any bytes).
+/// The unique part of a Maildir file name (everything before the first `:`), as the file
+/// system gives it (any bytes).
 fn unique_bytes(name: &[u8]) -> &[u8] {
     name.split(|&b| b == b':').next().unwrap_or(name)
 }
@@ -124,17 +120,9 @@ pub fn message_id(name: &OsStr) -> String {
     id
 }
 
-/// The file name with flag `flag` added to its `:2,` info (flags kept sorted, no repeats);
-/// a name without info (or with an unknown one) gets `:2,<flag>`.
-pub fn with_flag(name: &str, flag: char) -> String {
-    let mut buf = [0u8; 4];
-    let flag = flag.encode_utf8(&mut buf);
-    let named = with_flag_bytes(name.as_bytes(), flag.as_bytes());
-    // UTF-8 in (name and flag), UTF-8 out: nothing is ever replaced here.
-    String::from_utf8_lossy(&named).into_owned()
-}
-
-/// [`with_flag`] on the name's bytes (a Maildir name need not be UTF-8).
+/// The file name (its bytes: a Maildir name need not be UTF-8) with flag `flag` added to its
+/// `:2,` info (flags kept sorted, no repeats); a name without info (or with an unknown one)
+/// gets `:2,<flag>`.
 fn with_flag_bytes(name: &[u8], flag: &[u8]) -> Vec<u8> {
     let unique = unique_bytes(name);
     let info = name.get(unique.len() + 1..);
@@ -549,15 +537,18 @@ mod tests {
     #[test]
     fn names_and_flags() {
         assert_eq!(
-            unique_part("1700000000.M1P2.host:2,RS"),
-            "1700000000.M1P2.host"
+            unique_bytes(b"1700000000.M1P2.host:2,RS"),
+            b"1700000000.M1P2.host"
         );
-        assert_eq!(unique_part("1700000000.M1P2.host"), "1700000000.M1P2.host");
-        assert_eq!(with_flag("u", 'S'), "u:2,S");
-        assert_eq!(with_flag("u:2,", 'S'), "u:2,S");
-        assert_eq!(with_flag("u:2,RT", 'S'), "u:2,RST");
-        assert_eq!(with_flag("u:2,FS", 'S'), "u:2,FS");
-        assert_eq!(with_flag("u:1,xyz", 'S'), "u:2,S");
+        assert_eq!(
+            unique_bytes(b"1700000000.M1P2.host"),
+            b"1700000000.M1P2.host"
+        );
+        assert_eq!(with_flag_bytes(b"u", b"S"), b"u:2,S");
+        assert_eq!(with_flag_bytes(b"u:2,", b"S"), b"u:2,S");
+        assert_eq!(with_flag_bytes(b"u:2,RT", b"S"), b"u:2,RST");
+        assert_eq!(with_flag_bytes(b"u:2,FS", b"S"), b"u:2,FS");
+        assert_eq!(with_flag_bytes(b"u:1,xyz", b"S"), b"u:2,S");
         assert_eq!(cur_name(OsStr::new("u")), "u:2,");
         assert_eq!(cur_name(OsStr::new("u:2,S")), "u:2,S");
         assert_eq!(

@@ -50,7 +50,7 @@ impl ApiClient {
         let provider = Provider::of(account)?;
         let base = endpoints(account, provider)?.api_base;
         let tokens = TokenManager::new(account, env, role)?;
-        let app_mailbox = (provider == Provider::Microsoft && tokens.is_app_only())
+        let app_mailbox = super::is_client_credentials(account, provider)
             .then(|| account.email.trim().to_string());
         Ok(ApiClient {
             http: HttpClient::new(&account.tls, account.timeout)?,

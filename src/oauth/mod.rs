@@ -60,9 +60,8 @@ pub const MICROSOFT_DEFAULT_SCOPES: &str =
 pub const GRAPH_BASE: &str = "https://graph.microsoft.com/v1.0";
 pub const GOOGLE_AUTHORIZE_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
 pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
+/// Google's scope for the Gmail API and for IMAP, POP3 and SMTP with XOAUTH2 alike.
 pub const GOOGLE_DEFAULT_SCOPES: &str = "https://mail.google.com/";
-/// Google's scope for IMAP, POP3 and SMTP with XOAUTH2.
-pub const GOOGLE_MAIL_SCOPE: &str = "https://mail.google.com/";
 /// Microsoft app-only (client credentials) scope for Graph (OFFICE365).
 pub const GRAPH_APP_SCOPE: &str = "https://graph.microsoft.com/.default";
 /// Microsoft app-only scope for IMAP, POP3 and SMTP.
@@ -318,8 +317,7 @@ pub fn endpoints(account: &Account, provider: Provider) -> Result<Endpoints> {
 fn default_scopes(account: &Account, provider: Provider, grant: OAuthGrant) -> Vec<String> {
     let split = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<_>>();
     match (provider, grant, account.is_cloud()) {
-        (Provider::Google, _, true) => split(GOOGLE_DEFAULT_SCOPES),
-        (Provider::Google, _, false) => split(GOOGLE_MAIL_SCOPE),
+        (Provider::Google, _, _) => split(GOOGLE_DEFAULT_SCOPES),
         (Provider::Microsoft, OAuthGrant::ClientCredentials, true) => split(GRAPH_APP_SCOPE),
         (Provider::Microsoft, OAuthGrant::ClientCredentials, false) => split(EXCHANGE_APP_SCOPE),
         (Provider::Microsoft, _, true) => split(MICROSOFT_DEFAULT_SCOPES),

@@ -190,11 +190,6 @@ impl TokenManager {
         matches!(self.grant, Grant::ServiceAccount { .. })
     }
 
-    /// True when no person signs in: client credentials or a service account.
-    pub fn is_app_only(&self) -> bool {
-        !matches!(self.grant, Grant::Refresh { .. })
-    }
-
     /// True when a usable access token is cached (the last request for one succeeded).
     pub fn has_fresh_token(&self) -> bool {
         matches!(self.cached(None), Ok(Some(_)))

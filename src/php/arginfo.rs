@@ -15,9 +15,9 @@ use ext_php_rs::ffi::{
 use ext_php_rs::types::ZendStr;
 use ext_php_rs::zend::ClassEntry;
 
-const MAY_BE_NULL: u32 = 1 << 1;
-const MAY_BE_LONG: u32 = 1 << 4;
-const MAY_BE_STRING: u32 = 1 << 6;
+pub(super) const MAY_BE_NULL: u32 = 1 << 1;
+pub(super) const MAY_BE_LONG: u32 = 1 << 4;
+pub(super) const MAY_BE_STRING: u32 = 1 << 6;
 const MAY_BE_ARRAY: u32 = 1 << 7;
 const MAY_BE_OBJECT: u32 = 1 << 8;
 /// Bits of `zend_type.type_mask` that describe the type; the ones above carry arg flags.

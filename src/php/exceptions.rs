@@ -54,10 +54,8 @@ fn base_ce() -> &'static ClassEntry {
     load(&BASE_CE)
 }
 
-const MAY_BE_NULL: u32 = 1 << 1;
+use super::arginfo::{MAY_BE_LONG, MAY_BE_NULL, MAY_BE_STRING};
 const MAY_BE_BOOL: u32 = (1 << 2) | (1 << 3);
-const MAY_BE_LONG: u32 = 1 << 4;
-const MAY_BE_STRING: u32 = 1 << 6;
 const ZEND_ACC_PUBLIC: i32 = 1;
 
 extern "C" {
@@ -76,6 +74,7 @@ extern "C" {
 /// (`zend_declare_property`; `ClassProperty::ty` only feeds its own stub generator), so they
 /// are declared here with PHP's `zend_declare_typed_property`, as PHP's own classes do:
 /// Reflection, the generated stubs and PHP's assignment checks then know the types.
+#[derive(Clone, Copy)]
 struct Property {
     name: &'static str,
     mask: u32,
@@ -162,8 +161,8 @@ pub fn register_all() -> ext_php_rs::error::Result<()> {
         (base_ce, BASE),
         &TRANSPORT_CE,
         &[
-            property("account", MAY_BE_STRING | MAY_BE_NULL),
-            property("server", MAY_BE_STRING | MAY_BE_NULL),
+            account,
+            server,
             // The SMTP reply code (HTTP status for the cloud APIs), when the server gave one.
             property("smtpCode", MAY_BE_LONG | MAY_BE_NULL),
             // True when trying again later may succeed.
@@ -175,7 +174,7 @@ pub fn register_all() -> ext_php_rs::error::Result<()> {
         MAILBOX,
         (base_ce, BASE),
         &MAILBOX_CE,
-        &[property("account", MAY_BE_STRING | MAY_BE_NULL), server],
+        &[account, server],
         hook!(MAILBOX_CE),
     )?;
     register(AUTH, (base_ce, BASE), &AUTH_CE, &[account], hook!(AUTH_CE))?;
