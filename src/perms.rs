@@ -122,12 +122,30 @@ pub fn open_or_create(path: &Path, mode: u32, append: bool) -> io::Result<(File,
             Err(e) => return Err(e),
         }
         match create_new(path, mode, false) {
-            Ok(file) => return Ok((file, true)),
+            Ok(file) => {
+                if append {
+                    set_append(&file)?;
+                }
+                return Ok((file, true));
+            }
             // Created by another process between the two opens: open theirs.
             Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Puts an open file in append mode (O_APPEND), as `OpenOptions::append` would have: the
+/// process that creates a shared log must not write at its own offset while others append.
+fn set_append(file: &File) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this `File` owns; F_GETFL/F_SETFL touch only its flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_APPEND) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Writes `data` into `path`, replacing its content; a new file gets its directory's group and
@@ -263,6 +281,20 @@ mod tests {
         let other = 65534;
         std::os::unix::fs::chown(dir.path(), None, Some(other)).unwrap();
         Some((dir, other))
+    }
+
+    #[test]
+    fn a_file_created_for_appending_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.log");
+        let (mut first, created) = open_or_create(&path, FILE_MODE, true).unwrap();
+        assert!(created);
+        // Another process appends between the creation and our write.
+        let (mut other, created) = open_or_create(&path, FILE_MODE, true).unwrap();
+        assert!(!created);
+        other.write_all(b"theirs\n").unwrap();
+        first.write_all(b"ours\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "theirs\nours\n");
     }
 
     #[test]
