@@ -71,19 +71,11 @@ pub struct MaildirMailbox {
 /// Reads one message file. Only a regular file is opened (a FIFO or a device in the Maildir
 /// would block or never end), and without blocking: it cannot be swapped for one meanwhile.
 fn read_message(path: &Path) -> io::Result<Vec<u8>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let not_regular = || io::Error::new(ErrorKind::InvalidInput, "not a regular file");
-    if !fs::metadata(path)?.is_file() {
-        return Err(not_regular());
-    }
-    let mut file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(not_regular());
-    }
+    use crate::config::files::{open_regular, FileProblem};
+    let (mut file, meta) = open_regular(path).map_err(|p| match p {
+        FileProblem::Io(e) => e,
+        _ => io::Error::new(ErrorKind::InvalidInput, "not a regular file"),
+    })?;
     let mut raw = crate::incoming::gate::buffer(meta.len() as usize);
     file.read_to_end(&mut raw)?;
     Ok(raw)
