@@ -235,13 +235,9 @@ fn a_mailbox(mailbox: MailboxType) -> String {
     format!("{article} {} mailbox", mailbox.as_str())
 }
 
-/// INCOMING_HOST and PASSWORD of a server mailbox (IMAP, POP3): both are required.
-pub(crate) fn server_and_password<'a>(
-    account: &Account,
-    id: &str,
-    incoming: &'a Incoming,
-) -> Result<(&'a str, Secret)> {
-    let host = incoming
+/// INCOMING_HOST of a server mailbox (IMAP, POP3): required.
+pub(crate) fn server_of<'a>(id: &str, incoming: &'a Incoming) -> Result<&'a str> {
+    incoming
         .host
         .as_deref()
         .filter(|h| !h.trim().is_empty())
@@ -251,7 +247,16 @@ pub(crate) fn server_and_password<'a>(
                 "INCOMING_HOST",
                 format!("{} needs a server name", a_mailbox(incoming.mailbox)),
             )
-        })?;
+        })
+}
+
+/// INCOMING_HOST and PASSWORD of a server mailbox (IMAP, POP3): both are required.
+pub(crate) fn server_and_password<'a>(
+    account: &Account,
+    id: &str,
+    incoming: &'a Incoming,
+) -> Result<(&'a str, Secret)> {
+    let host = server_of(id, incoming)?;
     let password = account
         .password
         .clone()

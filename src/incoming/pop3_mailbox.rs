@@ -100,13 +100,7 @@ impl Pop3Mailbox {
         credentials: Credentials,
     ) -> Result<Pop3Mailbox> {
         let (id, incoming) = crate::incoming::settings_of(account, MailboxType::Pop3)?;
-        let host = incoming
-            .host
-            .as_deref()
-            .filter(|h| !h.trim().is_empty())
-            .ok_or_else(|| {
-                Error::account_key(&id, "INCOMING_HOST", "a POP3 mailbox needs a server name")
-            })?;
+        let host = crate::incoming::server_of(&id, incoming)?;
         let login = credentials.user();
         let connect = || {
             pop3::connect(

@@ -219,17 +219,6 @@ enum Opened {
     Redial(Error),
 }
 
-/// INCOMING_HOST of an IMAP account (a password is not needed with a token).
-fn incoming_host<'a>(id: &str, incoming: &'a crate::config::Incoming) -> Result<&'a str> {
-    incoming
-        .host
-        .as_deref()
-        .filter(|h| !h.trim().is_empty())
-        .ok_or_else(|| {
-            Error::account_key(id, "INCOMING_HOST", "an IMAP mailbox needs a server name")
-        })
-}
-
 /// `INBOX` is case-insensitive; every other name is kept as written.
 fn normalize_folder(name: &str) -> String {
     let name = name.trim();
@@ -484,7 +473,7 @@ impl ImapMailbox {
         credentials: Credentials,
     ) -> Result<ImapMailbox> {
         let (id, incoming) = super::settings_of(account, MailboxType::Imap)?;
-        let host = incoming_host(&id, incoming)?;
+        let host = super::server_of(&id, incoming)?;
         let user = credentials.user().to_string();
         if user.is_empty() || user.contains(['\r', '\n', '\0']) {
             return Err(Error::account_key(
