@@ -528,6 +528,23 @@ impl Drop for DotLock {
     }
 }
 
+/// Takes an fcntl lock on the whole of `file`, waiting with a growing pause (capped at the
+/// deadline) while someone else holds a conflicting one; false when the deadline passed.
+fn wait_fcntl_lock(file: &File, write: bool, deadline: Instant) -> io::Result<bool> {
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if try_fcntl_lock(file, write)? {
+            return Ok(true);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
 /// Tries once to take an fcntl lock on the whole of `file`; false when someone else holds a
 /// conflicting one.
 fn try_fcntl_lock(file: &File, write: bool) -> io::Result<bool> {
@@ -951,19 +968,10 @@ impl MboxMailbox {
         if !meta.is_file() {
             return Err(self.error("not an mbox file (not a regular file)"));
         }
-        let mut pause = Duration::from_millis(10);
-        loop {
-            match try_fcntl_lock(&file, write) {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => return Err(self.io_error("lock the mbox", e)),
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(busy("an fcntl lock on the file"));
-            }
-            std::thread::sleep(pause.min(deadline - now));
-            pause = (pause * 2).min(Duration::from_millis(250));
+        match wait_fcntl_lock(&file, write, deadline) {
+            Ok(true) => {}
+            Ok(false) => return Err(busy("an fcntl lock on the file")),
+            Err(e) => return Err(self.io_error("lock the mbox", e)),
         }
         Ok(Locked {
             file: Some(file),
@@ -1250,14 +1258,8 @@ impl MboxMailbox {
         if !meta.is_file() {
             return Err(self.error(format!("{shown} is not a regular file")));
         }
-        loop {
-            if try_fcntl_lock(&out, true).map_err(io)? {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(self.error(format!("{shown} is locked by another program")));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !wait_fcntl_lock(&out, true, deadline).map_err(io)? {
+            return Err(self.error(format!("{shown} is locked by another program")));
         }
         let before = meta.len();
         let written = (|| -> io::Result<()> {
