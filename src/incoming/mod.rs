@@ -18,7 +18,6 @@ pub mod imap;
 pub mod maildir;
 pub mod mbox;
 pub mod pop3;
-pub mod pop3_mailbox;
 
 use crate::config::{Account, AuthType, Incoming, MailboxType, Secret};
 use crate::error::{Error, Result};
@@ -120,7 +119,7 @@ pub fn open(
                     credentials,
                 )?))
             } else {
-                Ok(Box::new(pop3_mailbox::Pop3Mailbox::connect_with(
+                Ok(Box::new(pop3::Pop3Mailbox::connect_with(
                     account,
                     state,
                     credentials,
@@ -128,9 +127,7 @@ pub fn open(
             }
         }
         MailboxType::Imap => Ok(Box::new(imap::ImapMailbox::connect(account, state)?)),
-        MailboxType::Pop3 => Ok(Box::new(pop3_mailbox::Pop3Mailbox::connect(
-            account, state,
-        )?)),
+        MailboxType::Pop3 => Ok(Box::new(pop3::Pop3Mailbox::connect(account, state)?)),
         MailboxType::Maildir => Ok(Box::new(maildir::MaildirMailbox::open(account, state)?)),
         MailboxType::Mbox => Ok(Box::new(mbox::MboxMailbox::open(account, state)?)),
         MailboxType::Office365 => Ok(Box::new(graph::GraphMailbox::open(account, env, state)?)),

@@ -18,7 +18,10 @@
 //! - After an error the caller either calls [`rset`](Pop3Session::rset) (if the session is
 //!   not poisoned) or simply drops the session.
 
+pub mod mailbox;
 mod wire;
+
+pub use mailbox::Pop3Mailbox;
 
 #[cfg(test)]
 mod mock;
