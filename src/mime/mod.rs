@@ -1,4 +1,6 @@
 //! Parsing of incoming mail into the `$mail` array of SPEC §5 (the only user of mail-parser).
+//! Parsing only: `sd_number` and `auto` are PCR-360's rules, applied to the result by
+//! [`crate::rules`].
 //!
 //! [`parse`] never fails and never panics: whatever the bytes, it returns a [`ParsedMail`] and
 //! lists what was wrong in [`ParsedMail::problems`]. Decisions that other modules rely on:
@@ -31,15 +33,6 @@
 //!   `text`); DSN parts become `delivery-status.txt` / `original-headers.txt`. Parts of a
 //!   `multipart/related` other than its root are attachments (usually `inline` with a
 //!   `content_id`). TNEF (`winmail.dat`) is passed on as it is.
-//! - **`auto`**: `bounce` for a DSN (`multipart/report` other than read receipts), mail from
-//!   `mailer-daemon`/`postmaster`, or an `X-Failed-Recipients` header; `auto-reply` for
-//!   `Auto-Submitted` other than `no`, `X-Autoreply`, `X-Autorespond`, `X-Autoresponse`,
-//!   `Precedence: bulk|junk|list|auto_reply` and read receipts (MDN); then `bounce` for an empty
-//!   `Return-Path: <>` (after the auto-reply checks, because out-of-office replies are also
-//!   sent with a null sender). `X-Auto-Response-Suppress` is deliberately **not** a signal: it
-//!   asks the *receiver* not to auto-reply, and Exchange, Outlook add-ins and many ticketing
-//!   and CRM tools put it on ordinary human mail; counting it would silently drop real
-//!   requests. Genuine Exchange out-of-office replies carry `Auto-Submitted` anyway.
 //! - **`headers`**: lower-case name → decoded string, or a list of strings when the header
 //!   occurs more than once (like PHP's mailparse).
 //! - **Control characters**: in `subject`, display names, `headers` values, Message-IDs and
@@ -79,7 +72,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use mail_parser::{HeaderName, HeaderValue as MpValue};
-use regex::Regex;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -148,25 +140,6 @@ impl fmt::Debug for Attachment {
     }
 }
 
-/// Why a message is not a human's mail (SPEC §6): such mail never creates an Inquiry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum AutoKind {
-    #[serde(rename = "auto-reply")]
-    AutoReply,
-    #[serde(rename = "bounce")]
-    Bounce,
-}
-
-impl AutoKind {
-    /// The value of `$mail['auto']`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AutoKind::AutoReply => "auto-reply",
-            AutoKind::Bounce => "bounce",
-        }
-    }
-}
-
 /// A header's decoded value(s): a string when it occurs once, a list when repeated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
@@ -218,8 +191,6 @@ pub struct ParsedMail {
     pub text: String,
     pub html: Option<String>,
     pub attachments: Vec<Attachment>,
-    pub sd_number: Option<String>,
-    pub auto: Option<AutoKind>,
     pub headers: BTreeMap<String, HeaderField>,
     /// The envelope sender from `Return-Path`, without brackets; `Some("")` for `<>`.
     pub return_path: Option<String>,
@@ -227,6 +198,26 @@ pub struct ParsedMail {
     pub message_key: String,
     /// What was wrong with the message (broken MIME, bad encodings, ...); empty when clean.
     pub problems: Vec<String>,
+    /// The message's own Content-Type, when it has one. Not part of `$mail`.
+    #[serde(skip)]
+    pub root_type: Option<RootType>,
+    /// False when no header block could be parsed (an empty message, text without headers, a
+    /// failure of the parser): the header lines were then read by hand and the rest kept as
+    /// text, and the first problem says why. Not part of `$mail`.
+    #[serde(skip)]
+    pub structured: bool,
+}
+
+/// The Content-Type of the message itself (the root of its MIME tree), lower case.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RootType {
+    /// The type: `multipart`, `text`, ...
+    pub main: String,
+    /// The subtype: `report`, `plain`, ...
+    pub sub: String,
+    /// The `report-type` parameter of a `multipart/report` (RFC 6522: `delivery-status`,
+    /// `disposition-notification`), when the header has one.
+    pub report_type: Option<String>,
 }
 
 impl ParsedMail {
@@ -239,11 +230,10 @@ impl ParsedMail {
 }
 
 /// Parses one raw RFC 5322 message. Never fails, never panics; see the module docs for the
-/// rules. `sd_pattern` finds the SD Number in the subject (capture group 1 when the pattern
-/// has one, else the whole match). A header-only input (e.g. from IMAP `BODY.PEEK[HEADER]`)
-/// is fine and gives an empty body.
-pub fn parse(raw: &[u8], sd_pattern: &Regex) -> ParsedMail {
-    parse_within(raw, sd_pattern, LIMITS)
+/// rules. A header-only input (e.g. from IMAP `BODY.PEEK[HEADER]`) is fine and gives an empty
+/// body.
+pub fn parse(raw: &[u8]) -> ParsedMail {
+    parse_within(raw, LIMITS)
 }
 
 /// What one message may make the parser collect (see the module docs).
@@ -259,17 +249,9 @@ const LIMITS: Limits = Limits {
 };
 
 /// [`parse`] with other bounds (the tests use small ones).
-fn parse_within(raw: &[u8], sd_pattern: &Regex, limits: Limits) -> ParsedMail {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        parse_inner(raw, sd_pattern, limits)
-    }))
-    .unwrap_or_else(|_| {
-        fallback(
-            raw,
-            sd_pattern,
-            "the MIME parser failed on this message".into(),
-        )
-    })
+fn parse_within(raw: &[u8], limits: Limits) -> ParsedMail {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse_inner(raw, limits)))
+        .unwrap_or_else(|_| fallback(raw, "the MIME parser failed on this message".into()))
 }
 
 /// `sha256:<hex>` of a raw message with line endings normalised, the dedupe key of a message
@@ -292,15 +274,6 @@ pub fn raw_message_key(raw: &[u8]) -> String {
     format!("sha256:{}", hex(&hasher.finalize()))
 }
 
-/// The SD Number in a subject: capture group 1 of `pattern` when it has one, else the match.
-pub fn sd_number_in(subject: &str, pattern: &Regex) -> Option<String> {
-    let caps = pattern.captures(subject)?;
-    caps.get(1)
-        .or_else(|| caps.get(0))
-        .map(|m| m.as_str().to_string())
-        .filter(|s| !s.is_empty())
-}
-
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(bytes.len() * 2);
@@ -310,7 +283,7 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-fn parse_inner(raw: &[u8], sd_pattern: &Regex, limits: Limits) -> ParsedMail {
+fn parse_inner(raw: &[u8], limits: Limits) -> ParsedMail {
     // A byte-order mark (Windows tools) or an mbox "From " line is not part of the message.
     let bom = if raw.starts_with(b"\xEF\xBB\xBF") {
         3
@@ -347,7 +320,7 @@ fn parse_inner(raw: &[u8], sd_pattern: &Regex, limits: Limits) -> ParsedMail {
         } else {
             "no message headers found"
         };
-        let mut mail = fallback(raw, sd_pattern, what.to_string());
+        let mut mail = fallback(raw, what.to_string());
         walker
             .problems
             .push_always(std::mem::take(&mut mail.problems));
@@ -477,15 +450,11 @@ fn parse_inner(raw: &[u8], sd_pattern: &Regex, limits: Limits) -> ParsedMail {
     };
     let attachments = finish_attachments(collected.attachments);
 
-    // Classification -------------------------------------------------------------------
-    let root_type = root_type.map(|(t, s)| (t, s, report_type.map(|r| r.to_ascii_lowercase())));
-    let auto = classify(
-        &headers,
-        &root_type.unwrap_or_default(),
-        from.as_ref(),
-        return_path.as_deref(),
-    );
-    let sd_number = sd_number_in(&subject, sd_pattern);
+    let root_type = root_type.map(|(main, sub)| RootType {
+        main,
+        sub,
+        report_type: report_type.map(|r| r.to_ascii_lowercase()),
+    });
 
     ParsedMail {
         message_id,
@@ -500,12 +469,12 @@ fn parse_inner(raw: &[u8], sd_pattern: &Regex, limits: Limits) -> ParsedMail {
         text,
         html,
         attachments,
-        sd_number,
-        auto,
         headers,
         return_path,
         message_key,
         problems,
+        root_type,
+        structured: true,
     }
 }
 
@@ -565,7 +534,7 @@ impl Problems {
 
 /// The result when mail-parser could not be used at all: headers we can read by hand, the
 /// rest as text, so nothing is lost.
-fn fallback(raw: &[u8], sd_pattern: &Regex, problem: String) -> ParsedMail {
+fn fallback(raw: &[u8], problem: String) -> ParsedMail {
     let (head, body) = split_head_body(raw);
     let mut headers: BTreeMap<String, HeaderField> = BTreeMap::new();
     for field in header_fields(head) {
@@ -594,7 +563,6 @@ fn fallback(raw: &[u8], sd_pattern: &Regex, problem: String) -> ParsedMail {
         .get("subject")
         .map(|f| f.first().to_string())
         .unwrap_or_default();
-    let sd_number = sd_number_in(&subject, sd_pattern);
     let text = if headers.is_empty() { raw } else { body };
     ParsedMail {
         message_key: message_id.clone().unwrap_or_else(|| raw_message_key(raw)),
@@ -610,11 +578,11 @@ fn fallback(raw: &[u8], sd_pattern: &Regex, problem: String) -> ParsedMail {
         text: normalize_newlines(decode_text(text, None)),
         html: None,
         attachments: Vec::new(),
-        sd_number,
-        auto: None,
         headers,
         return_path: None,
         problems: vec![problem],
+        root_type: None,
+        structured: false,
     }
 }
 
@@ -623,84 +591,16 @@ fn slice(bytes: &[u8], start: usize, end: usize) -> &[u8] {
     bytes.get(start.min(end)..end).unwrap_or_default()
 }
 
-fn classify(
-    headers: &BTreeMap<String, HeaderField>,
-    root_type: &(String, String, Option<String>),
-    from: Option<&MailAddress>,
-    return_path: Option<&str>,
-) -> Option<AutoKind> {
-    let value = |name: &str| {
-        headers
-            .get(name)
-            .map(|f| f.first().trim().to_ascii_lowercase())
-    };
-    let is_report = root_type.0 == "multipart" && root_type.1 == "report";
-    let is_mdn = is_report && root_type.2.as_deref() == Some("disposition-notification");
-
-    if is_report && !is_mdn {
-        return Some(AutoKind::Bounce);
-    }
-    if let Some(from) = from {
-        let local = from
-            .email
-            .split('@')
-            .next()
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        if local == "mailer-daemon" || local == "postmaster" {
-            return Some(AutoKind::Bounce);
-        }
-    }
-    if headers.contains_key("x-failed-recipients") {
-        return Some(AutoKind::Bounce);
-    }
-
-    if is_mdn {
-        return Some(AutoKind::AutoReply);
-    }
-    if let Some(v) = value("auto-submitted") {
-        let token = v.split(';').next().unwrap_or("").trim();
-        if !token.is_empty() && token != "no" {
-            return Some(AutoKind::AutoReply);
-        }
-    }
-    for name in ["x-autoreply", "x-autorespond", "x-autoresponse"] {
-        if let Some(v) = value(name) {
-            if !matches!(v.as_str(), "no" | "false" | "0" | "off") {
-                return Some(AutoKind::AutoReply);
-            }
-        }
-    }
-    if let Some(v) = value("precedence") {
-        if matches!(
-            v.as_str(),
-            "bulk" | "junk" | "list" | "auto_reply" | "auto-reply"
-        ) {
-            return Some(AutoKind::AutoReply);
-        }
-    }
-
-    if return_path == Some("") {
-        return Some(AutoKind::Bounce);
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DEFAULT_SD_NUMBER_PATTERN;
-
-    pub(super) fn pattern() -> Regex {
-        Regex::new(DEFAULT_SD_NUMBER_PATTERN).unwrap()
-    }
 
     pub(super) fn p(raw: &str) -> ParsedMail {
-        parse(raw.as_bytes(), &pattern())
+        parse(raw.as_bytes())
     }
 
     pub(super) fn pb(raw: &[u8]) -> ParsedMail {
-        parse(raw, &pattern())
+        parse(raw)
     }
 
     pub(super) fn nested_multipart(depth: usize) -> String {
@@ -743,7 +643,6 @@ mod tests {
         assert_eq!(m.date.as_deref(), Some("2024-03-05T14:22:01-05:00"));
         assert_eq!(m.text, "It jams.\n");
         assert_eq!(m.html, None);
-        assert_eq!(m.auto, None);
         assert_eq!(m.header("SUBJECT"), Some("Printer broken"));
         assert!(m.problems.is_empty(), "{:?}", m.problems);
     }
@@ -765,8 +664,6 @@ mod tests {
             "text",
             "html",
             "attachments",
-            "sd_number",
-            "auto",
             "headers",
         ] {
             assert!(v.get(key).is_some(), "missing {key}");
@@ -788,116 +685,6 @@ mod tests {
         assert_eq!(crlf.message_key, lf.message_key);
         let other = pb(b"From: a@b.c\nSubject: s\n\nbody2\n");
         assert_ne!(crlf.message_key, other.message_key);
-    }
-
-    fn auto_of(headers: &str) -> Option<AutoKind> {
-        p(&format!("{headers}Subject: s\r\n\r\nbody\r\n")).auto
-    }
-
-    #[test]
-    fn auto_reply_and_bounce_classification() {
-        let human = "From: Ann <ann@example.edu>\r\n";
-        assert_eq!(auto_of(human), None);
-        assert_eq!(auto_of(&format!("{human}Auto-Submitted: no\r\n")), None);
-        assert_eq!(
-            auto_of(&format!(
-                "{human}Auto-Submitted: auto-replied (vacation)\r\n"
-            )),
-            Some(AutoKind::AutoReply)
-        );
-        assert_eq!(
-            auto_of(&format!("{human}Auto-Submitted: auto-generated\r\n")),
-            Some(AutoKind::AutoReply)
-        );
-        assert_eq!(
-            auto_of(&format!("{human}X-Autoreply: yes\r\n")),
-            Some(AutoKind::AutoReply)
-        );
-        assert_eq!(
-            auto_of(&format!("{human}X-Autorespond: hi\r\n")),
-            Some(AutoKind::AutoReply)
-        );
-        for prec in ["bulk", "junk", "list", "Bulk"] {
-            assert_eq!(
-                auto_of(&format!("{human}Precedence: {prec}\r\n")),
-                Some(AutoKind::AutoReply),
-                "{prec}"
-            );
-        }
-        assert_eq!(
-            auto_of(&format!("{human}Precedence: first-class\r\n")),
-            None
-        );
-        // Outlook puts this on ordinary mail: it must not hide a real request.
-        assert_eq!(
-            auto_of(&format!("{human}X-Auto-Response-Suppress: All\r\n")),
-            None
-        );
-        assert_eq!(
-            auto_of("From: MAILER-DAEMON@mx.example.edu (Mail Delivery System)\r\n"),
-            Some(AutoKind::Bounce)
-        );
-        assert_eq!(
-            auto_of("From: postmaster@example.edu\r\n"),
-            Some(AutoKind::Bounce)
-        );
-        assert_eq!(
-            auto_of(&format!("{human}X-Failed-Recipients: x@y.z\r\n")),
-            Some(AutoKind::Bounce)
-        );
-        assert_eq!(
-            auto_of(&format!("Return-Path: <>\r\n{human}")),
-            Some(AutoKind::Bounce)
-        );
-        // An out-of-office reply from a null sender is an auto-reply, not a bounce.
-        assert_eq!(
-            auto_of(&format!(
-                "Return-Path: <>\r\n{human}Auto-Submitted: auto-replied\r\n"
-            )),
-            Some(AutoKind::AutoReply)
-        );
-        let dsn = format!(
-            "{human}Content-Type: multipart/report; report-type=delivery-status; boundary=b\r\n"
-        );
-        assert_eq!(auto_of(&dsn), Some(AutoKind::Bounce));
-        let mdn = format!(
-            "{human}Content-Type: multipart/report; report-type=disposition-notification; boundary=b\r\n"
-        );
-        assert_eq!(auto_of(&mdn), Some(AutoKind::AutoReply));
-        assert_eq!(AutoKind::Bounce.as_str(), "bounce");
-        assert_eq!(
-            serde_json::to_value(AutoKind::AutoReply).unwrap(),
-            serde_json::json!("auto-reply")
-        );
-    }
-
-    #[test]
-    fn sd_number_from_subject() {
-        let re = pattern();
-        assert_eq!(
-            sd_number_in("RE: [SO201700043] Phone", &re).as_deref(),
-            Some("SO201700043")
-        );
-        assert_eq!(sd_number_in("RE: IQ00012", &re).as_deref(), Some("IQ00012"));
-        assert_eq!(
-            sd_number_in("Fwd: SR2024011212345 and IQ00012", &re).as_deref(),
-            Some("SR2024011212345")
-        );
-        assert_eq!(sd_number_in("Order SO2017 and IQ0001", &re), None);
-        assert_eq!(sd_number_in("ABCSO201700043", &re), None);
-        assert_eq!(sd_number_in("", &re), None);
-        // A custom pattern with a capture group gives the group.
-        let custom = Regex::new(r"Ticket #(\d+)").unwrap();
-        assert_eq!(
-            sd_number_in("Re: Ticket #4711 done", &custom).as_deref(),
-            Some("4711")
-        );
-        assert_eq!(
-            p("From: a@b.c\r\nSubject: Re: [IQ00031] x\r\n\r\n.\r\n")
-                .sd_number
-                .as_deref(),
-            Some("IQ00031")
-        );
     }
 
     #[test]
@@ -966,7 +753,6 @@ mod tests {
         let raw = damaged_parts(500).replacen("From: a@b.c", "Date: soon", 1);
         let m = parse_within(
             raw.as_bytes(),
-            &pattern(),
             Limits {
                 parts: 300,
                 decoded_bytes: MAX_DECODED_BYTES,
@@ -1020,9 +806,8 @@ mod tests {
              Content-Transfer-Encoding: base64\r\n\r\nAAEC\r\n{sample}"
         );
         let bytes = sample.as_bytes();
-        let re = pattern();
         for cut in 0..bytes.len() {
-            let m = parse(&bytes[..cut], &re);
+            let m = parse(&bytes[..cut]);
             assert!(!m.message_key.is_empty());
         }
         let alphabet: &[u8] =
@@ -1033,14 +818,14 @@ mod tests {
             let input: Vec<u8> = (0..len)
                 .map(|_| alphabet[(rng.next() as usize) % alphabet.len()])
                 .collect();
-            let m = parse(&input, &re);
+            let m = parse(&input);
             assert!(!m.message_key.is_empty());
             let mut mutated = bytes.to_vec();
             for _ in 0..8 {
                 let at = (rng.next() as usize) % mutated.len();
                 mutated[at] = alphabet[(rng.next() as usize) % alphabet.len()];
             }
-            let m = parse(&mutated, &re);
+            let m = parse(&mutated);
             assert!(!m.message_key.is_empty());
         }
     }

@@ -595,7 +595,7 @@ fn guess_boundary(body: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mime::tests::{nested_multipart, p, pattern, pb};
+    use crate::mime::tests::{nested_multipart, p, pb};
     use crate::mime::{parse_within, MAX_DECODED_BYTES, MAX_MIME_PARTS};
     use std::time::{Duration, Instant};
 
@@ -714,7 +714,7 @@ mod tests {
                 parts,
                 decoded_bytes: MAX_DECODED_BYTES,
             };
-            parse_within(raw.as_bytes(), &pattern(), limits)
+            parse_within(raw.as_bytes(), limits)
         };
         let all = within(7);
         assert_eq!(all.text, "one\ntwo");
@@ -764,7 +764,7 @@ mod tests {
                 parts: MAX_MIME_PARTS,
                 decoded_bytes,
             };
-            parse_within(raw.as_bytes(), &pattern(), limits)
+            parse_within(raw.as_bytes(), limits)
         };
         let all = within(41);
         assert_eq!(all.attachments.len(), 3);
