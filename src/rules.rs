@@ -210,6 +210,18 @@ mod tests {
     }
 
     #[test]
+    fn mail_without_a_parsable_header_block_is_not_classified() {
+        // Its header lines are read by hand, and the mail goes to a person.
+        let mail = mime::parse(b"not a header\r\nX-Autoreply: yes\r\n\r\nbody\r\n");
+        assert!(!mail.structured);
+        assert_eq!(mail.header("x-autoreply"), Some("yes"));
+        assert_eq!(auto_kind(&mail), None);
+        let mail = mime::parse(b"From: a@b.c\r\nX-Autoreply: yes\r\n\r\nbody\r\n");
+        assert!(mail.structured);
+        assert_eq!(auto_kind(&mail), Some(AutoKind::AutoReply));
+    }
+
+    #[test]
     fn sd_number_from_subject() {
         let re = pattern();
         assert_eq!(

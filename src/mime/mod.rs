@@ -175,8 +175,9 @@ impl HeaderField {
     }
 }
 
-/// An incoming message as the host sees it (`$mail`, SPEC §5), minus `account`, `host` and
-/// the attachment `path`s, which the inbound code adds.
+/// An incoming message as the host sees it (`$mail`, SPEC §5), minus `account`, `host`,
+/// `attempt` and the attachment `path`s, which the inbound code adds, and `sd_number` and
+/// `auto`, which PCR-360's rules ([`crate::rules`]) give it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParsedMail {
     pub message_id: Option<String>,
@@ -208,6 +209,15 @@ pub struct ParsedMail {
     pub structured: bool,
 }
 
+impl ParsedMail {
+    /// The first value of a header (name case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(HeaderField::first)
+    }
+}
+
 /// The Content-Type of the message itself (the root of its MIME tree), lower case.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RootType {
@@ -218,15 +228,6 @@ pub struct RootType {
     /// The `report-type` parameter of a `multipart/report` (RFC 6522: `delivery-status`,
     /// `disposition-notification`), when the header has one.
     pub report_type: Option<String>,
-}
-
-impl ParsedMail {
-    /// The first value of a header (name case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(&name.to_ascii_lowercase())
-            .map(HeaderField::first)
-    }
 }
 
 /// Parses one raw RFC 5322 message. Never fails, never panics; see the module docs for the
