@@ -1,6 +1,6 @@
 //! Parsing of incoming mail into the `$mail` array of SPEC §5 (the only user of mail-parser).
-//! Parsing only: `sd_number` and `auto` are PCR-360's rules, applied to the result by
-//! [`crate::rules`].
+//! Parsing only: `sd_number` and `auto` are PCR-360's rules, applied to the result in
+//! `src/rules.rs` (which depends on this module, not the other way round).
 //!
 //! [`parse`] never fails and never panics: whatever the bytes, it returns a [`ParsedMail`] and
 //! lists what was wrong in [`ParsedMail::problems`]. Decisions that other modules rely on:
@@ -177,7 +177,7 @@ impl HeaderField {
 
 /// An incoming message as the host sees it (`$mail`, SPEC §5), minus `account`, `host`,
 /// `attempt` and the attachment `path`s, which the inbound code adds, and `sd_number` and
-/// `auto`, which PCR-360's rules ([`crate::rules`]) give it.
+/// `auto`, which PCR-360's rules (`src/rules.rs`) give it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParsedMail {
     pub message_id: Option<String>,
