@@ -34,8 +34,9 @@ use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::incoming::{self, gate, Fetched, Flow, Listed};
 use crate::manager::Manager;
-use crate::mime::{self, AutoKind, ParsedMail};
+use crate::mime::{self, ParsedMail};
 use crate::oauth::OAuthEnv;
+use crate::rules::{self, AutoKind};
 use crate::state::{Claim, LedgerOutcome, Owner, Settled, StateStore, MAX_ATTEMPTS};
 use crate::threading;
 
@@ -472,7 +473,6 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     let shared = MailboxShared {
         env: env.clone(),
         state_dir: settings.state_dir.clone(),
-        sd_pattern: run.sd_pattern.clone(),
         large_gate: gate::Gate::new(),
     };
     // A bounded pool reads the mailboxes, each thread taking the next one not yet taken:
@@ -602,7 +602,6 @@ fn finish_summary(
 struct MailboxShared {
     env: OAuthEnv,
     state_dir: PathBuf,
-    sd_pattern: Regex,
     /// One large message in memory at a time (see `incoming::gate`).
     large_gate: Arc<gate::Gate>,
 }
@@ -697,7 +696,6 @@ fn read_mailbox(
     let MailboxShared {
         env,
         state_dir,
-        sd_pattern,
         large_gate,
     } = shared;
     let incoming = account
@@ -758,7 +756,7 @@ fn read_mailbox(
     let installed = gate::install(large_gate);
     let download = mailbox.fetch_each(&wanted, &mut |fetched: Fetched| {
         let Fetched { id, raw } = fetched;
-        let parsed = Box::new(mime::parse(&raw, sd_pattern));
+        let parsed = Box::new(mime::parse(&raw));
         // The raw bytes go before the hand-off, which waits while PHP's thread is busy: a
         // waiting mailbox thread holds one parsed message, not its source as well.
         drop(raw);
@@ -1261,7 +1259,7 @@ impl Run<'_> {
         if self.blocklist.blocks(&from, &parsed.subject) {
             return Ok(Delivered::Skipped("blocked"));
         }
-        let item = parsed.sd_number.clone().or_else(|| {
+        let item = rules::sd_number_in(&parsed.subject, &self.sd_pattern).or_else(|| {
             let key = self.thread_key?;
             let ids = parsed
                 .in_reply_to
@@ -1270,14 +1268,15 @@ impl Run<'_> {
                 .map(String::as_str);
             threading::verify_any(ids, &key)
         });
-        let mail = self.mail_array(account, parsed, item.as_deref(), attempt)?;
+        let auto = rules::auto_kind(parsed);
+        let mail = self.mail_array(account, parsed, item.as_deref(), auto, attempt)?;
         let result = (|| {
             if let Some(sd) = &item {
                 if self.host.add_to_thread(sd, &mail)? {
                     return Ok(Delivered::Thread(sd.clone()));
                 }
             }
-            match parsed.auto {
+            match auto {
                 Some(AutoKind::AutoReply) => return Ok(Delivered::Skipped("auto-reply")),
                 Some(AutoKind::Bounce) => return Ok(Delivered::Skipped("bounce")),
                 None => {}
@@ -1315,6 +1314,7 @@ impl Run<'_> {
         account: &Account,
         parsed: &mut ParsedMail,
         item: Option<&str>,
+        auto: Option<AutoKind>,
         attempt: u32,
     ) -> Result<Value> {
         // The bodies are most of the bytes: moved into `$mail`, not serialised as copies.
@@ -1334,6 +1334,7 @@ impl Run<'_> {
         });
         mail["host"] = Value::from(self.vhost.clone());
         mail["sd_number"] = item.map(Value::from).unwrap_or(Value::Null);
+        mail["auto"] = auto.map_or(Value::Null, |a| Value::from(a.as_str()));
         mail["attempt"] = Value::from(attempt);
         if !parsed.attachments.is_empty() {
             if self.attachment_messages == 0 {

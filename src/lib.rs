@@ -17,6 +17,7 @@ pub mod oauth;
 pub mod outgoing;
 pub mod perms;
 pub mod routing;
+pub mod rules;
 pub mod sasl;
 pub mod state;
 pub mod threading;
