@@ -621,7 +621,7 @@ impl Manager {
     }
 
     pub fn event_check_mail(&mut self, host: &mut dyn Host, data: &Value) -> Result<Value> {
-        crate::inbound::event_check_mail(self, host, data)
+        crate::checkmail::event_check_mail(self, host, data)
     }
 
     /// `encryptPassword()`: `ENC:v1:` with the key file of that INI file and environment.
