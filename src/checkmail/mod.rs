@@ -29,15 +29,51 @@ use std::time::Instant;
 use regex::Regex;
 use serde_json::{json, Value};
 
-use crate::config::{Account, AccountId, MailboxType, SslMode};
+use crate::config::{Account, AccountId, FailedAccount, MailboxType, Settings, SslMode};
 use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::incoming::{self, gate, Fetched, Flow, Listed};
-use crate::manager::Manager;
+use crate::log::Logger;
 use crate::mime::{self, AutoKind, ParsedMail};
 use crate::oauth::OAuthEnv;
 use crate::state::{Claim, LedgerOutcome, Owner, Settled, StateStore, MAX_ATTEMPTS};
 use crate::threading;
+
+/// What one run is given: the INI settings and the OAuth environment as values, and the
+/// services of the object that owns the accounts (the PHP manager's core), borrowed.
+pub struct Context<'a> {
+    pub settings: &'a Settings,
+    /// Where OAuth accounts keep their tokens.
+    pub oauth: OAuthEnv,
+    pub services: &'a mut dyn Services,
+}
+
+/// What the run asks of the object that owns the accounts, each when the run gets there: the
+/// tenant rows are read through the host only once the Data and the switches allow a run, the
+/// key file is opened (or created) only when a mailbox is read, the logger's once-only notices
+/// last as long as that object, and an alert goes out through its ordinary sending (routing,
+/// transports), which logs through the same logger.
+pub trait Services {
+    /// The tenant accounts the host lists, with the broken ones and the rows' errors
+    /// (secret-free), as a value: nothing of them is kept for the run's caller.
+    fn tenant_accounts(&mut self, host: &mut dyn Host) -> TenantAccounts;
+    /// The key of the keyed hash in our Message-IDs (threading).
+    fn thread_key(&mut self) -> Result<[u8; 32]>;
+    fn logger(&mut self) -> &mut Logger;
+    /// Sends a SYSADMIN alert (a `send()` message) through the ordinary routing.
+    fn send(&mut self, host: &mut dyn Host, message: &Value) -> Result<()>;
+}
+
+/// The tenant accounts of one run (see [`Services::tenant_accounts`]).
+#[derive(Debug, Default)]
+pub struct TenantAccounts {
+    pub accounts: Vec<Account>,
+    /// Rows that belong to a tenant and kind but cannot be used: their mailbox is read by
+    /// nobody (see `routing::incoming_readers`).
+    pub failed: Vec<FailedAccount>,
+    /// Why rows could not be used (the failed accounts' errors among them).
+    pub row_errors: Vec<String>,
+}
 
 /// Messages in flight between the mailbox threads and PHP's thread: memory stays bounded (a
 /// large message also waits for the run's gate, see `incoming::gate`), and the threads seldom
@@ -250,7 +286,8 @@ impl Blocklist {
 
 /// Everything PHP's thread needs while processing one run.
 struct Run<'a> {
-    manager: &'a mut Manager,
+    services: &'a mut dyn Services,
+    settings: &'a Settings,
     host: &'a mut dyn Host,
     vhost: String,
     state: StateStore,
@@ -279,10 +316,14 @@ struct Pending {
     decision: Decision,
 }
 
-pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value) -> Result<Value> {
+pub fn event_check_mail(context: Context<'_>, host: &mut dyn Host, data: &Value) -> Result<Value> {
     let started = Instant::now();
     let vhost = event_host(data)?;
-    let settings = manager.settings.clone();
+    let Context {
+        settings,
+        oauth: env,
+        services,
+    } = context;
     // What the INI file itself warns of (a quoted "false" that reads as true, ...) shows on
     // the Events screen too.
     let base = json!({
@@ -297,11 +338,14 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     if !settings.send_email {
         return Ok(finish_summary(base, "send_email_off", &[], started));
     }
-    let tenant_accounts = manager.tenant_accounts(host);
+    let TenantAccounts {
+        accounts: tenant_accounts,
+        failed: failed_accounts,
+        row_errors,
+    } = services.tenant_accounts(host);
     // Rows that could not be used show on the Events screen, not only in the Error Log.
     let mut base = base;
-    base["errors"] = json!(manager.row_errors);
-    let failed_accounts = std::mem::take(&mut manager.failed_accounts);
+    base["errors"] = json!(row_errors);
     let (mut readers, duplicates) = crate::routing::incoming_readers_checked(
         &tenant_accounts,
         &failed_accounts,
@@ -343,7 +387,7 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
              is read once, as account {}",
             left_out.id, left_out.email, reader.id, reader.email, reader.id
         );
-        manager.logger().once(
+        services.logger().once(
             host,
             &format!("duplicate-mailbox:{}:{}", left_out.id, reader.id),
             &format!("pcr_email: {text}"),
@@ -352,9 +396,8 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         warnings.push(Value::from(text));
     }
     base["warnings"] = Value::Array(warnings);
-    manager.failed_accounts = failed_accounts;
     if mailboxes.is_empty() {
-        let status = if manager.row_errors.is_empty() && broken.is_empty() {
+        let status = if row_errors.is_empty() && broken.is_empty() {
             "ok"
         } else {
             "errors"
@@ -379,7 +422,7 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         Err(e) => {
             // E.g. a state directory another user created: the Error Log says why no
             // mailbox was read, not only the event's exception.
-            manager.logger().error(
+            services.logger().error(
                 host,
                 &format!("pcr_email: no mailbox was read: {e}"),
                 &Value::Null,
@@ -390,10 +433,10 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     let sd_pattern = Regex::new(&settings.sd_number_pattern).map_err(|e| {
         Error::account_key("master", "SD_NUMBER_PATTERN", format!("not a regex: {e}"))
     })?;
-    let thread_key = match manager.thread_key() {
+    let thread_key = match services.thread_key() {
         Ok(k) => Some(k),
         Err(e) => {
-            manager.logger().error(
+            services.logger().error(
                 host,
                 &format!("pcr_email: replies cannot be matched by Message-ID: {e}"),
                 &Value::Null,
@@ -404,7 +447,7 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     let blocked = match host.blocked_emails() {
         Ok(list) => list,
         Err(e) => {
-            manager.logger().error(
+            services.logger().error(
                 host,
                 &format!("pcr_email: cannot read the Blocked Emails list: {e}"),
                 &Value::Null,
@@ -414,7 +457,7 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
     };
     let (blocklist, pattern_errors) = Blocklist::new(&blocked);
     for e in pattern_errors {
-        manager.logger().once(host, &e.clone(), &e, &Value::Null);
+        services.logger().once(host, &e.clone(), &e, &Value::Null);
     }
     // Our sending addresses only: SYSADMIN is a person, whose requests are ordinary mail.
     let own_addresses: HashSet<String> = tenant_accounts
@@ -452,9 +495,9 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         })
         .collect();
 
-    let env = manager.oauth_env();
     let mut run = Run {
-        manager,
+        services,
+        settings,
         host,
         vhost: vhost.clone(),
         state,
@@ -1393,7 +1436,7 @@ impl Run<'_> {
     }
 
     fn log(&mut self, text: &str, context: Value) {
-        self.manager.logger().error(self.host, text, &context);
+        self.services.logger().error(self.host, text, &context);
     }
 
     /// Emails SYSADMIN (the account's, else the INI's) once per `key` across runs and
@@ -1402,7 +1445,7 @@ impl Run<'_> {
         let Some(to) = account
             .sysadmin
             .clone()
-            .or_else(|| self.manager.settings.sysadmin.clone())
+            .or_else(|| self.settings.sysadmin.clone())
             .filter(|s| !s.trim().is_empty())
         else {
             return;
@@ -1420,16 +1463,16 @@ impl Run<'_> {
             "subject": format!("[PCR-360] {subject}"),
             "text": format!(
                 "{text}\n\nHost: {}\nEnvironment: {}\n\nThis alert is sent once per problem.",
-                self.vhost, self.manager.settings.environment
+                self.vhost, self.settings.environment
             ),
             "tenant": account.tenants_recid,
             "headers": {"Auto-Submitted": "auto-generated"},
         });
-        if let Err(e) = self.manager.send(self.host, &message) {
+        if let Err(e) = self.services.send(self.host, &message) {
             // Not marked as told: the next run tries again.
             let _ = self.state.clear_alert(key);
             let line = format!("pcr_email: the SYSADMIN alert to {to} could not be sent: {e}");
-            self.manager.logger().to_file("error", &line, &Value::Null);
+            self.services.logger().to_file("error", &line, &Value::Null);
         }
     }
 }
@@ -1695,9 +1738,50 @@ mod tests {
         (dir, maildir, ini, state)
     }
 
+    /// What a manager lends a run, without one: the tenant rows the host lists (plain values;
+    /// an `ENC:` value fails as with a wrong key), a fixed thread key, and alerts recorded.
+    struct TestServices {
+        settings: Settings,
+        logger: Logger,
+        alerts: Vec<Value>,
+    }
+
+    impl Services for TestServices {
+        fn tenant_accounts(&mut self, host: &mut dyn Host) -> TenantAccounts {
+            let rows = host.email_accounts().unwrap();
+            let keys = crate::config::secrets::KeyStore::from_key([7; 32]);
+            let sorted = crate::config::tenant_rows(&rows, &self.settings, Ok(&keys));
+            TenantAccounts {
+                accounts: sorted.accounts,
+                failed: sorted.failed,
+                row_errors: sorted.errors.iter().map(|e| e.to_string()).collect(),
+            }
+        }
+        fn thread_key(&mut self) -> Result<[u8; 32]> {
+            Ok([7; 32])
+        }
+        fn logger(&mut self) -> &mut Logger {
+            &mut self.logger
+        }
+        fn send(&mut self, _host: &mut dyn Host, message: &Value) -> Result<()> {
+            self.alerts.push(message.clone());
+            Ok(())
+        }
+    }
+
     fn run_event(ini: &Path, host: &mut RecordingHost) -> Value {
-        let mut manager = Manager::open(ini, "prod").unwrap();
-        event_check_mail(&mut manager, host, &json!({"host": "pcr360.example.edu"})).unwrap()
+        let settings = Settings::load(ini, "prod").unwrap();
+        let mut services = TestServices {
+            settings: settings.clone(),
+            logger: Logger::new(None),
+            alerts: Vec::new(),
+        };
+        let context = Context {
+            settings: &settings,
+            oauth: OAuthEnv::from_settings(&settings),
+            services: &mut services,
+        };
+        event_check_mail(context, host, &json!({"host": "pcr360.example.edu"})).unwrap()
     }
 
     #[test]
