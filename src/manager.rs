@@ -627,7 +627,9 @@ impl Manager {
             settings: &settings,
             services: self,
         };
-        crate::checkmail::event_check_mail(context, host, data)
+        let summary = crate::checkmail::event_check_mail(context, host, data)?;
+        serde_json::to_value(summary)
+            .map_err(|e| Error::message(format!("cannot represent the summary: {e}")))
     }
 
     /// `encryptPassword()`: `ENC:v1:` with the key file of that INI file and environment.

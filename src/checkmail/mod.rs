@@ -43,7 +43,8 @@ use crate::state::{Owner, StateStore};
 
 use mail::remove_dead_runs_attachments;
 use php_thread::Run;
-use summary::{finish_summary, MailboxSummary};
+use summary::{finish_summary, Base};
+pub use summary::{MailboxSummary, Summary, Totals};
 use worker::{start_pool, Decision, Event, MailboxQueue, MailboxShared, CHANNEL_CAPACITY};
 
 mod alerts;
@@ -97,7 +98,11 @@ pub struct TenantAccounts {
 /// How often a run checkpoints the state database's WAL (in a helper thread).
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
-pub fn event_check_mail(context: Context<'_>, host: &mut dyn Host, data: &Value) -> Result<Value> {
+pub fn event_check_mail(
+    context: Context<'_>,
+    host: &mut dyn Host,
+    data: &Value,
+) -> Result<Summary> {
     let started = Instant::now();
     let vhost = event_host(data)?;
     let Context {
@@ -107,17 +112,17 @@ pub fn event_check_mail(context: Context<'_>, host: &mut dyn Host, data: &Value)
     } = context;
     // What the INI file itself warns of (a quoted "false" that reads as true, ...) shows on
     // the Events screen too.
-    let base = json!({
-        "host": vhost,
-        "environment": settings.environment,
-        "errors": [],
-        "warnings": settings.warnings,
-    });
+    let mut base = Base {
+        host: vhost.clone(),
+        environment: settings.environment.clone(),
+        errors: Vec::new(),
+        warnings: settings.warnings.clone(),
+    };
     if settings.disable_email {
-        return Ok(finish_summary(base, "disabled", &[], started));
+        return Ok(finish_summary(base, "disabled", Vec::new(), started));
     }
     if !settings.send_email {
-        return Ok(finish_summary(base, "send_email_off", &[], started));
+        return Ok(finish_summary(base, "send_email_off", Vec::new(), started));
     }
     let TenantAccounts {
         accounts: tenant_accounts,
@@ -125,8 +130,7 @@ pub fn event_check_mail(context: Context<'_>, host: &mut dyn Host, data: &Value)
         row_errors,
     } = services.tenant_accounts(host);
     // Rows that could not be used show on the Events screen, not only in the Error Log.
-    let mut base = base;
-    base["errors"] = json!(row_errors);
+    base.errors = row_errors;
     let (mut readers, duplicates) = crate::routing::incoming_readers_checked(
         &tenant_accounts,
         &failed_accounts,
@@ -161,7 +165,6 @@ pub fn event_check_mail(context: Context<'_>, host: &mut dyn Host, data: &Value)
     }
     // One mailbox configured twice (the INI master and a tenant row naming the same Maildir by
     // another spelling, the same IMAP login twice) is read once; the summary says so.
-    let mut warnings: Vec<Value> = settings.warnings.iter().map(|w| json!(w)).collect();
     for (left_out, reader) in duplicates {
         let text = format!(
             "account {} ({}) is configured with the same mailbox as account {} ({}): the mailbox \
@@ -174,16 +177,15 @@ pub fn event_check_mail(context: Context<'_>, host: &mut dyn Host, data: &Value)
             &format!("pcr_email: {text}"),
             &json!({"account": left_out.id.to_string()}),
         );
-        warnings.push(Value::from(text));
+        base.warnings.push(text);
     }
-    base["warnings"] = Value::Array(warnings);
     if mailboxes.is_empty() {
-        let status = if row_errors.is_empty() && broken.is_empty() {
+        let status = if base.errors.is_empty() && broken.is_empty() {
             "ok"
         } else {
             "errors"
         };
-        return Ok(finish_summary(base, status, &broken, started));
+        return Ok(finish_summary(base, status, broken, started));
     }
 
     // The TLS connectors are built (CA_FILE, the system roots) while the state store opens and
@@ -391,16 +393,16 @@ pub fn event_check_mail(context: Context<'_>, host: &mut dyn Host, data: &Value)
     crate::alloc::release_cached();
     summaries.extend(broken);
     // "errors": some mailbox or account could not be read completely (see each entry).
-    let failed = summaries.iter().any(|m| !m.errors.is_empty())
-        || base["errors"].as_array().is_some_and(|e| !e.is_empty());
+    let failed = summaries.iter().any(|m| !m.errors.is_empty()) || !base.errors.is_empty();
     let status = if failed { "errors" } else { "ok" };
-    Ok(finish_summary(base, status, &summaries, started))
+    Ok(finish_summary(base, status, summaries, started))
 }
 
 #[cfg(test)]
 mod tests {
     use super::worker::ledger_scope;
     use super::*;
+    use crate::host::Mail;
     use crate::state::Claim;
     use std::path::{Path, PathBuf};
 
@@ -420,11 +422,11 @@ mod tests {
         fn blocked_emails(&mut self) -> Result<Vec<String>> {
             Ok(Vec::new())
         }
-        fn create_inquiry(&mut self, mail: &Value) -> Result<String> {
+        fn create_inquiry(&mut self, mail: &Mail<'_>) -> Result<String> {
             self.calls
-                .push(format!("createInquiry {}", mail["message_id"]));
-            for a in mail["attachments"].as_array().into_iter().flatten() {
-                let path = Path::new(a["path"].as_str().unwrap());
+                .push(format!("createInquiry {}", json!(mail.message_id)));
+            for a in &mail.attachments {
+                let path = Path::new(&a.path);
                 let bytes = std::fs::read(path).unwrap();
                 self.calls.push(format!("attachment {}", bytes.len()));
                 if self.remove_attachment_dirs {
@@ -433,7 +435,7 @@ mod tests {
             }
             Ok("IQ00001".into())
         }
-        fn add_to_thread(&mut self, sd_number: &str, _mail: &Value) -> Result<bool> {
+        fn add_to_thread(&mut self, sd_number: &str, _mail: &Mail<'_>) -> Result<bool> {
             self.calls.push(format!("addToThread {sd_number}"));
             Ok(false)
         }
@@ -511,7 +513,8 @@ mod tests {
             oauth: OAuthEnv::from_settings(&settings),
             services: &mut services,
         };
-        event_check_mail(context, host, &json!({"host": "pcr360.example.edu"})).unwrap()
+        let summary = event_check_mail(context, host, &json!({"host": "pcr360.example.edu"}));
+        serde_json::to_value(summary.unwrap()).unwrap()
     }
 
     #[test]

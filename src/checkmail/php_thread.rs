@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use super::alerts::auth_alert_key;
 use super::blocklist::Blocklist;
 use super::decide::{decide, Otherwise, Plan, Rules};
+use super::mail::{mail, remove_attachments};
 use super::summary::MailboxSummary;
 use super::worker::{ledger_scope, Decision, Event};
 use super::Services;
@@ -273,7 +274,7 @@ impl Run<'_> {
         account: &Account,
         scope: &str,
         mailbox_ref: &str,
-        mut parsed: ParsedMail,
+        parsed: ParsedMail,
     ) -> Outcome {
         let id = account.id.to_string();
         let key = parsed.message_key.clone();
@@ -330,7 +331,7 @@ impl Run<'_> {
             Claim::Retry { attempts } => attempts.saturating_add(1),
             _ => 1,
         };
-        let verdict = self.deliver(account, &mut parsed, attempt);
+        let verdict = self.deliver(account, &parsed, attempt);
         match verdict {
             Ok(Delivered::Inquiry(sd)) => Outcome::Inquiry(Settled {
                 account: scope.to_string(),
@@ -451,13 +452,12 @@ impl Run<'_> {
         Outcome::Quarantined
     }
 
-    /// Carries out the decision for one message (`decide.rs`): the host calls.
-    /// Hands the message's text and HTML over to `$mail` (not copied: only the headers,
-    /// subject and sender are used afterwards, for logging).
+    /// Carries out the decision for one message (`decide.rs`): the host calls, with `$mail`
+    /// borrowing the parsed message (its bodies are not copied before the PHP boundary).
     pub(super) fn deliver(
         &mut self,
         account: &Account,
-        parsed: &mut ParsedMail,
+        parsed: &ParsedMail,
         attempt: u32,
     ) -> Result<Delivered> {
         let rules = Rules {
@@ -469,7 +469,16 @@ impl Run<'_> {
             Plan::Skip(reason) => return Ok(Delivered::Skipped(reason)),
             Plan::Hand { item, otherwise } => (item, otherwise),
         };
-        let mail = self.mail_array(account, parsed, item.as_deref(), attempt)?;
+        let attachments = self.attachment_files(parsed)?;
+        let vhost = self.vhost.clone();
+        let mail = mail(
+            parsed,
+            account,
+            &vhost,
+            item.as_deref(),
+            attempt,
+            attachments,
+        );
         let result = (|| {
             if let Some(sd) = &item {
                 if self.host.add_to_thread(sd, &mail)? {
@@ -501,7 +510,7 @@ impl Run<'_> {
                 );
             }
         }
-        self.remove_attachments(&mail);
+        remove_attachments(&mail);
         result
     }
 
