@@ -2,11 +2,11 @@
 //! `php` (feature `php`) is the thin ext-php-rs boundary.
 
 pub mod alloc;
+pub mod checkmail;
 pub mod config;
 pub mod error;
 pub mod host;
 pub mod http;
-pub mod inbound;
 pub mod incoming;
 pub mod log;
 pub mod manager;

@@ -621,7 +621,15 @@ impl Manager {
     }
 
     pub fn event_check_mail(&mut self, host: &mut dyn Host, data: &Value) -> Result<Value> {
-        crate::inbound::event_check_mail(self, host, data)
+        let settings = self.settings.clone();
+        let context = crate::checkmail::Context {
+            oauth: self.oauth_env(),
+            settings: &settings,
+            services: self,
+        };
+        let summary = crate::checkmail::event_check_mail(context, host, data)?;
+        serde_json::to_value(summary)
+            .map_err(|e| Error::message(format!("cannot represent the summary: {e}")))
     }
 
     /// `encryptPassword()`: `ENC:v1:` with the key file of that INI file and environment.
@@ -728,4 +736,28 @@ fn in_app_message(request: &MessageRequest) -> Value {
         "tenant": request.tenant,
         "sd_number": request.sd_number,
     })
+}
+
+/// What `eventCheckMail` borrows from the manager (see `checkmail::Services`).
+impl crate::checkmail::Services for Manager {
+    fn tenant_accounts(&mut self, host: &mut dyn Host) -> crate::checkmail::TenantAccounts {
+        let accounts = Manager::tenant_accounts(self, host);
+        crate::checkmail::TenantAccounts {
+            accounts,
+            failed: self.failed_accounts.clone(),
+            row_errors: self.row_errors.clone(),
+        }
+    }
+
+    fn thread_key(&mut self) -> Result<[u8; 32]> {
+        Manager::thread_key(self)
+    }
+
+    fn logger(&mut self) -> &mut Logger {
+        &mut self.logger
+    }
+
+    fn send(&mut self, host: &mut dyn Host, message: &Value) -> Result<()> {
+        Manager::send(self, host, message).map(drop)
+    }
 }

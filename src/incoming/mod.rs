@@ -1,6 +1,6 @@
 //! Mailboxes: one module per mailbox type behind one trait. Each mailbox runs in its own
 //! thread during `eventCheckMail`; the PHP host is only ever called from PHP's thread, by
-//! `crate::inbound`, which drives this trait.
+//! `crate::checkmail`, which drives this trait.
 //!
 //! The contract that keeps mail from being lost or doubled:
 //! - `list` and `fetch_each` never change the mailbox (IMAP `BODY.PEEK[]`, POP3 RETR without

@@ -7,7 +7,7 @@
 //! every message is settled (processed, skipped or quarantined). [`Mailbox::list`] is one
 //! `UID FETCH <low>:* (UID RFC822.SIZE)`; `n:*` also returns the last message when its UID is
 //! below `n`, so the answer is filtered. A changed UIDVALIDITY starts again from UID 1 (the
-//! Message-ID ledger of `inbound` keeps that from doubling anything). [`Mailbox::finish`]
+//! Message-ID ledger of `checkmail` keeps that from doubling anything). [`Mailbox::finish`]
 //! moves the mark up to the first listed UID that is not settled (or past the last listed
 //! one), never past a message that still needs work. UIDs settled above the mark (after a
 //! message that failed and waits for its retry) are remembered too (key-value namespace
