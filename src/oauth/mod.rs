@@ -540,18 +540,6 @@ pub struct Authorized {
     pub differs_from_email: bool,
 }
 
-impl Authorized {
-    /// `{recid, provider, mailbox, differs_from_email}` for the PHP array.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "recid": self.recid,
-            "provider": self.provider.as_str(),
-            "mailbox": self.mailbox,
-            "differs_from_email": self.differs_from_email,
-        })
-    }
-}
-
 /// Finishes a sign-in from the redirect's `state` and `code`: the state must be pending
 /// (unknown, already used and expired states are distinct `Auth` errors), the account
 /// (looked up in `accounts` by the RECID kept with the state) must still be the same OAuth
