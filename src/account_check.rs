@@ -425,3 +425,38 @@ fn live_check(account: &Account, env: &oauth::OAuthEnv, provider: Provider) -> A
         Err(e) => ApiCheck::failed(Some(api.base()), api.error(e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_failed_check_has_server_keys_only_for_server_failures() {
+        let with_server = OutgoingCheck::Failed(OutgoingFailed {
+            transport: Some("SMTP"),
+            ok: false,
+            error: "e".into(),
+            failure: Some(ServerFailure {
+                server: "h:25".into(),
+                code: None,
+                transient: true,
+            }),
+        });
+        assert_eq!(
+            serde_json::to_value(&with_server).unwrap(),
+            json!({"transport": "SMTP", "ok": false, "error": "e", "server": "h:25",
+                   "code": null, "transient": true})
+        );
+        let without = IncomingCheck::Failed {
+            protocol: None,
+            ok: false,
+            error: "e".into(),
+            server: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&without).unwrap(),
+            json!({"protocol": null, "ok": false, "error": "e"})
+        );
+    }
+}

@@ -553,3 +553,46 @@ pub fn in_app_message(request: &MessageRequest) -> InAppMessage {
         sd_number: request.sd_number.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn php(value: &impl Serialize) -> Value {
+        serde_json::to_value(value).unwrap()
+    }
+
+    #[test]
+    fn a_result_without_delivery_has_null_keys_and_no_path() {
+        assert_eq!(
+            php(&SendResult::status(SendStatus::Redirected)),
+            json!({"status": "redirected", "account": null, "transport": null, "from": null,
+                   "message_id": null})
+        );
+        let mut skipped = SendResult::status(SendStatus::Skipped);
+        skipped.reason = Some("no account".into());
+        assert_eq!(php(&skipped)["reason"], "no account");
+        assert_eq!(php(&skipped)["status"], "skipped");
+    }
+
+    #[test]
+    fn a_failed_batch_entry_names_the_account_as_send_results_do() {
+        let tenant = Error::transport("12", "mail.example.edu:587", None, true, "refused");
+        assert_eq!(
+            php(&BatchFailure::of(&tenant)),
+            json!({"status": "failed", "error": tenant.to_string(),
+                   "exception": "PCR_Utility_EmailTransportException", "account": 12,
+                   "server": "mail.example.edu:587", "smtp_code": null, "transient": true})
+        );
+        let master = Error::transport("master", "/usr/sbin/sendmail", Some(550), false, "no");
+        assert_eq!(php(&BatchFailure::of(&master))["account"], "master");
+        assert_eq!(php(&BatchFailure::of(&master))["smtp_code"], 550);
+        // Other errors: no transport keys at all.
+        let bad = Error::message("to: missing");
+        assert_eq!(
+            php(&BatchFailure::of(&bad)),
+            json!({"status": "failed", "error": "to: missing",
+                   "exception": "PCR_Utility_EmailException"})
+        );
+    }
+}
