@@ -6,7 +6,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::{Account, AuthType};
+use crate::config::{Account, AuthType, PublicAccount};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::host::Host;
@@ -18,11 +18,11 @@ use crate::state::StateStore;
 
 /// What `checkAccount()` returns: the account as `resolveAccount()` shows it (no secret), and
 /// the checks.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AccountReport {
-    /// [`Account::public_view`]: `RECID`, `EMAIL`, `OUTGOING_*`, `INCOMING_*`, ...
+    /// `RECID`, `EMAIL`, `OUTGOING_*`, `INCOMING_*`, ...
     #[serde(flatten)]
-    pub account: Value,
+    pub account: PublicAccount,
     /// Null when the account does not send.
     pub outgoing: Option<OutgoingCheck>,
     /// Null when the account does not receive.
@@ -104,7 +104,7 @@ impl IncomingCheck {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum OAuthCheck {
     Cloud(CloudCheck),
@@ -130,7 +130,7 @@ pub struct TokenSignIn {
 }
 
 /// The `oauth` part for an OFFICE365 / GMAIL account.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum CloudCheck {
     /// The account's provider or OAuth state could not be read.
@@ -141,9 +141,9 @@ pub enum CloudCheck {
         error: String,
     },
     Checked {
-        /// The OAuth state ([`oauth::OAuthStatus::to_json`]), read after the live check.
+        /// The OAuth state, read after the live check.
         #[serde(flatten)]
-        status: Value,
+        status: oauth::OAuthStatusView,
         /// The live check's error, when it failed.
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<String>,
@@ -228,7 +228,7 @@ pub fn check_account(
         None
     };
     Ok(AccountReport {
-        account: account.public_view(),
+        account: account.public(),
         outgoing,
         incoming,
         oauth,
@@ -364,7 +364,7 @@ pub fn check_cloud_account(ctx: &Context<'_>, account: &Account) -> CloudCheck {
         )
     };
     // Read again: the live check may have renewed the token or recorded an error.
-    let status = oauth::status(account, &store).unwrap_or(before).to_json();
+    let status = oauth::status(account, &store).unwrap_or(before).view();
     let (ok, error) = match &api {
         ApiCheck::Passed { ok, .. } => (*ok, None),
         ApiCheck::Failed { ok, error, .. } => (*ok, Some(error.clone())),

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::account_check::{self, AccountReport};
 use crate::config::secrets::{self, KeyStore};
-use crate::config::{Account, FailedAccount, Settings};
+use crate::config::{Account, FailedAccount, PublicAccount, Settings};
 use crate::context::Context;
 use crate::error::Result;
 use crate::host::Host;
@@ -102,7 +102,7 @@ impl Manager {
         host: &mut dyn Host,
         kind: &str,
         tenant: i64,
-    ) -> Result<Option<Value>> {
+    ) -> Result<Option<PublicAccount>> {
         outbound::resolve_account(&mut self.context(), host, kind, tenant)
     }
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::config::{Account, AccountId, Settings};
+use crate::config::{Account, AccountId, PublicAccount, Settings};
 use crate::context::{Context, TenantAccounts};
 use crate::error::{Error, Result};
 use crate::host::{Host, InAppAddress, InAppAttachment, InAppMessage};
@@ -334,11 +334,11 @@ pub fn resolve_account(
     host: &mut dyn Host,
     kind: &str,
     tenant: i64,
-) -> Result<Option<Value>> {
+) -> Result<Option<PublicAccount>> {
     let kind = MailKind::parse(kind)?;
     let tenants = ctx.tenant_accounts(host);
     Ok(match route(ctx.settings, kind, &tenants, tenant) {
-        Route::Send(account) => Some(account.public_view()),
+        Route::Send(account) => Some(account.public()),
         // The account that would send is broken: its error, as send() would throw it.
         Route::Failed(failed) => return Err(failed.error.clone()),
         _ => None,

@@ -216,7 +216,7 @@ impl EmailManager {
         let kind = kind.string_or(1, "general")?;
         let tenant = tenant.int_or(2, 0)?;
         self.with_host(|core, host| core.resolve_account(host, &kind, tenant))
-            .map(|v| v.map(PhpJson))
+            .and_then(|account| account.as_ref().map(PhpJson::of).transpose())
             .map_err(to_php)
     }
 
