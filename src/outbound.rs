@@ -562,6 +562,56 @@ mod tests {
         serde_json::to_value(value).unwrap()
     }
 
+    /// Routing decides from the failed accounts it is given: a tenant whose Default row is
+    /// broken has its mail fail, where without that row the INI master would send it.
+    #[test]
+    fn routing_takes_the_failed_accounts_as_a_parameter() {
+        let dir = tempfile::tempdir().unwrap();
+        let ini = dir.path().join("pcr360.ini");
+        let out = dir.path().join("out");
+        std::fs::write(
+            &ini,
+            format!(
+                "[prod]\nemail.EMAIL = m@example.edu\nemail.OUTGOING_TRANSPORT_TYPE = FILE\n\
+                 email.FILE_PATH = {}\n",
+                out.display()
+            ),
+        )
+        .unwrap();
+        let settings = Settings::load(&ini, "prod").unwrap();
+        let row = |recid: i64, tenant: i64, email: &str| {
+            json!({"RECID": recid, "TENANTS_RECID": tenant, "ACCOUNT_TYPE": "default",
+                   "EMAIL": email, "OUTGOING_TRANSPORT_TYPE": "FILE",
+                   "FILE_PATH": out.display().to_string()})
+        };
+        let rows = json!([row(7, 2, "d7@t2.example.edu"), row(9, 3, "bad")]);
+        let keys = crate::config::secrets::KeyStore::from_key([7; 32]);
+        let sorted = crate::config::tenant_rows(&rows, &settings, Ok(&keys));
+        let tenants = TenantAccounts {
+            accounts: sorted.accounts,
+            failed: sorted.failed,
+            errors: sorted.errors.iter().map(|e| e.to_string()).collect(),
+        };
+        assert_eq!(tenants.errors.len(), 1, "{:?}", tenants.errors);
+        let sender = |tenants: &TenantAccounts, tenant: i64| match route(
+            &settings,
+            MailKind::General,
+            tenants,
+            tenant,
+        ) {
+            Route::Send(account) => Ok(account.id.clone()),
+            Route::Failed(failed) => Err(failed.id.clone()),
+            _ => panic!("neither sent nor failed"),
+        };
+        assert_eq!(sender(&tenants, 2), Ok(AccountId::Tenant(7)));
+        assert_eq!(sender(&tenants, 3), Err(AccountId::Tenant(9)));
+        let without_failed = TenantAccounts {
+            accounts: tenants.accounts.clone(),
+            ..TenantAccounts::default()
+        };
+        assert_eq!(sender(&without_failed, 3), Ok(AccountId::Master));
+    }
+
     #[test]
     fn a_result_without_delivery_has_null_keys_and_no_path() {
         assert_eq!(
