@@ -32,10 +32,10 @@ pub struct TenantAccounts {
     /// Rows that belong to a tenant and kind but cannot be used. Routing fails their mail
     /// rather than sending it through another account, and `eventCheckMail` must not read
     /// their mailbox through another account (see `routing::incoming_readers`). Their errors
-    /// are in `errors` too.
+    /// are in `row_errors` too.
     pub failed: Vec<FailedAccount>,
     /// One secret-free text per row that could not be used.
-    pub errors: Vec<String>,
+    pub row_errors: Vec<String>,
 }
 
 impl Context<'_> {
@@ -66,7 +66,7 @@ impl Context<'_> {
             Ok(rows) => rows,
             Err(e) => {
                 sorted
-                    .errors
+                    .row_errors
                     .push(format!("cannot read the tenant email accounts: {e}"));
                 self.logger.error(
                     host,
@@ -93,7 +93,7 @@ impl Context<'_> {
             _ => Ok(&ephemeral),
         };
         let rows = tenant_rows(&rows, self.settings, keys);
-        sorted.errors = rows.errors.iter().map(|e| e.to_string()).collect();
+        sorted.row_errors = rows.errors.iter().map(|e| e.to_string()).collect();
         sorted.failed = rows.failed;
         sorted.accounts = rows.accounts;
         // Once per process (a PHP worker builds a manager per request), per INI file.

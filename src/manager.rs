@@ -165,7 +165,7 @@ impl Manager {
     /// `row_errors` and `failed_accounts`.
     pub fn tenant_accounts(&mut self, host: &mut dyn Host) -> Vec<Account> {
         let tenants = self.context().tenant_accounts(host);
-        self.row_errors = tenants.errors;
+        self.row_errors = tenants.row_errors;
         self.failed_accounts = tenants.failed;
         tenants.accounts
     }

@@ -590,9 +590,9 @@ mod tests {
         let tenants = TenantAccounts {
             accounts: sorted.accounts,
             failed: sorted.failed,
-            errors: sorted.errors.iter().map(|e| e.to_string()).collect(),
+            row_errors: sorted.errors.iter().map(|e| e.to_string()).collect(),
         };
-        assert_eq!(tenants.errors.len(), 1, "{:?}", tenants.errors);
+        assert_eq!(tenants.row_errors.len(), 1, "{:?}", tenants.row_errors);
         let sender = |tenants: &TenantAccounts, tenant: i64| match route(
             &settings,
             MailKind::General,
