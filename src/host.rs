@@ -4,48 +4,13 @@
 //! it in Rust. Every call happens on the thread that called into the extension (PHP's thread):
 //! the trait is deliberately not `Send`.
 
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::Result;
 
-/// The in-app Message `deliverMessage()` receives when SEND_EMAIL is false (SPEC §4): the
-/// recipients, subject (with `[SD_NUMBER]` when the message has one), content and attachments
-/// of a `send()` message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct InAppMessage {
-    pub to: Vec<InAppAddress>,
-    pub cc: Vec<InAppAddress>,
-    pub bcc: Vec<InAppAddress>,
-    pub reply_to: Vec<InAppAddress>,
-    pub subject: String,
-    pub text: Option<String>,
-    pub html: Option<String>,
-    pub attachments: Vec<InAppAttachment>,
-    /// `general`, `service_desk`, ...
-    pub kind: &'static str,
-    pub tenant: i64,
-    pub sd_number: Option<String>,
-}
+pub mod message;
 
-/// `{email, name}`; `name` is null when the address has none.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct InAppAddress {
-    pub email: String,
-    pub name: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct InAppAttachment {
-    pub filename: Option<String>,
-    pub content_type: String,
-    /// In bytes.
-    pub size: usize,
-    pub inline: bool,
-    /// Without angle brackets.
-    pub content_id: Option<String>,
-    pub content_base64: String,
-}
+pub use message::{InAppAddress, InAppAttachment, InAppMessage};
 
 pub trait Host {
     /// Tenant email account rows (SPEC §3), as a JSON list of objects.
