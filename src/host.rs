@@ -9,8 +9,10 @@ use serde_json::Value;
 use crate::error::Result;
 
 pub mod mail;
+pub mod message;
 
 pub use mail::{Mail, MailAccount, MailAttachment, Recid};
+pub use message::{InAppAddress, InAppAttachment, InAppMessage};
 
 pub trait Host {
     /// Tenant email account rows (SPEC §3), as a JSON list of objects.
@@ -22,7 +24,7 @@ pub trait Host {
     fn create_inquiry(&mut self, mail: &Mail<'_>) -> Result<String>;
     /// Adds `$mail` to the thread of `sd_number`; false when there is no such item.
     fn add_to_thread(&mut self, sd_number: &str, mail: &Mail<'_>) -> Result<bool>;
-    /// Delivers a message in-app (SEND_EMAIL = false).
+    /// Delivers a message in-app (SEND_EMAIL = false): an [`InAppMessage`] as JSON.
     fn deliver_message(&mut self, message: &Value) -> Result<()>;
     /// Writes to the application's Error Log. Must not fail the caller: errors are swallowed.
     fn log_error(&mut self, message: &str, context: &Value);

@@ -123,6 +123,7 @@ fn run(dir: &Path, attachment: usize) -> (usize, usize) {
     let before = counting::start();
     let summary = manager
         .event_check_mail(&mut desk, &json!({"host": "pcr360.example.edu"}))
+        .map(|s| serde_json::to_value(s).unwrap())
         .unwrap();
     let peak = counting::peak_since(before);
     assert_eq!(summary["status"], "ok", "{summary}");

@@ -33,7 +33,8 @@ use std::time::Instant;
 use regex::Regex;
 use serde_json::{json, Value};
 
-use crate::config::{Account, FailedAccount, MailboxType, Settings, SslMode};
+use crate::config::{Account, MailboxType, Settings, SslMode};
+pub use crate::context::TenantAccounts;
 use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::incoming::gate;
@@ -61,7 +62,7 @@ pub use event::event_host;
 
 /// What one run is given: the INI settings and the OAuth environment as values, and the
 /// services of the object that owns the accounts (the PHP manager's core), borrowed.
-pub struct Context<'a> {
+pub struct EventContext<'a> {
     pub settings: &'a Settings,
     /// Where OAuth accounts keep their tokens.
     pub oauth: OAuthEnv,
@@ -84,28 +85,17 @@ pub trait Services {
     fn send(&mut self, host: &mut dyn Host, message: &Value) -> Result<()>;
 }
 
-/// The tenant accounts of one run (see [`Services::tenant_accounts`]).
-#[derive(Debug, Default)]
-pub struct TenantAccounts {
-    pub accounts: Vec<Account>,
-    /// Rows that belong to a tenant and kind but cannot be used: their mailbox is read by
-    /// nobody (see `routing::incoming_readers`).
-    pub failed: Vec<FailedAccount>,
-    /// Why rows could not be used (the failed accounts' errors among them).
-    pub row_errors: Vec<String>,
-}
-
 /// How often a run checkpoints the state database's WAL (in a helper thread).
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub fn event_check_mail(
-    context: Context<'_>,
+    context: EventContext<'_>,
     host: &mut dyn Host,
     data: &Value,
 ) -> Result<Summary> {
     let started = Instant::now();
     let vhost = event_host(data)?;
-    let Context {
+    let EventContext {
         settings,
         oauth: env,
         services,
@@ -507,7 +497,7 @@ mod tests {
             logger: Logger::new(None),
             alerts: Vec::new(),
         };
-        let context = Context {
+        let context = EventContext {
             settings: &settings,
             oauth: OAuthEnv::from_settings(&settings),
             services: &mut services,
