@@ -491,6 +491,11 @@ mod tests {
     }
 
     fn run_event(ini: &Path, host: &mut RecordingHost) -> Value {
+        run_event_alerting(ini, host).0
+    }
+
+    /// The summary, and the alerts the run sent.
+    fn run_event_alerting(ini: &Path, host: &mut RecordingHost) -> (Value, Vec<Value>) {
         let settings = Settings::load(ini, "prod").unwrap();
         let mut services = TestServices {
             settings: settings.clone(),
@@ -503,7 +508,43 @@ mod tests {
             services: &mut services,
         };
         let summary = event_check_mail(context, host, &json!({"host": "pcr360.example.edu"}));
-        serde_json::to_value(summary.unwrap()).unwrap()
+        (
+            serde_json::to_value(summary.unwrap()).unwrap(),
+            services.alerts,
+        )
+    }
+
+    #[test]
+    fn a_message_too_large_is_left_in_place_and_alerted_once_across_runs() {
+        let (_dir, maildir, ini, _) = maildir_master(
+            "email.MAX_MESSAGE_BYTES = \"1K\"\nemail.SYSADMIN = \"admin@example.edu\"\n",
+        );
+        let file = maildir.join("new").join("1.M1P1.big");
+        let body = "x".repeat(2000);
+        std::fs::write(
+            &file,
+            format!("From: a@example.org\r\nSubject: big\r\n\r\n{body}\r\n"),
+        )
+        .unwrap();
+        let mut host = RecordingHost::default();
+        let (summary, alerts) = run_event_alerting(&ini, &mut host);
+        assert_eq!(summary["totals"]["skipped"], 1, "{summary}");
+        assert_eq!(
+            summary["mailboxes"][0]["skip_reasons"]["oversized"], 1,
+            "{summary}"
+        );
+        assert!(host.calls.is_empty(), "{:?}", host.calls);
+        assert!(file.exists());
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        assert_eq!(alerts[0]["to"], "admin@example.edu");
+        assert_eq!(
+            alerts[0]["subject"],
+            "[PCR-360] An incoming email is too large to process"
+        );
+        assert_eq!(alerts[0]["headers"]["Auto-Submitted"], "auto-generated");
+        let (summary, alerts) = run_event_alerting(&ini, &mut RecordingHost::default());
+        assert_eq!(summary["totals"]["skipped"], 1, "{summary}");
+        assert!(alerts.is_empty(), "alerted once: {alerts:?}");
     }
 
     #[test]

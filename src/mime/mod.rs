@@ -175,9 +175,10 @@ impl HeaderField {
     }
 }
 
-/// An incoming message as the host sees it (`$mail`, SPEC §5), minus `account`, `host`,
-/// `attempt` and the attachment `path`s, which the inbound code adds, and `sd_number` and
-/// `auto`, which PCR-360's rules (`src/rules.rs`) give it.
+/// An incoming message as the host sees it (`$mail`, SPEC §5, typed as `host::Mail`), minus
+/// `account`, `host`, `attempt` and the attachment `path`s, which the checkmail code adds
+/// (`src/checkmail/mail.rs`), and `sd_number` and `auto`, which PCR-360's rules
+/// (`src/rules.rs`) give it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParsedMail {
     pub message_id: Option<String>,
