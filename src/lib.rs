@@ -1,7 +1,6 @@
 //! `pcr_email`: PCR-360's email, in Rust. The core in this crate knows nothing of PHP;
 //! `php` (feature `php`) is the thin ext-php-rs boundary.
 
-pub mod alloc;
 pub mod config;
 pub mod error;
 pub mod host;
@@ -9,6 +8,9 @@ pub mod http;
 pub mod inbound;
 pub mod incoming;
 pub mod log;
+/// glibc's malloc settings the PHP module applies at start (the core does not use it).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub mod malloc;
 pub mod manager;
 pub mod manager_oauth;
 pub mod mime;
