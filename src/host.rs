@@ -11,7 +11,7 @@ use crate::error::Result;
 pub mod mail;
 pub mod message;
 
-pub use mail::{Mail, MailAccount, MailAttachment, Recid};
+pub use mail::{Mail, MailAccount, MailAttachment};
 pub use message::{InAppAddress, InAppAttachment, InAppMessage};
 
 pub trait Host {
