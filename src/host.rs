@@ -11,7 +11,7 @@ use crate::error::Result;
 pub mod mail;
 pub mod message;
 
-pub use mail::{Mail, MailAccount, MailAttachment, Recid};
+pub use mail::{Mail, MailAccount, MailAttachment};
 pub use message::{InAppAddress, InAppAttachment, InAppMessage};
 
 pub trait Host {
@@ -24,8 +24,8 @@ pub trait Host {
     fn create_inquiry(&mut self, mail: &Mail<'_>) -> Result<String>;
     /// Adds `$mail` to the thread of `sd_number`; false when there is no such item.
     fn add_to_thread(&mut self, sd_number: &str, mail: &Mail<'_>) -> Result<bool>;
-    /// Delivers a message in-app (SEND_EMAIL = false): an [`InAppMessage`] as JSON.
-    fn deliver_message(&mut self, message: &Value) -> Result<()>;
+    /// Delivers a message in-app (SEND_EMAIL = false).
+    fn deliver_message(&mut self, message: &InAppMessage) -> Result<()>;
     /// Writes to the application's Error Log. Must not fail the caller: errors are swallowed.
     fn log_error(&mut self, message: &str, context: &Value);
     /// False once the host can take no more calls (PHP is stopping: a fatal error or `exit()`
@@ -57,7 +57,7 @@ impl Host for NoHost {
             "no PCR_Utility_EmailHost was given (constructor or setDefaultHost)".into(),
         ))
     }
-    fn deliver_message(&mut self, _message: &Value) -> Result<()> {
+    fn deliver_message(&mut self, _message: &InAppMessage) -> Result<()> {
         Err(crate::Error::Host(
             "SEND_EMAIL is false but no PCR_Utility_EmailHost was given to deliver the message in-app"
                 .into(),

@@ -159,7 +159,7 @@ mod tests {
         ) -> crate::Result<bool> {
             Ok(false)
         }
-        fn deliver_message(&mut self, _message: &Value) -> crate::Result<()> {
+        fn deliver_message(&mut self, _message: &crate::host::InAppMessage) -> crate::Result<()> {
             Ok(())
         }
         fn log_error(&mut self, message: &str, _context: &Value) {

@@ -505,9 +505,7 @@ fn log_send_failure(
 
 /// SEND_EMAIL false: the message goes to the host's `deliverMessage()` instead.
 fn deliver_in_app(host: &mut dyn Host, request: &MessageRequest) -> Result<()> {
-    let message = serde_json::to_value(in_app_message(request))
-        .map_err(|e| Error::message(format!("cannot pass the message to the host: {e}")))?;
-    host.deliver_message(&message)
+    host.deliver_message(&in_app_message(request))
 }
 
 /// The in-app Message handed to `deliverMessage()` when SEND_EMAIL is false: recipients,

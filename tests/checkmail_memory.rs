@@ -17,7 +17,7 @@ mod counting;
 use std::path::Path;
 
 use base64::Engine;
-use pcr_email::host::{Host, Mail};
+use pcr_email::host::{Host, InAppMessage, Mail};
 use pcr_email::manager::Manager;
 use pcr_email::Result;
 use serde_json::{json, Value};
@@ -48,7 +48,7 @@ impl Host for Desk {
     fn add_to_thread(&mut self, _sd_number: &str, _mail: &Mail<'_>) -> Result<bool> {
         Ok(false)
     }
-    fn deliver_message(&mut self, _message: &Value) -> Result<()> {
+    fn deliver_message(&mut self, _message: &InAppMessage) -> Result<()> {
         Ok(())
     }
     fn log_error(&mut self, message: &str, _context: &Value) {

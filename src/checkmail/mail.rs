@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use super::php_thread::Run;
-use crate::config::{Account, AccountId};
+use crate::config::Account;
 use crate::error::{Error, Result};
-use crate::host::{Mail, MailAccount, MailAttachment, Recid};
+use crate::host::{Mail, MailAccount, MailAttachment};
 use crate::mime::ParsedMail;
 use crate::rules::AutoKind;
 use crate::state::Owner;
@@ -24,10 +24,7 @@ pub(super) fn mail<'a>(
     attachments: Vec<MailAttachment<'a>>,
 ) -> Mail<'a> {
     let account = MailAccount {
-        recid: match account.id {
-            AccountId::Master => Recid::Master("master"),
-            AccountId::Tenant(id) => Recid::Tenant(id),
-        },
+        recid: &account.id,
         email: &account.email,
         tenants_recid: account.tenants_recid,
     };
@@ -170,6 +167,7 @@ pub(super) fn create_private_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::AccountId;
     use serde_json::{json, Value};
 
     /// `$mail` as earlier versions built it: the parsed message serialised, then the bodies,

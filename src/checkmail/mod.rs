@@ -427,7 +427,7 @@ mod tests {
             self.calls.push(format!("addToThread {sd_number}"));
             Ok(false)
         }
-        fn deliver_message(&mut self, _message: &Value) -> Result<()> {
+        fn deliver_message(&mut self, _message: &crate::host::InAppMessage) -> Result<()> {
             Ok(())
         }
         fn log_error(&mut self, _message: &str, _context: &Value) {}

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::config::AccountId;
 use crate::mime::{HeaderField, MailAddress, ParsedMail};
 use crate::rules::AutoKind;
 
@@ -83,20 +84,13 @@ impl<'a> Mail<'a> {
 /// `$mail['account']`.
 #[derive(Debug, Serialize)]
 pub struct MailAccount<'a> {
+    /// `'master'`, or the tenant row's RECID as an int.
     #[serde(rename = "RECID")]
-    pub recid: Recid,
+    pub recid: &'a AccountId,
     #[serde(rename = "EMAIL")]
     pub email: &'a str,
     #[serde(rename = "TENANTS_RECID")]
     pub tenants_recid: i64,
-}
-
-/// An account's RECID: the tenant row's number, or `master`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(untagged)]
-pub enum Recid {
-    Tenant(i64),
-    Master(&'static str),
 }
 
 /// One entry of `$mail['attachments']`: the file the host reads is at `path`.

@@ -63,18 +63,6 @@ pub struct CheckReport {
     pub steps: Vec<String>,
 }
 
-impl CheckReport {
-    /// `{transport, server, ok: true, steps}` for the PHP array.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "transport": self.transport,
-            "server": self.server,
-            "ok": true,
-            "steps": self.steps,
-        })
-    }
-}
-
 /// One way of delivering built messages for one account. Implementations are shared between
 /// threads by [`send_batch`].
 pub trait Transport: Send + Sync {

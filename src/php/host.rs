@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::convert::{json_to_table, zval_to_json};
 use crate::error::{Error, Result};
-use crate::host::{Host, Mail};
+use crate::host::{Host, InAppMessage, Mail};
 
 pub const HOST_INTERFACE: &str = "PCR_Utility_EmailHost";
 
@@ -123,6 +123,13 @@ impl PhpHost {
         Self::table(&value, "$mail")
     }
 
+    /// The in-app Message as the PHP array `deliverMessage()` receives.
+    fn message_table(message: &InAppMessage) -> Result<ext_php_rs::boxed::ZBox<ZendHashTable>> {
+        let value = serde_json::to_value(message)
+            .map_err(|e| Error::Host(format!("cannot pass the message to PHP: {e}")))?;
+        Self::table(&value, "the message")
+    }
+
     fn list(&self, method: &str) -> Result<Value> {
         let value = self.call(method, vec![])?;
         if value.array().is_none() {
@@ -182,8 +189,8 @@ impl Host for PhpHost {
         Ok(value.bool().unwrap_or(false))
     }
 
-    fn deliver_message(&mut self, message: &Value) -> Result<()> {
-        let table = Self::table(message, "the message")?;
+    fn deliver_message(&mut self, message: &InAppMessage) -> Result<()> {
+        let table = Self::message_table(message)?;
         self.call("deliverMessage", vec![&table])?;
         Ok(())
     }
@@ -214,7 +221,7 @@ impl Host for PhpErrorLog {
     fn add_to_thread(&mut self, sd_number: &str, mail: &Mail<'_>) -> Result<bool> {
         crate::host::NoHost.add_to_thread(sd_number, mail)
     }
-    fn deliver_message(&mut self, message: &Value) -> Result<()> {
+    fn deliver_message(&mut self, message: &InAppMessage) -> Result<()> {
         crate::host::NoHost.deliver_message(message)
     }
     fn log_error(&mut self, message: &str, context: &Value) {

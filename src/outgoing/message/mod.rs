@@ -19,8 +19,6 @@ mod validate;
 
 use std::fmt;
 
-use serde_json::Value;
-
 pub use compose::build;
 pub use request::guess_content_type;
 
@@ -35,13 +33,6 @@ pub use crate::routing::MailKind;
 pub struct EmailAddress {
     pub email: String,
     pub name: Option<String>,
-}
-
-impl EmailAddress {
-    /// `{email, name}` as the PHP arrays show it.
-    pub fn to_json(&self) -> Value {
-        serde_json::json!({ "email": self.email, "name": self.name })
-    }
 }
 
 /// One attachment, already read into memory.
@@ -119,6 +110,7 @@ mod fixtures {
     use super::*;
     use crate::config::{Account, AccountId, AccountType, TlsSettings};
     use crate::error::{Error, Result};
+    use serde_json::Value;
     use std::path::PathBuf;
     use std::time::Duration;
 
