@@ -19,8 +19,25 @@
 /// From this size on, a block is a mapping of its own (the large-message gate's size).
 pub const LARGE: usize = crate::incoming::gate::LARGE;
 
+/// Whether [`tune`] was called and glibc took the setting (0 not called, 1 taken, 2 refused).
+static TUNED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
 /// Fixes glibc's mapping threshold at [`LARGE`]; false when glibc refused.
 pub fn tune() -> bool {
     // SAFETY: mallopt only changes malloc's parameters; glibc serialises it with allocations.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, LARGE as libc::c_int) == 1 }
+    let taken = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, LARGE as libc::c_int) == 1 };
+    TUNED.store(
+        if taken { 1 } else { 2 },
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    taken
+}
+
+/// What `phpinfo()` shows of the setting: applied, refused by glibc, or not applied.
+pub fn status() -> &'static str {
+    match TUNED.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => "M_MMAP_THRESHOLD = 64 KiB (large blocks mapped, given back when freed)",
+        2 => "refused by glibc (mallopt M_MMAP_THRESHOLD failed): large messages may stay in memory after a run",
+        _ => "not applied",
+    }
 }

@@ -70,6 +70,8 @@ final class ExtensionTest extends TestCase
         $this->assertStringContainsString('Version => ' . (new ReflectionExtension('pcr_email'))->getVersion(), $out);
         $this->assertStringContainsString('Effective pcr_email.config => /srv/pcr/pcr360.ini', $out);
         $this->assertStringContainsString('Effective pcr_email.environment => staging', $out);
+        // The memory setting the module applies at start (src/malloc.rs), and whether glibc took it.
+        $this->assertStringContainsString('glibc malloc => M_MMAP_THRESHOLD = 64 KiB', $out);
     }
 
     public function testTypedSignatures(): void

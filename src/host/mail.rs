@@ -12,7 +12,7 @@ use crate::mime::{HeaderField, MailAddress, ParsedMail};
 use crate::rules::AutoKind;
 
 /// `$mail`. Its keys are the PHP array's keys.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Mail<'a> {
     pub message_id: Option<&'a str>,
     pub in_reply_to: Option<&'a str>,
@@ -82,7 +82,7 @@ impl<'a> Mail<'a> {
 }
 
 /// `$mail['account']`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct MailAccount<'a> {
     /// `'master'`, or the tenant row's RECID as an int.
     #[serde(rename = "RECID")]
@@ -94,7 +94,7 @@ pub struct MailAccount<'a> {
 }
 
 /// One entry of `$mail['attachments']`: the file the host reads is at `path`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct MailAttachment<'a> {
     pub filename: &'a str,
     pub content_type: &'a str,

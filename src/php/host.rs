@@ -5,7 +5,7 @@ use ext_php_rs::types::{ZendHashTable, Zval};
 use ext_php_rs::zend::ExecutorGlobals;
 use serde_json::Value;
 
-use super::convert::{json_to_table, zval_to_json};
+use super::convert::{json_to_table, json_to_zval, zval_to_json};
 use crate::error::{Error, Result};
 use crate::host::{Host, InAppMessage, Mail};
 
@@ -117,10 +117,39 @@ impl PhpHost {
     }
 
     /// `$mail` as the PHP array the host methods receive.
+    /// The bodies (`text`, `html`) become PHP strings straight from the parsed message, not
+    /// through a JSON copy of them; the rest goes through JSON. The keys keep the JSON
+    /// object's order.
     fn mail_table(mail: &Mail<'_>) -> Result<ext_php_rs::boxed::ZBox<ZendHashTable>> {
-        let value = serde_json::to_value(mail)
-            .map_err(|e| Error::Host(format!("cannot pass $mail to PHP: {e}")))?;
-        Self::table(&value, "$mail")
+        let fail = |e: String| Error::Host(format!("cannot pass $mail to PHP: {e}"));
+        let shell = Mail {
+            text: "",
+            html: None,
+            ..mail.clone()
+        };
+        let value = serde_json::to_value(&shell).map_err(|e| fail(e.to_string()))?;
+        let Value::Object(map) = value else {
+            return Err(fail("it is not an object".into()));
+        };
+        let string = |s: &str| -> std::result::Result<Zval, String> {
+            let mut zval = Zval::new();
+            zval.set_string(s, false)
+                .map_err(|e| format!("cannot build a PHP string: {e}"))?;
+            Ok(zval)
+        };
+        let mut table = ZendHashTable::new();
+        for (key, item) in &map {
+            let zval = match (key.as_str(), mail.html) {
+                ("text", _) => string(mail.text),
+                ("html", Some(html)) => string(html),
+                _ => json_to_zval(item),
+            }
+            .map_err(fail)?;
+            table
+                .insert(key.as_str(), zval)
+                .map_err(|e| fail(format!("cannot build a PHP array: {e}")))?;
+        }
+        Ok(table)
     }
 
     /// The in-app Message as the PHP array `deliverMessage()` receives.

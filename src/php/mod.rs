@@ -116,6 +116,8 @@ extern "C" fn info(_module: *mut ModuleEntry) {
         settings::config_file().display().to_string()
     );
     info_table_row!("Effective pcr_email.environment", settings::environment());
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    info_table_row!("glibc malloc", crate::malloc::status());
     info_table_end!();
     // The settings themselves (with their local/master values) follow, as PHP prints them.
     // SAFETY: PHP's own printer of a module's ini entries, given the module PHP passed us.
