@@ -37,12 +37,14 @@
 //! are `Error::Mailbox` naming the account and the file. None carries a stored value.
 
 pub mod ledger;
+pub mod mysql;
 pub mod owner;
 
 pub use ledger::{
     Claim, LedgerCounts, LedgerEntry, LedgerOutcome, LedgerState, Settled, MAX_ATTEMPTS,
     SKIPPED_PREFIX,
 };
+pub use mysql::{database_for, database_lock, use_database, DatabaseLock, Dsn};
 pub use owner::{process_alive, process_start_ticks, Owner};
 
 use std::fs;
@@ -71,23 +73,30 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15 * 60);
 /// Expired pending authorizations are kept this long (so a late callback is told "expired",
 /// not "unknown"), then purged.
-const PENDING_AUTH_GRACE_SECS: i64 = 24 * 3600;
+pub(crate) const PENDING_AUTH_GRACE_SECS: i64 = 24 * 3600;
 /// The account name used in errors of operations that belong to no account.
-const NO_ACCOUNT: &str = "state";
+pub(crate) const NO_ACCOUNT: &str = "state";
 
-/// The embedded database. One connection per value; open one per thread that needs it.
+/// The state store: the embedded database, or the shared one `email.STATE_DSN` names (see
+/// [`mysql`]). One connection per value; open one per thread that needs it.
 pub struct StateStore {
-    conn: Connection,
+    backend: Backend,
     path: PathBuf,
     lease: Duration,
     /// The run whose leases this connection's claims last renewed, and when.
     renewed: std::cell::RefCell<Option<(String, Instant)>>,
 }
 
+/// Where a store keeps its state.
+enum Backend {
+    Sqlite(Connection),
+    Database(mysql::MysqlStore),
+}
+
 impl std::fmt::Debug for StateStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateStore")
-            .field("path", &self.path)
+            .field("location", &self.location())
             .field("lease", &self.lease)
             .finish()
     }
@@ -134,6 +143,9 @@ impl StateStore {
     /// Opens (creating when missing) `state_dir/pcr_email.sqlite`; the directory is created
     /// with mode 02770 and its parent's group when it does not exist.
     pub fn open(state_dir: &Path) -> Result<StateStore> {
+        if let Some(dsn) = database_for(state_dir) {
+            return StateStore::open_database(&dsn, state_dir);
+        }
         if !state_dir.is_dir() {
             crate::perms::create_dir_all(state_dir, crate::perms::DIR_MODE).map_err(|e| {
                 let at = state_dir
@@ -151,6 +163,42 @@ impl StateStore {
             })?;
         }
         StateStore::open_file(&state_dir.join(DB_FILE))
+    }
+
+    /// Opens the shared database `dsn` names (creating or upgrading its `pcr_email_` tables);
+    /// `state_dir` keeps only the journal of records the database refused (see [`mysql`]).
+    pub fn open_database(dsn: &Dsn, state_dir: &Path) -> Result<StateStore> {
+        let db = mysql::MysqlStore::open(dsn, state_dir)?;
+        Ok(StateStore {
+            path: db.journal().to_path_buf(),
+            backend: Backend::Database(db),
+            lease: DEFAULT_LEASE,
+            renewed: std::cell::RefCell::new(None),
+        })
+    }
+
+    /// The shared database, when this store is one.
+    pub(crate) fn database(&self) -> Option<&mysql::MysqlStore> {
+        match &self.backend {
+            Backend::Database(db) => Some(db),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    /// The SQLite connection, when this store is the embedded one.
+    pub(crate) fn sqlite(&self) -> Option<&Connection> {
+        match &self.backend {
+            Backend::Sqlite(c) => Some(c),
+            Backend::Database(_) => None,
+        }
+    }
+
+    /// Where the state is, for messages: the SQLite file or the database (without password).
+    pub fn location(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite(_) => self.path.display().to_string(),
+            Backend::Database(db) => db.label(),
+        }
     }
 
     /// Opens (creating when missing, mode 0660, its directory's group) the database file at
@@ -213,7 +261,7 @@ impl StateStore {
             ),
         })?;
         Ok(StateStore {
-            conn,
+            backend: Backend::Sqlite(conn),
             path: path.to_path_buf(),
             lease: DEFAULT_LEASE,
             renewed: std::cell::RefCell::new(None),
@@ -229,8 +277,10 @@ impl StateStore {
     /// The same store waiting at most `timeout` for another process's write lock (the
     /// default is [`BUSY_TIMEOUT`]); past it an operation fails with an error.
     pub fn with_busy_timeout(self, timeout: Duration) -> Result<StateStore> {
-        self.conn
-            .busy_timeout(timeout)
+        let Some(conn) = self.sqlite() else {
+            return Ok(self);
+        };
+        conn.busy_timeout(timeout)
             .map_err(|e| open_error(&self.path, format!("cannot set the busy timeout: {e}")))?;
         Ok(self)
     }
@@ -238,16 +288,20 @@ impl StateStore {
     /// Stops (0) or sets the automatic WAL checkpoint of this connection, in pages: a run
     /// leaves checkpoints (and their `fsync`s) to a helper thread, see [`StateStore::checkpoint`].
     pub fn set_autocheckpoint(&self, pages: u32) -> Result<()> {
-        self.conn
-            .pragma_update(None, "wal_autocheckpoint", pages)
+        let Some(conn) = self.sqlite() else {
+            return Ok(());
+        };
+        conn.pragma_update(None, "wal_autocheckpoint", pages)
             .map_err(|e| self.db_error(NO_ACCOUNT, "configure checkpoints", e))
     }
 
     /// Copies what it can of the WAL into the database without waiting for anyone (a
     /// passive checkpoint).
     pub fn checkpoint(&self) -> Result<()> {
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        let Some(conn) = self.sqlite() else {
+            return Ok(());
+        };
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
             .map_err(|e| self.db_error(NO_ACCOUNT, "checkpoint", e))
     }
 
@@ -272,7 +326,7 @@ impl StateStore {
         self.lease
     }
 
-    /// The database file.
+    /// The database file (with `STATE_DSN`: the journal file inside `STATE_DIR`).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -294,11 +348,14 @@ impl StateStore {
                 }
             }
         }
+        let Some(conn) = self.sqlite() else {
+            return Err(self.not_sqlite(account, what));
+        };
         let run = || -> rusqlite::Result<T> {
-            exec(&self.conn, "BEGIN IMMEDIATE", [])?;
-            let open = Open(&self.conn);
-            let value = f(&self.conn)?;
-            exec(&self.conn, "COMMIT", [])?;
+            exec(conn, "BEGIN IMMEDIATE", [])?;
+            let open = Open(conn);
+            let value = f(conn)?;
+            exec(conn, "COMMIT", [])?;
             drop(open);
             Ok(value)
         };
@@ -312,7 +369,18 @@ impl StateStore {
         what: &str,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T> {
-        f(&self.conn).map_err(|e| self.db_error(account, what, e))
+        let Some(conn) = self.sqlite() else {
+            return Err(self.not_sqlite(account, what));
+        };
+        f(conn).map_err(|e| self.db_error(account, what, e))
+    }
+
+    fn not_sqlite(&self, account: &str, what: &str) -> Error {
+        Error::mailbox(
+            account,
+            &self.location(),
+            format!("state database: cannot {what}: no SQLite operation on a shared database"),
+        )
     }
 
     fn db_error(&self, account: &str, what: &str, e: rusqlite::Error) -> Error {
@@ -328,6 +396,9 @@ impl StateStore {
     /// The `(UIDVALIDITY, low-water UID)` recorded for `folder` of `account`: every message
     /// with a UID below the low-water mark is settled (done or quarantined).
     pub fn imap_mark(&self, account: &str, folder: &str) -> Result<Option<(u32, u32)>> {
+        if let Some(db) = self.database() {
+            return db.imap_mark(account, folder);
+        }
         self.read(account, "read the IMAP mark", |c| {
             one(
                 c,
@@ -348,6 +419,9 @@ impl StateStore {
         uidvalidity: u32,
         low_water_uid: u32,
     ) -> Result<()> {
+        if let Some(db) = self.database() {
+            return db.set_imap_mark(account, folder, uidvalidity, low_water_uid);
+        }
         self.write(account, "save the IMAP mark", |tx| {
             exec(
                 tx,
@@ -363,6 +437,9 @@ impl StateStore {
 
     /// A value saved with [`StateStore::set_kv`] (POP3, Graph, Gmail cursors and the like).
     pub fn get_kv(&self, namespace: &str, key: &str) -> Result<Option<String>> {
+        if let Some(db) = self.database() {
+            return db.get_kv(namespace, key);
+        }
         self.read(NO_ACCOUNT, "read a saved cursor", |c| {
             one(
                 c,
@@ -376,6 +453,9 @@ impl StateStore {
 
     /// Saves (replaces) a value under `namespace` and `key`.
     pub fn set_kv(&self, namespace: &str, key: &str, value: &str) -> Result<()> {
+        if let Some(db) = self.database() {
+            return db.set_kv(namespace, key, value);
+        }
         self.write(NO_ACCOUNT, "save a cursor", |tx| {
             exec(
                 tx,
@@ -390,6 +470,9 @@ impl StateStore {
 
     /// Removes a saved value; true when there was one.
     pub fn delete_kv(&self, namespace: &str, key: &str) -> Result<bool> {
+        if let Some(db) = self.database() {
+            return db.delete_kv(namespace, key);
+        }
         self.write(NO_ACCOUNT, "delete a cursor", |tx| {
             exec(
                 tx,
@@ -410,6 +493,9 @@ impl StateStore {
         if id.is_empty() {
             return Err(Error::message("cannot record an empty Message-ID as sent"));
         }
+        if let Some(db) = self.database() {
+            return db.record_sent(&id, sd_number, account);
+        }
         self.write(account, "record a sent Message-ID", |tx| {
             exec(
                 tx,
@@ -425,6 +511,9 @@ impl StateStore {
     /// The SD number a Message-ID we sent belongs to.
     pub fn sent_sd_number(&self, message_id: &str) -> Result<Option<String>> {
         let id = normalize_message_id(message_id);
+        if let Some(db) = self.database() {
+            return db.sent_sd_number(&id);
+        }
         self.read(NO_ACCOUNT, "look up a sent Message-ID", |c| {
             one(
                 c,
@@ -440,6 +529,9 @@ impl StateStore {
 
     /// The token of `kind` (e.g. `refresh`, `access`) stored for `account`.
     pub fn load_token(&self, account: &str, kind: &str) -> Result<Option<StoredToken>> {
+        if let Some(db) = self.database() {
+            return db.load_token(account, kind);
+        }
         self.read(account, "read a stored token", |c| {
             one(
                 c,
@@ -466,6 +558,12 @@ impl StateStore {
         value: &str,
         expires_at: Option<i64>,
     ) -> Result<i64> {
+        if let Some(db) = self.database() {
+            let stored = db.put_token(account, kind, value, expires_at, |old| {
+                Some(now_ms().max(old.map_or(i64::MIN, |v| v.saturating_add(1))))
+            })?;
+            return Ok(stored.unwrap_or_default());
+        }
         self.write(account, "save a token", |tx| {
             let old: Option<i64> = one(
                 tx,
@@ -491,6 +589,12 @@ impl StateStore {
         expires_at: Option<i64>,
         version: i64,
     ) -> Result<bool> {
+        if let Some(db) = self.database() {
+            let stored = db.put_token(account, kind, value, expires_at, |old| {
+                old.is_none_or(|old| version > old).then_some(version)
+            })?;
+            return Ok(stored.is_some());
+        }
         self.write(account, "save a token", |tx| {
             let n = exec(
                 tx,
@@ -517,6 +621,12 @@ impl StateStore {
         value: &str,
         expires_at: Option<i64>,
     ) -> Result<Option<i64>> {
+        if let Some(db) = self.database() {
+            return db.put_token(account, kind, value, expires_at, |current| {
+                (current == expected)
+                    .then(|| now_ms().max(current.map_or(i64::MIN, |v| v.saturating_add(1))))
+            });
+        }
         self.write(account, "save a token", |tx| {
             let current: Option<i64> = one(
                 tx,
@@ -536,6 +646,9 @@ impl StateStore {
 
     /// Forgets a token (the account was disconnected); true when there was one.
     pub fn delete_token(&self, account: &str, kind: &str) -> Result<bool> {
+        if let Some(db) = self.database() {
+            return db.delete_token(account, kind);
+        }
         self.write(account, "delete a token", |tx| {
             exec(
                 tx,
@@ -553,6 +666,15 @@ impl StateStore {
     /// authorizations that expired more than a day ago. A state already pending is an error.
     pub fn put_pending_auth(&self, state: &str, data: &str, expires_at: i64) -> Result<()> {
         let now = now_secs();
+        if let Some(db) = self.database() {
+            if !db.put_pending_auth(state, data, expires_at)? {
+                return Err(Error::auth(
+                    NO_ACCOUNT,
+                    "an authorization with this state parameter is already pending",
+                ));
+            }
+            return Ok(());
+        }
         let inserted = self.write(NO_ACCOUNT, "save a pending authorization", |tx| {
             exec(
                 tx,
@@ -578,6 +700,9 @@ impl StateStore {
     /// Consumes the pending authorization `state`: its data when still valid, `Expired` when
     /// its time ran out, `Unknown` when never issued or already taken (a replayed callback).
     pub fn take_pending_auth(&self, state: &str) -> Result<PendingAuth> {
+        if let Some(db) = self.database() {
+            return db.take_pending_auth(state);
+        }
         let now = now_secs();
         self.write(NO_ACCOUNT, "take a pending authorization", |tx| {
             let row: Option<(String, i64)> = one(
@@ -608,6 +733,9 @@ impl StateStore {
     /// True the first time it is called for `key`, across all processes; false afterwards
     /// until [`StateStore::clear_alert`]. Use it to alert SYSADMIN once per problem.
     pub fn alert_once(&self, key: &str) -> Result<bool> {
+        if let Some(db) = self.database() {
+            return db.alert_once(key, false);
+        }
         self.write(NO_ACCOUNT, "record an alert", |tx| {
             exec(
                 tx,
@@ -621,6 +749,9 @@ impl StateStore {
     /// True the first time it is called for `key` on a given day (UTC), across all processes:
     /// for notices worth repeating daily but not every run. Keeps two days of such keys.
     pub fn once_per_day(&self, key: &str) -> Result<bool> {
+        if let Some(db) = self.database() {
+            return db.alert_once(key, true);
+        }
         let now = now_ms();
         let day = now / 86_400_000;
         self.write(NO_ACCOUNT, "record a daily notice", |tx| {
@@ -640,6 +771,9 @@ impl StateStore {
 
     /// Forgets an alert (the problem was resolved), so the next occurrence alerts again.
     pub fn clear_alert(&self, key: &str) -> Result<bool> {
+        if let Some(db) = self.database() {
+            return db.clear_alert(key);
+        }
         self.write(NO_ACCOUNT, "clear an alert", |tx| {
             exec(tx, "DELETE FROM alerts WHERE key=?1", params![key]).map(|n| n > 0)
         })
@@ -664,6 +798,26 @@ fn upsert_token(
         params![account, kind, value, expires_at, version, now_ms()],
     )
     .map(|_| ())
+}
+
+/// Copies the SQLite store of `state_dir` into `dsn`'s database (`pcr-email-state migrate`):
+/// every ledger row, mark, cursor, token, pending authorization, sent Message-ID and alert, in
+/// one transaction; a database whose `pcr_email_` tables hold any row is refused. Returns the
+/// rows copied per table. The SQLite file is left as it was.
+pub fn copy_to_database(state_dir: &Path, dsn: &Dsn) -> Result<Vec<(&'static str, u64)>> {
+    let file = state_dir.join(DB_FILE);
+    if !file.is_file() {
+        return Err(open_error(
+            &file,
+            "there is no SQLite state store here to copy (give its STATE_DIR with --from)".into(),
+        ));
+    }
+    let sqlite = StateStore::open_file(&file)?;
+    let target = StateStore::open_database(dsn, state_dir)?;
+    let (Some(conn), Some(db)) = (sqlite.sqlite(), target.database()) else {
+        unreachable!("opened as SQLite and as a database");
+    };
+    db.copy_from(conn)
 }
 
 /// `<id@host>` and ` id@host ` are the same Message-ID.
@@ -1056,12 +1210,14 @@ mod tests {
 
         let store = StateStore::open(dir.path()).unwrap();
         let version: i64 = store
-            .conn
+            .sqlite()
+            .unwrap()
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
         let indexes: Vec<String> = store
-            .conn
+            .sqlite()
+            .unwrap()
             .prepare("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='ledger'")
             .unwrap()
             .query_map([], |r| r.get(0))
