@@ -35,6 +35,12 @@
 //!
 //! Errors opening or upgrading the database are `Error::Config` naming the file; errors later
 //! are `Error::Mailbox` naming the account and the file. None carries a stored value.
+//!
+//! # A shared database instead (`email.STATE_DSN`)
+//! With `STATE_DSN` set, [`StateStore::open`] of that `STATE_DIR` opens the MariaDB/MySQL
+//! database instead (see [`mysql`]): the same operations, the same guarantees, across several
+//! application servers. Which one a store uses is decided here ([`use_database`] registers the
+//! DSN when the INI file is read); callers do not change.
 
 pub mod ledger;
 pub mod mysql;

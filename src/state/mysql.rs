@@ -51,8 +51,10 @@ pub const MYSQL_SCHEMA_VERSION: i64 = 1;
 pub const JOURNAL_FILE: &str = "pcr_email-unrecorded.jsonl";
 /// How long one statement waits for a row another process holds.
 const LOCK_WAIT_SECS: u64 = 30;
-/// Connect, read and write timeouts: a database that stopped answering is an error, not a hang.
-const NET_TIMEOUT: Duration = Duration::from_secs(30);
+/// The connect timeout: a database that does not answer is an error, not a hang.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Read and write timeouts of a statement: longer than the lock wait a statement may spend.
+const NET_TIMEOUT: Duration = Duration::from_secs(LOCK_WAIT_SECS + 30);
 /// Deadlocks and lock wait timeouts are retried this many times.
 const RETRIES: usize = 5;
 
@@ -192,7 +194,7 @@ impl Dsn {
         )
     }
 
-    fn connect(&self) -> mysql::Result<Conn> {
+    fn connect(&self, io_timeout: Duration) -> mysql::Result<Conn> {
         let mut opts = OptsBuilder::new()
             .ip_or_hostname(Some(self.host.clone()))
             .tcp_port(self.port)
@@ -200,9 +202,9 @@ impl Dsn {
             .pass(Some(self.password.expose().to_string()))
             .db_name(Some(self.database.clone()))
             .prefer_socket(false)
-            .tcp_connect_timeout(Some(NET_TIMEOUT))
-            .read_timeout(Some(NET_TIMEOUT))
-            .write_timeout(Some(NET_TIMEOUT))
+            .tcp_connect_timeout(Some(CONNECT_TIMEOUT))
+            .read_timeout(Some(io_timeout))
+            .write_timeout(Some(io_timeout))
             .init(vec![
                 "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".to_string(),
                 format!("SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECS}"),
@@ -465,7 +467,7 @@ impl MysqlStore {
     fn connection(&self) -> mysql::Result<std::cell::RefMut<'_, Conn>> {
         let mut slot = self.conn.borrow_mut();
         if slot.is_none() {
-            let mut conn = self.dsn.connect()?;
+            let mut conn = self.dsn.connect(NET_TIMEOUT)?;
             migrate(&mut conn, &self.dsn)?;
             replay_journal(&mut conn, &self.journal)?;
             *slot = Some(conn);
@@ -1592,7 +1594,7 @@ pub fn database_lock(
     wait: Duration,
 ) -> std::result::Result<DatabaseLock, String> {
     let mut conn = dsn
-        .connect()
+        .connect(wait + NET_TIMEOUT)
         .map_err(|e| format!("cannot reach the state database {}: {e}", dsn.label()))?;
     let name = lock_name(what, &dsn.database);
     let secs = wait.as_secs().max(1);
