@@ -474,6 +474,7 @@ pub fn event_check_mail(manager: &mut Manager, host: &mut dyn Host, data: &Value
         state_dir: settings.state_dir.clone(),
         sd_pattern: run.sd_pattern.clone(),
         large_gate: gate::Gate::new(),
+        owner: run.owner.clone(),
     };
     // A bounded pool reads the mailboxes, each thread taking the next one not yet taken:
     // any number of mailboxes, a bounded number of threads.
@@ -605,6 +606,8 @@ struct MailboxShared {
     sd_pattern: Regex,
     /// One large message in memory at a time (see `incoming::gate`).
     large_gate: Arc<gate::Gate>,
+    /// The run, which takes each mailbox's lease (`StateStore::take_mailbox`).
+    owner: Owner,
 }
 
 /// The mailboxes of a run, handed out one at a time to the pool's threads.
@@ -699,6 +702,7 @@ fn read_mailbox(
         state_dir,
         sd_pattern,
         large_gate,
+        owner,
     } = shared;
     let incoming = account
         .incoming
@@ -710,6 +714,10 @@ fn read_mailbox(
     let (legacy, scope) = (legacy_ledger_scope(account), ledger_scope(account));
     if legacy != scope {
         state.move_ledger_scope(&legacy, &scope)?;
+    }
+    // With STATE_DSN, a mailbox another server is reading right now is left to it (SPEC §8).
+    if state.take_mailbox(&scope, owner)?.is_some() {
+        return Ok(());
     }
     let mut mailbox = incoming::open(account, env, state)?;
     let listed = mailbox.list();

@@ -526,3 +526,36 @@ fn migrate_copies_a_sqlite_store_once_and_refuses_a_filled_database() {
     assert!(!stderr.contains(db.dsn.password.expose()), "{stderr}");
     assert_eq!(s.counts("7").unwrap().done, 50);
 }
+
+#[test]
+fn a_mailbox_is_read_by_one_run_at_a_time_and_a_dead_run_loses_it() {
+    let db = test_db("mailbox");
+    let dir = tempfile::tempdir().unwrap();
+    let short = open(&db, dir.path()).with_lease(Duration::from_millis(800));
+    let other = open(&db, dir.path());
+    let remote = remote_owner("remote-run");
+    let me = Owner::new_run();
+    assert_eq!(short.take_mailbox("imap:desk", &remote).unwrap(), None);
+    // Taken again by its own run: still its own.
+    assert_eq!(short.take_mailbox("imap:desk", &remote).unwrap(), None);
+    assert_eq!(
+        other.take_mailbox("imap:desk", &me).unwrap().as_deref(),
+        Some("remote-run")
+    );
+    // Another mailbox is free.
+    assert_eq!(other.take_mailbox("imap:other", &me).unwrap(), None);
+    // Renewed with the run's claims; once its renewals stop, the lease runs out.
+    short.renew_lease(&remote).unwrap();
+    assert!(other.take_mailbox("imap:desk", &me).unwrap().is_some());
+    thread::sleep(Duration::from_millis(1000));
+    assert_eq!(other.take_mailbox("imap:desk", &me).unwrap(), None);
+    // Given back at the end of a run; a dead process of this machine loses it at once.
+    other.release_owned(&me).unwrap();
+    let gone = me.sibling("gone-run", 0, 1);
+    assert_eq!(short.take_mailbox("imap:desk", &gone).unwrap(), None);
+    assert_eq!(other.take_mailbox("imap:desk", &me).unwrap(), None);
+    // With SQLite (one server) every run may read: its messages' claims keep runs apart.
+    let sqlite = StateStore::open(&dir.path().join("sqlite")).unwrap();
+    assert_eq!(sqlite.take_mailbox("imap:desk", &remote).unwrap(), None);
+    assert_eq!(sqlite.take_mailbox("imap:desk", &me).unwrap(), None);
+}

@@ -409,6 +409,19 @@ impl StateStore {
         })
     }
 
+    /// Takes mailbox `scope` for `owner`'s run, so that one process at a time reads it. With
+    /// `email.STATE_DSN` a lease in the database (renewed with the run's claims by
+    /// [`StateStore::renew_lease`], given back by [`StateStore::release_owned`], lost like a
+    /// claim when its run died): `Some(holder)` when another live run holds it, and the caller
+    /// leaves the mailbox to it. With SQLite always `None`: the claims of its messages keep
+    /// overlapping runs of one server apart, as before.
+    pub fn take_mailbox(&self, scope: &str, owner: &Owner) -> Result<Option<String>> {
+        match self.database() {
+            Some(db) => db.take_mailbox(scope, owner, self.lease_until(now_ms())),
+            None => Ok(None),
+        }
+    }
+
     /// Moves the ledger rows of scope `from` to scope `to` (a mailbox's scope changed its
     /// spelling); a message recorded under both keeps its row under `to`. Only reads when
     /// `from` has no rows.

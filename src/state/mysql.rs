@@ -18,6 +18,8 @@
 //! protocol is the SQLite one (see [`super::ledger`]): a claim is a lease, renewed while its
 //! run goes on, that another process takes over once it ran out (a process on another server
 //! cannot be seen dying) or at once when the holder was a process of this machine that is gone.
+//! A mailbox is leased the same way (`pcr_email_mailbox_leases`, see
+//! [`super::StateStore::take_mailbox`]): one run at a time reads it.
 //!
 //! # A database that goes away
 //! An operation that cannot reach the database fails with an error naming the database (never
@@ -374,6 +376,19 @@ const SCHEMA_V1: &[&str] = &[
         created_at BIGINT NOT NULL,
         KEY pcr_email_pending_auth_expiry (expires_at)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS pcr_email_mailbox_leases (
+        id BINARY(32) NOT NULL PRIMARY KEY,
+        scope TEXT NOT NULL,
+        owner_run VARCHAR(255) NOT NULL,
+        owner_host VARCHAR(255) NULL,
+        owner_machine VARCHAR(255) NULL,
+        owner_boot VARCHAR(255) NULL,
+        owner_pidns VARCHAR(255) NULL,
+        owner_pid INT UNSIGNED NULL,
+        owner_start BIGINT NULL,
+        lease_until BIGINT NOT NULL,
+        KEY pcr_email_mailbox_leases_owner (owner_run)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
     "CREATE TABLE IF NOT EXISTS pcr_email_alerts (
         id BINARY(32) NOT NULL PRIMARY KEY,
         alert_key TEXT NOT NULL,
@@ -392,6 +407,7 @@ pub const TABLES: &[&str] = &[
     "pcr_email_tokens",
     "pcr_email_pending_auth",
     "pcr_email_alerts",
+    "pcr_email_mailbox_leases",
 ];
 
 const LEDGER_ENTRY: &str = "account, msg_key, mailbox_ref, state, outcome, sd_number, attempts, \
@@ -653,6 +669,11 @@ impl MysqlStore {
 
     pub(crate) fn release_owned(&self, owner: &Owner) -> Result<usize> {
         self.run(super::NO_ACCOUNT, "release the run's messages", |tx| {
+            exec(
+                tx,
+                "DELETE FROM pcr_email_mailbox_leases WHERE owner_run=?",
+                p![owner.run_id()],
+            )?;
             release_where(tx, owner.run_id(), None).map(|n| n as usize)
         })
     }
@@ -661,11 +682,100 @@ impl MysqlStore {
         self.run(super::NO_ACCOUNT, "renew the run's lease", |tx| {
             exec(
                 tx,
+                "UPDATE pcr_email_mailbox_leases SET lease_until=? WHERE owner_run=?",
+                p![lease_until, owner.run_id()],
+            )?;
+            exec(
+                tx,
                 "UPDATE pcr_email_ledger SET lease_until=?
                  WHERE owner_run=? AND state='in_progress'",
                 p![lease_until, owner.run_id()],
             )
             .map(|n| n as usize)
+        })
+    }
+
+    /// Takes the lease of mailbox `scope` for `owner` (see [`super::StateStore::take_mailbox`]):
+    /// `None` when it is now `owner`'s, else the holder that keeps it.
+    pub(crate) fn take_mailbox(
+        &self,
+        scope: &str,
+        owner: &Owner,
+        lease_until: i64,
+    ) -> Result<Option<String>> {
+        let rid = id(&[scope]);
+        let start = i64::try_from(owner.start_ticks()).unwrap_or(i64::MAX);
+        self.run(scope, "take the mailbox's lease", |tx| {
+            let inserted = exec(
+                tx,
+                "INSERT INTO pcr_email_mailbox_leases (id, scope, owner_run, owner_host,
+                   owner_machine, owner_boot, owner_pidns, owner_pid, owner_start, lease_until)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE id=id",
+                p![
+                    rid,
+                    scope,
+                    owner.run_id(),
+                    owner.host(),
+                    owner.machine_id(),
+                    owner.boot_id(),
+                    owner.pid_ns(),
+                    owner.pid(),
+                    start,
+                    lease_until
+                ],
+            )?;
+            if inserted == 1 {
+                return Ok(None);
+            }
+            let Some(mut r) = first(
+                tx,
+                "SELECT owner_run, owner_host, owner_machine, owner_boot, owner_pidns, owner_pid,
+                   owner_start, lease_until FROM pcr_email_mailbox_leases WHERE id=? FOR UPDATE",
+                p![rid],
+            )?
+            else {
+                return Err(mysql::Error::MySqlError(mysql::MySqlError {
+                    state: "40001".into(),
+                    message: "the lease went away while it was taken".into(),
+                    code: 1213,
+                }));
+            };
+            let held = StoredOwner {
+                state: "in_progress".into(),
+                outcome: None,
+                attempts: 0,
+                run: get(&mut r, 0)?,
+                host: get(&mut r, 1)?,
+                machine: get(&mut r, 2)?,
+                boot: get(&mut r, 3)?,
+                pidns: get(&mut r, 4)?,
+                pid: get(&mut r, 5)?,
+                start: get(&mut r, 6)?,
+                lease_until: get(&mut r, 7)?,
+                mailbox_ref: None,
+            };
+            let ours = held.run.as_deref() == Some(owner.run_id());
+            if !ours && takeover(&held, owner, now_ms()).is_none() {
+                return Ok(Some(held.run.unwrap_or_default()));
+            }
+            exec(
+                tx,
+                "UPDATE pcr_email_mailbox_leases SET owner_run=?, owner_host=?, owner_machine=?,
+                   owner_boot=?, owner_pidns=?, owner_pid=?, owner_start=?, lease_until=?
+                 WHERE id=?",
+                p![
+                    owner.run_id(),
+                    owner.host(),
+                    owner.machine_id(),
+                    owner.boot_id(),
+                    owner.pid_ns(),
+                    owner.pid(),
+                    start,
+                    lease_until,
+                    rid
+                ],
+            )?;
+            Ok(None)
         })
     }
 
@@ -1513,9 +1623,13 @@ fn lock_name(what: &str, database: &str) -> String {
     format!("pcr_email:{hex}")
 }
 
+/// The driver's error for a message: it names the user and host at most, never the password.
 fn redact(e: &mysql::Error) -> String {
-    // The driver's messages name the user and host at most; never the password.
-    e.to_string()
+    match e {
+        mysql::Error::DriverError(d) => format!("the database cannot be reached: {d}"),
+        mysql::Error::IoError(io) => format!("the connection to the database failed: {io}"),
+        other => other.to_string(),
+    }
 }
 
 // ---- The journal of records the database refused ------------------------------------------
