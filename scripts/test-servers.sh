@@ -491,6 +491,7 @@ case "\${1:-}" in
             --pid-file=$(shq "$MARIADB_RUN/mariadbd.pid") --skip-name-resolve --skip-log-bin \\
             --innodb-buffer-pool-size=32M --innodb-log-file-size=16M \\
             --innodb-flush-log-at-trx-commit=2 \\
+            --ssl-cert=$(shq "$MARIADB_DIR/tls/server.pem") --ssl-key=$(shq "$MARIADB_DIR/tls/server.key") \\
             </dev/null >>$(shq "$LOGS/mariadb.log") 2>&1 &
         echo \$! >"\$pidfile"
         for _ in \$(seq 1 300); do
@@ -524,7 +525,9 @@ start_mariadb() {
     local as_user=""
     [ "$(id -u)" = 0 ] && as_user="--user=mysql"
     rm -rf "$MARIADB_DIR" "$MARIADB_RUN"
-    mkdir -p "$MARIADB_DIR/data" "$MARIADB_RUN"
+    mkdir -p "$MARIADB_DIR/data" "$MARIADB_DIR/tls" "$MARIADB_RUN"
+    # TLS with the test CA's server certificate (localhost, 127.0.0.1): ?ssl=required&ca=...
+    cp "$CERTS/server.pem" "$CERTS/server.key" "$MARIADB_DIR/tls/"
     if [ -n "$as_user" ]; then
         chown -R mysql: "$MARIADB_DIR" "$MARIADB_RUN"
         setpriv --reuid=mysql --regid=mysql --clear-groups test -x "$MARIADB_DIR/data" ||

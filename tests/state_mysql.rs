@@ -559,3 +559,58 @@ fn a_mailbox_is_read_by_one_run_at_a_time_and_a_dead_run_loses_it() {
     assert_eq!(sqlite.take_mailbox("imap:desk", &remote).unwrap(), None);
     assert_eq!(sqlite.take_mailbox("imap:desk", &me).unwrap(), None);
 }
+
+#[test]
+fn ssl_required_verifies_the_server_against_the_given_ca() {
+    let db = test_db("tls");
+    let dir = tempfile::tempdir().unwrap();
+    // A user the server admits over TLS only.
+    let user = format!("tls_{:08x}", rand_u32());
+    let ctl = common::env("PCR_MARIADB_CTL");
+    let sql = |statement: String| {
+        let out = std::process::Command::new(&ctl)
+            .args(["sql", &statement])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for host in ["127.0.0.1", "localhost"] {
+        sql(format!(
+            "CREATE USER '{user}'@'{host}' IDENTIFIED BY 'tls-pw-1' REQUIRE SSL; \
+             GRANT ALL ON `{}`.* TO '{user}'@'{host}'",
+            db.dsn.database
+        ));
+    }
+    let dsn = |query: &str| {
+        let text = format!(
+            "mysql://{user}:tls-pw-1@localhost:{}/{}{query}",
+            db.dsn.port, db.dsn.database
+        );
+        Dsn::parse(&text, |_| unreachable!()).unwrap()
+    };
+    let ca = common::env("PCR_TEST_CA");
+    let s = StateStore::open_database(&dsn(&format!("?ssl=required&ca={ca}")), dir.path())
+        .expect("TLS with the test CA");
+    s.set_kv("tls", "k", "over TLS").unwrap();
+    assert_eq!(s.get_kv("tls", "k").unwrap().as_deref(), Some("over TLS"));
+    // Without TLS the server refuses this user: the store above did use TLS.
+    let plain = StateStore::open_database(&dsn(""), dir.path()).unwrap_err();
+    assert!(plain.to_string().contains("STATE_DSN"), "{plain}");
+    // A CA that did not sign the server's certificate: refused before anything is sent.
+    let other = std::path::Path::new(&ca).with_file_name("other.pem");
+    let err = StateStore::open_database(
+        &dsn(&format!("?ssl=required&ca={}", other.display())),
+        dir.path(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("STATE_DSN"), "{err}");
+    assert!(!err.contains("tls-pw-1"), "{err}");
+    for host in ["127.0.0.1", "localhost"] {
+        sql(format!("DROP USER '{user}'@'{host}'"));
+    }
+}
