@@ -1,6 +1,6 @@
 //! Ledger benchmark: what recording one incoming message costs PHP's thread during
 //! `eventCheckMail` (SPEC §6/§8: claimed before the host is called, recorded as done right
-//! after it returned, each committed). A run records 2000 messages the way `inbound` does
+//! after it returned, each committed). A run records 2000 messages the way `checkmail` does
 //! (`claim` of the first, then `settle_then_claim`: the record of one committed with the claim
 //! of the next), into a state database that already holds `--existing` settled rows (the
 //! ledger is kept). No server is needed.
@@ -48,7 +48,7 @@ fn options() -> Options {
     o
 }
 
-/// A mailbox scope as `inbound` writes it, and Message-IDs shaped like real ones.
+/// A mailbox scope as `checkmail` writes it, and Message-IDs shaped like real ones.
 const SCOPE: &str = "mailbox:IMAP|mail.example.edu|993|servicedesk@example.edu|INBOX|";
 
 fn key(run: usize, i: usize) -> String {

@@ -7,10 +7,10 @@
  * has no entry here, or an entry names one that does not exist.
  *
  * The array shapes (psalm / PHPStan syntax, which PhpStorm reads too) are what the code really
- * returns: keep them in step with src/manager.rs (send, sendBatch, resolveAccount,
- * checkAccount), src/manager_oauth.rs (checkAccount's 'oauth', completeAuthorization),
- * src/inbound.rs (the eventCheckMail summary and $mail) and src/mime.rs (ParsedMail, the bulk
- * of $mail).
+ * returns: keep them in step with src/outbound.rs (send, sendBatch, resolveAccount),
+ * src/account_check.rs (checkAccount), src/oauth_signin.rs (completeAuthorization),
+ * src/checkmail/summary.rs (the eventCheckMail summary), src/host/mail.rs ($mail) and
+ * src/mime/mod.rs (ParsedMail, whose fields $mail lends).
  */
 
 // ---- shapes used more than once ----------------------------------------------------------

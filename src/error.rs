@@ -87,16 +87,26 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The names of the PHP exception classes (SPEC §5): `src/php` registers these, and
+/// [`Error::exception_class`] is the one mapping of the core's errors to them.
+pub mod exception_class {
+    pub const BASE: &str = "PCR_Utility_EmailException";
+    pub const CONFIG: &str = "PCR_Utility_EmailConfigException";
+    pub const TRANSPORT: &str = "PCR_Utility_EmailTransportException";
+    pub const MAILBOX: &str = "PCR_Utility_EmailMailboxException";
+    pub const AUTH: &str = "PCR_Utility_EmailAuthException";
+}
+
 impl Error {
     /// The PHP exception class of this error (the table above): what `src/php` throws, and
     /// what a failed `sendBatch` entry names.
     pub fn exception_class(&self) -> &'static str {
         match self {
-            Error::Config { .. } => "PCR_Utility_EmailConfigException",
-            Error::Transport(_) => "PCR_Utility_EmailTransportException",
-            Error::Mailbox(_) => "PCR_Utility_EmailMailboxException",
-            Error::Auth { .. } => "PCR_Utility_EmailAuthException",
-            Error::Message(_) | Error::Host(_) => "PCR_Utility_EmailException",
+            Error::Config { .. } => exception_class::CONFIG,
+            Error::Transport(_) => exception_class::TRANSPORT,
+            Error::Mailbox(_) => exception_class::MAILBOX,
+            Error::Auth { .. } => exception_class::AUTH,
+            Error::Message(_) | Error::Host(_) => exception_class::BASE,
         }
     }
 

@@ -8,6 +8,12 @@ use serde_json::Value;
 
 use crate::error::Result;
 
+pub mod mail;
+pub mod message;
+
+pub use mail::{Mail, MailAccount, MailAttachment, Recid};
+pub use message::{InAppAddress, InAppAttachment, InAppMessage};
+
 pub trait Host {
     /// Tenant email account rows (SPEC §3), as a JSON list of objects.
     fn email_accounts(&mut self) -> Result<Value>;
@@ -15,10 +21,10 @@ pub trait Host {
     fn blocked_emails(&mut self) -> Result<Vec<String>>;
     /// Creates an Inquiry from `$mail`; returns its SD number. `Ok` means the host stored it:
     /// an empty string is a contract violation (logged), never a reason to hand it over again.
-    fn create_inquiry(&mut self, mail: &Value) -> Result<String>;
+    fn create_inquiry(&mut self, mail: &Mail<'_>) -> Result<String>;
     /// Adds `$mail` to the thread of `sd_number`; false when there is no such item.
-    fn add_to_thread(&mut self, sd_number: &str, mail: &Value) -> Result<bool>;
-    /// Delivers a message in-app (SEND_EMAIL = false).
+    fn add_to_thread(&mut self, sd_number: &str, mail: &Mail<'_>) -> Result<bool>;
+    /// Delivers a message in-app (SEND_EMAIL = false): an [`InAppMessage`] as JSON.
     fn deliver_message(&mut self, message: &Value) -> Result<()>;
     /// Writes to the application's Error Log. Must not fail the caller: errors are swallowed.
     fn log_error(&mut self, message: &str, context: &Value);
@@ -41,12 +47,12 @@ impl Host for NoHost {
     fn blocked_emails(&mut self) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
-    fn create_inquiry(&mut self, _mail: &Value) -> Result<String> {
+    fn create_inquiry(&mut self, _mail: &Mail<'_>) -> Result<String> {
         Err(crate::Error::Host(
             "no PCR_Utility_EmailHost was given (constructor or setDefaultHost)".into(),
         ))
     }
-    fn add_to_thread(&mut self, _sd_number: &str, _mail: &Value) -> Result<bool> {
+    fn add_to_thread(&mut self, _sd_number: &str, _mail: &Mail<'_>) -> Result<bool> {
         Err(crate::Error::Host(
             "no PCR_Utility_EmailHost was given (constructor or setDefaultHost)".into(),
         ))

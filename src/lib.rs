@@ -1,22 +1,26 @@
 //! `pcr_email`: PCR-360's email, in Rust. The core in this crate knows nothing of PHP;
 //! `php` (feature `php`) is the thin ext-php-rs boundary.
 
+pub mod account_check;
 pub mod alloc;
+pub mod checkmail;
 pub mod config;
+pub mod context;
 pub mod error;
 pub mod host;
 pub mod http;
-pub mod inbound;
 pub mod incoming;
 pub mod log;
 pub mod manager;
-pub mod manager_oauth;
 pub mod mime;
 pub mod net;
 pub mod oauth;
+pub mod oauth_signin;
+pub mod outbound;
 pub mod outgoing;
 pub mod perms;
 pub mod routing;
+pub mod rules;
 pub mod sasl;
 pub mod state;
 pub mod threading;

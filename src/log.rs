@@ -149,10 +149,14 @@ mod tests {
         fn blocked_emails(&mut self) -> crate::Result<Vec<String>> {
             Ok(Vec::new())
         }
-        fn create_inquiry(&mut self, _mail: &Value) -> crate::Result<String> {
+        fn create_inquiry(&mut self, _mail: &crate::host::Mail<'_>) -> crate::Result<String> {
             Ok(String::new())
         }
-        fn add_to_thread(&mut self, _sd: &str, _mail: &Value) -> crate::Result<bool> {
+        fn add_to_thread(
+            &mut self,
+            _sd: &str,
+            _mail: &crate::host::Mail<'_>,
+        ) -> crate::Result<bool> {
             Ok(false)
         }
         fn deliver_message(&mut self, _message: &Value) -> crate::Result<()> {

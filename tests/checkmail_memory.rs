@@ -10,7 +10,7 @@ mod counting;
 use std::path::Path;
 
 use base64::Engine;
-use pcr_email::host::Host;
+use pcr_email::host::{Host, Mail};
 use pcr_email::manager::Manager;
 use pcr_email::Result;
 use serde_json::{json, Value};
@@ -34,11 +34,11 @@ impl Host for Desk {
     fn blocked_emails(&mut self) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
-    fn create_inquiry(&mut self, _mail: &Value) -> Result<String> {
+    fn create_inquiry(&mut self, _mail: &Mail<'_>) -> Result<String> {
         self.inquiries += 1;
         Ok(format!("IQ{:05}", self.inquiries))
     }
-    fn add_to_thread(&mut self, _sd_number: &str, _mail: &Value) -> Result<bool> {
+    fn add_to_thread(&mut self, _sd_number: &str, _mail: &Mail<'_>) -> Result<bool> {
         Ok(false)
     }
     fn deliver_message(&mut self, _message: &Value) -> Result<()> {
@@ -123,6 +123,7 @@ fn run(dir: &Path, attachment: usize) -> (usize, usize) {
     let before = counting::start();
     let summary = manager
         .event_check_mail(&mut desk, &json!({"host": "pcr360.example.edu"}))
+        .map(|s| serde_json::to_value(s).unwrap())
         .unwrap();
     let peak = counting::peak_since(before);
     assert_eq!(summary["status"], "ok", "{summary}");

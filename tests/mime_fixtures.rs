@@ -1,6 +1,7 @@
 //! The MIME corpus: every `tests/fixtures/mail/*.eml` is parsed and compared with the
 //! `<name>.json` beside it (the serialized `ParsedMail`, plus a `sha256` of each attachment's
-//! bytes). All mismatches are reported together, by file and field.
+//! bytes, plus the `sd_number` and `auto` PCR-360's rules give it, as in `$mail`). All
+//! mismatches are reported together, by file and field.
 //!
 //! `UPDATE_FIXTURES=1 cargo test --test mime_fixtures` rewrites the JSON files from the
 //! current parser; read the diff before keeping it.
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use pcr_email::config::DEFAULT_SD_NUMBER_PATTERN;
 use pcr_email::mime::{self, ParsedMail};
+use pcr_email::rules;
 use regex::Regex;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -21,8 +23,10 @@ fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mail")
 }
 
-fn to_json(mail: &ParsedMail) -> Value {
+fn to_json(mail: &ParsedMail, sd_pattern: &Regex) -> Value {
     let mut value = serde_json::to_value(mail).expect("ParsedMail serializes");
+    value["sd_number"] = rules::sd_number_in(&mail.subject, sd_pattern).into();
+    value["auto"] = rules::auto_kind(mail).map(|a| a.as_str()).into();
     if let Some(list) = value.get_mut("attachments").and_then(Value::as_array_mut) {
         for (item, attachment) in list.iter_mut().zip(&mail.attachments) {
             let digest = Sha256::digest(&attachment.data);
@@ -87,7 +91,7 @@ fn corpus_matches_expectations() {
     for eml in &emls {
         let name = eml.file_name().unwrap().to_string_lossy().into_owned();
         let raw = std::fs::read(eml).expect("fixture readable");
-        let actual = to_json(&mime::parse(&raw, &pattern));
+        let actual = to_json(&mime::parse(&raw), &pattern);
         let json_path = eml.with_extension("json");
         if update {
             let text = serde_json::to_string_pretty(&actual).unwrap() + "\n";
@@ -155,8 +159,7 @@ fn corpus_matches_expectations() {
 // ---------------------------------------------------------------------------------------------
 
 fn parse(raw: &[u8]) -> ParsedMail {
-    let pattern = Regex::new(DEFAULT_SD_NUMBER_PATTERN).expect("default pattern compiles");
-    mime::parse(raw, &pattern)
+    mime::parse(raw)
 }
 
 /// A multipart/mixed message with a text part and one small attachment per name.

@@ -14,7 +14,7 @@ use pcr_email::config::{
     Account, AccountId, AccountType, Incoming, MailboxType, ProcessedAction, Secret, SslMode,
     TlsSettings,
 };
-use pcr_email::incoming::pop3_mailbox::Pop3Mailbox;
+use pcr_email::incoming::pop3::Pop3Mailbox;
 use pcr_email::incoming::{self, Fetched, Flow, Listed, Mailbox};
 use pcr_email::state::StateStore;
 use pcr_email::Error;

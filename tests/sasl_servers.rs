@@ -21,7 +21,7 @@ use pcr_email::config::{
     SslMode, TlsSettings, TransportType,
 };
 use pcr_email::incoming::imap::ImapMailbox;
-use pcr_email::incoming::pop3_mailbox::Pop3Mailbox;
+use pcr_email::incoming::pop3::Pop3Mailbox;
 use pcr_email::incoming::Mailbox;
 use pcr_email::outgoing::smtp::SmtpTransport;
 use pcr_email::outgoing::{BuiltMessage, Transport};

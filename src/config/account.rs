@@ -40,6 +40,16 @@ pub enum AccountId {
     Tenant(i64),
 }
 
+/// As the PHP arrays give it: `'master'`, or the tenant RECID as an int.
+impl serde::Serialize for AccountId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AccountId::Master => serializer.serialize_str("master"),
+            AccountId::Tenant(id) => serializer.serialize_i64(*id),
+        }
+    }
+}
+
 impl fmt::Display for AccountId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -308,47 +318,96 @@ impl Account {
         self.login.as_deref().unwrap_or(&self.email)
     }
 
-    /// The account as the public API shows it: no password, no secret, no token.
-    pub fn public_view(&self) -> serde_json::Value {
-        let outgoing = self.outgoing.as_ref().map(|o| {
-            serde_json::json!({
-                "OUTGOING_TRANSPORT_TYPE": o.transport.as_str(),
-                "OUTGOING_HOST": o.host,
-                "OUTGOING_PORT": o.port,
-                "OUTGOING_SSL": o.ssl.as_str(),
-            })
-        });
-        let incoming = self.incoming.as_ref().map(|i| {
-            serde_json::json!({
-                "INCOMING_MAILBOX_TYPE": i.mailbox.as_str(),
-                "INCOMING_HOST": i.host,
-                "INCOMING_PORT": i.port,
-                "INCOMING_SSL": i.ssl.as_str(),
-                "INCOMING_FOLDER": i.folder,
-                "INCOMING_PATH": i.path.as_ref().map(|p| p.display().to_string()),
-            })
-        });
-        let mut view = serde_json::json!({
-            "RECID": match &self.id {
-                AccountId::Master => serde_json::Value::from("master"),
-                AccountId::Tenant(id) => serde_json::Value::from(*id),
-            },
-            "TENANTS_RECID": self.tenants_recid,
-            "ACCOUNT_TYPE": self.account_type.as_str(),
-            "EMAIL": self.email,
-            "DISPLAY_NAME": self.display_name,
-            "LOGIN": self.login_name(),
-            "SYSADMIN": self.sysadmin,
-            "VERIFY_CERT": self.tls.verify_cert,
-        });
-        let map = view.as_object_mut().expect("object");
-        for part in [outgoing, incoming].into_iter().flatten() {
-            if let serde_json::Value::Object(fields) = part {
-                map.extend(fields);
-            }
+    /// The account as the public API shows it (`resolveAccount()`, `checkAccount()`): no
+    /// password, no secret, no token.
+    pub fn public(&self) -> PublicAccount {
+        PublicAccount {
+            recid: self.id.clone(),
+            tenants_recid: self.tenants_recid,
+            account_type: self.account_type.as_str(),
+            email: self.email.clone(),
+            display_name: self.display_name.clone(),
+            login: self.login_name().to_string(),
+            sysadmin: self.sysadmin.clone(),
+            verify_cert: self.tls.verify_cert,
+            outgoing: self.outgoing.as_ref().map(|o| PublicOutgoing {
+                transport: o.transport.as_str(),
+                host: o.host.clone(),
+                port: o.port,
+                ssl: o.ssl.as_str(),
+            }),
+            incoming: self.incoming.as_ref().map(|i| PublicIncoming {
+                mailbox: i.mailbox.as_str(),
+                host: i.host.clone(),
+                port: i.port,
+                ssl: i.ssl.as_str(),
+                folder: i.folder.clone(),
+                path: i.path.as_ref().map(|p| p.display().to_string()),
+            }),
         }
-        view
     }
+
+    /// [`Account::public`] as JSON.
+    pub fn public_view(&self) -> serde_json::Value {
+        serde_json::to_value(self.public()).unwrap_or_default()
+    }
+}
+
+/// An account as the public API shows it: the row's keys, without any secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PublicAccount {
+    /// `'master'` or the tenant RECID (an int).
+    #[serde(rename = "RECID")]
+    pub recid: AccountId,
+    #[serde(rename = "TENANTS_RECID")]
+    pub tenants_recid: i64,
+    #[serde(rename = "ACCOUNT_TYPE")]
+    pub account_type: &'static str,
+    #[serde(rename = "EMAIL")]
+    pub email: String,
+    #[serde(rename = "DISPLAY_NAME")]
+    pub display_name: Option<String>,
+    /// `LOGIN`, else `EMAIL`.
+    #[serde(rename = "LOGIN")]
+    pub login: String,
+    #[serde(rename = "SYSADMIN")]
+    pub sysadmin: Option<String>,
+    #[serde(rename = "VERIFY_CERT")]
+    pub verify_cert: bool,
+    /// The `OUTGOING_*` keys; absent when the account does not send.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub outgoing: Option<PublicOutgoing>,
+    /// The `INCOMING_*` keys; absent when the account does not receive.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<PublicIncoming>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PublicOutgoing {
+    #[serde(rename = "OUTGOING_TRANSPORT_TYPE")]
+    pub transport: &'static str,
+    #[serde(rename = "OUTGOING_HOST")]
+    pub host: Option<String>,
+    #[serde(rename = "OUTGOING_PORT")]
+    pub port: u16,
+    #[serde(rename = "OUTGOING_SSL")]
+    pub ssl: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PublicIncoming {
+    #[serde(rename = "INCOMING_MAILBOX_TYPE")]
+    pub mailbox: &'static str,
+    #[serde(rename = "INCOMING_HOST")]
+    pub host: Option<String>,
+    #[serde(rename = "INCOMING_PORT")]
+    pub port: u16,
+    #[serde(rename = "INCOMING_SSL")]
+    pub ssl: &'static str,
+    #[serde(rename = "INCOMING_FOLDER")]
+    pub folder: String,
+    #[serde(rename = "INCOMING_PATH")]
+    pub path: Option<String>,
 }
 
 // ----- Parsing and defaults (used by the INI reader and the tenant rows) -----

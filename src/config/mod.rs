@@ -2,6 +2,7 @@
 //! encrypted secrets (`secrets`). `Settings::load` is the one entry point the manager uses.
 
 pub mod account;
+pub mod dsn;
 pub mod files;
 pub mod ini;
 mod normalise;
@@ -54,8 +55,8 @@ pub struct Settings {
     pub warnings: Vec<String>,
     pub state_dir: PathBuf,
     /// `email.STATE_DSN`: the state lives in this MariaDB/MySQL database instead of SQLite
-    /// under `state_dir` (registered with [`crate::state::use_database`] for `state_dir`).
-    pub state_dsn: Option<crate::state::Dsn>,
+    /// under `state_dir` (registered with [`dsn::use_database`] for `state_dir`).
+    pub state_dsn: Option<dsn::Dsn>,
     pub key_file: PathBuf,
     pub log_file: Option<PathBuf>,
     /// `email.SYSADMIN`: alerted when incoming mail cannot be processed.
@@ -227,7 +228,7 @@ impl Settings {
         settings.log_file = fields.path("LOG_FILE", &dir)?;
         if let Some(dsn) = fields.get("STATE_DSN").filter(|v| !v.trim().is_empty()) {
             let key_file = settings.key_file.clone();
-            let parsed = crate::state::Dsn::parse(dsn, |password| {
+            let parsed = dsn::Dsn::parse(dsn, |password| {
                 secrets::KeyStore::open_existing(&key_file)
                     .and_then(|keys| keys.decrypt(password))
                     .map_err(|e| {
@@ -243,7 +244,7 @@ impl Settings {
             }
             settings.state_dsn = Some(parsed);
         }
-        crate::state::use_database(&settings.state_dir, settings.state_dsn.clone());
+        dsn::use_database(&settings.state_dir, settings.state_dsn.clone());
         if let Some(pattern) = fields.get("SD_NUMBER_PATTERN") {
             if let Err(e) = regex::Regex::new(pattern) {
                 let detail = e.to_string();

@@ -2,7 +2,7 @@
 //! is in memory at a time, from its download until PHP's thread is done with it.
 //!
 //! Mailboxes are read concurrently, so without it each mailbox thread could hold a large
-//! message (downloaded, parsed, waiting at the hand-off) at the same moment. `inbound`
+//! message (downloaded, parsed, waiting at the hand-off) at the same moment. `checkmail`
 //! installs the run's [`Gate`] on each mailbox thread ([`install`]); the readers allocate a
 //! message's buffer with [`buffer`], which, for a large message, first waits for the gate; the
 //! mailbox thread then takes the [`Pass`] ([`take_pass`]) and hands it over with the message,

@@ -1,6 +1,6 @@
 //! Mailboxes: one module per mailbox type behind one trait. Each mailbox runs in its own
 //! thread during `eventCheckMail`; the PHP host is only ever called from PHP's thread, by
-//! `crate::inbound`, which drives this trait.
+//! `crate::checkmail`, which drives this trait.
 //!
 //! The contract that keeps mail from being lost or doubled:
 //! - `list` and `fetch_each` never change the mailbox (IMAP `BODY.PEEK[]`, POP3 RETR without
@@ -18,7 +18,6 @@ pub mod imap;
 pub mod maildir;
 pub mod mbox;
 pub mod pop3;
-pub mod pop3_mailbox;
 
 use crate::config::{Account, AuthType, Incoming, MailboxType, Secret};
 use crate::error::{Error, Result};
@@ -120,7 +119,7 @@ pub fn open(
                     credentials,
                 )?))
             } else {
-                Ok(Box::new(pop3_mailbox::Pop3Mailbox::connect_with(
+                Ok(Box::new(pop3::Pop3Mailbox::connect_with(
                     account,
                     state,
                     credentials,
@@ -128,9 +127,7 @@ pub fn open(
             }
         }
         MailboxType::Imap => Ok(Box::new(imap::ImapMailbox::connect(account, state)?)),
-        MailboxType::Pop3 => Ok(Box::new(pop3_mailbox::Pop3Mailbox::connect(
-            account, state,
-        )?)),
+        MailboxType::Pop3 => Ok(Box::new(pop3::Pop3Mailbox::connect(account, state)?)),
         MailboxType::Maildir => Ok(Box::new(maildir::MaildirMailbox::open(account, state)?)),
         MailboxType::Mbox => Ok(Box::new(mbox::MboxMailbox::open(account, state)?)),
         MailboxType::Office365 => Ok(Box::new(graph::GraphMailbox::open(account, env, state)?)),

@@ -540,18 +540,6 @@ pub struct Authorized {
     pub differs_from_email: bool,
 }
 
-impl Authorized {
-    /// `{recid, provider, mailbox, differs_from_email}` for the PHP array.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "recid": self.recid,
-            "provider": self.provider.as_str(),
-            "mailbox": self.mailbox,
-            "differs_from_email": self.differs_from_email,
-        })
-    }
-}
-
 /// Finishes a sign-in from the redirect's `state` and `code`: the state must be pending
 /// (unknown, already used and expired states are distinct `Auth` errors), the account
 /// (looked up in `accounts` by the RECID kept with the state) must still be the same OAuth
@@ -780,20 +768,42 @@ pub struct OAuthStatus {
 }
 
 impl OAuthStatus {
-    pub fn to_json(&self) -> serde_json::Value {
+    /// As `checkAccount()`'s `oauth` shows it, with whether the access token is valid now.
+    pub fn view(&self) -> OAuthStatusView {
         let now = now_secs();
-        serde_json::json!({
-            "provider": self.provider.as_str(),
-            "grant": self.grant,
-            "service_account": self.service_account,
-            "authorized": self.authorized,
-            "access_token_valid": self.access_token_valid_until.is_some_and(|t| t > now),
-            "access_token_valid_until": self.access_token_valid_until,
-            "refresh_token_saved_at": self.refresh_token_saved_at,
-            "mailbox": self.mailbox,
-            "last_error": self.last_error,
-        })
+        OAuthStatusView {
+            provider: self.provider.as_str(),
+            grant: self.grant,
+            service_account: self.service_account,
+            authorized: self.authorized,
+            access_token_valid: self.access_token_valid_until.is_some_and(|t| t > now),
+            access_token_valid_until: self.access_token_valid_until,
+            refresh_token_saved_at: self.refresh_token_saved_at,
+            mailbox: self.mailbox.clone(),
+            last_error: self.last_error.clone(),
+        }
     }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.view()).unwrap_or_default()
+    }
+}
+
+/// [`OAuthStatus`] as the PHP array of `checkAccount()`'s `oauth` gives it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OAuthStatusView {
+    /// `microsoft` or `google`.
+    pub provider: &'static str,
+    pub grant: &'static str,
+    pub service_account: bool,
+    pub authorized: bool,
+    pub access_token_valid: bool,
+    /// Unix seconds.
+    pub access_token_valid_until: Option<i64>,
+    /// Unix seconds.
+    pub refresh_token_saved_at: Option<i64>,
+    pub mailbox: Option<String>,
+    pub last_error: Option<String>,
 }
 
 /// The account's OAuth state, read from the store.

@@ -168,6 +168,16 @@ pub fn json_to_table(value: &Value) -> Result<ZBox<ZendHashTable>, String> {
 /// A JSON value as a PHP return value.
 pub struct PhpJson(pub Value);
 
+impl PhpJson {
+    /// A typed result of the core (SPEC §5's shapes) as the PHP array it describes: its
+    /// fields become the keys, `None` becomes null (or no key, where the type says so).
+    pub fn of<T: serde::Serialize>(value: &T) -> crate::Result<PhpJson> {
+        serde_json::to_value(value).map(PhpJson).map_err(|e| {
+            crate::Error::message(format!("cannot build the PHP array of the result: {e}"))
+        })
+    }
+}
+
 impl IntoZval for PhpJson {
     const TYPE: ext_php_rs::flags::DataType = ext_php_rs::flags::DataType::Array;
     const NULLABLE: bool = false;

@@ -1,4 +1,6 @@
-//! The five exception classes of SPEC §5 and the one mapping from core errors to them.
+//! The five exception classes of SPEC §5 (named in `crate::error::exception_class`), and
+//! [`to_php`]: a core error as an exception of the class [`Error::exception_class`] picks,
+//! the one mapping from core errors to PHP classes.
 //!
 //! They are registered by hand (not `#[php_class]`) so that they keep `Exception`'s own
 //! constructor and object handlers: PHP code can `new` and subclass them like any exception.
@@ -15,13 +17,8 @@ use ext_php_rs::ffi::zend_type;
 use ext_php_rs::types::{ZendObject, ZendStr, Zval};
 use ext_php_rs::zend::ClassEntry;
 
+use crate::error::exception_class::{AUTH, BASE, CONFIG, MAILBOX, TRANSPORT};
 use crate::error::Error;
-
-pub const BASE: &str = "PCR_Utility_EmailException";
-pub const CONFIG: &str = "PCR_Utility_EmailConfigException";
-pub const TRANSPORT: &str = "PCR_Utility_EmailTransportException";
-pub const MAILBOX: &str = "PCR_Utility_EmailMailboxException";
-pub const AUTH: &str = "PCR_Utility_EmailAuthException";
 
 static BASE_CE: AtomicPtr<ClassEntry> = AtomicPtr::new(std::ptr::null_mut());
 static CONFIG_CE: AtomicPtr<ClassEntry> = AtomicPtr::new(std::ptr::null_mut());

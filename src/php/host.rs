@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::convert::{json_to_table, zval_to_json};
 use crate::error::{Error, Result};
-use crate::host::Host;
+use crate::host::{Host, Mail};
 
 pub const HOST_INTERFACE: &str = "PCR_Utility_EmailHost";
 
@@ -116,6 +116,13 @@ impl PhpHost {
         json_to_table(value).map_err(|e| Error::Host(format!("cannot pass {what} to PHP: {e}")))
     }
 
+    /// `$mail` as the PHP array the host methods receive.
+    fn mail_table(mail: &Mail<'_>) -> Result<ext_php_rs::boxed::ZBox<ZendHashTable>> {
+        let value = serde_json::to_value(mail)
+            .map_err(|e| Error::Host(format!("cannot pass $mail to PHP: {e}")))?;
+        Self::table(&value, "$mail")
+    }
+
     fn list(&self, method: &str) -> Result<Value> {
         let value = self.call(method, vec![])?;
         if value.array().is_none() {
@@ -157,8 +164,8 @@ impl Host for PhpHost {
             .collect())
     }
 
-    fn create_inquiry(&mut self, mail: &Value) -> Result<String> {
-        let table = Self::table(mail, "$mail")?;
+    fn create_inquiry(&mut self, mail: &Mail<'_>) -> Result<String> {
+        let table = Self::mail_table(mail)?;
         let value = self.call("createInquiry", vec![&table])?;
         // The host returned normally, so it has stored the Inquiry: whatever it returned, the
         // message is never handed over again. An empty (or non-string) return is a contract
@@ -169,8 +176,8 @@ impl Host for PhpHost {
             .unwrap_or_default())
     }
 
-    fn add_to_thread(&mut self, sd_number: &str, mail: &Value) -> Result<bool> {
-        let table = Self::table(mail, "$mail")?;
+    fn add_to_thread(&mut self, sd_number: &str, mail: &Mail<'_>) -> Result<bool> {
+        let table = Self::mail_table(mail)?;
         let value = self.call("addToThread", vec![&sd_number, &table])?;
         Ok(value.bool().unwrap_or(false))
     }
@@ -201,10 +208,10 @@ impl Host for PhpErrorLog {
     fn blocked_emails(&mut self) -> Result<Vec<String>> {
         crate::host::NoHost.blocked_emails()
     }
-    fn create_inquiry(&mut self, mail: &Value) -> Result<String> {
+    fn create_inquiry(&mut self, mail: &Mail<'_>) -> Result<String> {
         crate::host::NoHost.create_inquiry(mail)
     }
-    fn add_to_thread(&mut self, sd_number: &str, mail: &Value) -> Result<bool> {
+    fn add_to_thread(&mut self, sd_number: &str, mail: &Mail<'_>) -> Result<bool> {
         crate::host::NoHost.add_to_thread(sd_number, mail)
     }
     fn deliver_message(&mut self, message: &Value) -> Result<()> {

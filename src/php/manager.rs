@@ -177,7 +177,7 @@ impl EmailManager {
             )));
         }
         self.with_host(|core, host| core.event_check_mail(host, &data))
-            .map(PhpJson)
+            .and_then(|summary| PhpJson::of(&summary))
             .map_err(to_php)
     }
 
@@ -186,7 +186,7 @@ impl EmailManager {
         let mut message = message;
         let message = json(message.array(1)?, "send()")?;
         self.with_host(|core, host| core.send(host, &message))
-            .map(PhpJson)
+            .and_then(|result| PhpJson::of(&result))
             .map_err(to_php)
     }
 
@@ -201,7 +201,7 @@ impl EmailManager {
             _ => Vec::new(),
         };
         self.with_host(|core, host| Ok(core.send_batch(host, &list)))
-            .map(|results| PhpJson(Value::Array(results)))
+            .and_then(|results| PhpJson::of(&results))
             .map_err(to_php)
     }
 
@@ -216,7 +216,7 @@ impl EmailManager {
         let kind = kind.string_or(1, "general")?;
         let tenant = tenant.int_or(2, 0)?;
         self.with_host(|core, host| core.resolve_account(host, &kind, tenant))
-            .map(|v| v.map(PhpJson))
+            .and_then(|account| account.as_ref().map(PhpJson::of).transpose())
             .map_err(to_php)
     }
 
@@ -224,7 +224,7 @@ impl EmailManager {
     pub fn check_account(&mut self, recid: IntOrStrParam) -> PhpResult<PhpJson> {
         let recid = recid.text(1)?;
         self.with_host(|core, host| core.check_account(host, recid.trim()))
-            .map(PhpJson)
+            .and_then(|report| PhpJson::of(&report))
             .map_err(to_php)
     }
 
@@ -254,7 +254,7 @@ impl EmailManager {
         let code = code.string(2)?;
         self.require_host("completeAuthorization")?;
         self.with_host(|core, host| core.complete_authorization(host, &state, &code))
-            .map(PhpJson)
+            .and_then(|done| PhpJson::of(&done))
             .map_err(to_php)
     }
 

@@ -46,11 +46,12 @@ pub mod ledger;
 pub mod mysql;
 pub mod owner;
 
+pub use crate::config::dsn::{database_for, use_database, Dsn};
 pub use ledger::{
     Claim, LedgerCounts, LedgerEntry, LedgerOutcome, LedgerState, Settled, MAX_ATTEMPTS,
     SKIPPED_PREFIX,
 };
-pub use mysql::{database_for, database_lock, use_database, DatabaseLock, Dsn};
+pub use mysql::{database_lock, DatabaseLock};
 pub use owner::{process_alive, process_start_ticks, Owner};
 
 use std::fs;

@@ -1,7 +1,13 @@
 //! Protocol tests against the scripted in-memory server of `mock.rs`.
 
+use std::io;
+
+use base64::Engine as _;
+
 use super::mock::MockStream;
 use super::*;
+use crate::config::Secret;
+use crate::incoming::Flow;
 use crate::Error;
 
 const PASSWORD: &str = "s3cret-Pa55";

@@ -1,7 +1,10 @@
 //! Signing in with an access token (`login_token`) against the scripted server of `mock.rs`.
 
+use base64::Engine as _;
+
 use super::mock::MockStream;
 use super::*;
+use crate::config::Secret;
 use crate::sasl::testing::Counting;
 use crate::sasl::{Mechanism, TokenSignIn};
 use crate::Error;

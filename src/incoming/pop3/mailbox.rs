@@ -1,4 +1,4 @@
-//! The POP3 mailbox: the [`Mailbox`] trait over our POP3 client ([`super::pop3`]).
+//! The POP3 mailbox: the [`Mailbox`] trait over our POP3 client ([`super`]).
 //!
 //! - `list` = `UIDL` + `LIST`, minus the UIDLs recorded as done for this account, login and
 //!   server in the state store (namespace [`done_namespace`]): skipped and quarantined
