@@ -614,3 +614,65 @@ fn ssl_required_verifies_the_server_against_the_given_ca() {
         sql(format!("DROP USER '{user}'@'{host}'"));
     }
 }
+
+#[test]
+fn migrate_takes_the_state_dir_and_an_encrypted_dsn_from_the_ini() {
+    let db = test_db("migini");
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    {
+        let s = StateStore::open(&state_dir).unwrap();
+        let run = Owner::new_run();
+        s.claim("9", "<a@x>", None, &run).unwrap();
+        s.complete("9", "<a@x>", "threaded", Some("SO1")).unwrap();
+    }
+    let key_file = dir.path().join("pcr360-email.key");
+    let keys = pcr_email::config::secrets::KeyStore::open(&key_file).unwrap();
+    let ini = dir.path().join("pcr360.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[prod]\nemail.KEY_FILE = \"{}\"\nemail.STATE_DIR = \"{}\"\n\
+             email.STATE_DSN = \"mysql://{}:{}@{}:{}/{}\"\n",
+            key_file.display(),
+            state_dir.display(),
+            db.dsn.user,
+            keys.encrypt(db.dsn.password.expose()),
+            db.dsn.host,
+            db.dsn.port,
+            db.dsn.database
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pcr-email-state"))
+        .args(["migrate", "-e", "prod", "-i"])
+        .arg(&ini)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ledger 1"), "{stdout}");
+    let s = open(&db, dir.path());
+    assert_eq!(
+        s.claim("9", "<a@x>", None, &Owner::new_run()).unwrap(),
+        Claim::Done {
+            outcome: "threaded".into(),
+            same_copy: true
+        }
+    );
+    // A DSN that is not one is refused without echoing it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pcr-email-state"))
+        .args(["migrate", "--from"])
+        .arg(&state_dir)
+        .args(["--to", "postgres://u:hunter2@h/db"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("mysql://"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
