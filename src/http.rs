@@ -2,8 +2,8 @@
 //! OAuth and the Gmail API), over ureq 3 with native-tls.
 //!
 //! - One [`HttpClient`] per account: its `TIMEOUT` bounds connecting, every read and every
-//!   write (a stalled server is an error, never a hang); `VERIFY_CERT = false` and `CA_FILE`
-//!   (added to the system roots) are honoured. Redirects are never followed (a bearer token is
+//!   write (a stalled server is an error, never a hang); `VERIFY_CERT` and `CA_FILE` are
+//!   honoured as by the in-house clients (one [`crate::net::TlsPolicy`]). Redirects are never followed (a bearer token is
 //!   never sent anywhere the caller did not name).
 //! - 429 and 503 replies are retried after their `Retry-After` (seconds or an HTTP date), or a
 //!   short backoff when it is absent, at most [`RetryPolicy::max_retries`] times and within
@@ -15,14 +15,12 @@
 //!   and the URL without its query, and service messages are scrubbed of the values sent.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
-use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 
 use crate::config::{Secret, TlsSettings};
-use crate::error::{ConfigLocation, Error, Result};
+use crate::error::{Error, Result};
 
 /// The biggest reply body read by default (JSON replies); downloads set their own limit.
 pub const DEFAULT_MAX_BODY: u64 = 16 * 1024 * 1024;
@@ -361,7 +359,7 @@ impl HttpClient {
             .timeout_recv_response(Some(timeout))
             .timeout_per_read(Some(timeout))
             .timeout_per_write(Some(timeout))
-            .tls_config(tls_config(tls)?)
+            .tls_config(crate::net::TlsPolicy::new(tls)?.ureq_config())
             .build();
         Ok(HttpClient {
             agent: ureq::Agent::new_with_config(config),
@@ -709,83 +707,6 @@ pub fn query(pairs: &[(&str, &str)]) -> String {
         .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
         .collect::<Vec<_>>()
         .join("&")
-}
-
-/// The TLS settings of one account: the platform's roots, plus `CA_FILE`'s certificates when
-/// set; no verification at all when `VERIFY_CERT` is false.
-fn tls_config(tls: &TlsSettings) -> Result<TlsConfig> {
-    let builder = TlsConfig::builder().provider(TlsProvider::NativeTls);
-    if !tls.verify_cert {
-        return Ok(builder
-            .root_certs(RootCerts::PlatformVerifier)
-            .disable_verification(true)
-            .build());
-    }
-    let Some(path) = &tls.ca_file else {
-        return Ok(builder.root_certs(RootCerts::PlatformVerifier).build());
-    };
-    let location = || ConfigLocation {
-        file: Some(path.display().to_string()),
-        key: Some("CA_FILE".to_string()),
-        ..Default::default()
-    };
-    let pem = crate::config::files::read_limited(path, crate::config::files::CA_FILE_LIMIT)
-        .map_err(|e| Error::config(location(), format!("cannot read the CA file: {e}")))?;
-    let extra = pem_certificates(&pem);
-    if extra.is_empty() {
-        return Err(Error::config(
-            location(),
-            "the CA file holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
-        ));
-    }
-    let mut all: Vec<Certificate<'static>> = system_roots().as_ref().clone();
-    all.extend(extra);
-    Ok(builder.root_certs(RootCerts::new_with_certs(&all)).build())
-}
-
-fn pem_certificates(pem: &[u8]) -> Vec<Certificate<'static>> {
-    ureq::tls::parse_pem(pem)
-        .filter_map(|item| match item {
-            Ok(PemItem::Certificate(c)) => Some(c),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The platform's trusted roots (what OpenSSL would use), read once per process.
-fn system_roots() -> Arc<Vec<Certificate<'static>>> {
-    static ROOTS: OnceLock<Arc<Vec<Certificate<'static>>>> = OnceLock::new();
-    ROOTS
-        .get_or_init(|| {
-            let probe = openssl_probe::probe();
-            let mut certs = Vec::new();
-            if let Some(file) = &probe.cert_file {
-                if let Ok(pem) = std::fs::read(file) {
-                    certs.extend(pem_certificates(&pem));
-                }
-            }
-            if certs.is_empty() {
-                for dir in &probe.cert_dir {
-                    let Ok(entries) = std::fs::read_dir(dir) else {
-                        continue;
-                    };
-                    for entry in entries.flatten() {
-                        let path = entry.path();
-                        let pem_like = path
-                            .extension()
-                            .and_then(|e| e.to_str())
-                            .is_some_and(|e| matches!(e, "pem" | "crt"));
-                        if pem_like {
-                            if let Ok(pem) = std::fs::read(&path) {
-                                certs.extend(pem_certificates(&pem));
-                            }
-                        }
-                    }
-                }
-            }
-            Arc::new(certs)
-        })
-        .clone()
 }
 
 #[cfg(test)]

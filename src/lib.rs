@@ -2,7 +2,6 @@
 //! `php` (feature `php`) is the thin ext-php-rs boundary.
 
 pub mod account_check;
-pub mod alloc;
 pub mod checkmail;
 pub mod config;
 pub mod context;
@@ -11,6 +10,9 @@ pub mod host;
 pub mod http;
 pub mod incoming;
 pub mod log;
+/// glibc's malloc settings the PHP module applies at start (the core does not use it).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub mod malloc;
 pub mod manager;
 pub mod mime;
 pub mod net;

@@ -1,23 +1,22 @@
 //! Network helpers shared by the in-house protocol clients (POP3, IMAP, ...): a TCP connect
 //! that always has timeouts, the TLS connector built from an account's `VERIFY_CERT` /
-//! `CA_FILE`, a stream that is either plain or TLS (so STARTTLS-style upgrades keep one type),
-//! and messages for humans out of `io::Error`s ("timed out", "connection refused", ...).
+//! `CA_FILE` (the trust policy itself, shared with the HTTP client, is in [`tls`]), a stream
+//! that is either plain or TLS (so STARTTLS-style upgrades keep one type), and messages for
+//! humans out of `io::Error`s ("timed out", "connection refused", ...).
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use openssl::ssl::{
-    HandshakeError, Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslMode,
-    SslOptions, SslStream, SslVerifyMode,
-};
-use openssl::x509::store::{X509Lookup, X509StoreBuilder};
-use openssl::x509::verify::X509CheckFlags;
-use openssl::x509::{X509VerifyResult, X509};
+use openssl::ssl::SslStream;
 
-use crate::config::TlsSettings;
-use crate::error::{ConfigLocation, Error};
+pub mod tls;
+
+pub use tls::{
+    describe_tls_error, prewarm_tls_connector, tls_connector, tls_handshake, TlsConnector,
+    TlsPolicy,
+};
 
 /// The timeout used when a caller passes `Duration::ZERO` (std refuses a zero timeout, and
 /// "no timeout" would allow a hang).
@@ -76,302 +75,13 @@ fn effective_timeout(timeout: Duration) -> Duration {
     }
 }
 
-/// The TLS client configuration for one account: the system roots, plus every certificate of
-/// the PEM file `CA_FILE` when set; `verify_cert = false` accepts any certificate and host name.
-/// A `CA_FILE` that cannot be read or holds no certificate is a configuration error naming the
-/// file and the key.
-pub fn tls_connector(tls: &TlsSettings) -> crate::Result<TlsConnector> {
-    // Building a connector reads CA_FILE and probes the system roots (the whole CA bundle,
-    // ~20 ms of CPU, where no hashed directory exists): one per set of settings for the life
-    // of the process, shared by every connection (a changed CA_FILE,
-    // by size or modification time, gets a new one). Holding the lock while building makes
-    // the mailbox threads of one run wait for one build instead of doing four.
-    type Key = (
-        Option<std::path::PathBuf>,
-        Option<(u64, std::time::SystemTime)>,
-        bool,
-    );
-    static CACHE: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashMap<Key, TlsConnector>>,
-    > = std::sync::OnceLock::new();
-    let stamp = tls.ca_file.as_ref().and_then(|p| {
-        let meta = std::fs::metadata(p).ok()?;
-        Some((meta.len(), meta.modified().ok()?))
-    });
-    let key: Key = (tls.ca_file.clone(), stamp, tls.verify_cert);
-    let cache = CACHE.get_or_init(Default::default);
-    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(connector) = cache.get(&key) {
-        return Ok(connector.clone());
-    }
-    let connector = build_tls_connector(tls)?;
-    cache.insert(key, connector.clone());
-    Ok(connector)
-}
-
-/// Starts building (in the background) the connector for `tls`, so CA_FILE and the system
-/// roots (the whole bundle where no hashed directory exists) are read while the caller still
-/// asks the host for its accounts: the connections that follow find
-/// it ready, or wait for this one build (see [`tls_connector`]).
-pub fn prewarm_tls_connector(tls: &TlsSettings) {
-    let tls = tls.clone();
-    let _ = std::thread::Builder::new()
-        .name("pcr-email-tls".to_string())
-        .spawn(move || {
-            let _ = tls_connector(&tls);
-        });
-}
-
-/// A TLS client configuration: the trusted roots and whether certificates and host names are
-/// checked. Cheap to clone (shared).
-///
-/// OpenSSL directly (the TLS stack every other part uses, through native-tls): native-tls
-/// builds its connector by parsing the system CA bundle, twice (OpenSSL's default paths, then
-/// the bundle it finds itself): ~40 ms of CPU per process, while the hashed certificate
-/// directory next to it gives OpenSSL the same roots one file at a time, only for the chains
-/// it verifies.
-#[derive(Clone)]
-pub struct TlsConnector {
-    context: SslContext,
-    verify: bool,
-}
-
-impl fmt::Debug for TlsConnector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsConnector")
-            .field("verify", &self.verify)
-            .finish_non_exhaustive()
-    }
-}
-
-impl TlsConnector {
-    fn connect<S: Read + Write>(
-        &self,
-        domain: &str,
-        stream: S,
-    ) -> Result<SslStream<S>, HandshakeError<S>> {
-        let mut ssl = Ssl::new(&self.context)?;
-        let ip = domain.parse::<std::net::IpAddr>().ok();
-        if ip.is_none() {
-            // SNI names a host, never an address (RFC 6066).
-            ssl.set_hostname(domain)?;
-        }
-        if self.verify {
-            let param = ssl.param_mut();
-            param.set_hostflags(X509CheckFlags::NO_PARTIAL_WILDCARDS);
-            match ip {
-                Some(ip) => param.set_ip(ip)?,
-                None => param.set_host(domain)?,
-            }
-        }
-        ssl.connect(stream)
-    }
-}
-
-/// The system's trusted roots, as OpenSSL finds them (`SSL_CERT_FILE`/`SSL_CERT_DIR`, else the
-/// usual places): a directory of hashed names (`c_rehash`, Debian's /etc/ssl/certs) is
-/// searched when a chain needs an issuer; without one, the bundle file is read. A bundle named
-/// by `SSL_CERT_FILE` is always read: whoever set it wants those roots.
-fn add_system_roots(store: &mut X509StoreBuilder) -> Result<(), openssl::error::ErrorStack> {
-    if let Some(file) = std::env::var_os("SSL_CERT_FILE")
-        .map(std::path::PathBuf::from)
-        .filter(|p| p.is_file())
-    {
-        let lookup = store.add_lookup(X509Lookup::file())?;
-        let _ = lookup.load_cert_file(&file, SslFiletype::PEM);
-    }
-    let probe = openssl_probe::probe();
-    let hashed: Vec<&std::path::PathBuf> = probe
-        .cert_dir
-        .iter()
-        .filter(|dir| holds_hashed_certificates(dir))
-        .collect();
-    if !hashed.is_empty() {
-        let lookup = store.add_lookup(X509Lookup::hash_dir())?;
-        for dir in hashed {
-            if let Some(dir) = dir.to_str() {
-                lookup.add_dir(dir, SslFiletype::PEM)?;
-            }
-        }
-    } else if let Some(file) = &probe.cert_file {
-        let lookup = store.add_lookup(X509Lookup::file())?;
-        // A bundle OpenSSL cannot read leaves only CA_FILE's roots, as it would for OpenSSL.
-        let _ = lookup.load_cert_file(file, SslFiletype::PEM);
-    }
-    Ok(())
-}
-
-/// Whether `dir` holds certificates under OpenSSL's hashed names (`5ad8a5d6.0`).
-fn holds_hashed_certificates(dir: &std::path::Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    entries.flatten().any(|entry| {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        match name.split_once('.') {
-            Some((hash, n)) => {
-                hash.len() == 8
-                    && hash.bytes().all(|b| b.is_ascii_hexdigit())
-                    && !n.is_empty()
-                    && n.bytes().all(|b| b.is_ascii_digit())
-            }
-            None => false,
-        }
-    })
-}
-
-fn build_tls_connector(tls: &TlsSettings) -> crate::Result<TlsConnector> {
-    let setup_error = |e: openssl::error::ErrorStack| {
-        Error::config(
-            ConfigLocation {
-                key: Some("VERIFY_CERT".to_string()),
-                ..Default::default()
-            },
-            format!("cannot set up TLS: {e}"),
-        )
-    };
-    let mut roots = X509StoreBuilder::new().map_err(setup_error)?;
-    if let Some(path) = &tls.ca_file {
-        let file = path.display().to_string();
-        let ca_error = |message: String| {
-            Error::config(
-                ConfigLocation {
-                    file: Some(file.clone()),
-                    key: Some("CA_FILE".to_string()),
-                    ..Default::default()
-                },
-                message,
-            )
-        };
-        let pem = crate::config::files::read_limited(path, crate::config::files::CA_FILE_LIMIT)
-            .map_err(|e| ca_error(format!("cannot read the CA file: {e}")))?;
-        let certs = X509::stack_from_pem(&pem).map_err(|e| {
-            ca_error(format!(
-                "the CA file is not a valid PEM certificate file: {e}"
-            ))
-        })?;
-        if certs.is_empty() {
-            return Err(ca_error(
-                "the CA file holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)"
-                    .to_string(),
-            ));
-        }
-        for cert in certs {
-            // The same certificate twice (also among the system roots) is no error.
-            let _ = roots.add_cert(cert);
-        }
-    }
-    let mut builder = SslContextBuilder::new(SslMethod::tls_client()).map_err(setup_error)?;
-    // What OpenSSL's client defaults lack, as the openssl crate's connector sets it, except
-    // RELEASE_BUFFERS: a download would free and allocate the read buffer for every record.
-    let mut options = SslOptions::ALL
-        | SslOptions::NO_COMPRESSION
-        | SslOptions::NO_SSLV2
-        | SslOptions::NO_SSLV3
-        | SslOptions::SINGLE_DH_USE
-        | SslOptions::SINGLE_ECDH_USE;
-    options &= !SslOptions::DONT_INSERT_EMPTY_FRAGMENTS;
-    builder.set_options(options);
-    builder.set_mode(
-        SslMode::AUTO_RETRY | SslMode::ACCEPT_MOVING_WRITE_BUFFER | SslMode::ENABLE_PARTIAL_WRITE,
-    );
-    builder
-        .set_cipher_list("DEFAULT:!aNULL:!eNULL:!MD5:!3DES:!DES:!RC4:!IDEA:!SEED:!aDSS:!SRP:!PSK")
-        .map_err(setup_error)?;
-    if tls.verify_cert {
-        add_system_roots(&mut roots).map_err(setup_error)?;
-        builder.set_verify(SslVerifyMode::PEER);
-    } else {
-        builder.set_verify(SslVerifyMode::NONE);
-    }
-    builder.set_cert_store(roots.build());
-    Ok(TlsConnector {
-        context: builder.build(),
-        verify: tls.verify_cert,
-    })
-}
-
-/// Runs the TLS handshake over an already connected stream, verifying the certificate against
-/// `host` (a name or an IP address). Failures come back as an `io::Error` whose text is meant
-/// for humans (see [`describe_tls_error`]); a handshake that stalls hits the stream's timeout.
-pub fn tls_handshake<S: Read + Write>(
-    connector: &TlsConnector,
-    host: &str,
-    stream: S,
-) -> io::Result<SslStream<S>> {
-    let domain = host.trim_start_matches('[').trim_end_matches(']');
-    match connector.connect(domain, stream) {
-        Ok(stream) => Ok(stream),
-        Err(HandshakeError::SetupFailure(e)) => Err(io::Error::other(TlsFailure(format!(
-            "TLS handshake failed: cannot set up TLS for '{domain}': {e}"
-        )))),
-        Err(HandshakeError::Failure(mid)) => {
-            // The certificate's verdict, when it was the problem, as "(reason)".
-            let verdict = mid.ssl().verify_result();
-            let raw = if verdict == X509VerifyResult::OK {
-                mid.error().to_string()
-            } else {
-                format!("{} ({})", mid.error(), verdict.error_string())
-            };
-            Err(io::Error::other(TlsFailure(describe_tls_error(&raw))))
-        }
-        // A blocking socket only "would block" when its read/write timeout expired.
-        Err(HandshakeError::WouldBlock(_)) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "TLS handshake timed out",
-        )),
-    }
-}
-
-/// A TLS failure carried inside an `io::Error`, already phrased for humans.
-#[derive(Debug)]
-struct TlsFailure(String);
-
-impl fmt::Display for TlsFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for TlsFailure {}
-
-/// Turns the TLS library's error text into a sentence saying what is wrong and what to do.
-pub fn describe_tls_error(raw: &str) -> String {
-    let lower = raw.to_ascii_lowercase();
-    let detail = raw
-        .rfind('(')
-        .and_then(|start| raw[start + 1..].strip_suffix(')'))
-        .unwrap_or("");
-    if lower.contains("hostname mismatch") || lower.contains("ip address mismatch") {
-        "TLS certificate does not match the server name (hostname mismatch); connect with the \
-         name on the certificate, or set VERIFY_CERT = false"
-            .to_string()
-    } else if lower.contains("certificate verify failed") {
-        let reason = if detail.is_empty() {
-            "untrusted certificate"
-        } else {
-            detail
-        };
-        format!(
-            "TLS certificate verification failed ({reason}); add the issuing CA with CA_FILE, \
-             or set VERIFY_CERT = false"
-        )
-    } else if lower.contains("wrong version number") || lower.contains("packet length too long") {
-        "TLS handshake failed: the server did not answer with TLS on this port (check the port \
-         and the SSL setting)"
-            .to_string()
-    } else if lower.contains("unexpected eof") {
-        "TLS handshake failed: the server closed the connection during the handshake".to_string()
-    } else {
-        format!("TLS handshake failed: {raw}")
-    }
-}
-
 /// A human description of a network error: "timed out", "connection refused", TLS and
 /// certificate problems, "the server closed the connection", ...
 pub fn describe_io_error(err: &io::Error) -> String {
-    if let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<TlsFailure>()) {
+    if let Some(tls) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<tls::TlsFailure>())
+    {
         return tls.0.clone();
     }
     use io::ErrorKind as K;
@@ -538,6 +248,8 @@ impl Write for MaybeTls {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TlsSettings;
+    use crate::error::Error;
     use std::net::TcpListener;
     use std::path::PathBuf;
 

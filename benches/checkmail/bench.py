@@ -276,6 +276,9 @@ def main():
     p.add_argument("--memory-count", type=int, default=450,
                    help="messages per mailbox for the memory comparison: every message vs. small ones only "
                         "(the corpus must have that many under 64 KiB)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the memory comparison (--memory-repeat runs of each side, default 2)")
+    p.add_argument("--memory-repeat", type=int, default=2)
     p.add_argument("--plain", action="store_true", help="no TLS (default: implicit TLS, IMAPS/POP3S)")
     p.add_argument("--proxy-port", type=int, default=24890, help="first of 8 ports for the delay proxy")
     p.add_argument("--protocols", default="IMAP,POP3")
@@ -304,7 +307,7 @@ def main():
         b.start_proxy()
         base_kb = b.baseline()
         for proto in args.protocols.split(","):
-            for delayed in (True, False):
+            for delayed in () if args.memory_only else (True, False):
                 for r in range(args.repeat):
                     b.run("a", proto, n, delayed, r)
                     b.run("c", proto, n, delayed, r)
@@ -317,9 +320,10 @@ def main():
                     for count in (b_delayed if delayed else [n]):
                         for r in range(2 if delayed else max(2, args.repeat)):
                             b.run("b", proto, count, delayed, r)
-            for r in range(2):
-                b.run("a", proto, small, True, r)
-                b.run("c", proto, small, True, r)
+            for r in range(args.memory_repeat):
+                if not args.memory_only and r < 2:
+                    b.run("a", proto, small, True, r)
+                    b.run("c", proto, small, True, r)
                 b.run("m", proto, args.memory_count, False, r)
                 b.run("s", proto, args.memory_count, False, r)
     finally:

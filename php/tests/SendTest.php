@@ -188,7 +188,10 @@ final class SendTest extends TestCase
         $this->assertSame('desk@test.local', $got[0]['meta']['mail_from']);
         $this->assertSame(['dest@test.local', 'hidden@test.local'], $got[0]['meta']['rcpt_tos']);
         $this->assertStringNotContainsString('hidden@test.local', $got[0]['raw'], 'Bcc stays out of the headers');
-        $this->assertSame([], $host->errors);
+        // The "PASSWORD is stored in clear" notice (once per process, so only when this test
+        // runs first) is about the configuration, not the send: anything else is an error.
+        $errors = array_filter($host->errors, fn($e) => !str_contains($e['message'], 'stored in clear'));
+        $this->assertSame([], array_values($errors));
     }
 
     public function testWrongPasswordIsATransportExceptionWithoutTheSecret(): void

@@ -380,7 +380,6 @@ pub fn event_check_mail(
     }
     let _ = run.state.release_owned(&run.owner);
     let _ = std::fs::remove_dir_all(&run.attachments_dir);
-    crate::alloc::release_cached();
     summaries.extend(broken);
     // "errors": some mailbox or account could not be read completely (see each entry).
     let failed = summaries.iter().any(|m| !m.errors.is_empty()) || !base.errors.is_empty();

@@ -1,11 +1,6 @@
 //! The thin ext-php-rs boundary: the module, its php.ini settings and `phpinfo()` section,
 //! the classes, and the conversions. No mail logic lives here.
 
-/// The extension's allocator: large blocks shared by all threads (see `crate::alloc`). Only
-/// the extension's own (Rust) allocations go through it; PHP's memory is PHP's.
-#[global_allocator]
-static ALLOCATOR: crate::alloc::Allocator = crate::alloc::Allocator;
-
 mod arginfo;
 mod convert;
 mod exceptions;
@@ -92,6 +87,9 @@ static INI_ENTRIES: IniEntryDefs<3> = IniEntryDefs::new([
 ]);
 
 pub fn startup(_ty: i32, module_number: i32) -> i32 {
+    // Large blocks as mappings of their own, given back when freed (see `crate::malloc`).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    let _ = crate::malloc::tune();
     IniEntryDef::register(INI_ENTRIES.as_slice(), module_number);
     match exceptions::register_all() {
         Ok(()) => 0,
