@@ -16,9 +16,10 @@ $(phplibdir)/pcr_email.so: $(PCR_EMAIL_SOURCES)
 		export PHP_CONFIG="$(PCR_EMAIL_PHP_CONFIG)" PHP="$(PCR_EMAIL_PHP)"; \
 	fi && \
 	"$(PCR_EMAIL_CARGO)" build --locked --profile "$(PCR_EMAIL_CARGO_PROFILE)" --features php --lib
-	cd "$(srcdir)" && "$(PCR_EMAIL_CARGO)" build --locked --profile "$(PCR_EMAIL_CARGO_PROFILE)" --bin pcr-email-encrypt
+	cd "$(srcdir)" && "$(PCR_EMAIL_CARGO)" build --locked --profile "$(PCR_EMAIL_CARGO_PROFILE)" --bin pcr-email-encrypt --bin pcr-email-state
 	@mkdir -p "$(phplibdir)"
 	cp "$(PCR_EMAIL_TARGET_DIR)/$(PCR_EMAIL_PROFILE_DIR)/pcr-email-encrypt" "$(phplibdir)/../pcr-email-encrypt"
+	cp "$(PCR_EMAIL_TARGET_DIR)/$(PCR_EMAIL_PROFILE_DIR)/pcr-email-state" "$(phplibdir)/../pcr-email-state"
 	cp "$(PCR_EMAIL_TARGET_DIR)/$(PCR_EMAIL_PROFILE_DIR)/libpcr_email.so" "$@"
 
 install: install-pcr-email-encrypt
@@ -26,3 +27,4 @@ install: install-pcr-email-encrypt
 install-pcr-email-encrypt: $(phplibdir)/pcr_email.so
 	$(mkinstalldirs) "$(INSTALL_ROOT)$(prefix)/bin"
 	$(INSTALL) -m 0755 "$(phplibdir)/../pcr-email-encrypt" "$(INSTALL_ROOT)$(prefix)/bin/pcr-email-encrypt"
+	$(INSTALL) -m 0755 "$(phplibdir)/../pcr-email-state" "$(INSTALL_ROOT)$(prefix)/bin/pcr-email-state"

@@ -15,6 +15,8 @@ if [ "$RUNTIME_ONLY" = 0 ]; then
     PACKAGES+=(msmtp msmtp-mta dovecot-imapd dovecot-pop3d openssl sqlite3 phpunit php8.2-imap time procmail)
     # PHPStan's PHPDoc parser: a PHP test checks that the stubs' array shapes parse.
     PACKAGES+=(php-phpstan-phpdoc-parser)
+    # email.STATE_DSN: the shared-state tests run their own MariaDB (scripts/test-servers.sh).
+    PACKAGES+=(mariadb-server mariadb-client)
 fi
 
 is_installed() {
@@ -82,6 +84,7 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
     stop_pidfile_daemon /run/dovecot/master.pid dovecot
+    stop_pidfile_daemon /run/mysqld/mysqld.pid mariadbd
 else
     log "system packages: all present"
 fi

@@ -289,6 +289,7 @@ pub fn event_check_mail(
         env: env.clone(),
         state_dir: settings.state_dir.clone(),
         large_gate: gate::Gate::new(),
+        owner: run.owner.clone(),
     };
     // A bounded pool reads the mailboxes, each thread taking the next one not yet taken:
     // any number of mailboxes, a bounded number of threads.

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::incoming::{self, gate, Fetched, Flow, Listed};
 use crate::mime::{self, ParsedMail};
 use crate::oauth::OAuthEnv;
-use crate::state::StateStore;
+use crate::state::{Owner, StateStore};
 
 /// Messages in flight between the mailbox threads and PHP's thread: memory stays bounded (a
 /// large message also waits for the run's gate, see `incoming::gate`), and the threads seldom
@@ -68,6 +68,8 @@ pub(super) struct MailboxShared {
     pub(super) state_dir: PathBuf,
     /// One large message in memory at a time (see `incoming::gate`).
     pub(super) large_gate: Arc<gate::Gate>,
+    /// The run, which takes each mailbox's lease (`StateStore::take_mailbox`).
+    pub(super) owner: Owner,
 }
 
 /// The mailboxes of a run, handed out one at a time to the pool's threads.
@@ -161,6 +163,7 @@ pub(super) fn read_mailbox(
         env,
         state_dir,
         large_gate,
+        owner,
     } = shared;
     let incoming = account
         .incoming
@@ -172,6 +175,10 @@ pub(super) fn read_mailbox(
     let (legacy, scope) = (legacy_ledger_scope(account), ledger_scope(account));
     if legacy != scope {
         state.move_ledger_scope(&legacy, &scope)?;
+    }
+    // With STATE_DSN, a mailbox another server is reading right now is left to it (SPEC §8).
+    if state.take_mailbox(&scope, owner)?.is_some() {
+        return Ok(());
     }
     let mut mailbox = incoming::open(account, env, state)?;
     let listed = mailbox.list();

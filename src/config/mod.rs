@@ -2,6 +2,7 @@
 //! encrypted secrets (`secrets`). `Settings::load` is the one entry point the manager uses.
 
 pub mod account;
+pub mod dsn;
 pub mod files;
 pub mod ini;
 mod normalise;
@@ -53,6 +54,9 @@ pub struct Settings {
     /// so PCR-360, reads as true); each names the file and line.
     pub warnings: Vec<String>,
     pub state_dir: PathBuf,
+    /// `email.STATE_DSN`: the state lives in this MariaDB/MySQL database instead of SQLite
+    /// under `state_dir` (registered with [`dsn::use_database`] for `state_dir`).
+    pub state_dsn: Option<dsn::Dsn>,
     pub key_file: PathBuf,
     pub log_file: Option<PathBuf>,
     /// `email.SYSADMIN`: alerted when incoming mail cannot be processed.
@@ -126,6 +130,7 @@ impl AccountDefaults {
 /// The `email.*` keys this extension reads besides the account keys.
 const SETTINGS_KEYS: &[&str] = &[
     "STATE_DIR",
+    "STATE_DSN",
     "KEY_FILE",
     "LOG_FILE",
     "SD_NUMBER_PATTERN",
@@ -181,6 +186,7 @@ impl Settings {
             master_failed: None,
             warnings: Vec::new(),
             state_dir: beside_ini_dir(&dir, "email-state"),
+            state_dsn: None,
             key_file: dir.join(DEFAULT_KEY_FILE_NAME),
             log_file: None,
             sysadmin: None,
@@ -220,6 +226,25 @@ impl Settings {
             settings.key_file = key_file;
         }
         settings.log_file = fields.path("LOG_FILE", &dir)?;
+        if let Some(dsn) = fields.get("STATE_DSN").filter(|v| !v.trim().is_empty()) {
+            let key_file = settings.key_file.clone();
+            let parsed = dsn::Dsn::parse(dsn, |password| {
+                secrets::KeyStore::open_existing(&key_file)
+                    .and_then(|keys| keys.decrypt(password))
+                    .map_err(|e| {
+                        crate::Error::message(format!(
+                            "cannot be decrypted with the key file {}: {e}",
+                            key_file.display()
+                        ))
+                    })
+            })
+            .map_err(|e| fields.err("STATE_DSN", e))?;
+            if !dsn.contains(":ENC:v1:") {
+                secrets::note_cleartext("state", "STATE_DSN", parsed.password.expose());
+            }
+            settings.state_dsn = Some(parsed);
+        }
+        dsn::use_database(&settings.state_dir, settings.state_dsn.clone());
         if let Some(pattern) = fields.get("SD_NUMBER_PATTERN") {
             if let Err(e) = regex::Regex::new(pattern) {
                 let detail = e.to_string();

@@ -487,9 +487,11 @@ pub(crate) fn lock_dir(store: &StateStore) -> PathBuf {
         .join("oauth-locks")
 }
 
-/// An exclusive `flock` on one account's lock file, held until dropped.
+/// An exclusive `flock` on one account's lock file, held until dropped; with
+/// `email.STATE_DSN` also a lock in the shared database, so that servers exclude each other.
 pub(crate) struct AccountLock {
     _file: File,
+    _database: Option<crate::state::DatabaseLock>,
 }
 
 impl AccountLock {
@@ -515,7 +517,24 @@ impl AccountLock {
         let deadline = Instant::now() + wait;
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(AccountLock { _file: file }),
+                Ok(()) => {
+                    let shared = dir.parent().and_then(crate::state::database_for);
+                    let database = match shared {
+                        Some(dsn) => Some(
+                            crate::state::database_lock(
+                                &dsn,
+                                &format!("oauth:{account}"),
+                                deadline.saturating_duration_since(Instant::now()),
+                            )
+                            .map_err(fail)?,
+                        ),
+                        None => None,
+                    };
+                    return Ok(AccountLock {
+                        _file: file,
+                        _database: database,
+                    });
+                }
                 Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(25));
                 }

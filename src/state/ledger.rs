@@ -174,7 +174,7 @@ impl LedgerState {
         }
     }
 
-    fn parse(text: &str) -> Option<LedgerState> {
+    pub(super) fn parse(text: &str) -> Option<LedgerState> {
         Some(match text {
             "in_progress" => LedgerState::InProgress,
             "failed" => LedgerState::Failed,
@@ -239,7 +239,7 @@ fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<LedgerEntry> {
     })
 }
 
-fn truncate(text: &str) -> String {
+pub(super) fn truncate(text: &str) -> String {
     match text.char_indices().nth(MAX_ERROR_CHARS) {
         Some((at, _)) => format!("{}…", &text[..at]),
         None => text.to_string(),
@@ -247,19 +247,70 @@ fn truncate(text: &str) -> String {
 }
 
 /// The columns of a row's owner as stored.
-struct StoredOwner {
-    state: String,
-    outcome: Option<String>,
-    attempts: u32,
-    run: Option<String>,
-    host: Option<String>,
-    machine: Option<String>,
-    boot: Option<String>,
-    pidns: Option<String>,
-    pid: Option<u32>,
-    start: Option<i64>,
-    lease_until: Option<i64>,
+pub(super) struct StoredOwner {
+    pub(super) state: String,
+    pub(super) outcome: Option<String>,
+    pub(super) attempts: u32,
+    pub(super) run: Option<String>,
+    pub(super) host: Option<String>,
+    pub(super) machine: Option<String>,
+    pub(super) boot: Option<String>,
+    pub(super) pidns: Option<String>,
+    pub(super) pid: Option<u32>,
+    pub(super) start: Option<i64>,
+    pub(super) lease_until: Option<i64>,
+    pub(super) mailbox_ref: Option<String>,
+}
+
+/// For a row in progress: `None` while its owner may still be working on it (the caller
+/// gets `Busy`), else the attempt count the takeover gives it and why (see the module
+/// documentation). The same decision for both backends.
+pub(super) fn takeover(row: &StoredOwner, owner: &Owner, now: i64) -> Option<(u32, String)> {
+    let previous = row.owner();
+    let ours = previous
+        .as_ref()
+        .is_some_and(|p| p.run_id() == owner.run_id());
+    let expired = row.lease_until.is_none_or(|until| until <= now);
+    let dead = previous.as_ref().is_none_or(|p| owner.sees_dead(p));
+    if ours || !(expired || dead) {
+        return None;
+    }
+    let why = match &previous {
+        Some(p) if expired => format!("the lease of {p} ran out before it finished"),
+        Some(p) => format!("{p} stopped before it finished"),
+        None => "its previous run is unknown".to_string(),
+    };
+    Some((row.attempts.saturating_add(1), why))
+}
+
+/// A [`LedgerEntry`] from its columns (the database backend's reader).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn entry_parts(
+    account: String,
+    key: String,
     mailbox_ref: Option<String>,
+    state: LedgerState,
+    outcome: Option<String>,
+    sd_number: Option<String>,
+    attempts: u32,
+    last_error: Option<String>,
+    owner: Option<String>,
+    first_seen_ms: i64,
+    updated_ms: i64,
+) -> LedgerEntry {
+    LedgerEntry {
+        account,
+        key,
+        mailbox_ref,
+        state,
+        outcome,
+        sd_number,
+        attempts,
+        last_error,
+        owner,
+        first_seen_ms,
+        updated_ms,
+    }
 }
 
 impl StoredOwner {
@@ -348,15 +399,36 @@ impl StateStore {
         mailbox_ref: Option<&str>,
         owner: &Owner,
     ) -> Result<Claim> {
+        if let Some(db) = self.database() {
+            let renew = self.lease_renewal_due(owner);
+            let until = self.lease_until(now_ms());
+            return db.claim(account, key, mailbox_ref, owner, until, renew);
+        }
         self.write(account, "claim a message", |tx| {
             self.claim_in(tx, account, key, mailbox_ref, owner)
         })
+    }
+
+    /// Takes mailbox `scope` for `owner`'s run, so that one process at a time reads it. With
+    /// `email.STATE_DSN` a lease in the database (renewed with the run's claims by
+    /// [`StateStore::renew_lease`], given back by [`StateStore::release_owned`], lost like a
+    /// claim when its run died): `Some(holder)` when another live run holds it, and the caller
+    /// leaves the mailbox to it. With SQLite always `None`: the claims of its messages keep
+    /// overlapping runs of one server apart, as before.
+    pub fn take_mailbox(&self, scope: &str, owner: &Owner) -> Result<Option<String>> {
+        match self.database() {
+            Some(db) => db.take_mailbox(scope, owner, self.lease_until(now_ms())),
+            None => Ok(None),
+        }
     }
 
     /// Moves the ledger rows of scope `from` to scope `to` (a mailbox's scope changed its
     /// spelling); a message recorded under both keeps its row under `to`. Only reads when
     /// `from` has no rows.
     pub fn move_ledger_scope(&self, from: &str, to: &str) -> Result<()> {
+        if let Some(db) = self.database() {
+            return db.move_ledger_scope(from, to);
+        }
         let any = self.read(to, "look up an earlier ledger", |c| {
             c.prepare_cached("SELECT 1 FROM ledger WHERE account=?1 LIMIT 1")?
                 .exists(params![from])
@@ -386,6 +458,11 @@ impl StateStore {
         mailbox_ref: Option<&str>,
         owner: &Owner,
     ) -> Result<Claim> {
+        if let Some(db) = self.database() {
+            let renew = self.lease_renewal_due(owner);
+            let until = self.lease_until(now_ms());
+            return db.settle_then_claim(settled, account, key, mailbox_ref, owner, until, renew);
+        }
         self.write(account, "record a message and claim the next", |tx| {
             settled.record(tx)?;
             self.claim_in(tx, account, key, mailbox_ref, owner)
@@ -394,6 +471,16 @@ impl StateStore {
 
     /// Records `settled` on its own (see [`StateStore::settle_then_claim`]).
     pub fn settle_done(&self, settled: &Settled) -> Result<()> {
+        if let Some(db) = self.database() {
+            return db.settle(
+                &settled.account,
+                &settled.key,
+                LedgerState::Done,
+                &settled.outcome.to_db(),
+                settled.sd_number.as_deref(),
+                None,
+            );
+        }
         self.write(&settled.account, "record a processed message", |tx| {
             settled.record(tx)
         })
@@ -489,27 +576,13 @@ impl StateStore {
                     attempts: row.attempts,
                 })
             }
-            Some(LedgerState::InProgress) | None => {
-                let previous = row.owner();
-                let ours = previous
-                    .as_ref()
-                    .is_some_and(|p| p.run_id() == owner.run_id());
-                let expired = row.lease_until.is_none_or(|until| until <= now);
-                let dead = previous.as_ref().is_none_or(|p| owner.sees_dead(p));
-                if ours || !(expired || dead) {
-                    return Ok(Claim::Busy);
+            Some(LedgerState::InProgress) | None => match takeover(&row, owner, now) {
+                None => Ok(Claim::Busy),
+                Some((attempts, why)) => {
+                    set_owner(tx, account, key, owner, lease_until, attempts, Some(&why))?;
+                    Ok(Claim::Retry { attempts })
                 }
-                let why = match &previous {
-                    Some(p) if expired => {
-                        format!("the lease of {p} ran out before it finished")
-                    }
-                    Some(p) => format!("{p} stopped before it finished"),
-                    None => "its previous run is unknown".to_string(),
-                };
-                let attempts = row.attempts.saturating_add(1);
-                set_owner(tx, account, key, owner, lease_until, attempts, Some(&why))?;
-                Ok(Claim::Retry { attempts })
-            }
+            },
         }
     }
 
@@ -556,6 +629,9 @@ impl StateStore {
         sd_number: Option<&str>,
         error: Option<&str>,
     ) -> Result<()> {
+        if let Some(db) = self.database() {
+            return db.settle(account, key, state, outcome, sd_number, error);
+        }
         self.write(account, "record a processed message", |tx| {
             settle_in(tx, account, key, state, outcome, sd_number, error)
         })
@@ -565,6 +641,9 @@ impl StateStore {
     /// next run and the number of failed attempts so far is returned; at [`MAX_ATTEMPTS`] the
     /// caller quarantines it. A row already done or quarantined is left as it is.
     pub fn fail(&self, account: &str, key: &str, error: &str) -> Result<u32> {
+        if let Some(db) = self.database() {
+            return db.fail(account, key, error);
+        }
         let now = now_ms();
         let error = truncate(error);
         self.write(account, "record a failed message", |tx| {
@@ -600,6 +679,9 @@ impl StateStore {
     /// Gives back one message `owner` claimed but did not hand to the host (not counted as an
     /// attempt). True when `owner` held it.
     pub fn release(&self, account: &str, key: &str, owner: &Owner) -> Result<bool> {
+        if let Some(db) = self.database() {
+            return db.release(account, key, owner);
+        }
         self.write(account, "release a message", |tx| {
             release_where(
                 tx,
@@ -613,6 +695,9 @@ impl StateStore {
     /// On a clean end of a run: gives back every message `owner` still holds (claimed but never
     /// handed to the host). Returns how many.
     pub fn release_owned(&self, owner: &Owner) -> Result<usize> {
+        if let Some(db) = self.database() {
+            return db.release_owned(owner);
+        }
         self.write(super::NO_ACCOUNT, "release the run's messages", |tx| {
             release_where(tx, "1=1", params![owner.run_id()])
         })
@@ -621,6 +706,9 @@ impl StateStore {
     /// Extends the lease of every message `owner` holds (call it during long host calls).
     pub fn renew_lease(&self, owner: &Owner) -> Result<usize> {
         let lease_until = self.lease_until(now_ms());
+        if let Some(db) = self.database() {
+            return db.renew_lease(owner, lease_until);
+        }
         self.write(super::NO_ACCOUNT, "renew the run's lease", |tx| {
             exec(
                 tx,
@@ -632,6 +720,9 @@ impl StateStore {
 
     /// The ledger row of one message.
     pub fn entry(&self, account: &str, key: &str) -> Result<Option<LedgerEntry>> {
+        if let Some(db) = self.database() {
+            return db.entry(account, key);
+        }
         self.read(account, "read the ledger", |c| {
             one(
                 c,
@@ -646,6 +737,9 @@ impl StateStore {
     /// The most recent ledger row recorded for a mailbox reference (e.g. a POP3 UIDL), so a
     /// message already settled need not be downloaded again.
     pub fn entry_by_ref(&self, account: &str, mailbox_ref: &str) -> Result<Option<LedgerEntry>> {
+        if let Some(db) = self.database() {
+            return db.entry_by_ref(account, mailbox_ref);
+        }
         self.read(account, "read the ledger", |c| {
             one(
                 c,
@@ -662,6 +756,9 @@ impl StateStore {
 
     /// The quarantined messages of `account`, oldest first.
     pub fn quarantined(&self, account: &str) -> Result<Vec<LedgerEntry>> {
+        if let Some(db) = self.database() {
+            return db.quarantined(account);
+        }
         self.read(account, "read the ledger", |c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT {ENTRY_COLUMNS} FROM ledger WHERE account=?1 AND state='quarantined'
@@ -674,6 +771,9 @@ impl StateStore {
 
     /// How many messages of `account` are in each state.
     pub fn counts(&self, account: &str) -> Result<LedgerCounts> {
+        if let Some(db) = self.database() {
+            return db.counts(account);
+        }
         self.read(account, "count the ledger", |c| {
             let mut stmt = c.prepare(
                 "SELECT state, substr(COALESCE(outcome, ''), 1, ?2) = ?3, count(*)
@@ -701,6 +801,9 @@ impl StateStore {
     /// Forgets a message (an administrator wants a quarantined one tried again): the next run
     /// treats it as new. True when there was a row.
     pub fn forget(&self, account: &str, key: &str) -> Result<bool> {
+        if let Some(db) = self.database() {
+            return db.forget(account, key);
+        }
         self.write(account, "forget a message", |tx| {
             exec(
                 tx,

@@ -35,28 +35,34 @@
 //!
 //! Errors opening or upgrading the database are `Error::Config` naming the file; errors later
 //! are `Error::Mailbox` naming the account and the file. None carries a stored value.
+//!
+//! # A shared database instead (`email.STATE_DSN`)
+//! With `STATE_DSN` set, [`StateStore::open`] of that `STATE_DIR` opens the MariaDB/MySQL
+//! database instead (see [`mysql`]): the same operations, the same guarantees, across several
+//! application servers. Which one a store uses is decided here ([`use_database`] registers the
+//! DSN when the INI file is read); callers do not change.
 
 pub mod ledger;
+pub mod mysql;
 pub mod owner;
+mod sqlite;
 
+pub use crate::config::dsn::{database_for, use_database, Dsn};
 pub use ledger::{
     Claim, LedgerCounts, LedgerEntry, LedgerOutcome, LedgerState, Settled, MAX_ATTEMPTS,
     SKIPPED_PREFIX,
 };
+pub use mysql::{database_lock, DatabaseLock};
 pub use owner::{process_alive, process_start_ticks, Owner};
 
-use std::fs;
-use std::io::ErrorKind;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{
-    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
-};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::config::Secret;
-use crate::error::{ConfigLocation, Error, Result};
+use crate::error::{Error, Result};
+use sqlite::{access_hint, migrate, open_error, prepare_file, retry_busy, MigrateError};
 
 /// The database's file name inside `STATE_DIR`.
 pub const DB_FILE: &str = "pcr_email.sqlite";
@@ -71,23 +77,30 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15 * 60);
 /// Expired pending authorizations are kept this long (so a late callback is told "expired",
 /// not "unknown"), then purged.
-const PENDING_AUTH_GRACE_SECS: i64 = 24 * 3600;
+pub(crate) const PENDING_AUTH_GRACE_SECS: i64 = 24 * 3600;
 /// The account name used in errors of operations that belong to no account.
-const NO_ACCOUNT: &str = "state";
+pub(crate) const NO_ACCOUNT: &str = "state";
 
-/// The embedded database. One connection per value; open one per thread that needs it.
+/// The state store: the embedded database, or the shared one `email.STATE_DSN` names (see
+/// [`mysql`]). One connection per value; open one per thread that needs it.
 pub struct StateStore {
-    conn: Connection,
+    backend: Backend,
     path: PathBuf,
     lease: Duration,
     /// The run whose leases this connection's claims last renewed, and when.
     renewed: std::cell::RefCell<Option<(String, Instant)>>,
 }
 
+/// Where a store keeps its state.
+enum Backend {
+    Sqlite(Connection),
+    Database(mysql::MysqlStore),
+}
+
 impl std::fmt::Debug for StateStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateStore")
-            .field("path", &self.path)
+            .field("location", &self.location())
             .field("lease", &self.lease)
             .finish()
     }
@@ -134,6 +147,9 @@ impl StateStore {
     /// Opens (creating when missing) `state_dir/pcr_email.sqlite`; the directory is created
     /// with mode 02770 and its parent's group when it does not exist.
     pub fn open(state_dir: &Path) -> Result<StateStore> {
+        if let Some(dsn) = database_for(state_dir) {
+            return StateStore::open_database(&dsn, state_dir);
+        }
         if !state_dir.is_dir() {
             crate::perms::create_dir_all(state_dir, crate::perms::DIR_MODE).map_err(|e| {
                 let at = state_dir
@@ -151,6 +167,42 @@ impl StateStore {
             })?;
         }
         StateStore::open_file(&state_dir.join(DB_FILE))
+    }
+
+    /// Opens the shared database `dsn` names (creating or upgrading its `pcr_email_` tables);
+    /// `state_dir` keeps only the journal of records the database refused (see [`mysql`]).
+    pub fn open_database(dsn: &Dsn, state_dir: &Path) -> Result<StateStore> {
+        let db = mysql::MysqlStore::open(dsn, state_dir)?;
+        Ok(StateStore {
+            path: db.journal().to_path_buf(),
+            backend: Backend::Database(db),
+            lease: DEFAULT_LEASE,
+            renewed: std::cell::RefCell::new(None),
+        })
+    }
+
+    /// The shared database, when this store is one.
+    pub(crate) fn database(&self) -> Option<&mysql::MysqlStore> {
+        match &self.backend {
+            Backend::Database(db) => Some(db),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    /// The SQLite connection, when this store is the embedded one.
+    pub(crate) fn sqlite(&self) -> Option<&Connection> {
+        match &self.backend {
+            Backend::Sqlite(c) => Some(c),
+            Backend::Database(_) => None,
+        }
+    }
+
+    /// Where the state is, for messages: the SQLite file or the database (without password).
+    pub fn location(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite(_) => self.path.display().to_string(),
+            Backend::Database(db) => db.label(),
+        }
     }
 
     /// Opens (creating when missing, mode 0660, its directory's group) the database file at
@@ -213,7 +265,7 @@ impl StateStore {
             ),
         })?;
         Ok(StateStore {
-            conn,
+            backend: Backend::Sqlite(conn),
             path: path.to_path_buf(),
             lease: DEFAULT_LEASE,
             renewed: std::cell::RefCell::new(None),
@@ -229,8 +281,10 @@ impl StateStore {
     /// The same store waiting at most `timeout` for another process's write lock (the
     /// default is [`BUSY_TIMEOUT`]); past it an operation fails with an error.
     pub fn with_busy_timeout(self, timeout: Duration) -> Result<StateStore> {
-        self.conn
-            .busy_timeout(timeout)
+        let Some(conn) = self.sqlite() else {
+            return Ok(self);
+        };
+        conn.busy_timeout(timeout)
             .map_err(|e| open_error(&self.path, format!("cannot set the busy timeout: {e}")))?;
         Ok(self)
     }
@@ -238,16 +292,20 @@ impl StateStore {
     /// Stops (0) or sets the automatic WAL checkpoint of this connection, in pages: a run
     /// leaves checkpoints (and their `fsync`s) to a helper thread, see [`StateStore::checkpoint`].
     pub fn set_autocheckpoint(&self, pages: u32) -> Result<()> {
-        self.conn
-            .pragma_update(None, "wal_autocheckpoint", pages)
+        let Some(conn) = self.sqlite() else {
+            return Ok(());
+        };
+        conn.pragma_update(None, "wal_autocheckpoint", pages)
             .map_err(|e| self.db_error(NO_ACCOUNT, "configure checkpoints", e))
     }
 
     /// Copies what it can of the WAL into the database without waiting for anyone (a
     /// passive checkpoint).
     pub fn checkpoint(&self) -> Result<()> {
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        let Some(conn) = self.sqlite() else {
+            return Ok(());
+        };
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
             .map_err(|e| self.db_error(NO_ACCOUNT, "checkpoint", e))
     }
 
@@ -272,7 +330,7 @@ impl StateStore {
         self.lease
     }
 
-    /// The database file.
+    /// The database file (with `STATE_DSN`: the journal file inside `STATE_DIR`).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -294,11 +352,14 @@ impl StateStore {
                 }
             }
         }
+        let Some(conn) = self.sqlite() else {
+            return Err(self.not_sqlite(account, what));
+        };
         let run = || -> rusqlite::Result<T> {
-            exec(&self.conn, "BEGIN IMMEDIATE", [])?;
-            let open = Open(&self.conn);
-            let value = f(&self.conn)?;
-            exec(&self.conn, "COMMIT", [])?;
+            exec(conn, "BEGIN IMMEDIATE", [])?;
+            let open = Open(conn);
+            let value = f(conn)?;
+            exec(conn, "COMMIT", [])?;
             drop(open);
             Ok(value)
         };
@@ -312,7 +373,18 @@ impl StateStore {
         what: &str,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T> {
-        f(&self.conn).map_err(|e| self.db_error(account, what, e))
+        let Some(conn) = self.sqlite() else {
+            return Err(self.not_sqlite(account, what));
+        };
+        f(conn).map_err(|e| self.db_error(account, what, e))
+    }
+
+    fn not_sqlite(&self, account: &str, what: &str) -> Error {
+        Error::mailbox(
+            account,
+            &self.location(),
+            format!("state database: cannot {what}: no SQLite operation on a shared database"),
+        )
     }
 
     fn db_error(&self, account: &str, what: &str, e: rusqlite::Error) -> Error {
@@ -328,6 +400,9 @@ impl StateStore {
     /// The `(UIDVALIDITY, low-water UID)` recorded for `folder` of `account`: every message
     /// with a UID below the low-water mark is settled (done or quarantined).
     pub fn imap_mark(&self, account: &str, folder: &str) -> Result<Option<(u32, u32)>> {
+        if let Some(db) = self.database() {
+            return db.imap_mark(account, folder);
+        }
         self.read(account, "read the IMAP mark", |c| {
             one(
                 c,
@@ -348,6 +423,9 @@ impl StateStore {
         uidvalidity: u32,
         low_water_uid: u32,
     ) -> Result<()> {
+        if let Some(db) = self.database() {
+            return db.set_imap_mark(account, folder, uidvalidity, low_water_uid);
+        }
         self.write(account, "save the IMAP mark", |tx| {
             exec(
                 tx,
@@ -363,6 +441,9 @@ impl StateStore {
 
     /// A value saved with [`StateStore::set_kv`] (POP3, Graph, Gmail cursors and the like).
     pub fn get_kv(&self, namespace: &str, key: &str) -> Result<Option<String>> {
+        if let Some(db) = self.database() {
+            return db.get_kv(namespace, key);
+        }
         self.read(NO_ACCOUNT, "read a saved cursor", |c| {
             one(
                 c,
@@ -376,6 +457,9 @@ impl StateStore {
 
     /// Saves (replaces) a value under `namespace` and `key`.
     pub fn set_kv(&self, namespace: &str, key: &str, value: &str) -> Result<()> {
+        if let Some(db) = self.database() {
+            return db.set_kv(namespace, key, value);
+        }
         self.write(NO_ACCOUNT, "save a cursor", |tx| {
             exec(
                 tx,
@@ -390,6 +474,9 @@ impl StateStore {
 
     /// Removes a saved value; true when there was one.
     pub fn delete_kv(&self, namespace: &str, key: &str) -> Result<bool> {
+        if let Some(db) = self.database() {
+            return db.delete_kv(namespace, key);
+        }
         self.write(NO_ACCOUNT, "delete a cursor", |tx| {
             exec(
                 tx,
@@ -410,6 +497,9 @@ impl StateStore {
         if id.is_empty() {
             return Err(Error::message("cannot record an empty Message-ID as sent"));
         }
+        if let Some(db) = self.database() {
+            return db.record_sent(&id, sd_number, account);
+        }
         self.write(account, "record a sent Message-ID", |tx| {
             exec(
                 tx,
@@ -425,6 +515,9 @@ impl StateStore {
     /// The SD number a Message-ID we sent belongs to.
     pub fn sent_sd_number(&self, message_id: &str) -> Result<Option<String>> {
         let id = normalize_message_id(message_id);
+        if let Some(db) = self.database() {
+            return db.sent_sd_number(&id);
+        }
         self.read(NO_ACCOUNT, "look up a sent Message-ID", |c| {
             one(
                 c,
@@ -440,6 +533,9 @@ impl StateStore {
 
     /// The token of `kind` (e.g. `refresh`, `access`) stored for `account`.
     pub fn load_token(&self, account: &str, kind: &str) -> Result<Option<StoredToken>> {
+        if let Some(db) = self.database() {
+            return db.load_token(account, kind);
+        }
         self.read(account, "read a stored token", |c| {
             one(
                 c,
@@ -466,6 +562,12 @@ impl StateStore {
         value: &str,
         expires_at: Option<i64>,
     ) -> Result<i64> {
+        if let Some(db) = self.database() {
+            let stored = db.put_token(account, kind, value, expires_at, |old| {
+                Some(now_ms().max(old.map_or(i64::MIN, |v| v.saturating_add(1))))
+            })?;
+            return Ok(stored.unwrap_or_default());
+        }
         self.write(account, "save a token", |tx| {
             let old: Option<i64> = one(
                 tx,
@@ -491,6 +593,12 @@ impl StateStore {
         expires_at: Option<i64>,
         version: i64,
     ) -> Result<bool> {
+        if let Some(db) = self.database() {
+            let stored = db.put_token(account, kind, value, expires_at, |old| {
+                old.is_none_or(|old| version > old).then_some(version)
+            })?;
+            return Ok(stored.is_some());
+        }
         self.write(account, "save a token", |tx| {
             let n = exec(
                 tx,
@@ -517,6 +625,12 @@ impl StateStore {
         value: &str,
         expires_at: Option<i64>,
     ) -> Result<Option<i64>> {
+        if let Some(db) = self.database() {
+            return db.put_token(account, kind, value, expires_at, |current| {
+                (current == expected)
+                    .then(|| now_ms().max(current.map_or(i64::MIN, |v| v.saturating_add(1))))
+            });
+        }
         self.write(account, "save a token", |tx| {
             let current: Option<i64> = one(
                 tx,
@@ -536,6 +650,9 @@ impl StateStore {
 
     /// Forgets a token (the account was disconnected); true when there was one.
     pub fn delete_token(&self, account: &str, kind: &str) -> Result<bool> {
+        if let Some(db) = self.database() {
+            return db.delete_token(account, kind);
+        }
         self.write(account, "delete a token", |tx| {
             exec(
                 tx,
@@ -553,6 +670,15 @@ impl StateStore {
     /// authorizations that expired more than a day ago. A state already pending is an error.
     pub fn put_pending_auth(&self, state: &str, data: &str, expires_at: i64) -> Result<()> {
         let now = now_secs();
+        if let Some(db) = self.database() {
+            if !db.put_pending_auth(state, data, expires_at)? {
+                return Err(Error::auth(
+                    NO_ACCOUNT,
+                    "an authorization with this state parameter is already pending",
+                ));
+            }
+            return Ok(());
+        }
         let inserted = self.write(NO_ACCOUNT, "save a pending authorization", |tx| {
             exec(
                 tx,
@@ -578,6 +704,9 @@ impl StateStore {
     /// Consumes the pending authorization `state`: its data when still valid, `Expired` when
     /// its time ran out, `Unknown` when never issued or already taken (a replayed callback).
     pub fn take_pending_auth(&self, state: &str) -> Result<PendingAuth> {
+        if let Some(db) = self.database() {
+            return db.take_pending_auth(state);
+        }
         let now = now_secs();
         self.write(NO_ACCOUNT, "take a pending authorization", |tx| {
             let row: Option<(String, i64)> = one(
@@ -608,6 +737,9 @@ impl StateStore {
     /// True the first time it is called for `key`, across all processes; false afterwards
     /// until [`StateStore::clear_alert`]. Use it to alert SYSADMIN once per problem.
     pub fn alert_once(&self, key: &str) -> Result<bool> {
+        if let Some(db) = self.database() {
+            return db.alert_once(key, false);
+        }
         self.write(NO_ACCOUNT, "record an alert", |tx| {
             exec(
                 tx,
@@ -621,6 +753,9 @@ impl StateStore {
     /// True the first time it is called for `key` on a given day (UTC), across all processes:
     /// for notices worth repeating daily but not every run. Keeps two days of such keys.
     pub fn once_per_day(&self, key: &str) -> Result<bool> {
+        if let Some(db) = self.database() {
+            return db.alert_once(key, true);
+        }
         let now = now_ms();
         let day = now / 86_400_000;
         self.write(NO_ACCOUNT, "record a daily notice", |tx| {
@@ -640,6 +775,9 @@ impl StateStore {
 
     /// Forgets an alert (the problem was resolved), so the next occurrence alerts again.
     pub fn clear_alert(&self, key: &str) -> Result<bool> {
+        if let Some(db) = self.database() {
+            return db.clear_alert(key);
+        }
         self.write(NO_ACCOUNT, "clear an alert", |tx| {
             exec(tx, "DELETE FROM alerts WHERE key=?1", params![key]).map(|n| n > 0)
         })
@@ -666,6 +804,26 @@ fn upsert_token(
     .map(|_| ())
 }
 
+/// Copies the SQLite store of `state_dir` into `dsn`'s database (`pcr-email-state migrate`):
+/// every ledger row, mark, cursor, token, pending authorization, sent Message-ID and alert, in
+/// one transaction; a database whose `pcr_email_` tables hold any row is refused. Returns the
+/// rows copied per table. The SQLite file is left as it was.
+pub fn copy_to_database(state_dir: &Path, dsn: &Dsn) -> Result<Vec<(&'static str, u64)>> {
+    let file = state_dir.join(DB_FILE);
+    if !file.is_file() {
+        return Err(open_error(
+            &file,
+            "there is no SQLite state store here to copy (give its STATE_DIR with --from)".into(),
+        ));
+    }
+    let sqlite = StateStore::open_file(&file)?;
+    let target = StateStore::open_database(dsn, state_dir)?;
+    let (Some(conn), Some(db)) = (sqlite.sqlite(), target.database()) else {
+        unreachable!("opened as SQLite and as a database");
+    };
+    db.copy_from(conn)
+}
+
 /// `<id@host>` and ` id@host ` are the same Message-ID.
 pub fn normalize_message_id(id: &str) -> String {
     let id = id.trim();
@@ -673,314 +831,6 @@ pub fn normalize_message_id(id: &str) -> String {
     let id = id.strip_suffix('>').unwrap_or(id);
     id.trim().to_string()
 }
-
-fn open_error(path: &Path, message: String) -> Error {
-    Error::config(
-        ConfigLocation {
-            file: Some(path.display().to_string()),
-            key: Some("STATE_DIR".to_string()),
-            ..Default::default()
-        },
-        message,
-    )
-}
-
-/// "; this process runs as ..." with the fix, when `e` is a permission problem in `dir`.
-fn access_hint(e: &std::io::Error, dir: &Path) -> String {
-    if crate::perms::is_access_error(e) {
-        format!("; {}", crate::perms::access_hint(dir))
-    } else {
-        String::new()
-    }
-}
-
-/// Creates the database file (mode 0660, its directory's group) when missing, takes the
-/// others' access from a looser one, and checks that this process can write the file, its
-/// `-wal`/`-shm` companions and the directory (SQLite creates and removes them there): another
-/// user's store that this one may not write is an error saying how to share it, not a
-/// "readonly database" in the middle of a run.
-///
-/// Nothing here opens the database file (or its companions) once it exists: closing any
-/// descriptor of a file drops every POSIX lock this process holds on it, and another thread's
-/// connection may be holding SQLite's. A new file is therefore prepared under a temporary name,
-/// closed, and only then linked into place.
-fn prepare_file(path: &Path) -> Result<()> {
-    let dir = crate::perms::parent_of(path);
-    match create_closed(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-            let meta = fs::metadata(path)
-                .map_err(|e| open_error(path, format!("cannot read the state database: {e}")))?;
-            if !meta.is_file() {
-                return Err(open_error(path, "the state database is not a file".into()));
-            }
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o007 != 0 {
-                fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o770)).map_err(
-                    |e| {
-                        open_error(
-                            path,
-                            format!(
-                                "the state database is open to others (mode {mode:04o}) and \
-                                 cannot be made private: {e}; run: chmod o-rwx {}",
-                                path.display()
-                            ),
-                        )
-                    },
-                )?;
-            }
-        }
-        Err(e) => {
-            return Err(open_error(
-                path,
-                format!(
-                    "cannot create the state database: {e}{}",
-                    access_hint(&e, &dir)
-                ),
-            ))
-        }
-    }
-    let mut companions = vec![path.to_path_buf()];
-    for suffix in ["-wal", "-shm"] {
-        let mut name = path.as_os_str().to_os_string();
-        name.push(suffix);
-        companions.push(PathBuf::from(name));
-    }
-    for file in &companions {
-        if file.as_path() != path && fs::symlink_metadata(file).is_err() {
-            continue;
-        }
-        if !crate::perms::accessible(file, libc::R_OK | libc::W_OK) {
-            let e = std::io::Error::from(ErrorKind::PermissionDenied);
-            return Err(open_error(
-                file,
-                format!(
-                    "cannot open the state database for writing: {e}{}",
-                    access_hint(&e, &dir)
-                ),
-            ));
-        }
-    }
-    if !crate::perms::accessible(&dir, libc::W_OK | libc::X_OK) {
-        let e = std::io::Error::from(ErrorKind::PermissionDenied);
-        return Err(open_error(
-            &dir,
-            format!(
-                "cannot create files in the state directory (STATE_DIR), which SQLite needs \
-                 beside the database: {e}{}",
-                access_hint(&e, &dir)
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Creates `path` (mode 0660, its directory's group) without leaving a descriptor of it open
-/// once it is visible: prepared as a temporary file, closed, then hard-linked into place.
-/// `AlreadyExists` when it exists.
-fn create_closed(path: &Path) -> std::io::Result<()> {
-    if fs::symlink_metadata(path).is_ok() {
-        return Err(ErrorKind::AlreadyExists.into());
-    }
-    let dir = crate::perms::parent_of(path);
-    let tmp = dir.join(format!(
-        ".{}.new.{}.{:016x}",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    drop(crate::perms::create_new(
-        &tmp,
-        crate::perms::FILE_MODE,
-        false,
-    )?);
-    let linked = fs::hard_link(&tmp, path);
-    let _ = fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(e),
-        // A file system without hard links: create it in place (a thread of this process that
-        // opens it in the moment before the descriptor is closed is the price).
-        Err(_) => crate::perms::create_new(path, crate::perms::FILE_MODE, false).map(drop),
-    }
-}
-
-/// Runs `f` again while SQLite reports the database busy or locked, until `deadline`.
-fn retry_busy<T>(
-    deadline: Instant,
-    mut f: impl FnMut() -> rusqlite::Result<T>,
-) -> rusqlite::Result<T> {
-    loop {
-        match f() {
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if matches!(
-                    e.code,
-                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                ) && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 20 + 1));
-            }
-            other => return other,
-        }
-    }
-}
-
-enum MigrateError {
-    Sql(rusqlite::Error),
-    TooNew(i64),
-}
-
-impl From<rusqlite::Error> for MigrateError {
-    fn from(e: rusqlite::Error) -> Self {
-        MigrateError::Sql(e)
-    }
-}
-
-/// Brings the schema from its `user_version` up to [`SCHEMA_VERSION`], one step at a time,
-/// inside one write transaction (a concurrent opener waits, then finds it done).
-fn migrate(conn: &Connection) -> std::result::Result<(), MigrateError> {
-    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if current == SCHEMA_VERSION {
-        return Ok(());
-    }
-    if current > SCHEMA_VERSION {
-        return Err(MigrateError::TooNew(current));
-    }
-    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-    let mut version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(MigrateError::TooNew(version));
-    }
-    while version < SCHEMA_VERSION {
-        match version {
-            0 => tx.execute_batch(SCHEMA_V1)?,
-            1 => tx.execute_batch(SCHEMA_V2)?,
-            _ => unreachable!("every version below SCHEMA_VERSION has a step"),
-        }
-        version += 1;
-    }
-    tx.pragma_update(None, "user_version", version)?;
-    tx.commit()?;
-    Ok(())
-}
-
-const SCHEMA_V1: &str = "
-CREATE TABLE ledger (
-    account      TEXT NOT NULL,
-    key          TEXT NOT NULL,
-    mailbox_ref  TEXT,
-    state        TEXT NOT NULL CHECK (state IN ('in_progress', 'failed', 'done', 'quarantined')),
-    outcome      TEXT,
-    sd_number    TEXT,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    last_error   TEXT,
-    owner_run    TEXT,
-    owner_host   TEXT,
-    owner_machine TEXT,
-    owner_boot   TEXT,
-    owner_pidns  TEXT,
-    owner_pid    INTEGER,
-    owner_start  INTEGER,
-    lease_until  INTEGER,
-    first_seen   INTEGER NOT NULL,
-    updated_at   INTEGER NOT NULL,
-    PRIMARY KEY (account, key)
-) WITHOUT ROWID;
-CREATE INDEX ledger_owner ON ledger (owner_run) WHERE owner_run IS NOT NULL;
-CREATE INDEX ledger_ref ON ledger (account, mailbox_ref) WHERE mailbox_ref IS NOT NULL;
-CREATE INDEX ledger_state ON ledger (account, state);
-
-CREATE TABLE imap_marks (
-    account       TEXT NOT NULL,
-    folder        TEXT NOT NULL,
-    uidvalidity   INTEGER NOT NULL,
-    low_water_uid INTEGER NOT NULL,
-    updated_at    INTEGER NOT NULL,
-    PRIMARY KEY (account, folder)
-) WITHOUT ROWID;
-
-CREATE TABLE kv (
-    namespace  TEXT NOT NULL,
-    key        TEXT NOT NULL,
-    value      TEXT NOT NULL,
-    updated_at INTEGER NOT NULL,
-    PRIMARY KEY (namespace, key)
-) WITHOUT ROWID;
-
-CREATE TABLE sent (
-    message_id TEXT PRIMARY KEY NOT NULL,
-    sd_number  TEXT NOT NULL,
-    account    TEXT NOT NULL,
-    sent_at    INTEGER NOT NULL
-) WITHOUT ROWID;
-
-CREATE TABLE tokens (
-    account    TEXT NOT NULL,
-    kind       TEXT NOT NULL,
-    value      TEXT NOT NULL,
-    expires_at INTEGER,
-    version    INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    PRIMARY KEY (account, kind)
-) WITHOUT ROWID;
-
-CREATE TABLE pending_auth (
-    state      TEXT PRIMARY KEY NOT NULL,
-    data       TEXT NOT NULL,
-    expires_at INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
-) WITHOUT ROWID;
-
-CREATE TABLE alerts (
-    key      TEXT PRIMARY KEY NOT NULL,
-    first_at INTEGER NOT NULL
-) WITHOUT ROWID;
-";
-
-/// Version 2: the ledger is a rowid table (rows in the order messages were first seen, with a
-/// unique index on `(account, key)`), and the index of rows by state is gone. Every message
-/// is written twice in a row (claimed, then done with the next one's claim); keyed by
-/// Message-ID, each write landed in another random page of the table and of the state index,
-/// two thirds of the state database's work during `eventCheckMail`. Now both writes of a
-/// message land in the table's last page. The only readers of the state index, the
-/// per-account counts and the quarantine list, read one account's rows through the unique
-/// index just as well.
-const SCHEMA_V2: &str = "
-CREATE TABLE ledger_v2 (
-    account      TEXT NOT NULL,
-    key          TEXT NOT NULL,
-    mailbox_ref  TEXT,
-    state        TEXT NOT NULL CHECK (state IN ('in_progress', 'failed', 'done', 'quarantined')),
-    outcome      TEXT,
-    sd_number    TEXT,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    last_error   TEXT,
-    owner_run    TEXT,
-    owner_host   TEXT,
-    owner_machine TEXT,
-    owner_boot   TEXT,
-    owner_pidns  TEXT,
-    owner_pid    INTEGER,
-    owner_start  INTEGER,
-    lease_until  INTEGER,
-    first_seen   INTEGER NOT NULL,
-    updated_at   INTEGER NOT NULL,
-    UNIQUE (account, key)
-);
-INSERT INTO ledger_v2 (account, key, mailbox_ref, state, outcome, sd_number, attempts,
-    last_error, owner_run, owner_host, owner_machine, owner_boot, owner_pidns, owner_pid,
-    owner_start, lease_until, first_seen, updated_at)
-  SELECT account, key, mailbox_ref, state, outcome, sd_number, attempts, last_error,
-    owner_run, owner_host, owner_machine, owner_boot, owner_pidns, owner_pid, owner_start,
-    lease_until, first_seen, updated_at
-  FROM ledger ORDER BY first_seen;
-DROP TABLE ledger;
-ALTER TABLE ledger_v2 RENAME TO ledger;
-CREATE INDEX ledger_owner ON ledger (owner_run) WHERE owner_run IS NOT NULL;
-CREATE INDEX ledger_ref ON ledger (account, mailbox_ref) WHERE mailbox_ref IS NOT NULL;
-";
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
@@ -1038,45 +888,6 @@ mod tests {
         store.alert_once("still works").unwrap();
         drop(store);
         assert_eq!(page_size(&old.join(DB_FILE)), 4096);
-    }
-
-    #[test]
-    fn a_version_1_database_is_upgraded_and_keeps_its_ledger() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-        conn.execute_batch(SCHEMA_V1).unwrap();
-        conn.execute(
-            "INSERT INTO ledger (account, key, state, outcome, sd_number, first_seen, updated_at)
-             VALUES ('7', '<a@b>', 'done', 'inquiry', 'SD1', 1, 1)",
-            [],
-        )
-        .unwrap();
-        conn.pragma_update(None, "user_version", 1).unwrap();
-        drop(conn);
-
-        let store = StateStore::open(dir.path()).unwrap();
-        let version: i64 = store
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
-        let indexes: Vec<String> = store
-            .conn
-            .prepare("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='ledger'")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert!(!indexes.iter().any(|n| n == "ledger_state"), "{indexes:?}");
-        assert!(indexes.iter().any(|n| n == "ledger_owner"), "{indexes:?}");
-        // The message recorded before the upgrade is still done: never handed over again.
-        let owner = Owner::new_run();
-        assert!(matches!(
-            store.claim("7", "<a@b>", None, &owner).unwrap(),
-            Claim::Done { .. }
-        ));
-        assert_eq!(store.counts("7").unwrap().done, 1);
     }
 
     #[test]
