@@ -676,3 +676,29 @@ fn migrate_takes_the_state_dir_and_an_encrypted_dsn_from_the_ini() {
     assert!(stderr.contains("mysql://"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+#[test]
+fn a_run_on_another_server_with_the_same_host_name_and_machine_id_keeps_its_claim() {
+    // Cloned VMs keep the machine id and host name, every host's first PID namespace has the
+    // same link: only the boot id tells the other server apart, and its run may be alive.
+    let db = test_db("clone");
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db, dir.path());
+    let me = Owner::new_run();
+    let twin = Owner::from_parts(
+        "twin-run",
+        me.host(),
+        me.machine_id(),
+        "another-servers-boot-id",
+        me.pid_ns(),
+        me.pid(),
+        me.start_ticks(),
+    );
+    assert_eq!(s.claim("1", "k", None, &twin).unwrap(), Claim::New);
+    assert_eq!(s.claim("1", "k", None, &me).unwrap(), Claim::Busy);
+    assert_eq!(s.take_mailbox("imap:desk", &twin).unwrap(), None);
+    assert_eq!(
+        s.take_mailbox("imap:desk", &me).unwrap().as_deref(),
+        Some("twin-run")
+    );
+}

@@ -17,8 +17,10 @@
 //!
 //! A row is `in_progress` while a run owns it. Another run may take it over when the owner is
 //! dead: its lease ran out (the lease is renewed by the owner's claims, at most once per tenth
-//! of the lease, and by [`StateStore::renew_lease`]), or it ran on this machine and its
-//! process is gone (so after a `kill -9` the next run takes over at once, see [`Owner`]). A takeover counts as a failed
+//! of the lease, and by [`StateStore::renew_lease`]), or it ran on this machine since its
+//! last boot and its process is gone (so after a `kill -9` the next run takes over at once,
+//! see [`Owner::sees_dead`]; a run of an earlier boot is dead at once only in SQLite, which
+//! one server alone uses: in a shared database it may be another server's). A takeover counts as a failed
 //! attempt, since nobody knows whether the dead run had already called the host: a message
 //! that crashes PHP every time is quarantined after three runs instead of blocking the mailbox
 //! forever.
@@ -264,14 +266,22 @@ pub(super) struct StoredOwner {
 
 /// For a row in progress: `None` while its owner may still be working on it (the caller
 /// gets `Busy`), else the attempt count the takeover gives it and why (see the module
-/// documentation). The same decision for both backends.
-pub(super) fn takeover(row: &StoredOwner, owner: &Owner, now: i64) -> Option<(u32, String)> {
+/// documentation). The same decision for both backends; `local_store` as in
+/// [`Owner::sees_dead`] (true for SQLite, false for a database shared by several servers).
+pub(super) fn takeover(
+    row: &StoredOwner,
+    owner: &Owner,
+    now: i64,
+    local_store: bool,
+) -> Option<(u32, String)> {
     let previous = row.owner();
     let ours = previous
         .as_ref()
         .is_some_and(|p| p.run_id() == owner.run_id());
     let expired = row.lease_until.is_none_or(|until| until <= now);
-    let dead = previous.as_ref().is_none_or(|p| owner.sees_dead(p));
+    let dead = previous
+        .as_ref()
+        .is_none_or(|p| owner.sees_dead(p, local_store));
     if ours || !(expired || dead) {
         return None;
     }
@@ -576,7 +586,7 @@ impl StateStore {
                     attempts: row.attempts,
                 })
             }
-            Some(LedgerState::InProgress) | None => match takeover(&row, owner, now) {
+            Some(LedgerState::InProgress) | None => match takeover(&row, owner, now, true) {
                 None => Ok(Claim::Busy),
                 Some((attempts, why)) => {
                     set_owner(tx, account, key, owner, lease_until, attempts, Some(&why))?;

@@ -69,7 +69,7 @@ impl MysqlStore {
                 mailbox_ref: None,
             };
             let ours = held.run.as_deref() == Some(owner.run_id());
-            if !ours && takeover(&held, owner, now_ms()).is_none() {
+            if !ours && takeover(&held, owner, now_ms(), false).is_none() {
                 return Ok(Some(held.run.unwrap_or_default()));
             }
             exec(

@@ -439,7 +439,7 @@ fn claim_in(
                 attempts: row.attempts,
             })
         }
-        Some(LedgerState::InProgress) | None => match takeover(&row, owner, now) {
+        Some(LedgerState::InProgress) | None => match takeover(&row, owner, now, false) {
             None => Ok(Claim::Busy),
             Some((attempts, why)) => {
                 set_owner(tx, attempts, Some(&why))?;

@@ -17,7 +17,8 @@
 //! transaction (a few times); a lost connection is opened again once. The ledger's claim
 //! protocol is the SQLite one (see [`super::ledger`]): a claim is a lease, renewed while its
 //! run goes on, that another process takes over once it ran out (a process on another server
-//! cannot be seen dying) or at once when the holder was a process of this machine that is gone.
+//! cannot be seen dying, nor told apart from this one by host name or machine id) or at once
+//! when the holder was a process of this machine's running boot that is gone.
 //! A mailbox is leased the same way (`pcr_email_mailbox_leases`, see
 //! [`super::StateStore::take_mailbox`]): one run at a time reads it.
 //!
