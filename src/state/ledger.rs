@@ -396,7 +396,12 @@ const FAIL_SQL: &str =
 
 impl StateStore {
     fn lease_until(&self, now: i64) -> i64 {
-        now.saturating_add(i64::try_from(self.lease().as_millis()).unwrap_or(i64::MAX))
+        now.saturating_add(self.lease_ms())
+    }
+
+    /// The lease in milliseconds: the database backend adds it to the database's clock.
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease().as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Decides, in one write transaction, who handles the message `key` of `account` (see the
@@ -411,8 +416,8 @@ impl StateStore {
     ) -> Result<Claim> {
         if let Some(db) = self.database() {
             let renew = self.lease_renewal_due(owner);
-            let until = self.lease_until(now_ms());
-            return db.claim(account, key, mailbox_ref, owner, until, renew);
+            let lease = self.lease_ms();
+            return db.claim(account, key, mailbox_ref, owner, lease, renew);
         }
         self.write(account, "claim a message", |tx| {
             self.claim_in(tx, account, key, mailbox_ref, owner)
@@ -427,7 +432,7 @@ impl StateStore {
     /// overlapping runs of one server apart, as before.
     pub fn take_mailbox(&self, scope: &str, owner: &Owner) -> Result<Option<String>> {
         match self.database() {
-            Some(db) => db.take_mailbox(scope, owner, self.lease_until(now_ms())),
+            Some(db) => db.take_mailbox(scope, owner, self.lease_ms()),
             None => Ok(None),
         }
     }
@@ -470,8 +475,8 @@ impl StateStore {
     ) -> Result<Claim> {
         if let Some(db) = self.database() {
             let renew = self.lease_renewal_due(owner);
-            let until = self.lease_until(now_ms());
-            return db.settle_then_claim(settled, account, key, mailbox_ref, owner, until, renew);
+            let lease = self.lease_ms();
+            return db.settle_then_claim(settled, account, key, mailbox_ref, owner, lease, renew);
         }
         self.write(account, "record a message and claim the next", |tx| {
             settled.record(tx)?;
@@ -715,10 +720,10 @@ impl StateStore {
 
     /// Extends the lease of every message `owner` holds (call it during long host calls).
     pub fn renew_lease(&self, owner: &Owner) -> Result<usize> {
-        let lease_until = self.lease_until(now_ms());
         if let Some(db) = self.database() {
-            return db.renew_lease(owner, lease_until);
+            return db.renew_lease(owner, self.lease_ms());
         }
+        let lease_until = self.lease_until(now_ms());
         self.write(super::NO_ACCOUNT, "renew the run's lease", |tx| {
             exec(
                 tx,

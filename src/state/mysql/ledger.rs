@@ -5,7 +5,7 @@ use mysql::prelude::Queryable;
 use mysql::{Row, Value};
 
 use super::journal::{append_journal, Journaled};
-use super::{exec, first, get, id, MysqlStore, Tx};
+use super::{db_now, exec, first, get, id, MysqlStore, Tx};
 use crate::error::{Error, Result};
 use crate::state::ledger::{
     entry_parts, takeover, truncate, Claim, LedgerCounts, LedgerEntry, LedgerOutcome, LedgerState,
@@ -45,11 +45,11 @@ impl MysqlStore {
         key: &str,
         mailbox_ref: Option<&str>,
         owner: &Owner,
-        lease_until: i64,
+        lease_ms: i64,
         renew: bool,
     ) -> Result<Claim> {
         self.run(account, "claim a message", |tx| {
-            claim_in(tx, account, key, mailbox_ref, owner, lease_until, renew)
+            claim_in(tx, account, key, mailbox_ref, owner, lease_ms, renew)
         })
     }
 
@@ -61,7 +61,7 @@ impl MysqlStore {
         key: &str,
         mailbox_ref: Option<&str>,
         owner: &Owner,
-        lease_until: i64,
+        lease_ms: i64,
         renew: bool,
     ) -> Result<Claim> {
         self.run(account, "record a message and claim the next", |tx| {
@@ -74,7 +74,7 @@ impl MysqlStore {
                 settled.sd_number.as_deref(),
                 None,
             )?;
-            claim_in(tx, account, key, mailbox_ref, owner, lease_until, renew)
+            claim_in(tx, account, key, mailbox_ref, owner, lease_ms, renew)
         })
     }
 
@@ -178,8 +178,9 @@ impl MysqlStore {
         })
     }
 
-    pub(crate) fn renew_lease(&self, owner: &Owner, lease_until: i64) -> Result<usize> {
+    pub(crate) fn renew_lease(&self, owner: &Owner, lease_ms: i64) -> Result<usize> {
         self.run(super::NO_ACCOUNT, "renew the run's lease", |tx| {
+            let lease_until = db_now(tx)?.saturating_add(lease_ms);
             exec(
                 tx,
                 "UPDATE pcr_email_mailbox_leases SET lease_until=? WHERE owner_run=?",
@@ -319,10 +320,11 @@ fn claim_in(
     key: &str,
     mailbox_ref: Option<&str>,
     owner: &Owner,
-    lease_until: i64,
+    lease_ms: i64,
     renew: bool,
 ) -> mysql::Result<Claim> {
-    let now = now_ms();
+    let now = db_now(tx)?;
+    let lease_until = now.saturating_add(lease_ms);
     if renew {
         exec(
             tx,
@@ -419,7 +421,7 @@ fn claim_in(
                 owner.pid(),
                 start,
                 lease_until,
-                now_ms(),
+                now,
                 rid
             ],
         )

@@ -94,6 +94,14 @@ fn exec(tx: Tx<'_, '_>, sql: &str, params: Vec<Value>) -> mysql::Result<u64> {
     Ok(tx.affected_rows())
 }
 
+/// The database's clock in milliseconds: leases are written and compared on it, so that a
+/// server whose own clock runs ahead does not take over the live claims of another.
+fn db_now(tx: Tx<'_, '_>) -> mysql::Result<i64> {
+    let now: Option<i64> =
+        tx.query_first("SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)")?;
+    now.ok_or(mysql::Error::FromValueError(Value::NULL))
+}
+
 macro_rules! p {
     ($($v:expr),* $(,)?) => { vec![$(Value::from($v)),*] };
 }
