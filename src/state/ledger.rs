@@ -293,6 +293,16 @@ pub(super) fn takeover(
     Some((row.attempts.saturating_add(1), why))
 }
 
+/// Whether a run `owner` may record a failure on a row in `state` held by `run`: not when it
+/// is settled, nor when another run holds it (it took the claim over and is working on it).
+pub(super) fn may_fail(state: &str, run: Option<&str>, owner: &Owner) -> bool {
+    match state {
+        "done" | "quarantined" => false,
+        "in_progress" => run.is_none_or(|r| r == owner.run_id()),
+        _ => true,
+    }
+}
+
 /// A [`LedgerEntry`] from its columns (the database backend's reader).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn entry_parts(
@@ -654,19 +664,20 @@ impl StateStore {
 
     /// Records a failed attempt (the host threw, parsing failed): the row is released for the
     /// next run and the number of failed attempts so far is returned; at [`MAX_ATTEMPTS`] the
-    /// caller quarantines it. A row already done or quarantined is left as it is.
-    pub fn fail(&self, account: &str, key: &str, error: &str) -> Result<u32> {
+    /// caller quarantines it. A row already done or quarantined is left as it is, and so is
+    /// a row another run took over from `owner` (its attempts are returned unchanged).
+    pub fn fail(&self, account: &str, key: &str, owner: &Owner, error: &str) -> Result<u32> {
         if let Some(db) = self.database() {
-            return db.fail(account, key, error);
+            return db.fail(account, key, owner, error);
         }
         let now = now_ms();
         let error = truncate(error);
         self.write(account, "record a failed message", |tx| {
-            let row: Option<(String, u32)> = one(
+            let row: Option<(String, u32, Option<String>)> = one(
                 tx,
-                "SELECT state, attempts FROM ledger WHERE account=?1 AND key=?2",
+                "SELECT state, attempts, owner_run FROM ledger WHERE account=?1 AND key=?2",
                 params![account, key],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
             match row {
@@ -679,10 +690,10 @@ impl StateStore {
                     )?;
                     Ok(1)
                 }
-                Some((state, attempts)) if state == "done" || state == "quarantined" => {
+                Some((state, attempts, run)) if !may_fail(&state, run.as_deref(), owner) => {
                     Ok(attempts)
                 }
-                Some((_, attempts)) => {
+                Some((_, attempts, _)) => {
                     let attempts = attempts.saturating_add(1);
                     exec(tx, FAIL_SQL, params![account, key, attempts, error, now])?;
                     Ok(attempts)
@@ -1017,7 +1028,7 @@ mod tests {
                     }
                 );
             }
-            assert_eq!(s.fail("m", "k", "host threw: boom").unwrap(), attempt);
+            assert_eq!(s.fail("m", "k", &run, "host threw: boom").unwrap(), attempt);
         }
         s.quarantine("m", "k", "failed 3 times: host threw: boom")
             .unwrap();
@@ -1034,7 +1045,7 @@ mod tests {
         // Once done, failing or quarantining changes nothing.
         assert_eq!(s.claim("m", "d", None, &run).unwrap(), Claim::New);
         s.complete("m", "d", "inquiry", None).unwrap();
-        assert_eq!(s.fail("m", "d", "late").unwrap(), 0);
+        assert_eq!(s.fail("m", "d", &run, "late").unwrap(), 0);
         s.quarantine("m", "d", "late").unwrap();
         assert_eq!(s.entry("m", "d").unwrap().unwrap().state, LedgerState::Done);
         // An administrator can let it be tried again.
@@ -1051,7 +1062,7 @@ mod tests {
         }
         s.skip("m", "a", "blocked sender").unwrap();
         s.complete("m", "b", "inquiry", Some("IQ00001")).unwrap();
-        s.fail("m", "c", "parse error").unwrap();
+        s.fail("m", "c", &run, "parse error").unwrap();
         s.quarantine("m", "d", "too many failures").unwrap();
         let claim = s.claim("m", "a", None, &Owner::new_run()).unwrap();
         assert!(claim.is_skipped(), "{claim:?}");
@@ -1082,7 +1093,7 @@ mod tests {
         assert_eq!(s.claim("m", "fresh", None, &run).unwrap(), Claim::New);
         assert_eq!(s.claim("m", "done", None, &run).unwrap(), Claim::New);
         s.complete("m", "done", "inquiry", None).unwrap();
-        s.fail("m", "retried", "x").unwrap();
+        s.fail("m", "retried", &run, "x").unwrap();
         assert_eq!(
             s.claim("m", "retried", None, &run).unwrap(),
             Claim::Retry { attempts: 1 }
@@ -1128,10 +1139,27 @@ mod tests {
     }
 
     #[test]
+    fn a_run_whose_claim_was_taken_over_cannot_fail_the_new_owners_message() {
+        let (_dir, s) = store();
+        let me = Owner::new_run();
+        let stale = me.sibling("stale-run", 0, 1);
+        assert_eq!(s.claim("m", "k", None, &stale).unwrap(), Claim::New);
+        assert_eq!(
+            s.claim("m", "k", None, &me).unwrap(),
+            Claim::Retry { attempts: 1 }
+        );
+        assert_eq!(s.fail("m", "k", &stale, "host threw").unwrap(), 1);
+        let entry = s.entry("m", "k").unwrap().unwrap();
+        assert_eq!(entry.state, LedgerState::InProgress);
+        assert_eq!(entry.owner.as_deref(), Some(me.run_id()));
+        assert_eq!(s.fail("m", "k", &me, "host threw").unwrap(), 2);
+    }
+
+    #[test]
     fn long_errors_are_cut() {
         let (_dir, s) = store();
         let long = "é".repeat(MAX_ERROR_CHARS + 50);
-        s.fail("m", "k", &long).unwrap();
+        s.fail("m", "k", &Owner::new_run(), &long).unwrap();
         let stored = s.entry("m", "k").unwrap().unwrap().last_error.unwrap();
         assert_eq!(stored.chars().count(), MAX_ERROR_CHARS + 1);
     }

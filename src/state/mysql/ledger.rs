@@ -8,8 +8,8 @@ use super::journal::{append_journal, Journaled};
 use super::{db_now, exec, first, get, id, MysqlStore, Tx};
 use crate::error::{Error, Result};
 use crate::state::ledger::{
-    entry_parts, takeover, truncate, Claim, LedgerCounts, LedgerEntry, LedgerOutcome, LedgerState,
-    Settled, StoredOwner, SKIPPED_PREFIX,
+    entry_parts, may_fail, takeover, truncate, Claim, LedgerCounts, LedgerEntry, LedgerOutcome,
+    LedgerState, Settled, StoredOwner, SKIPPED_PREFIX,
 };
 use crate::state::{now_ms, Owner};
 
@@ -119,13 +119,13 @@ impl MysqlStore {
         result
     }
 
-    pub(crate) fn fail(&self, account: &str, key: &str, error: &str) -> Result<u32> {
+    pub(crate) fn fail(&self, account: &str, key: &str, owner: &Owner, error: &str) -> Result<u32> {
         let (now, error) = (now_ms(), truncate(error));
         let rid = id(&[account, key]);
         self.run(account, "record a failed message", |tx| {
             let row = first(
                 tx,
-                "SELECT state, attempts FROM pcr_email_ledger WHERE id=? FOR UPDATE",
+                "SELECT state, attempts, owner_run FROM pcr_email_ledger WHERE id=? FOR UPDATE",
                 p![rid],
             )?;
             match row {
@@ -142,7 +142,8 @@ impl MysqlStore {
                 Some(mut r) => {
                     let state: String = get(&mut r, 0)?;
                     let attempts: u32 = get(&mut r, 1)?;
-                    if state == "done" || state == "quarantined" {
+                    let run: Option<String> = get(&mut r, 2)?;
+                    if !may_fail(&state, run.as_deref(), owner) {
                         return Ok(attempts);
                     }
                     let attempts = attempts.saturating_add(1);
