@@ -727,3 +727,36 @@ fn a_run_whose_claim_was_taken_over_cannot_fail_the_new_owners_message() {
     // Its own failure counts.
     assert_eq!(s.fail("1", "k", &me, "host threw").unwrap(), 2);
 }
+
+#[test]
+fn two_first_token_writes_with_no_version_expected_do_not_both_win() {
+    let db = test_db("tokenrace");
+    let dir = tempfile::tempdir().unwrap();
+    let rounds = 40;
+    let barrier = Arc::new(Barrier::new(2));
+    let handles: Vec<_> = (0..2)
+        .map(|t| {
+            let (dsn, dir, barrier) = (db.dsn.clone(), dir.path().to_path_buf(), barrier.clone());
+            thread::spawn(move || {
+                let s = StateStore::open_database(&dsn, &dir).unwrap();
+                (0..rounds)
+                    .map(|i| {
+                        barrier.wait();
+                        let account = format!("a{i}");
+                        let value = format!("token-of-{t}");
+                        s.replace_token(&account, "refresh", None, &value, None)
+                            .unwrap()
+                            .is_some()
+                    })
+                    .collect::<Vec<bool>>()
+            })
+        })
+        .collect();
+    let won: Vec<Vec<bool>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (i, (a, b)) in won[0].iter().zip(&won[1]).enumerate() {
+        assert!(
+            a != b,
+            "round {i}: exactly one first write wins, got {a} and {b}"
+        );
+    }
+}
