@@ -118,7 +118,7 @@ fn the_ledger_protocol_runs_in_mariadb_with_a_schema_version_row() {
                 }
             );
         }
-        assert_eq!(s.fail("m", "bad", "host threw").unwrap(), attempt);
+        assert_eq!(s.fail("m", "bad", &r, "host threw").unwrap(), attempt);
     }
     s.quarantine("m", "bad", "failed 3 times").unwrap();
     assert_eq!(s.claim("m", "bad", None, &run).unwrap(), Claim::Quarantined);
@@ -424,7 +424,7 @@ fn migrate_copies_a_sqlite_store_once_and_refuses_a_filled_database() {
             s.complete("7", &key, "inquiry", Some(&format!("IQ{i:05}")))
                 .unwrap();
         }
-        s.fail("7", "<flaky@x>", "host threw").unwrap();
+        s.fail("7", "<flaky@x>", &run, "host threw").unwrap();
         s.skip("7", "<blocked@x>", "blocked sender").unwrap();
         s.set_imap_mark("7", "INBOX", 9, 51).unwrap();
         s.set_kv("gmail-history", "8", "12345").unwrap();
@@ -675,4 +675,88 @@ fn migrate_takes_the_state_dir_and_an_encrypted_dsn_from_the_ini() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("mysql://"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn a_run_on_another_server_with_the_same_host_name_and_machine_id_keeps_its_claim() {
+    // Cloned VMs keep the machine id and host name, every host's first PID namespace has the
+    // same link: only the boot id tells the other server apart, and its run may be alive.
+    let db = test_db("clone");
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db, dir.path());
+    let me = Owner::new_run();
+    let twin = Owner::from_parts(
+        "twin-run",
+        me.host(),
+        me.machine_id(),
+        "another-servers-boot-id",
+        me.pid_ns(),
+        me.pid(),
+        me.start_ticks(),
+    );
+    assert_eq!(s.claim("1", "k", None, &twin).unwrap(), Claim::New);
+    assert_eq!(s.claim("1", "k", None, &me).unwrap(), Claim::Busy);
+    assert_eq!(s.take_mailbox("imap:desk", &twin).unwrap(), None);
+    assert_eq!(
+        s.take_mailbox("imap:desk", &me).unwrap().as_deref(),
+        Some("twin-run")
+    );
+}
+
+#[test]
+fn a_run_whose_claim_was_taken_over_cannot_fail_the_new_owners_message() {
+    let db = test_db("stale");
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db, dir.path());
+    let me = Owner::new_run();
+    let stale = me.sibling("stale-run", 0, 1);
+    assert_eq!(s.claim("1", "k", None, &stale).unwrap(), Claim::New);
+    assert_eq!(
+        s.claim("1", "k", None, &me).unwrap(),
+        Claim::Retry { attempts: 1 }
+    );
+    // The old run reports its failure late: the new owner's claim stays as it is.
+    assert_eq!(s.fail("1", "k", &stale, "host threw").unwrap(), 1);
+    let entry = s.entry("1", "k").unwrap().unwrap();
+    assert_eq!(entry.state, LedgerState::InProgress);
+    assert_eq!(entry.owner.as_deref(), Some(me.run_id()));
+    assert_eq!(
+        s.claim("1", "k", None, &Owner::new_run()).unwrap(),
+        Claim::Busy
+    );
+    // Its own failure counts.
+    assert_eq!(s.fail("1", "k", &me, "host threw").unwrap(), 2);
+}
+
+#[test]
+fn two_first_token_writes_with_no_version_expected_do_not_both_win() {
+    let db = test_db("tokenrace");
+    let dir = tempfile::tempdir().unwrap();
+    let rounds = 40;
+    let barrier = Arc::new(Barrier::new(2));
+    let handles: Vec<_> = (0..2)
+        .map(|t| {
+            let (dsn, dir, barrier) = (db.dsn.clone(), dir.path().to_path_buf(), barrier.clone());
+            thread::spawn(move || {
+                let s = StateStore::open_database(&dsn, &dir).unwrap();
+                (0..rounds)
+                    .map(|i| {
+                        barrier.wait();
+                        let account = format!("a{i}");
+                        let value = format!("token-of-{t}");
+                        s.replace_token(&account, "refresh", None, &value, None)
+                            .unwrap()
+                            .is_some()
+                    })
+                    .collect::<Vec<bool>>()
+            })
+        })
+        .collect();
+    let won: Vec<Vec<bool>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (i, (a, b)) in won[0].iter().zip(&won[1]).enumerate() {
+        assert!(
+            a != b,
+            "round {i}: exactly one first write wins, got {a} and {b}"
+        );
+    }
 }
