@@ -177,6 +177,52 @@ fn only_pcr_email_tables_are_created() {
 }
 
 #[test]
+fn a_database_at_this_schema_version_is_only_read_at_start() {
+    let db = test_db("schemaread");
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(&db, dir.path()));
+    let mut admin = mysql::Conn::new(admin_opts(&db)).unwrap();
+    admin
+        .query_drop("UPDATE pcr_email_schema SET updated_at=7 WHERE name='state'")
+        .unwrap();
+    // Another process starting (here: the same database under another name of the host,
+    // which this process has not checked yet) reads the version and writes nothing.
+    let mut other = db.dsn.clone();
+    other.host = "localhost".into();
+    drop(StateStore::open_database(&other, dir.path()).expect("open via localhost"));
+    let row: Option<(i64, i64)> = admin
+        .query_first("SELECT version, updated_at FROM pcr_email_schema WHERE name='state'")
+        .unwrap();
+    assert_eq!(row, Some((1, 7)));
+}
+
+#[test]
+fn tables_of_a_newer_release_are_refused_naming_both_versions() {
+    let db = test_db("schemanew");
+    let mut admin = mysql::Conn::new(admin_opts(&db)).unwrap();
+    admin
+        .query_drop(
+            "CREATE TABLE pcr_email_schema (name VARCHAR(64) NOT NULL PRIMARY KEY,
+                version INT NOT NULL, updated_at BIGINT NOT NULL);
+             INSERT INTO pcr_email_schema VALUES ('state', 99, 0)",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let err = match StateStore::open_database(&db.dsn, dir.path()) {
+        Ok(_) => panic!("tables of schema version 99 were accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("this server's pcr_email is older than the database's tables"),
+        "{err}"
+    );
+    assert!(err.contains("upgrade it"), "{err}");
+    assert!(err.contains(" 1,") && err.contains(" 99"), "{err}");
+    let tables: Vec<String> = admin.query("SHOW TABLES").unwrap();
+    assert_eq!(tables, vec!["pcr_email_schema".to_string()]);
+}
+
+#[test]
 fn concurrent_claims_from_several_connections_give_each_message_to_one_run() {
     let db = test_db("race");
     let dir = tempfile::tempdir().unwrap();
