@@ -177,6 +177,52 @@ fn only_pcr_email_tables_are_created() {
 }
 
 #[test]
+fn a_database_at_this_schema_version_is_only_read_at_start() {
+    let db = test_db("schemaread");
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(&db, dir.path()));
+    let mut admin = mysql::Conn::new(admin_opts(&db)).unwrap();
+    admin
+        .query_drop("UPDATE pcr_email_schema SET updated_at=7 WHERE name='state'")
+        .unwrap();
+    // Another process starting (here: the same database under another name of the host,
+    // which this process has not checked yet) reads the version and writes nothing.
+    let mut other = db.dsn.clone();
+    other.host = "localhost".into();
+    drop(StateStore::open_database(&other, dir.path()).expect("open via localhost"));
+    let row: Option<(i64, i64)> = admin
+        .query_first("SELECT version, updated_at FROM pcr_email_schema WHERE name='state'")
+        .unwrap();
+    assert_eq!(row, Some((1, 7)));
+}
+
+#[test]
+fn tables_of_a_newer_release_are_refused_naming_both_versions() {
+    let db = test_db("schemanew");
+    let mut admin = mysql::Conn::new(admin_opts(&db)).unwrap();
+    admin
+        .query_drop(
+            "CREATE TABLE pcr_email_schema (name VARCHAR(64) NOT NULL PRIMARY KEY,
+                version INT NOT NULL, updated_at BIGINT NOT NULL);
+             INSERT INTO pcr_email_schema VALUES ('state', 99, 0)",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let err = match StateStore::open_database(&db.dsn, dir.path()) {
+        Ok(_) => panic!("tables of schema version 99 were accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("this server's pcr_email is older than the database's tables"),
+        "{err}"
+    );
+    assert!(err.contains("upgrade it"), "{err}");
+    assert!(err.contains(" 1,") && err.contains(" 99"), "{err}");
+    let tables: Vec<String> = admin.query("SHOW TABLES").unwrap();
+    assert_eq!(tables, vec!["pcr_email_schema".to_string()]);
+}
+
+#[test]
 fn concurrent_claims_from_several_connections_give_each_message_to_one_run() {
     let db = test_db("race");
     let dir = tempfile::tempdir().unwrap();
@@ -525,6 +571,104 @@ fn migrate_copies_a_sqlite_store_once_and_refuses_a_filled_database() {
     assert!(stderr.contains("already holds"), "{stderr}");
     assert!(!stderr.contains(db.dsn.password.expose()), "{stderr}");
     assert_eq!(s.counts("7").unwrap().done, 50);
+}
+
+fn migrate_cmd(db: &TestDb, from: &Path) -> std::process::Output {
+    let to = format!(
+        "mysql://{}:{}@{}:{}/{}",
+        db.dsn.user,
+        db.dsn.password.expose(),
+        db.dsn.host,
+        db.dsn.port,
+        db.dsn.database
+    );
+    std::process::Command::new(env!("CARGO_BIN_EXE_pcr-email-state"))
+        .args(["migrate", "--from"])
+        .arg(from)
+        .args(["--to", &to])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn migrate_copies_daily_alerts_and_leaves_the_sqlite_file_byte_for_byte() {
+    let db = test_db("migdaily");
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    {
+        let s = StateStore::open(&state_dir).unwrap();
+        assert!(s.once_per_day("imap 7 unreachable").unwrap());
+        assert!(s.alert_once("told sysadmin").unwrap());
+    }
+    let file = state_dir.join("pcr_email.sqlite");
+    let before = std::fs::read(&file).unwrap();
+    let out = migrate_cmd(&db, &state_dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "the SQLite file changed"
+    );
+    // Today's notice was given already: the database store does not repeat it.
+    let s = open(&db, dir.path());
+    assert!(!s.once_per_day("imap 7 unreachable").unwrap());
+    assert!(!s.alert_once("told sysadmin").unwrap());
+    let mut admin = mysql::Conn::new(admin_opts(&db)).unwrap();
+    let daily: Option<i64> = admin
+        .query_first("SELECT COUNT(*) FROM pcr_email_alerts WHERE daily=1")
+        .unwrap();
+    assert_eq!(daily, Some(1));
+}
+
+#[test]
+fn migrate_refuses_an_older_sqlite_store_and_leaves_it_unchanged() {
+    let db = test_db("migold");
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    drop(StateStore::open(&state_dir).unwrap());
+    let file = state_dir.join("pcr_email.sqlite");
+    {
+        // A store last written by an older release (schema version 1).
+        let c = rusqlite::Connection::open(&file).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+    }
+    let before = std::fs::read(&file).unwrap();
+    let out = migrate_cmd(&db, &state_dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("schema version 1 is older"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "the SQLite file changed"
+    );
+}
+
+#[test]
+fn migrate_refuses_a_database_whose_only_rows_are_mailbox_leases() {
+    let db = test_db("miglease");
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    {
+        let s = StateStore::open(&state_dir).unwrap();
+        s.set_kv("gmail-history", "8", "12345").unwrap();
+    }
+    // A server already running against the database holds a mailbox, nothing else.
+    let live = open(&db, dir.path());
+    assert_eq!(
+        live.take_mailbox("imap:desk", &remote_owner("other-run"))
+            .unwrap(),
+        None
+    );
+    let out = migrate_cmd(&db, &state_dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("already holds"), "{stderr}");
+    assert_eq!(live.get_kv("gmail-history", "8").unwrap(), None);
 }
 
 #[test]

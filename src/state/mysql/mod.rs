@@ -181,6 +181,17 @@ impl MysqlStore {
         &self,
         account: &str,
         what: &str,
+        f: impl FnMut(Tx<'_, '_>) -> mysql::Result<T>,
+    ) -> Result<T> {
+        self.run_with(TxOpts::default(), account, what, f)
+    }
+
+    /// [`Self::run`] with these transaction options (an isolation level).
+    fn run_with<T>(
+        &self,
+        opts: TxOpts,
+        account: &str,
+        what: &str,
         mut f: impl FnMut(Tx<'_, '_>) -> mysql::Result<T>,
     ) -> Result<T> {
         let mut reconnected = false;
@@ -188,7 +199,7 @@ impl MysqlStore {
         loop {
             let result = (|| {
                 let mut conn = self.connection()?;
-                let mut tx = conn.start_transaction(TxOpts::default())?;
+                let mut tx = conn.start_transaction(opts)?;
                 let value = f(&mut tx)?;
                 tx.commit()?;
                 Ok(value)
