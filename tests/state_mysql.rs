@@ -812,3 +812,109 @@ fn migrate_takes_the_state_dir_and_an_encrypted_dsn_from_the_ini() {
     assert!(stderr.contains("mysql://"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+/// A Service Desk host whose first Inquiry takes the ledger away (as a database that stops
+/// refusing rows would): every later claim and record of the run fails.
+struct LedgerGoesAway {
+    rows: serde_json::Value,
+    admin: mysql::Conn,
+    inquiries: usize,
+    logged: Vec<String>,
+}
+
+impl pcr_email::host::Host for LedgerGoesAway {
+    fn email_accounts(&mut self) -> pcr_email::Result<serde_json::Value> {
+        Ok(self.rows.clone())
+    }
+    fn blocked_emails(&mut self) -> pcr_email::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    fn create_inquiry(&mut self, _mail: &pcr_email::host::Mail<'_>) -> pcr_email::Result<String> {
+        self.inquiries += 1;
+        if self.inquiries == 1 {
+            self.admin
+                .query_drop("RENAME TABLE pcr_email_ledger TO pcr_email_ledger_away")
+                .unwrap();
+        }
+        Ok(format!("IQ{}", self.inquiries))
+    }
+    fn add_to_thread(
+        &mut self,
+        _sd_number: &str,
+        _mail: &pcr_email::host::Mail<'_>,
+    ) -> pcr_email::Result<bool> {
+        Ok(false)
+    }
+    fn deliver_message(
+        &mut self,
+        _message: &pcr_email::host::InAppMessage,
+    ) -> pcr_email::Result<()> {
+        Ok(())
+    }
+    fn log_error(&mut self, message: &str, _context: &serde_json::Value) {
+        self.logged.push(message.to_string());
+    }
+}
+
+#[test]
+fn claims_and_records_the_database_refuses_put_the_mailbox_in_errors() {
+    let db = test_db("summary");
+    let dir = tempfile::tempdir().unwrap();
+    let maildir = dir.path().join("Maildir");
+    for sub in ["new", "cur", "tmp"] {
+        std::fs::create_dir_all(maildir.join(sub)).unwrap();
+    }
+    for n in 0..3 {
+        std::fs::write(
+            maildir
+                .join("new")
+                .join(format!("17000000{n:02}.M1P1.test")),
+            format!(
+                "From: user{n}@example.org\r\nTo: desk@example.edu\r\nSubject: Room {n}\r\n\
+                 Message-ID: <sum{n}@example.org>\r\n\r\nThe projector.\r\n"
+            ),
+        )
+        .unwrap();
+    }
+    let ini = dir.path().join("pcr360.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[prod]\nemail.EMAIL = \"noreply@example.edu\"\nemail.STATE_DIR = \"{}\"\n\
+             email.STATE_DSN = \"mysql://{}:{}@{}:{}/{}\"\n",
+            dir.path().join("state").display(),
+            db.dsn.user,
+            db.dsn.password.expose(),
+            db.dsn.host,
+            db.dsn.port,
+            db.dsn.database
+        ),
+    )
+    .unwrap();
+    let rows = serde_json::json!([{
+        "RECID": 10, "TENANTS_RECID": 1, "ACCOUNT_TYPE": "service_desk",
+        "EMAIL": "desk@example.edu", "INCOMING_MAILBOX_TYPE": "MAILDIR",
+        "INCOMING_PATH": maildir.display().to_string(), "PROCESSED_ACTION": "seen",
+    }]);
+    let mut manager = pcr_email::manager::Manager::open(&ini, "prod").unwrap();
+    let mut host = LedgerGoesAway {
+        rows,
+        admin: mysql::Conn::new(admin_opts(&db)).unwrap(),
+        inquiries: 0,
+        logged: Vec::new(),
+    };
+    let summary = manager
+        .event_check_mail(
+            &mut host,
+            &serde_json::json!({"host": "pcr360.example.edu"}),
+        )
+        .map(|s| serde_json::to_value(s).unwrap())
+        .unwrap();
+    // Nothing else of a Maildir run touches the ledger after the first Inquiry: only the
+    // failed record and claims can tell the summary.
+    assert_eq!(summary["status"], "errors", "{summary}");
+    let errors = summary["mailboxes"][0]["errors"].to_string();
+    assert!(errors.contains("state database"), "{summary}");
+    assert!(!errors.contains(db.dsn.password.expose()), "{summary}");
+    assert!(!host.logged.is_empty());
+}
