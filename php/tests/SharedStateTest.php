@@ -276,7 +276,9 @@ final class SharedStateTest extends TestCase
     {
         // Access tokens live 4 s (used for 3 s); Microsoft rotates the refresh token on every
         // use, and a refresh token used twice is refused.
-        $t = cloud_tenant('microsoft', 'shared', 4);
+        // Each refresh takes 1.5 s at the token endpoint, so the three processes' refreshes
+        // overlap: without the lock in the database they would all use the same token.
+        $t = cloud_tenant('microsoft', 'shared', 4, 1500);
         $ini1 = $this->server(1);
         $ini2 = $this->server(2);
         $row = cloud_row(45, $t, $t['mailbox']);
@@ -302,6 +304,7 @@ final class SharedStateTest extends TestCase
         }
         $stats = cloud_stats($t['client_id'], $t['mailbox']);
         $this->assertSame(1, $stats['grants']['refresh_token'], json_encode($stats));
+        $this->assertSame(1, $stats['grants']['refresh_token_delayed'] ?? 0, 'the refresh was held at the endpoint');
         $this->assertSame(1, $stats['grants']['refresh_token_attempt'], 'no refresh was made with a used token');
         $this->assertSame(1, $stats['valid_refresh_tokens']);
         // After the next expiry the token kept is the newest: its refresh is accepted.
