@@ -6,7 +6,7 @@
 //! replay. Each line is one entry; an entry is appended after a newline, so a line another
 //! process left half-written ends there and the next entry stays whole. Replay records the
 //! entries one by one; one the database refuses for good goes to `….jsonl.rejected` (with one
-//! line on stderr, the PHP error log) instead of blocking every later open.
+//! line on stderr, the cron job's output) instead of blocking every later open.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
