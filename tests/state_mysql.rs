@@ -145,7 +145,7 @@ fn the_ledger_protocol_runs_in_mariadb_with_a_schema_version_row() {
     let version: Option<i64> = admin
         .query_first("SELECT version FROM pcr_email_schema WHERE name='state'")
         .unwrap();
-    assert_eq!(version, Some(1));
+    assert_eq!(version, Some(2));
 }
 
 fn admin_opts(db: &TestDb) -> mysql::OptsBuilder {
@@ -356,28 +356,83 @@ fn now_secs() -> i64 {
         .as_secs() as i64
 }
 
+/// A TCP relay to the test MariaDB that the test can cut: every connection through it is
+/// closed and new ones are refused, as when the database server goes away.
+struct Relay {
+    port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    streams: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn start(to: (String, u16)) -> Relay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let streams = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, st) = (cut.clone(), streams.clone());
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect((to.0.as_str(), to.1)) else {
+                    continue;
+                };
+                let mut list = st.lock().unwrap();
+                list.push(client.try_clone().unwrap());
+                list.push(server.try_clone().unwrap());
+                for (mut a, mut b) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { port, cut, streams }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn journal_of(dir: &Path) -> std::path::PathBuf {
+    dir.join("pcr_email-unrecorded.jsonl")
+}
+
 #[test]
 fn a_record_the_database_refused_is_kept_and_written_by_the_next_store() {
     let db = test_db("journal");
     let dir = tempfile::tempdir().unwrap();
-    let s = open(&db, dir.path());
+    let relay = Relay::start((db.dsn.host.clone(), db.dsn.port));
+    let mut via = db.dsn.clone();
+    via.host = "127.0.0.1".to_string();
+    via.port = relay.port;
+    let s = StateStore::open_database(&via, dir.path()).unwrap();
     let run = Owner::new_run();
     assert_eq!(s.claim("a", "<taken@x>", None, &run).unwrap(), Claim::New);
-    // The ledger is away (as when the database stops) once the host took the message.
-    let mut admin = mysql::Conn::new(admin_opts(&db)).unwrap();
-    admin
-        .query_drop("RENAME TABLE pcr_email_ledger TO pcr_email_ledger_away")
-        .unwrap();
+    // Another process died writing its entry: a half line without its newline.
+    std::fs::write(journal_of(dir.path()), b"{\"account\":\"a\",\"ke").unwrap();
+    // The database goes away once the host took the message.
+    relay.cut();
     let err = s
         .complete("a", "<taken@x>", "inquiry", Some("IQ1"))
         .unwrap_err()
         .to_string();
     assert!(err.contains("kept in"), "{err}");
     assert!(!err.contains(db.dsn.password.expose()), "{err}");
-    admin
-        .query_drop("RENAME TABLE pcr_email_ledger_away TO pcr_email_ledger")
-        .unwrap();
-    // The next run's store records it before anything else: the message is done, not retried.
+    // The next run's store records it before anything else: the message is done, not retried;
+    // the half line did not swallow it.
     let next = open(&db, dir.path());
     assert!(matches!(
         next.claim("a", "<taken@x>", None, &Owner::new_run())
@@ -392,6 +447,87 @@ fn a_record_the_database_refused_is_kept_and_written_by_the_next_store() {
             .as_deref(),
         Some("IQ1")
     );
+    assert_eq!(std::fs::read(journal_of(dir.path())).unwrap(), b"");
+    let rejected =
+        std::fs::read_to_string(dir.path().join("pcr_email-unrecorded.jsonl.rejected")).unwrap();
+    assert_eq!(rejected, "{\"account\":\"a\",\"ke\n");
+}
+
+#[test]
+fn a_record_the_database_refuses_for_good_is_not_journaled_and_does_not_block_the_replay() {
+    let db = test_db("refused");
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db, dir.path());
+    let run = Owner::new_run();
+    // An SD number longer than 255 characters is recorded whole.
+    let long_sd = "SD-".repeat(200);
+    assert_eq!(s.claim("a", "<long@x>", None, &run).unwrap(), Claim::New);
+    s.complete("a", "<long@x>", "inquiry", Some(&long_sd))
+        .unwrap();
+    assert_eq!(
+        s.entry("a", "<long@x>").unwrap().unwrap().sd_number,
+        Some(long_sd)
+    );
+    // A record the database refuses (here: its table is away) is an error, not a journal
+    // entry that every later open would replay in vain.
+    assert_eq!(s.claim("a", "<taken@x>", None, &run).unwrap(), Claim::New);
+    let mut admin = mysql::Conn::new(admin_opts(&db)).unwrap();
+    admin
+        .query_drop("RENAME TABLE pcr_email_ledger TO pcr_email_ledger_away")
+        .unwrap();
+    let err = s
+        .complete("a", "<taken@x>", "inquiry", Some("IQ1"))
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("kept in"), "{err}");
+    admin
+        .query_drop("RENAME TABLE pcr_email_ledger_away TO pcr_email_ledger")
+        .unwrap();
+    assert!(
+        !journal_of(dir.path()).exists()
+            || std::fs::read(journal_of(dir.path())).unwrap().is_empty()
+    );
+    // A journal holding an entry the database will never take (an outcome past TEXT's 64 KiB)
+    // between two good ones: the good ones are recorded, the bad one moves aside, the store
+    // opens and works.
+    let entry = |key: &str, outcome: &str| {
+        serde_json::json!({"account": "a", "key": key, "outcome": outcome, "sd_number": "IQ9"})
+            .to_string()
+    };
+    let bad = entry("<bad@x>", &"x".repeat(70_000));
+    std::fs::write(
+        journal_of(dir.path()),
+        format!(
+            "{}\n{bad}\n{}\n",
+            entry("<one@x>", "inquiry"),
+            entry("<two@x>", "inquiry")
+        ),
+    )
+    .unwrap();
+    let next = open(&db, dir.path());
+    for key in ["<one@x>", "<two@x>"] {
+        assert!(matches!(
+            next.claim("a", key, None, &Owner::new_run()).unwrap(),
+            Claim::Done { .. }
+        ));
+    }
+    assert_eq!(next.entry("a", "<bad@x>").unwrap(), None);
+    assert_eq!(std::fs::read(journal_of(dir.path())).unwrap(), b"");
+    let rejected =
+        std::fs::read_to_string(dir.path().join("pcr_email-unrecorded.jsonl.rejected")).unwrap();
+    assert_eq!(rejected, format!("{bad}\n"));
+}
+
+#[test]
+fn a_journal_that_cannot_be_read_fails_the_open() {
+    let db = test_db("unreadable");
+    let dir = tempfile::tempdir().unwrap();
+    // A directory where the journal should be: it cannot be opened, read or locked.
+    std::fs::create_dir(journal_of(dir.path())).unwrap();
+    let Err(err) = StateStore::open_database(&db.dsn, dir.path()) else {
+        panic!("the open must fail");
+    };
+    assert!(err.to_string().contains("journal"), "{err}");
 }
 
 #[test]
@@ -903,4 +1039,110 @@ fn two_first_token_writes_with_no_version_expected_do_not_both_win() {
             "round {i}: exactly one first write wins, got {a} and {b}"
         );
     }
+}
+
+/// A Service Desk host whose first Inquiry takes the ledger away (as a database that stops
+/// refusing rows would): every later claim and record of the run fails.
+struct LedgerGoesAway {
+    rows: serde_json::Value,
+    admin: mysql::Conn,
+    inquiries: usize,
+    logged: Vec<String>,
+}
+
+impl pcr_email::host::Host for LedgerGoesAway {
+    fn email_accounts(&mut self) -> pcr_email::Result<serde_json::Value> {
+        Ok(self.rows.clone())
+    }
+    fn blocked_emails(&mut self) -> pcr_email::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    fn create_inquiry(&mut self, _mail: &pcr_email::host::Mail<'_>) -> pcr_email::Result<String> {
+        self.inquiries += 1;
+        if self.inquiries == 1 {
+            self.admin
+                .query_drop("RENAME TABLE pcr_email_ledger TO pcr_email_ledger_away")
+                .unwrap();
+        }
+        Ok(format!("IQ{}", self.inquiries))
+    }
+    fn add_to_thread(
+        &mut self,
+        _sd_number: &str,
+        _mail: &pcr_email::host::Mail<'_>,
+    ) -> pcr_email::Result<bool> {
+        Ok(false)
+    }
+    fn deliver_message(
+        &mut self,
+        _message: &pcr_email::host::InAppMessage,
+    ) -> pcr_email::Result<()> {
+        Ok(())
+    }
+    fn log_error(&mut self, message: &str, _context: &serde_json::Value) {
+        self.logged.push(message.to_string());
+    }
+}
+
+#[test]
+fn claims_and_records_the_database_refuses_put_the_mailbox_in_errors() {
+    let db = test_db("summary");
+    let dir = tempfile::tempdir().unwrap();
+    let maildir = dir.path().join("Maildir");
+    for sub in ["new", "cur", "tmp"] {
+        std::fs::create_dir_all(maildir.join(sub)).unwrap();
+    }
+    for n in 0..3 {
+        std::fs::write(
+            maildir
+                .join("new")
+                .join(format!("17000000{n:02}.M1P1.test")),
+            format!(
+                "From: user{n}@example.org\r\nTo: desk@example.edu\r\nSubject: Room {n}\r\n\
+                 Message-ID: <sum{n}@example.org>\r\n\r\nThe projector.\r\n"
+            ),
+        )
+        .unwrap();
+    }
+    let ini = dir.path().join("pcr360.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[prod]\nemail.EMAIL = \"noreply@example.edu\"\nemail.STATE_DIR = \"{}\"\n\
+             email.STATE_DSN = \"mysql://{}:{}@{}:{}/{}\"\n",
+            dir.path().join("state").display(),
+            db.dsn.user,
+            db.dsn.password.expose(),
+            db.dsn.host,
+            db.dsn.port,
+            db.dsn.database
+        ),
+    )
+    .unwrap();
+    let rows = serde_json::json!([{
+        "RECID": 10, "TENANTS_RECID": 1, "ACCOUNT_TYPE": "service_desk",
+        "EMAIL": "desk@example.edu", "INCOMING_MAILBOX_TYPE": "MAILDIR",
+        "INCOMING_PATH": maildir.display().to_string(), "PROCESSED_ACTION": "seen",
+    }]);
+    let mut manager = pcr_email::manager::Manager::open(&ini, "prod").unwrap();
+    let mut host = LedgerGoesAway {
+        rows,
+        admin: mysql::Conn::new(admin_opts(&db)).unwrap(),
+        inquiries: 0,
+        logged: Vec::new(),
+    };
+    let summary = manager
+        .event_check_mail(
+            &mut host,
+            &serde_json::json!({"host": "pcr360.example.edu"}),
+        )
+        .map(|s| serde_json::to_value(s).unwrap())
+        .unwrap();
+    // Nothing else of a Maildir run touches the ledger after the first Inquiry: only the
+    // failed record and claims can tell the summary.
+    assert_eq!(summary["status"], "errors", "{summary}");
+    let errors = summary["mailboxes"][0]["errors"].to_string();
+    assert!(errors.contains("state database"), "{summary}");
+    assert!(!errors.contains(db.dsn.password.expose()), "{summary}");
+    assert!(!host.logged.is_empty());
 }

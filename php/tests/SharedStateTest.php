@@ -177,14 +177,32 @@ final class SharedStateTest extends TestCase
         $db = "$this->dir/host.sqlite";
         // Not idempotent: a message handed over twice would be two Inquiries.
         SqliteHost::create($db);
-        $children = [php_start(self::eventCode($ini1, $db, [$row])), php_start(self::eventCode($ini2, $db, [$row]))];
-        foreach ($children as $n => $child) {
-            [$exit, $out, $err] = php_wait($child, 120);
+        // Each hand-over takes 100 ms: the server that got the mailbox holds it for 8 s.
+        $options = ['sleep_ms' => 100];
+        $children = [php_start(self::eventCode($ini1, $db, [$row], $options)),
+            php_start(self::eventCode($ini2, $db, [$row], $options))];
+        // The runs overlap: once one server reached the host, the other's whole run ends
+        // while the first still holds the mailbox (it fetched nothing: it left it alone).
+        $deadline = microtime(true) + 60;
+        while (($holder = SqliteHost::count($db, 'SELECT pid FROM calls LIMIT 1')) === 0) {
+            $this->assertLessThan($deadline, microtime(true), 'no server reached the host');
+            usleep(2000);
+        }
+        $order = $holder === $children[0]['pid'] ? [1, 0] : [0, 1];
+        $summaries = [];
+        foreach ($order as $n) {
+            [$exit, $out, $err] = php_wait($children[$n], 120);
             $this->assertSame(0, $exit, "server $n: $out $err");
             $summary = json_decode($out, true);
             $this->assertIsArray($summary, "server $n: $out $err");
             $this->assertSame([], array_merge(...array_column($summary['mailboxes'], 'errors')), $out);
+            $summaries[$n] = $summary;
+            if ($n === $order[0]) {
+                $this->assertLessThan(count($ids), SqliteHost::count($db, 'SELECT COUNT(*) FROM calls'),
+                    'the other server ended its run while the holder was still reading the mailbox');
+            }
         }
+        $this->assertSame(0, $summaries[$order[0]]['totals']['fetched'], json_encode($summaries[$order[0]]));
         // Each server's state directory holds no SQLite store: the state is in the database.
         $this->assertFileDoesNotExist("$this->dir/server1/state/pcr_email.sqlite");
         $this->assertFileDoesNotExist("$this->dir/server2/state/pcr_email.sqlite");
@@ -234,6 +252,17 @@ final class SharedStateTest extends TestCase
         $this->assertSame(0, $again['totals']['quarantined'], json_encode($again));
         $calls = SqliteHost::rows($db, 'calls');
         $this->assertCount(count($ids), array_unique(array_column($calls, 'message_key')), 'every message reached the host');
+        // At most the message in the host at the kill was handed over twice: once by the dead
+        // server, once again with attempt 2.
+        $this->assertLessThanOrEqual(count($ids) + 1, count($calls), json_encode($calls));
+        foreach (array_count_values(array_column($calls, 'message_key')) as $key => $n) {
+            if ($n > 1) {
+                $this->assertSame(2, $n, $key);
+                $twice = array_values(array_filter($calls, fn($c) => $c['message_key'] === $key));
+                $this->assertCount(1, array_filter($twice, fn($c) => (int) $c['pid'] === $victim['pid']), $key);
+                $this->assertCount(1, array_filter($twice, fn($c) => (int) $c['attempt'] === 2), $key);
+            }
+        }
         // Handed over again only what the dead server held, each as a new attempt.
         foreach ($calls as $call) {
             if ($call['attempt'] > 1) {
@@ -247,7 +276,9 @@ final class SharedStateTest extends TestCase
     {
         // Access tokens live 4 s (used for 3 s); Microsoft rotates the refresh token on every
         // use, and a refresh token used twice is refused.
-        $t = cloud_tenant('microsoft', 'shared', 4);
+        // Each refresh takes 1.5 s at the token endpoint, so the three processes' refreshes
+        // overlap: without the lock in the database they would all use the same token.
+        $t = cloud_tenant('microsoft', 'shared', 4, 1500);
         $ini1 = $this->server(1);
         $ini2 = $this->server(2);
         $row = cloud_row(45, $t, $t['mailbox']);
@@ -273,6 +304,7 @@ final class SharedStateTest extends TestCase
         }
         $stats = cloud_stats($t['client_id'], $t['mailbox']);
         $this->assertSame(1, $stats['grants']['refresh_token'], json_encode($stats));
+        $this->assertSame(1, $stats['grants']['refresh_token_delayed'] ?? 0, 'the refresh was held at the endpoint');
         $this->assertSame(1, $stats['grants']['refresh_token_attempt'], 'no refresh was made with a used token');
         $this->assertSame(1, $stats['valid_refresh_tokens']);
         // After the next expiry the token kept is the newest: its refresh is accepted.
@@ -293,7 +325,8 @@ final class SharedStateTest extends TestCase
         $db = "$this->dir/host.sqlite";
         // Not idempotent: a message handed over twice would be two Inquiries.
         SqliteHost::create($db);
-        $child = php_start(self::eventCode($ini, $db, [$row], ['sleep_ms' => 30]));
+        // 100 ms in the host per message: the database stops while the run goes on.
+        $child = php_start(self::eventCode($ini, $db, [$row], ['sleep_ms' => 100]));
         $deadline = microtime(true) + 60;
         while (SqliteHost::count($db, 'SELECT COUNT(*) FROM calls') < 10) {
             $this->assertLessThan($deadline, microtime(true), 'the run never reached the host');
@@ -308,6 +341,11 @@ final class SharedStateTest extends TestCase
         $errors = implode("\n", array_merge(...array_column($summary['mailboxes'], 'errors')));
         $this->assertStringContainsString('state database', $errors, $out);
         $this->assertStringNotContainsString(test_env('PCR_MARIADB_PASS'), $out);
+        $this->assertStringNotContainsString(test_env('PCR_MARIADB_PASS'), $err);
+        $this->assertStringNotContainsString(test_env('PCR_MARIADB_PASS'), (string) @file_get_contents("$this->dir/server1/email.log"));
+        // The message in the host when the database went away waits in the journal.
+        $journal = "$this->dir/server1/state/pcr_email-unrecorded.jsonl";
+        $this->assertNotSame('', trim((string) @file_get_contents($journal)), 'the journal keeps what the host took');
         fwrite(STDERR, "\nSharedStateTest: the run without its database reported: $errors\n");
         $taken = array_column(SqliteHost::rows($db, 'inquiries'), 'message_id');
         $this->assertLessThan(count($ids), count($taken), 'the run stopped part-way');
@@ -323,6 +361,7 @@ final class SharedStateTest extends TestCase
         $again = (new PCR_Utility_EmailManager($ini, 'test', new SqliteHost($db, [$row])))->eventCheckMail(self::DATA);
         $this->assertSame('ok', $again['status'], json_encode($again));
         $this->assertSame(self::eachOnce($ids), self::inquiryCounts($db), 'every message exactly one Inquiry');
+        $this->assertSame('', (string) file_get_contents($journal), 'the journal was recorded and emptied');
         foreach (maildir_files($maildir) as $f) {
             $this->assertMatchesRegularExpression('#^cur/[^/]+:2,[A-Z]*S[A-Z]*$#', $f);
         }

@@ -197,7 +197,7 @@ function cloud_admin(string $method, string $path, ?array $body = null): array
  * mailbox user at the emulator; names are unique per call. $provider: microsoft | google.
  * Returns ['provider', 'client_id', 'client_secret', 'mailbox'].
  */
-function cloud_tenant(string $provider, string $tag, ?int $tokenLifetime = null): array
+function cloud_tenant(string $provider, string $tag, ?int $tokenLifetime = null, ?int $refreshDelayMs = null): array
 {
     $name = $tag . bin2hex(random_bytes(6));
     $client = cloud_admin('POST', '/_admin/clients', [
@@ -206,6 +206,7 @@ function cloud_tenant(string $provider, string $tag, ?int $tokenLifetime = null)
         'client_secret' => "secret-$name-Zq9",
         'redirect_uris' => [OAUTH_REDIRECT_URI],
         'access_token_lifetime' => $tokenLifetime,
+        'refresh_delay_ms' => $refreshDelayMs,
     ]);
     $mailbox = "$name@tenant.example";
     cloud_admin('POST', '/_admin/users', ['provider' => $provider, 'email' => $mailbox, 'display_name' => "Box $name"]);

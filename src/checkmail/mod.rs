@@ -283,6 +283,7 @@ pub fn event_check_mail(
         attachment_messages: 0,
         decisions: Vec::new(),
         pending: None,
+        state_errors: Vec::new(),
     };
 
     let shared = MailboxShared {

@@ -45,6 +45,9 @@ pub(super) struct Run<'a> {
     /// The last message the host accepted (or that was skipped), not yet recorded: committed
     /// together with the next claim when another message is already waiting, else at once.
     pub(super) pending: Option<Pending>,
+    /// The state store's errors on this thread (a claim, a record), by ledger scope: each
+    /// mailbox of that scope gets the first one in its summary (see [`Run::state_failed`]).
+    pub(super) state_errors: Vec<(String, String)>,
 }
 
 /// A settled message waiting for its commit, and the mailbox decision that must follow it.
@@ -215,6 +218,15 @@ impl Run<'_> {
         }
         self.flush_pending();
         self.decisions.clear();
+        for (scope, error) in std::mem::take(&mut self.state_errors) {
+            for (summary, _) in summaries
+                .iter_mut()
+                .zip(&scopes)
+                .filter(|(_, s)| **s == scope)
+            {
+                summary.errors.push(error.clone());
+            }
+        }
     }
 
     /// A message that could not be read: a failure of that message like a host failure
@@ -244,6 +256,7 @@ impl Run<'_> {
             Ok(Claim::New) | Ok(Claim::Retry { .. }) => {}
             Err(e) => {
                 self.log(&format!("pcr_email: {e}"), json!({"account": id}));
+                self.state_failed(scope, &e);
                 return Outcome::Busy;
             }
         }
@@ -266,6 +279,7 @@ impl Run<'_> {
             Ok(_) => Outcome::Failed,
             Err(e) => {
                 self.log(&format!("pcr_email: {e}"), json!({"account": id}));
+                self.state_failed(scope, &e);
                 Outcome::Failed
             }
         }
@@ -308,6 +322,7 @@ impl Run<'_> {
             Ok(claim) => claim,
             Err(e) => {
                 self.log(&format!("pcr_email: {e}"), json!({"account": id}));
+                self.state_failed(scope, &e);
                 return Outcome::Busy;
             }
         };
@@ -373,6 +388,7 @@ impl Run<'_> {
                     Ok(_) => Outcome::Failed,
                     Err(e) => {
                         self.log(&format!("pcr_email: {e}"), json!({"account": id}));
+                        self.state_failed(scope, &e);
                         Outcome::Failed
                     }
                 }
@@ -417,8 +433,18 @@ impl Run<'_> {
                 ),
                 json!({"account": pending.settled.account}),
             );
+            self.state_failed(&pending.settled.account, &e);
         }
         self.send_decision(pending.mailbox, pending.decision);
+    }
+
+    /// Keeps a state store error for the summary of the mailboxes of `scope`: a mailbox
+    /// whose messages could not be claimed or recorded did not run fine, even when nothing
+    /// else of it touches the store afterwards.
+    pub(super) fn state_failed(&mut self, scope: &str, e: &Error) {
+        if !self.state_errors.iter().any(|(s, _)| s == scope) {
+            self.state_errors.push((scope.to_string(), e.to_string()));
+        }
     }
 
     pub(super) fn send_decision(&self, mailbox: usize, decision: Decision) {
@@ -440,6 +466,7 @@ impl Run<'_> {
         let id = account.id.to_string();
         if let Err(e) = self.state.quarantine(scope, key, reason) {
             self.log(&format!("pcr_email: {e}"), json!({"account": id}));
+            self.state_failed(scope, &e);
         }
         let text = format!(
             "pcr_email: {what} in the mailbox of account {id} ({}) was quarantined ({reason}); it \

@@ -87,6 +87,8 @@ Test-only parts, all under ``/_admin`` (JSON in, JSON out):
 
 * ``POST /_admin/clients`` ``{"provider": "microsoft"|"google", "client_id"?, "client_secret"?,
   "redirect_uris"?: [...], "access_token_lifetime"?: s, "rotate_refresh_tokens"?: bool,
+  "refresh_delay_ms"?: ms (each refresh_token grant waits this long before it is looked at, so
+  that concurrent refreshes overlap),
   "app_roles"?: ["IMAP.AccessAsApp", "POP.AccessAsApp", "SMTP.SendAsApp", "Mail.ReadWrite",
   "Mail.Send", ...], "mailboxes"?: [...]|"*", "client_secret_expires_at"?: epoch s}``;
   ``app_roles`` are the application permissions consented for the app (copied into each
@@ -642,6 +644,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def token(self, provider, form):
         grant = form.get("grant_type", "")
+        if grant == "refresh_token":
+            with LOCK:
+                delay = (WORLD.clients.get(form.get("client_id", "")) or {}).get("refresh_delay_ms")
+            if delay:
+                time.sleep(delay / 1000)
+                with LOCK:
+                    WORLD.count(f"grant:refresh_token_delayed:{form.get('client_id', '')}")
         with LOCK:
             if grant == JWT_BEARER and provider == "google":
                 return self.send(200, self.jwt_grant(form))
@@ -1454,6 +1463,7 @@ class Handler(BaseHTTPRequestHandler):
                                                      provider == "microsoft"),
                     "client_secret_expires_at": req.get("client_secret_expires_at"),
                     "app_roles": list(req.get("app_roles") or []),
+                    "refresh_delay_ms": req.get("refresh_delay_ms"),
                     "mailboxes": mailbox_grant(req.get("mailboxes"))}
                 return self.send(200, WORLD.clients[cid])
             if path == "/_admin/app_access" and method == "POST":

@@ -92,7 +92,7 @@ impl MysqlStore {
             settle_in(tx, account, key, state, outcome, sd_number, error)
         });
         if let Err(Error::Mailbox(failure)) = &result {
-            if state == LedgerState::Done {
+            if state == LedgerState::Done && self.lost_connection() {
                 let entry = Journaled {
                     account: account.to_string(),
                     key: key.to_string(),

@@ -24,10 +24,11 @@
 //!
 //! # A database that goes away
 //! An operation that cannot reach the database fails with an error naming the database (never
-//! its password). A message the host already took but whose record the database refused is
-//! written to a journal under `STATE_DIR` (`pcr_email-unrecorded.jsonl`) and recorded in the
-//! database before anything else by the next store of this server that reaches it: the next run
-//! finds it done instead of handing it over again.
+//! its password). A message the host already took but whose done record could not be written
+//! because the connection was lost is written to a journal under `STATE_DIR`
+//! (`pcr_email-unrecorded.jsonl`) and recorded in the database before anything else by the
+//! next store of this server that reaches it: the next run of this server finds it done
+//! instead of handing it over again (see [`journal`] for what the database refuses for good).
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -42,7 +43,7 @@ use crate::config::dsn::Dsn;
 use crate::error::{Error, Result};
 
 /// The schema version of the `pcr_email_*` tables this code writes.
-pub const MYSQL_SCHEMA_VERSION: i64 = 1;
+pub const MYSQL_SCHEMA_VERSION: i64 = 2;
 /// The journal of records the database refused, inside `STATE_DIR`.
 pub const JOURNAL_FILE: &str = "pcr_email-unrecorded.jsonl";
 /// How long one statement waits for a row another process holds.
@@ -73,6 +74,8 @@ pub(crate) struct MysqlStore {
     dsn: Dsn,
     conn: RefCell<Option<Conn>>,
     journal: PathBuf,
+    /// Whether the last operation that failed lost its connection (rather than being refused).
+    lost: std::cell::Cell<bool>,
 }
 
 type Tx<'a, 'b> = &'a mut Transaction<'b>;
@@ -132,6 +135,7 @@ impl MysqlStore {
             dsn: dsn.clone(),
             conn: RefCell::new(None),
             journal: state_dir.join(JOURNAL_FILE),
+            lost: std::cell::Cell::new(false),
         };
         store.connection().map_err(|e| store.open_error(e))?;
         Ok(store)
@@ -144,6 +148,12 @@ impl MysqlStore {
     /// The journal's path (inside `STATE_DIR`).
     pub(crate) fn journal(&self) -> &Path {
         &self.journal
+    }
+
+    /// Whether the last failed operation failed because the database could not be reached
+    /// (a record then goes to the journal; one the database refused would be refused again).
+    pub(crate) fn lost_connection(&self) -> bool {
+        self.lost.get()
     }
 
     fn open_error(&self, e: mysql::Error) -> Error {
@@ -217,6 +227,7 @@ impl MysqlStore {
                     *self.conn.borrow_mut() = None;
                 }
                 Err(e) => {
+                    self.lost.set(is_connection_lost(&e));
                     if is_connection_lost(&e) {
                         *self.conn.borrow_mut() = None;
                     }

@@ -101,6 +101,13 @@ const SCHEMA_V1: &[&str] = &[
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
 ];
 
+/// Version 2: an SD number is whatever the host returned, of any length (it was
+/// `VARCHAR(255)`, which STRICT mode refuses past 255 characters).
+const SCHEMA_V2: &[&str] = &[
+    "ALTER TABLE pcr_email_ledger MODIFY sd_number TEXT NULL",
+    "ALTER TABLE pcr_email_sent MODIFY sd_number TEXT NOT NULL",
+];
+
 /// The tables of schema version 1, for the migration tool's emptiness check.
 pub const TABLES: &[&str] = &[
     "pcr_email_ledger",
@@ -198,6 +205,11 @@ fn create_or_upgrade(conn: &mut Conn, dsn: &Dsn) -> mysql::Result<()> {
         )?;
         if version < 1 {
             for sql in SCHEMA_V1 {
+                conn.query_drop(sql)?;
+            }
+        }
+        if version < 2 {
+            for sql in SCHEMA_V2 {
                 conn.query_drop(sql)?;
             }
         }
