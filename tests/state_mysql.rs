@@ -118,7 +118,7 @@ fn the_ledger_protocol_runs_in_mariadb_with_a_schema_version_row() {
                 }
             );
         }
-        assert_eq!(s.fail("m", "bad", "host threw").unwrap(), attempt);
+        assert_eq!(s.fail("m", "bad", &r, "host threw").unwrap(), attempt);
     }
     s.quarantine("m", "bad", "failed 3 times").unwrap();
     assert_eq!(s.claim("m", "bad", None, &run).unwrap(), Claim::Quarantined);
@@ -174,6 +174,52 @@ fn only_pcr_email_tables_are_created() {
     drop(open(&db, dir.path()));
     let again: Vec<String> = admin.query("SHOW TABLES").unwrap();
     assert_eq!(again, tables);
+}
+
+#[test]
+fn a_database_at_this_schema_version_is_only_read_at_start() {
+    let db = test_db("schemaread");
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(&db, dir.path()));
+    let mut admin = mysql::Conn::new(admin_opts(&db)).unwrap();
+    admin
+        .query_drop("UPDATE pcr_email_schema SET updated_at=7 WHERE name='state'")
+        .unwrap();
+    // Another process starting (here: the same database under another name of the host,
+    // which this process has not checked yet) reads the version and writes nothing.
+    let mut other = db.dsn.clone();
+    other.host = "localhost".into();
+    drop(StateStore::open_database(&other, dir.path()).expect("open via localhost"));
+    let row: Option<(i64, i64)> = admin
+        .query_first("SELECT version, updated_at FROM pcr_email_schema WHERE name='state'")
+        .unwrap();
+    assert_eq!(row, Some((1, 7)));
+}
+
+#[test]
+fn tables_of_a_newer_release_are_refused_naming_both_versions() {
+    let db = test_db("schemanew");
+    let mut admin = mysql::Conn::new(admin_opts(&db)).unwrap();
+    admin
+        .query_drop(
+            "CREATE TABLE pcr_email_schema (name VARCHAR(64) NOT NULL PRIMARY KEY,
+                version INT NOT NULL, updated_at BIGINT NOT NULL);
+             INSERT INTO pcr_email_schema VALUES ('state', 99, 0)",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let err = match StateStore::open_database(&db.dsn, dir.path()) {
+        Ok(_) => panic!("tables of schema version 99 were accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("this server's pcr_email is older than the database's tables"),
+        "{err}"
+    );
+    assert!(err.contains("upgrade it"), "{err}");
+    assert!(err.contains(" 1,") && err.contains(" 99"), "{err}");
+    let tables: Vec<String> = admin.query("SHOW TABLES").unwrap();
+    assert_eq!(tables, vec!["pcr_email_schema".to_string()]);
 }
 
 #[test]
@@ -424,7 +470,7 @@ fn migrate_copies_a_sqlite_store_once_and_refuses_a_filled_database() {
             s.complete("7", &key, "inquiry", Some(&format!("IQ{i:05}")))
                 .unwrap();
         }
-        s.fail("7", "<flaky@x>", "host threw").unwrap();
+        s.fail("7", "<flaky@x>", &run, "host threw").unwrap();
         s.skip("7", "<blocked@x>", "blocked sender").unwrap();
         s.set_imap_mark("7", "INBOX", 9, 51).unwrap();
         s.set_kv("gmail-history", "8", "12345").unwrap();
@@ -525,6 +571,104 @@ fn migrate_copies_a_sqlite_store_once_and_refuses_a_filled_database() {
     assert!(stderr.contains("already holds"), "{stderr}");
     assert!(!stderr.contains(db.dsn.password.expose()), "{stderr}");
     assert_eq!(s.counts("7").unwrap().done, 50);
+}
+
+fn migrate_cmd(db: &TestDb, from: &Path) -> std::process::Output {
+    let to = format!(
+        "mysql://{}:{}@{}:{}/{}",
+        db.dsn.user,
+        db.dsn.password.expose(),
+        db.dsn.host,
+        db.dsn.port,
+        db.dsn.database
+    );
+    std::process::Command::new(env!("CARGO_BIN_EXE_pcr-email-state"))
+        .args(["migrate", "--from"])
+        .arg(from)
+        .args(["--to", &to])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn migrate_copies_daily_alerts_and_leaves_the_sqlite_file_byte_for_byte() {
+    let db = test_db("migdaily");
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    {
+        let s = StateStore::open(&state_dir).unwrap();
+        assert!(s.once_per_day("imap 7 unreachable").unwrap());
+        assert!(s.alert_once("told sysadmin").unwrap());
+    }
+    let file = state_dir.join("pcr_email.sqlite");
+    let before = std::fs::read(&file).unwrap();
+    let out = migrate_cmd(&db, &state_dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "the SQLite file changed"
+    );
+    // Today's notice was given already: the database store does not repeat it.
+    let s = open(&db, dir.path());
+    assert!(!s.once_per_day("imap 7 unreachable").unwrap());
+    assert!(!s.alert_once("told sysadmin").unwrap());
+    let mut admin = mysql::Conn::new(admin_opts(&db)).unwrap();
+    let daily: Option<i64> = admin
+        .query_first("SELECT COUNT(*) FROM pcr_email_alerts WHERE daily=1")
+        .unwrap();
+    assert_eq!(daily, Some(1));
+}
+
+#[test]
+fn migrate_refuses_an_older_sqlite_store_and_leaves_it_unchanged() {
+    let db = test_db("migold");
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    drop(StateStore::open(&state_dir).unwrap());
+    let file = state_dir.join("pcr_email.sqlite");
+    {
+        // A store last written by an older release (schema version 1).
+        let c = rusqlite::Connection::open(&file).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+    }
+    let before = std::fs::read(&file).unwrap();
+    let out = migrate_cmd(&db, &state_dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("schema version 1 is older"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "the SQLite file changed"
+    );
+}
+
+#[test]
+fn migrate_refuses_a_database_whose_only_rows_are_mailbox_leases() {
+    let db = test_db("miglease");
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    {
+        let s = StateStore::open(&state_dir).unwrap();
+        s.set_kv("gmail-history", "8", "12345").unwrap();
+    }
+    // A server already running against the database holds a mailbox, nothing else.
+    let live = open(&db, dir.path());
+    assert_eq!(
+        live.take_mailbox("imap:desk", &remote_owner("other-run"))
+            .unwrap(),
+        None
+    );
+    let out = migrate_cmd(&db, &state_dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("already holds"), "{stderr}");
+    assert_eq!(live.get_kv("gmail-history", "8").unwrap(), None);
 }
 
 #[test]
@@ -675,4 +819,88 @@ fn migrate_takes_the_state_dir_and_an_encrypted_dsn_from_the_ini() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("mysql://"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn a_run_on_another_server_with_the_same_host_name_and_machine_id_keeps_its_claim() {
+    // Cloned VMs keep the machine id and host name, every host's first PID namespace has the
+    // same link: only the boot id tells the other server apart, and its run may be alive.
+    let db = test_db("clone");
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db, dir.path());
+    let me = Owner::new_run();
+    let twin = Owner::from_parts(
+        "twin-run",
+        me.host(),
+        me.machine_id(),
+        "another-servers-boot-id",
+        me.pid_ns(),
+        me.pid(),
+        me.start_ticks(),
+    );
+    assert_eq!(s.claim("1", "k", None, &twin).unwrap(), Claim::New);
+    assert_eq!(s.claim("1", "k", None, &me).unwrap(), Claim::Busy);
+    assert_eq!(s.take_mailbox("imap:desk", &twin).unwrap(), None);
+    assert_eq!(
+        s.take_mailbox("imap:desk", &me).unwrap().as_deref(),
+        Some("twin-run")
+    );
+}
+
+#[test]
+fn a_run_whose_claim_was_taken_over_cannot_fail_the_new_owners_message() {
+    let db = test_db("stale");
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db, dir.path());
+    let me = Owner::new_run();
+    let stale = me.sibling("stale-run", 0, 1);
+    assert_eq!(s.claim("1", "k", None, &stale).unwrap(), Claim::New);
+    assert_eq!(
+        s.claim("1", "k", None, &me).unwrap(),
+        Claim::Retry { attempts: 1 }
+    );
+    // The old run reports its failure late: the new owner's claim stays as it is.
+    assert_eq!(s.fail("1", "k", &stale, "host threw").unwrap(), 1);
+    let entry = s.entry("1", "k").unwrap().unwrap();
+    assert_eq!(entry.state, LedgerState::InProgress);
+    assert_eq!(entry.owner.as_deref(), Some(me.run_id()));
+    assert_eq!(
+        s.claim("1", "k", None, &Owner::new_run()).unwrap(),
+        Claim::Busy
+    );
+    // Its own failure counts.
+    assert_eq!(s.fail("1", "k", &me, "host threw").unwrap(), 2);
+}
+
+#[test]
+fn two_first_token_writes_with_no_version_expected_do_not_both_win() {
+    let db = test_db("tokenrace");
+    let dir = tempfile::tempdir().unwrap();
+    let rounds = 40;
+    let barrier = Arc::new(Barrier::new(2));
+    let handles: Vec<_> = (0..2)
+        .map(|t| {
+            let (dsn, dir, barrier) = (db.dsn.clone(), dir.path().to_path_buf(), barrier.clone());
+            thread::spawn(move || {
+                let s = StateStore::open_database(&dsn, &dir).unwrap();
+                (0..rounds)
+                    .map(|i| {
+                        barrier.wait();
+                        let account = format!("a{i}");
+                        let value = format!("token-of-{t}");
+                        s.replace_token(&account, "refresh", None, &value, None)
+                            .unwrap()
+                            .is_some()
+                    })
+                    .collect::<Vec<bool>>()
+            })
+        })
+        .collect();
+    let won: Vec<Vec<bool>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (i, (a, b)) in won[0].iter().zip(&won[1]).enumerate() {
+        assert!(
+            a != b,
+            "round {i}: exactly one first write wins, got {a} and {b}"
+        );
+    }
 }

@@ -360,7 +360,7 @@ fn everything_survives_closing_and_reopening() {
         s.complete("7", "<a@x>", "inquiry", Some("IQ00001"))
             .unwrap();
         assert_eq!(s.claim("7", "<b@x>", None, &run).unwrap(), Claim::New);
-        assert_eq!(s.fail("7", "<b@x>", "host threw").unwrap(), 1);
+        assert_eq!(s.fail("7", "<b@x>", &run, "host threw").unwrap(), 1);
         s.set_imap_mark("7", "INBOX", 5, 11).unwrap();
         s.set_kv("pop3", "7", "cursor").unwrap();
         s.record_sent("<sd.1@pcr>", "SO201700043", "7").unwrap();

@@ -150,7 +150,8 @@ pub(super) fn remove_dead_runs_attachments(root: &Path, me: &Owner) {
             continue;
         };
         let other = Owner::from_parts(f[0], f[1], f[2], f[3], f[4], pid, ticks);
-        if me.sees_dead(&other) {
+        // STATE_DIR belongs to this server: a directory of an earlier boot is a dead run.
+        if me.sees_dead(&other, true) {
             let _ = std::fs::remove_dir_all(&dir);
         }
     }

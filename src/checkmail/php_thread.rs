@@ -255,7 +255,10 @@ impl Run<'_> {
             ),
             json!({"account": id, "message": mailbox_ref}),
         );
-        match self.state.fail(scope, &key, &error.to_string()) {
+        match self
+            .state
+            .fail(scope, &key, &self.owner, &error.to_string())
+        {
             Ok(attempts) if attempts >= MAX_ATTEMPTS => {
                 let reason = format!("failed {attempts} times; last error: {error}");
                 self.quarantine(account, scope, &key, &what, &reason)
@@ -359,7 +362,10 @@ impl Run<'_> {
                     &text,
                     json!({"account": id, "message_id": parsed.message_id, "key": key}),
                 );
-                match self.state.fail(scope, &key, &error.to_string()) {
+                match self
+                    .state
+                    .fail(scope, &key, &self.owner, &error.to_string())
+                {
                     Ok(attempts) if attempts >= MAX_ATTEMPTS => {
                         let reason = format!("failed {attempts} times; last error: {error}");
                         self.quarantine(account, scope, &key, &describe(&parsed), &reason)

@@ -17,8 +17,10 @@
 //!
 //! A row is `in_progress` while a run owns it. Another run may take it over when the owner is
 //! dead: its lease ran out (the lease is renewed by the owner's claims, at most once per tenth
-//! of the lease, and by [`StateStore::renew_lease`]), or it ran on this machine and its
-//! process is gone (so after a `kill -9` the next run takes over at once, see [`Owner`]). A takeover counts as a failed
+//! of the lease, and by [`StateStore::renew_lease`]), or it ran on this machine since its
+//! last boot and its process is gone (so after a `kill -9` the next run takes over at once,
+//! see [`Owner::sees_dead`]; a run of an earlier boot is dead at once only in SQLite, which
+//! one server alone uses: in a shared database it may be another server's). A takeover counts as a failed
 //! attempt, since nobody knows whether the dead run had already called the host: a message
 //! that crashes PHP every time is quarantined after three runs instead of blocking the mailbox
 //! forever.
@@ -264,14 +266,22 @@ pub(super) struct StoredOwner {
 
 /// For a row in progress: `None` while its owner may still be working on it (the caller
 /// gets `Busy`), else the attempt count the takeover gives it and why (see the module
-/// documentation). The same decision for both backends.
-pub(super) fn takeover(row: &StoredOwner, owner: &Owner, now: i64) -> Option<(u32, String)> {
+/// documentation). The same decision for both backends; `local_store` as in
+/// [`Owner::sees_dead`] (true for SQLite, false for a database shared by several servers).
+pub(super) fn takeover(
+    row: &StoredOwner,
+    owner: &Owner,
+    now: i64,
+    local_store: bool,
+) -> Option<(u32, String)> {
     let previous = row.owner();
     let ours = previous
         .as_ref()
         .is_some_and(|p| p.run_id() == owner.run_id());
     let expired = row.lease_until.is_none_or(|until| until <= now);
-    let dead = previous.as_ref().is_none_or(|p| owner.sees_dead(p));
+    let dead = previous
+        .as_ref()
+        .is_none_or(|p| owner.sees_dead(p, local_store));
     if ours || !(expired || dead) {
         return None;
     }
@@ -281,6 +291,16 @@ pub(super) fn takeover(row: &StoredOwner, owner: &Owner, now: i64) -> Option<(u3
         None => "its previous run is unknown".to_string(),
     };
     Some((row.attempts.saturating_add(1), why))
+}
+
+/// Whether a run `owner` may record a failure on a row in `state` held by `run`: not when it
+/// is settled, nor when another run holds it (it took the claim over and is working on it).
+pub(super) fn may_fail(state: &str, run: Option<&str>, owner: &Owner) -> bool {
+    match state {
+        "done" | "quarantined" => false,
+        "in_progress" => run.is_none_or(|r| r == owner.run_id()),
+        _ => true,
+    }
 }
 
 /// A [`LedgerEntry`] from its columns (the database backend's reader).
@@ -386,7 +406,12 @@ const FAIL_SQL: &str =
 
 impl StateStore {
     fn lease_until(&self, now: i64) -> i64 {
-        now.saturating_add(i64::try_from(self.lease().as_millis()).unwrap_or(i64::MAX))
+        now.saturating_add(self.lease_ms())
+    }
+
+    /// The lease in milliseconds: the database backend adds it to the database's clock.
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease().as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Decides, in one write transaction, who handles the message `key` of `account` (see the
@@ -401,8 +426,8 @@ impl StateStore {
     ) -> Result<Claim> {
         if let Some(db) = self.database() {
             let renew = self.lease_renewal_due(owner);
-            let until = self.lease_until(now_ms());
-            return db.claim(account, key, mailbox_ref, owner, until, renew);
+            let lease = self.lease_ms();
+            return db.claim(account, key, mailbox_ref, owner, lease, renew);
         }
         self.write(account, "claim a message", |tx| {
             self.claim_in(tx, account, key, mailbox_ref, owner)
@@ -417,7 +442,7 @@ impl StateStore {
     /// overlapping runs of one server apart, as before.
     pub fn take_mailbox(&self, scope: &str, owner: &Owner) -> Result<Option<String>> {
         match self.database() {
-            Some(db) => db.take_mailbox(scope, owner, self.lease_until(now_ms())),
+            Some(db) => db.take_mailbox(scope, owner, self.lease_ms()),
             None => Ok(None),
         }
     }
@@ -460,8 +485,8 @@ impl StateStore {
     ) -> Result<Claim> {
         if let Some(db) = self.database() {
             let renew = self.lease_renewal_due(owner);
-            let until = self.lease_until(now_ms());
-            return db.settle_then_claim(settled, account, key, mailbox_ref, owner, until, renew);
+            let lease = self.lease_ms();
+            return db.settle_then_claim(settled, account, key, mailbox_ref, owner, lease, renew);
         }
         self.write(account, "record a message and claim the next", |tx| {
             settled.record(tx)?;
@@ -576,7 +601,7 @@ impl StateStore {
                     attempts: row.attempts,
                 })
             }
-            Some(LedgerState::InProgress) | None => match takeover(&row, owner, now) {
+            Some(LedgerState::InProgress) | None => match takeover(&row, owner, now, true) {
                 None => Ok(Claim::Busy),
                 Some((attempts, why)) => {
                     set_owner(tx, account, key, owner, lease_until, attempts, Some(&why))?;
@@ -639,19 +664,20 @@ impl StateStore {
 
     /// Records a failed attempt (the host threw, parsing failed): the row is released for the
     /// next run and the number of failed attempts so far is returned; at [`MAX_ATTEMPTS`] the
-    /// caller quarantines it. A row already done or quarantined is left as it is.
-    pub fn fail(&self, account: &str, key: &str, error: &str) -> Result<u32> {
+    /// caller quarantines it. A row already done or quarantined is left as it is, and so is
+    /// a row another run took over from `owner` (its attempts are returned unchanged).
+    pub fn fail(&self, account: &str, key: &str, owner: &Owner, error: &str) -> Result<u32> {
         if let Some(db) = self.database() {
-            return db.fail(account, key, error);
+            return db.fail(account, key, owner, error);
         }
         let now = now_ms();
         let error = truncate(error);
         self.write(account, "record a failed message", |tx| {
-            let row: Option<(String, u32)> = one(
+            let row: Option<(String, u32, Option<String>)> = one(
                 tx,
-                "SELECT state, attempts FROM ledger WHERE account=?1 AND key=?2",
+                "SELECT state, attempts, owner_run FROM ledger WHERE account=?1 AND key=?2",
                 params![account, key],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
             match row {
@@ -664,10 +690,10 @@ impl StateStore {
                     )?;
                     Ok(1)
                 }
-                Some((state, attempts)) if state == "done" || state == "quarantined" => {
+                Some((state, attempts, run)) if !may_fail(&state, run.as_deref(), owner) => {
                     Ok(attempts)
                 }
-                Some((_, attempts)) => {
+                Some((_, attempts, _)) => {
                     let attempts = attempts.saturating_add(1);
                     exec(tx, FAIL_SQL, params![account, key, attempts, error, now])?;
                     Ok(attempts)
@@ -705,10 +731,10 @@ impl StateStore {
 
     /// Extends the lease of every message `owner` holds (call it during long host calls).
     pub fn renew_lease(&self, owner: &Owner) -> Result<usize> {
-        let lease_until = self.lease_until(now_ms());
         if let Some(db) = self.database() {
-            return db.renew_lease(owner, lease_until);
+            return db.renew_lease(owner, self.lease_ms());
         }
+        let lease_until = self.lease_until(now_ms());
         self.write(super::NO_ACCOUNT, "renew the run's lease", |tx| {
             exec(
                 tx,
@@ -1002,7 +1028,7 @@ mod tests {
                     }
                 );
             }
-            assert_eq!(s.fail("m", "k", "host threw: boom").unwrap(), attempt);
+            assert_eq!(s.fail("m", "k", &run, "host threw: boom").unwrap(), attempt);
         }
         s.quarantine("m", "k", "failed 3 times: host threw: boom")
             .unwrap();
@@ -1019,7 +1045,7 @@ mod tests {
         // Once done, failing or quarantining changes nothing.
         assert_eq!(s.claim("m", "d", None, &run).unwrap(), Claim::New);
         s.complete("m", "d", "inquiry", None).unwrap();
-        assert_eq!(s.fail("m", "d", "late").unwrap(), 0);
+        assert_eq!(s.fail("m", "d", &run, "late").unwrap(), 0);
         s.quarantine("m", "d", "late").unwrap();
         assert_eq!(s.entry("m", "d").unwrap().unwrap().state, LedgerState::Done);
         // An administrator can let it be tried again.
@@ -1036,7 +1062,7 @@ mod tests {
         }
         s.skip("m", "a", "blocked sender").unwrap();
         s.complete("m", "b", "inquiry", Some("IQ00001")).unwrap();
-        s.fail("m", "c", "parse error").unwrap();
+        s.fail("m", "c", &run, "parse error").unwrap();
         s.quarantine("m", "d", "too many failures").unwrap();
         let claim = s.claim("m", "a", None, &Owner::new_run()).unwrap();
         assert!(claim.is_skipped(), "{claim:?}");
@@ -1067,7 +1093,7 @@ mod tests {
         assert_eq!(s.claim("m", "fresh", None, &run).unwrap(), Claim::New);
         assert_eq!(s.claim("m", "done", None, &run).unwrap(), Claim::New);
         s.complete("m", "done", "inquiry", None).unwrap();
-        s.fail("m", "retried", "x").unwrap();
+        s.fail("m", "retried", &run, "x").unwrap();
         assert_eq!(
             s.claim("m", "retried", None, &run).unwrap(),
             Claim::Retry { attempts: 1 }
@@ -1113,10 +1139,27 @@ mod tests {
     }
 
     #[test]
+    fn a_run_whose_claim_was_taken_over_cannot_fail_the_new_owners_message() {
+        let (_dir, s) = store();
+        let me = Owner::new_run();
+        let stale = me.sibling("stale-run", 0, 1);
+        assert_eq!(s.claim("m", "k", None, &stale).unwrap(), Claim::New);
+        assert_eq!(
+            s.claim("m", "k", None, &me).unwrap(),
+            Claim::Retry { attempts: 1 }
+        );
+        assert_eq!(s.fail("m", "k", &stale, "host threw").unwrap(), 1);
+        let entry = s.entry("m", "k").unwrap().unwrap();
+        assert_eq!(entry.state, LedgerState::InProgress);
+        assert_eq!(entry.owner.as_deref(), Some(me.run_id()));
+        assert_eq!(s.fail("m", "k", &me, "host threw").unwrap(), 2);
+    }
+
+    #[test]
     fn long_errors_are_cut() {
         let (_dir, s) = store();
         let long = "é".repeat(MAX_ERROR_CHARS + 50);
-        s.fail("m", "k", &long).unwrap();
+        s.fail("m", "k", &Owner::new_run(), &long).unwrap();
         let stored = s.entry("m", "k").unwrap().unwrap().last_error.unwrap();
         assert_eq!(stored.chars().count(), MAX_ERROR_CHARS + 1);
     }

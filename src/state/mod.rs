@@ -824,12 +824,13 @@ pub fn copy_to_database(state_dir: &Path, dsn: &Dsn) -> Result<Vec<(&'static str
             "there is no SQLite state store here to copy (give its STATE_DIR with --from)".into(),
         ));
     }
-    let sqlite = StateStore::open_file(&file)?;
+    // Read-only and never upgraded: the SQLite file is left exactly as it was.
+    let source = sqlite::open_source(&file)?;
     let target = StateStore::open_database(dsn, state_dir)?;
-    let (Some(conn), Some(db)) = (sqlite.sqlite(), target.database()) else {
-        unreachable!("opened as SQLite and as a database");
+    let Some(db) = target.database() else {
+        unreachable!("opened as a database");
     };
-    db.copy_from(conn)
+    db.copy_from(&source)
 }
 
 /// `<id@host>` and ` id@host ` are the same Message-ID.

@@ -97,19 +97,28 @@ impl Owner {
     }
 
     /// Whether `other` (the recorded owner of a row) is known to be dead, judged from `self`'s
-    /// host. Only a process on this same machine and PID namespace can be judged: it is dead
-    /// when the machine rebooted since, its pid is gone or a zombie, or the pid now belongs to
-    /// a process started at another time. Anything else is presumed alive (the lease decides).
-    pub(crate) fn sees_dead(&self, other: &Owner) -> bool {
+    /// host. Only a process of the same running kernel (equal, known boot id) and PID
+    /// namespace can be judged: it is dead when its pid is gone or a zombie, or the pid now
+    /// belongs to a process started at another time. Anything else is presumed alive (the
+    /// lease decides): hostname, machine id and the PID namespace link do not tell machines
+    /// apart (cloned VMs, containers, every host's initial namespace), so another boot id may
+    /// well be another server with a live run.
+    ///
+    /// `local_store`: the store lives on this machine only (SQLite under `STATE_DIR`), so an
+    /// owner recorded with this host, machine id and namespace but another boot id can only be
+    /// this machine before a reboot, and every process of that boot is gone.
+    pub(crate) fn sees_dead(&self, other: &Owner, local_store: bool) -> bool {
         if other.host != self.host
             || other.machine_id != self.machine_id
             || other.pid_ns != self.pid_ns
+            || other.boot_id.is_empty()
+            || self.boot_id.is_empty()
         {
             return false;
         }
         if other.boot_id != self.boot_id {
-            // Same machine, another boot: every process of that boot is gone.
-            return !other.boot_id.is_empty() && !self.boot_id.is_empty();
+            // Same machine, another boot (only knowable for a store of this machine alone).
+            return local_store;
         }
         if other.run_id == self.run_id {
             return false;
@@ -186,9 +195,9 @@ mod tests {
         assert!(process_alive(me.pid(), me.start_ticks()));
         assert!(!process_alive(me.pid(), me.start_ticks() + 1));
         let impostor = me.sibling("other-run", me.pid(), me.start_ticks() + 1);
-        assert!(me.sees_dead(&impostor));
+        assert!(me.sees_dead(&impostor, false));
         let same_process_other_run = me.sibling("other-run", me.pid(), me.start_ticks());
-        assert!(!me.sees_dead(&same_process_other_run));
+        assert!(!me.sees_dead(&same_process_other_run, false));
     }
 
     #[test]
@@ -201,7 +210,7 @@ mod tests {
         let start = process_start_ticks(pid).expect("child has a start time");
         let me = Owner::new_run();
         let owner = me.sibling("child-run", pid, start);
-        assert!(!me.sees_dead(&owner));
+        assert!(!me.sees_dead(&owner, false));
         child.kill().expect("kill child");
         // Not reaped yet: the child is a zombie, which counts as dead.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -209,16 +218,17 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "child never died");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert!(me.sees_dead(&owner));
+        assert!(me.sees_dead(&owner, false));
         child.wait().expect("reap child");
-        assert!(me.sees_dead(&owner));
+        assert!(me.sees_dead(&owner, false));
     }
 
     #[test]
-    fn other_hosts_are_never_judged_but_a_reboot_is() {
+    fn other_hosts_are_never_judged_but_a_reboot_is_in_a_local_store() {
         let me = Owner::new_run();
         let remote = Owner::from_parts("r", "elsewhere", "m2", "b2", me.pid_ns(), 1, 1);
-        assert!(!me.sees_dead(&remote));
+        assert!(!me.sees_dead(&remote, false));
+        assert!(!me.sees_dead(&remote, true));
         let previous_boot = Owner::from_parts(
             "old",
             me.host(),
@@ -228,6 +238,9 @@ mod tests {
             me.pid(),
             me.start_ticks(),
         );
-        assert!(me.sees_dead(&previous_boot));
+        assert!(me.sees_dead(&previous_boot, true));
+        // In a shared store the same host name, machine id and namespace link may be another
+        // server (a cloned VM, a container): its run is alive until its lease runs out.
+        assert!(!me.sees_dead(&previous_boot, false));
     }
 }

@@ -176,6 +176,43 @@ impl From<rusqlite::Error> for MigrateError {
     }
 }
 
+/// Opens the SQLite store at `path` read-only, to be copied (`pcr-email-state migrate`): no
+/// file is created, no schema upgraded, no pragma written, so the file is left as it was. A
+/// store of another schema version is refused with what to do (an older one is upgraded by
+/// one run of this release with the SQLite store, then copied).
+pub(super) fn open_source(path: &Path) -> Result<Connection> {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+    let fail =
+        |e: rusqlite::Error| open_error(path, format!("cannot read the state database: {e}"));
+    let conn = Connection::open_with_flags(path, flags).map_err(fail)?;
+    conn.busy_timeout(Duration::from_secs(30)).map_err(fail)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(fail)?;
+    if version < SCHEMA_VERSION {
+        return Err(open_error(
+            path,
+            format!(
+                "its schema version {version} is older than this pcr_email's {SCHEMA_VERSION}, \
+                 and migrate leaves the SQLite file as it is: run one check of mail with \
+                 this release and without STATE_DSN to upgrade it, then migrate"
+            ),
+        ));
+    }
+    if version > SCHEMA_VERSION {
+        return Err(open_error(
+            path,
+            format!(
+                "its schema version {version} is newer than this pcr_email's {SCHEMA_VERSION}: \
+                 migrate with the release that wrote it"
+            ),
+        ));
+    }
+    Ok(conn)
+}
+
 /// Brings the schema from its `user_version` up to [`SCHEMA_VERSION`], one step at a time,
 /// inside one write transaction (a concurrent opener waits, then finds it done).
 pub(super) fn migrate(conn: &Connection) -> std::result::Result<(), MigrateError> {

@@ -1,6 +1,6 @@
 //! Copying a SQLite store into the database (`pcr-email-state migrate`).
 
-use mysql::Value;
+use mysql::{IsolationLevel, TxOpts, Value};
 use rusqlite::Connection;
 
 use super::{exec, first, id, MysqlStore, TABLES};
@@ -16,9 +16,22 @@ impl MysqlStore {
         let fail = |what: &str, e: rusqlite::Error| {
             Error::message(format!("cannot read the SQLite state store ({what}): {e}"))
         };
-        let rows = read_sqlite(from).map_err(|e| fail("its rows", e))?;
+        // One read transaction: a cron job still writing the SQLite store cannot make the copy
+        // mix rows from before and after one of its commits.
+        let rows = (|| {
+            let snapshot = from.unchecked_transaction()?;
+            let rows = read_sqlite(&snapshot)?;
+            snapshot.commit()?;
+            Ok(rows)
+        })()
+        .map_err(|e| fail("its rows", e))?;
         let mut refused = false;
-        let copied = self.run(super::NO_ACCOUNT, "copy the state store", |tx| {
+        // REPEATABLE READ whatever the server's default: there a locking read of an empty
+        // table locks its whole index (the gap up to its end), so a server writing meanwhile
+        // (a lease, a claim, a token) waits for the copy's commit instead of slipping a row in
+        // between the emptiness check and the copy.
+        let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::RepeatableRead));
+        let copied = self.run_with(opts, super::NO_ACCOUNT, "copy the state store", |tx| {
             for table in TABLES {
                 if first(
                     tx,

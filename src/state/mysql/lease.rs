@@ -2,10 +2,10 @@
 
 use mysql::Value;
 
-use super::{exec, first, get, id, MysqlStore};
+use super::{db_now, exec, first, get, id, MysqlStore};
 use crate::error::Result;
 use crate::state::ledger::{takeover, StoredOwner};
-use crate::state::{now_ms, Owner};
+use crate::state::Owner;
 
 impl MysqlStore {
     /// Takes the lease of mailbox `scope` for `owner` (see
@@ -15,11 +15,13 @@ impl MysqlStore {
         &self,
         scope: &str,
         owner: &Owner,
-        lease_until: i64,
+        lease_ms: i64,
     ) -> Result<Option<String>> {
         let rid = id(&[scope]);
         let start = i64::try_from(owner.start_ticks()).unwrap_or(i64::MAX);
         self.run(scope, "take the mailbox's lease", |tx| {
+            let now = db_now(tx)?;
+            let lease_until = now.saturating_add(lease_ms);
             let inserted = exec(
                 tx,
                 "INSERT INTO pcr_email_mailbox_leases (id, scope, owner_run, owner_host,
@@ -69,7 +71,7 @@ impl MysqlStore {
                 mailbox_ref: None,
             };
             let ours = held.run.as_deref() == Some(owner.run_id());
-            if !ours && takeover(&held, owner, now_ms()).is_none() {
+            if !ours && takeover(&held, owner, now, false).is_none() {
                 return Ok(Some(held.run.unwrap_or_default()));
             }
             exec(

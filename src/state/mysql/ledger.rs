@@ -5,11 +5,11 @@ use mysql::prelude::Queryable;
 use mysql::{Row, Value};
 
 use super::journal::{append_journal, Journaled};
-use super::{exec, first, get, id, MysqlStore, Tx};
+use super::{db_now, exec, first, get, id, MysqlStore, Tx};
 use crate::error::{Error, Result};
 use crate::state::ledger::{
-    entry_parts, takeover, truncate, Claim, LedgerCounts, LedgerEntry, LedgerOutcome, LedgerState,
-    Settled, StoredOwner, SKIPPED_PREFIX,
+    entry_parts, may_fail, takeover, truncate, Claim, LedgerCounts, LedgerEntry, LedgerOutcome,
+    LedgerState, Settled, StoredOwner, SKIPPED_PREFIX,
 };
 use crate::state::{now_ms, Owner};
 
@@ -45,11 +45,11 @@ impl MysqlStore {
         key: &str,
         mailbox_ref: Option<&str>,
         owner: &Owner,
-        lease_until: i64,
+        lease_ms: i64,
         renew: bool,
     ) -> Result<Claim> {
         self.run(account, "claim a message", |tx| {
-            claim_in(tx, account, key, mailbox_ref, owner, lease_until, renew)
+            claim_in(tx, account, key, mailbox_ref, owner, lease_ms, renew)
         })
     }
 
@@ -61,7 +61,7 @@ impl MysqlStore {
         key: &str,
         mailbox_ref: Option<&str>,
         owner: &Owner,
-        lease_until: i64,
+        lease_ms: i64,
         renew: bool,
     ) -> Result<Claim> {
         self.run(account, "record a message and claim the next", |tx| {
@@ -74,7 +74,7 @@ impl MysqlStore {
                 settled.sd_number.as_deref(),
                 None,
             )?;
-            claim_in(tx, account, key, mailbox_ref, owner, lease_until, renew)
+            claim_in(tx, account, key, mailbox_ref, owner, lease_ms, renew)
         })
     }
 
@@ -119,13 +119,13 @@ impl MysqlStore {
         result
     }
 
-    pub(crate) fn fail(&self, account: &str, key: &str, error: &str) -> Result<u32> {
+    pub(crate) fn fail(&self, account: &str, key: &str, owner: &Owner, error: &str) -> Result<u32> {
         let (now, error) = (now_ms(), truncate(error));
         let rid = id(&[account, key]);
         self.run(account, "record a failed message", |tx| {
             let row = first(
                 tx,
-                "SELECT state, attempts FROM pcr_email_ledger WHERE id=? FOR UPDATE",
+                "SELECT state, attempts, owner_run FROM pcr_email_ledger WHERE id=? FOR UPDATE",
                 p![rid],
             )?;
             match row {
@@ -142,7 +142,8 @@ impl MysqlStore {
                 Some(mut r) => {
                     let state: String = get(&mut r, 0)?;
                     let attempts: u32 = get(&mut r, 1)?;
-                    if state == "done" || state == "quarantined" {
+                    let run: Option<String> = get(&mut r, 2)?;
+                    if !may_fail(&state, run.as_deref(), owner) {
                         return Ok(attempts);
                     }
                     let attempts = attempts.saturating_add(1);
@@ -178,8 +179,9 @@ impl MysqlStore {
         })
     }
 
-    pub(crate) fn renew_lease(&self, owner: &Owner, lease_until: i64) -> Result<usize> {
+    pub(crate) fn renew_lease(&self, owner: &Owner, lease_ms: i64) -> Result<usize> {
         self.run(super::NO_ACCOUNT, "renew the run's lease", |tx| {
+            let lease_until = db_now(tx)?.saturating_add(lease_ms);
             exec(
                 tx,
                 "UPDATE pcr_email_mailbox_leases SET lease_until=? WHERE owner_run=?",
@@ -319,10 +321,11 @@ fn claim_in(
     key: &str,
     mailbox_ref: Option<&str>,
     owner: &Owner,
-    lease_until: i64,
+    lease_ms: i64,
     renew: bool,
 ) -> mysql::Result<Claim> {
-    let now = now_ms();
+    let now = db_now(tx)?;
+    let lease_until = now.saturating_add(lease_ms);
     if renew {
         exec(
             tx,
@@ -419,7 +422,7 @@ fn claim_in(
                 owner.pid(),
                 start,
                 lease_until,
-                now_ms(),
+                now,
                 rid
             ],
         )
@@ -439,7 +442,7 @@ fn claim_in(
                 attempts: row.attempts,
             })
         }
-        Some(LedgerState::InProgress) | None => match takeover(&row, owner, now) {
+        Some(LedgerState::InProgress) | None => match takeover(&row, owner, now, false) {
             None => Ok(Claim::Busy),
             Some((attempts, why)) => {
                 set_owner(tx, attempts, Some(&why))?;

@@ -17,7 +17,8 @@
 //! transaction (a few times); a lost connection is opened again once. The ledger's claim
 //! protocol is the SQLite one (see [`super::ledger`]): a claim is a lease, renewed while its
 //! run goes on, that another process takes over once it ran out (a process on another server
-//! cannot be seen dying) or at once when the holder was a process of this machine that is gone.
+//! cannot be seen dying, nor told apart from this one by host name or machine id) or at once
+//! when the holder was a process of this machine's running boot that is gone.
 //! A mailbox is leased the same way (`pcr_email_mailbox_leases`, see
 //! [`super::StateStore::take_mailbox`]): one run at a time reads it.
 //!
@@ -91,6 +92,14 @@ fn first(tx: Tx<'_, '_>, sql: &str, params: Vec<Value>) -> mysql::Result<Option<
 fn exec(tx: Tx<'_, '_>, sql: &str, params: Vec<Value>) -> mysql::Result<u64> {
     tx.exec_drop(sql, params)?;
     Ok(tx.affected_rows())
+}
+
+/// The database's clock in milliseconds: leases are written and compared on it, so that a
+/// server whose own clock runs ahead does not take over the live claims of another.
+fn db_now(tx: Tx<'_, '_>) -> mysql::Result<i64> {
+    let now: Option<i64> =
+        tx.query_first("SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)")?;
+    now.ok_or(mysql::Error::FromValueError(Value::NULL))
 }
 
 macro_rules! p {
@@ -177,6 +186,17 @@ impl MysqlStore {
         &self,
         account: &str,
         what: &str,
+        f: impl FnMut(Tx<'_, '_>) -> mysql::Result<T>,
+    ) -> Result<T> {
+        self.run_with(TxOpts::default(), account, what, f)
+    }
+
+    /// [`Self::run`] with these transaction options (an isolation level).
+    fn run_with<T>(
+        &self,
+        opts: TxOpts,
+        account: &str,
+        what: &str,
         mut f: impl FnMut(Tx<'_, '_>) -> mysql::Result<T>,
     ) -> Result<T> {
         let mut reconnected = false;
@@ -184,7 +204,7 @@ impl MysqlStore {
         loop {
             let result = (|| {
                 let mut conn = self.connection()?;
-                let mut tx = conn.start_transaction(TxOpts::default())?;
+                let mut tx = conn.start_transaction(opts)?;
                 let value = f(&mut tx)?;
                 tx.commit()?;
                 Ok(value)

@@ -113,8 +113,44 @@ pub const TABLES: &[&str] = &[
     "pcr_email_mailbox_leases",
 ];
 
-/// Creates or upgrades the tables, once per process and database, under a named lock so
-/// that two servers starting at once do not both upgrade.
+/// The schema version recorded in the database, or 0 when it has no `pcr_email_schema` table
+/// yet (a plain read: no CREATE privilege needed, nothing written).
+fn recorded_version(conn: &mut Conn) -> mysql::Result<i64> {
+    match conn.exec_first::<i64, _, _>(
+        "SELECT version FROM pcr_email_schema WHERE name='state'",
+        (),
+    ) {
+        Ok(v) => Ok(v.unwrap_or(0)),
+        // ER_NO_SUCH_TABLE: a database this extension has not used yet.
+        Err(mysql::Error::MySqlError(e)) if e.code == 1146 => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+fn schema_error(message: String) -> mysql::Error {
+    mysql::Error::MySqlError(mysql::MySqlError {
+        state: "HY000".into(),
+        message,
+        code: 0,
+    })
+}
+
+/// Refuses tables made by a newer release: its code may rely on columns or rows this one
+/// would not maintain (a rolling upgrade must upgrade every server, see the README).
+fn check_not_newer(version: i64) -> mysql::Result<()> {
+    if version > MYSQL_SCHEMA_VERSION {
+        return Err(schema_error(format!(
+            "this server's pcr_email is older than the database's tables (its schema version \
+             {MYSQL_SCHEMA_VERSION}, the pcr_email_ tables' {version}): upgrade it"
+        )));
+    }
+    Ok(())
+}
+
+/// Creates or upgrades the tables, once per process and database. A database already at this
+/// version costs one SELECT: no CREATE, no write, no lock (the account of a running site may
+/// lack CREATE once the tables exist). Creating or upgrading happens under a named lock so
+/// that two servers starting at once do not both do it.
 pub(super) fn migrate(conn: &mut Conn, dsn: &Dsn) -> mysql::Result<()> {
     let label = dsn.label();
     if MIGRATED
@@ -124,6 +160,19 @@ pub(super) fn migrate(conn: &mut Conn, dsn: &Dsn) -> mysql::Result<()> {
     {
         return Ok(());
     }
+    let version = recorded_version(conn)?;
+    check_not_newer(version)?;
+    if version < MYSQL_SCHEMA_VERSION {
+        create_or_upgrade(conn, dsn)?;
+    }
+    MIGRATED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(label);
+    Ok(())
+}
+
+fn create_or_upgrade(conn: &mut Conn, dsn: &Dsn) -> mysql::Result<()> {
     let lock = lock_name("migrate", &dsn.database);
     let got: Option<Option<i64>> = conn.exec_first("SELECT GET_LOCK(?, ?)", (&lock, 60))?;
     if got.flatten() != Some(1) {
@@ -134,6 +183,12 @@ pub(super) fn migrate(conn: &mut Conn, dsn: &Dsn) -> mysql::Result<()> {
         }));
     }
     let result = (|| {
+        // Another server may have done it while we waited for the lock.
+        let version = recorded_version(conn)?;
+        check_not_newer(version)?;
+        if version >= MYSQL_SCHEMA_VERSION {
+            return Ok(());
+        }
         conn.query_drop(
             "CREATE TABLE IF NOT EXISTS pcr_email_schema (
                 name VARCHAR(64) NOT NULL PRIMARY KEY,
@@ -141,21 +196,6 @@ pub(super) fn migrate(conn: &mut Conn, dsn: &Dsn) -> mysql::Result<()> {
                 updated_at BIGINT NOT NULL
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
         )?;
-        let version: Option<i64> = conn.exec_first(
-            "SELECT version FROM pcr_email_schema WHERE name='state'",
-            (),
-        )?;
-        let version = version.unwrap_or(0);
-        if version > MYSQL_SCHEMA_VERSION {
-            return Err(mysql::Error::MySqlError(mysql::MySqlError {
-                state: "HY000".into(),
-                message: format!(
-                    "the pcr_email_ tables have schema version {version}, newer than this \
-                     extension's {MYSQL_SCHEMA_VERSION}; upgrade the extension"
-                ),
-                code: 0,
-            }));
-        }
         if version < 1 {
             for sql in SCHEMA_V1 {
                 conn.query_drop(sql)?;
@@ -169,10 +209,5 @@ pub(super) fn migrate(conn: &mut Conn, dsn: &Dsn) -> mysql::Result<()> {
         Ok(())
     })();
     let _ = conn.exec_drop("DO RELEASE_LOCK(?)", (&lock,));
-    result?;
-    MIGRATED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(label);
-    Ok(())
+    result
 }

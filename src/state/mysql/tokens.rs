@@ -44,14 +44,24 @@ impl MysqlStore {
             let Some(version) = decide(current) else {
                 return Ok(None);
             };
-            exec(
-                tx,
-                "INSERT INTO pcr_email_tokens (id, account, kind, value, expires_at, version,
-                   updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)
-                 ON DUPLICATE KEY UPDATE value=VALUES(value), expires_at=VALUES(expires_at),
-                   version=VALUES(version), updated_at=VALUES(updated_at)",
-                p![rid, account, kind, value, expires_at, version, now_ms()],
-            )?;
+            if current.is_some() {
+                exec(
+                    tx,
+                    "UPDATE pcr_email_tokens SET value=?, expires_at=?, version=?, updated_at=?
+                     WHERE id=?",
+                    p![value, expires_at, version, now_ms(), rid],
+                )?;
+            } else {
+                // No row to lock yet: a plain insert, so that of two first writes the second
+                // meets the first's row (a duplicate key, retried: it then sees its version)
+                // instead of overwriting it.
+                exec(
+                    tx,
+                    "INSERT INTO pcr_email_tokens (id, account, kind, value, expires_at, version,
+                       updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    p![rid, account, kind, value, expires_at, version, now_ms()],
+                )?;
+            }
             Ok(Some(version))
         })
     }
