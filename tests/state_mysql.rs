@@ -596,7 +596,7 @@ fn migrate_copies_daily_alerts_and_leaves_the_sqlite_file_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
     {
-        let s = StateStore::open(&state_dir).unwrap();
+        let s = StateStore::open(&state_dir, None).unwrap();
         assert!(s.once_per_day("imap 7 unreachable").unwrap());
         assert!(s.alert_once("told sysadmin").unwrap());
     }
@@ -629,7 +629,7 @@ fn migrate_refuses_an_older_sqlite_store_and_leaves_it_unchanged() {
     let db = test_db("migold");
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
-    drop(StateStore::open(&state_dir).unwrap());
+    drop(StateStore::open(&state_dir, None).unwrap());
     let file = state_dir.join("pcr_email.sqlite");
     {
         // A store last written by an older release (schema version 1).
@@ -654,7 +654,7 @@ fn migrate_refuses_a_database_whose_only_rows_are_mailbox_leases() {
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
     {
-        let s = StateStore::open(&state_dir).unwrap();
+        let s = StateStore::open(&state_dir, None).unwrap();
         s.set_kv("gmail-history", "8", "12345").unwrap();
     }
     // A server already running against the database holds a mailbox, nothing else.
