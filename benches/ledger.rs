@@ -91,7 +91,7 @@ fn run(store: &StateStore, run: usize, count: usize) -> f64 {
 fn main() {
     let o = options();
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = StateStore::open(dir.path()).expect("state store");
+    let store = StateStore::open(dir.path(), None).expect("state store");
     // The ledger of earlier runs, in runs of 2000.
     let mut runs = 0;
     while runs * o.messages < o.existing {

@@ -301,7 +301,7 @@ impl State {
         }
     }
     fn store(&self) -> StateStore {
-        StateStore::open(self.dir.path()).unwrap()
+        StateStore::open(self.dir.path(), None).unwrap()
     }
 }
 
@@ -319,6 +319,7 @@ fn run(a: &Account, state: &State, relay: Option<&Relay>, how: Run) -> Cost {
     let before = relay.map(|r| r.lines().len());
     let env = OAuthEnv {
         state_dir: state.dir.path().to_path_buf(),
+        state_dsn: None,
         key_file: state.dir.path().join("key"),
     };
     let start = Instant::now();

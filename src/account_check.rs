@@ -298,7 +298,7 @@ pub fn check_token_sign_in(ctx: &Context<'_>, account: &Account) -> TokenSignIn 
 /// counts its messages; changes nothing in the mailbox.
 pub fn check_incoming(ctx: &Context<'_>, account: &Account) -> IncomingCheck {
     let protocol = account.incoming.as_ref().map(|i| i.mailbox.as_str());
-    let checked = StateStore::open(&ctx.settings.state_dir)
+    let checked = StateStore::open(&ctx.settings.state_dir, ctx.settings.state_dsn.as_ref())
         .and_then(|state| crate::incoming::open(account, &ctx.oauth_env(), state))
         .and_then(|mut mailbox| {
             let count = mailbox.count();

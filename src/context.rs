@@ -186,7 +186,9 @@ impl Context<'_> {
         }
         let store = match asked {
             true => None,
-            false => StateStore::open(&self.settings.state_dir).ok(),
+            false => {
+                StateStore::open(&self.settings.state_dir, self.settings.state_dsn.as_ref()).ok()
+            }
         };
         for warning in warnings {
             let logged_today = store

@@ -474,7 +474,7 @@ fn record_sent(
     let Some(sd) = sd_number else {
         return;
     };
-    let recorded = StateStore::open(&ctx.settings.state_dir)
+    let recorded = StateStore::open(&ctx.settings.state_dir, ctx.settings.state_dsn.as_ref())
         .and_then(|s| s.record_sent(&built.message_id, sd, &account.id.to_string()));
     if let Err(e) = recorded {
         let text = format!("pcr_email: the sent Message-ID could not be recorded: {e}");

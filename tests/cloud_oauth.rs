@@ -514,9 +514,10 @@ fn tokens_survive_a_new_store_connection_and_are_not_readable_without_the_key() 
     // Another key file cannot use the stored tokens: a clear configuration error.
     let other = OAuthEnv {
         state_dir: env.env.state_dir.clone(),
+        state_dsn: None,
         key_file: env.dir.path().join("other.key"),
     };
-    let _ = StateStore::open(&other.state_dir).unwrap();
+    let _ = StateStore::open(&other.state_dir, None).unwrap();
     let err = manager(&a, &other).access_token().unwrap_err();
     assert!(matches!(err, Error::Config { .. }), "{err}");
 }

@@ -98,7 +98,7 @@ impl State {
         }
     }
     fn store(&self) -> StateStore {
-        StateStore::open(self.dir.path()).unwrap()
+        StateStore::open(self.dir.path(), None).unwrap()
     }
 }
 
@@ -953,6 +953,7 @@ fn the_test_proxy_strips_capabilities_cleanly() {
 fn no_oauth() -> pcr_email::oauth::OAuthEnv {
     pcr_email::oauth::OAuthEnv {
         state_dir: std::env::temp_dir().join("pcr-email-unused-state"),
+        state_dsn: None,
         key_file: std::env::temp_dir().join("pcr-email-unused.key"),
     }
 }

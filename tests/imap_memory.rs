@@ -85,7 +85,7 @@ fn downloading_many_large_messages_holds_about_one_at_a_time() {
         oauth: None,
     };
     let mut mailbox =
-        ImapMailbox::connect(&account, StateStore::open(state.path()).unwrap()).unwrap();
+        ImapMailbox::connect(&account, StateStore::open(state.path(), None).unwrap()).unwrap();
     let listed = mailbox.list().unwrap();
     assert_eq!(listed.len(), COUNT);
     let largest = listed.iter().map(|l| l.size as usize).max().unwrap();

@@ -36,7 +36,7 @@ impl Fixture {
     }
 
     fn state(&self) -> StateStore {
-        StateStore::open(&self.state_dir).unwrap()
+        StateStore::open(&self.state_dir, None).unwrap()
     }
 
     fn account(&self, action: ProcessedAction) -> Account {
@@ -324,6 +324,7 @@ fn open_dispatches_to_maildir() {
 fn no_oauth() -> pcr_email::oauth::OAuthEnv {
     pcr_email::oauth::OAuthEnv {
         state_dir: std::env::temp_dir().join("pcr-email-unused-state"),
+        state_dsn: None,
         key_file: std::env::temp_dir().join("pcr-email-unused.key"),
     }
 }

@@ -69,7 +69,7 @@ impl Fixture {
     fn open(&self, action: ProcessedAction) -> MboxMailbox {
         MboxMailbox::open(
             &self.account(action, Duration::from_secs(10)),
-            StateStore::open(&self.state_dir).unwrap(),
+            StateStore::open(&self.state_dir, None).unwrap(),
         )
         .unwrap()
     }
@@ -310,7 +310,7 @@ fn move_and_quarantine_append_to_sibling_mbox_files() {
         &f.dir.path().join("Done"),
         ProcessedAction::Seen,
         Duration::from_secs(5),
-        StateStore::open(&f.state_dir).unwrap(),
+        StateStore::open(&f.state_dir, None).unwrap(),
     )
     .unwrap();
     assert_eq!(done.count().unwrap(), 2);
@@ -329,7 +329,7 @@ fn move_and_quarantine_append_to_sibling_mbox_files() {
     for bad in ["../elsewhere", "servicedesk", "."] {
         let e = MboxMailbox::open(
             &f.account(ProcessedAction::Move(bad.into()), Duration::from_secs(1)),
-            StateStore::open(&f.state_dir).unwrap(),
+            StateStore::open(&f.state_dir, None).unwrap(),
         )
         .unwrap_err();
         assert!(e.to_string().contains("PROCESSED_ACTION"), "{bad}: {e}");
@@ -343,7 +343,7 @@ fn the_delivery_agents_locks_are_honoured_and_a_stale_dot_lock_is_broken() {
     let quick = |f: &Fixture| {
         MboxMailbox::open(
             &f.account(ProcessedAction::Delete, Duration::from_secs(1)),
-            StateStore::open(&f.state_dir).unwrap(),
+            StateStore::open(&f.state_dir, None).unwrap(),
         )
         .unwrap()
     };
@@ -448,9 +448,10 @@ fn missing_files_directories_and_files_that_are_no_mbox() {
         &gone,
         &pcr_email::oauth::OAuthEnv {
             state_dir: f.state_dir.clone(),
+            state_dsn: None,
             key_file: f.dir.path().join("key"),
         },
-        StateStore::open(&f.state_dir).unwrap(),
+        StateStore::open(&f.state_dir, None).unwrap(),
     )
     .err()
     .unwrap();
@@ -458,7 +459,7 @@ fn missing_files_directories_and_files_that_are_no_mbox() {
 
     let mut dir = f.account(ProcessedAction::Seen, Duration::from_secs(1));
     dir.incoming.as_mut().unwrap().path = Some(f.dir.path().to_path_buf());
-    let e = MboxMailbox::open(&dir, StateStore::open(&f.state_dir).unwrap()).unwrap_err();
+    let e = MboxMailbox::open(&dir, StateStore::open(&f.state_dir, None).unwrap()).unwrap_err();
     assert!(e.to_string().contains("is a directory"), "{e}");
 
     fs::write(&f.mbox, "Subject: not an mbox\n\ntext\n").unwrap();
@@ -475,7 +476,8 @@ fn a_symlinked_path_locks_the_real_file() {
     fs::write(f.dir.path().join("servicedesk.lock"), b"").unwrap();
     let mut account = f.account(ProcessedAction::Seen, Duration::from_secs(1));
     account.incoming.as_mut().unwrap().path = Some(link.clone());
-    let mut mailbox = MboxMailbox::open(&account, StateStore::open(&f.state_dir).unwrap()).unwrap();
+    let mut mailbox =
+        MboxMailbox::open(&account, StateStore::open(&f.state_dir, None).unwrap()).unwrap();
     let e = mailbox.list().unwrap_err();
     assert!(e.to_string().contains("locked"), "{e}");
     assert!(!Path::new(&format!("{}.lock", link.display())).exists());

@@ -235,6 +235,7 @@ fn missing_sendmail_binary_is_a_clear_error() {
 fn no_oauth() -> pcr_email::oauth::OAuthEnv {
     pcr_email::oauth::OAuthEnv {
         state_dir: std::env::temp_dir().join("pcr-email-unused-state"),
+        state_dsn: None,
         key_file: std::env::temp_dir().join("pcr-email-unused.key"),
     }
 }

@@ -638,6 +638,7 @@ fn a_reply_slower_than_the_timeout_after_data_is_reported_as_uncertain() {
 fn no_oauth() -> pcr_email::oauth::OAuthEnv {
     pcr_email::oauth::OAuthEnv {
         state_dir: std::env::temp_dir().join("pcr-email-unused-state"),
+        state_dsn: None,
         key_file: std::env::temp_dir().join("pcr-email-unused.key"),
     }
 }

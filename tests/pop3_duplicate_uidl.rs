@@ -113,7 +113,7 @@ fn account(port: u16) -> Account {
 fn a_repeated_uidl_is_reported_and_only_its_first_message_is_processed() {
     let (port, commands) = serve();
     let dir = tempfile::tempdir().unwrap();
-    let state = StateStore::open(dir.path()).unwrap();
+    let state = StateStore::open(dir.path(), None).unwrap();
     let mut mailbox = Pop3Mailbox::connect(&account(port), state).unwrap();
 
     let listed: Vec<String> = mailbox.list().unwrap().into_iter().map(|l| l.id).collect();

@@ -99,7 +99,7 @@ fn state() -> (tempfile::TempDir, PathBuf) {
 }
 
 fn connect(ssl: SslMode, state_dir: &Path) -> Pop3Mailbox {
-    Pop3Mailbox::connect(&account(ssl), StateStore::open(state_dir).unwrap())
+    Pop3Mailbox::connect(&account(ssl), StateStore::open(state_dir, None).unwrap())
         .unwrap_or_else(|e| panic!("connect: {e}"))
 }
 
@@ -172,7 +172,7 @@ fn stls_skipped_and_quarantined_messages_stay_but_are_not_listed_again() {
     let mut again = incoming::open(
         &account(SslMode::StartTls),
         &no_oauth(),
-        StateStore::open(&state_dir).unwrap(),
+        StateStore::open(&state_dir, None).unwrap(),
     )
     .unwrap();
     assert_eq!(again.protocol(), "POP3");
@@ -221,7 +221,8 @@ fn a_wrong_password_is_an_auth_error_that_does_not_show_it() {
     let mut account = account(SslMode::Ssl);
     let wrong = "Wr0ng-Pop3-Secret";
     account.password = Some(Secret::new(wrong));
-    let err = Pop3Mailbox::connect(&account, StateStore::open(&state_dir).unwrap()).unwrap_err();
+    let err =
+        Pop3Mailbox::connect(&account, StateStore::open(&state_dir, None).unwrap()).unwrap_err();
     let text = format!("{err} {err:?}");
     assert!(matches!(err, Error::Auth { .. }), "{text}");
     assert!(!text.contains(wrong), "{text}");
@@ -231,6 +232,7 @@ fn a_wrong_password_is_an_auth_error_that_does_not_show_it() {
 fn no_oauth() -> pcr_email::oauth::OAuthEnv {
     pcr_email::oauth::OAuthEnv {
         state_dir: std::env::temp_dir().join("pcr-email-unused-state"),
+        state_dsn: None,
         key_file: std::env::temp_dir().join("pcr-email-unused.key"),
     }
 }

@@ -230,7 +230,7 @@ fn imap_account(port: u16) -> Account {
 
 fn imap_connect(port: u16, tokens: &Arc<Tokens>) -> pcr_email::Result<ImapMailbox> {
     let dir = tempfile::tempdir().unwrap();
-    let state = StateStore::open(dir.path()).unwrap();
+    let state = StateStore::open(dir.path(), None).unwrap();
     ImapMailbox::connect_with(&imap_account(port), state, bearer(tokens))
 }
 
@@ -429,7 +429,7 @@ fn imap_a_server_without_token_mechanisms_is_named_clearly() {
 
 fn pop3_connect(port: u16, tokens: &Arc<Tokens>) -> pcr_email::Result<Pop3Mailbox> {
     let dir = tempfile::tempdir().unwrap();
-    let state = StateStore::open(dir.path()).unwrap();
+    let state = StateStore::open(dir.path(), None).unwrap();
     let account = account(Some((MailboxType::Pop3, port)), None);
     Pop3Mailbox::connect_with(&account, state, bearer(tokens))
 }

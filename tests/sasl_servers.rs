@@ -299,7 +299,7 @@ fn imap_signs_in_with_tokens_over_starttls_and_imaps() {
         let acc = account(&user, Some(incoming(MailboxType::Imap, port, ssl)), None);
         four_cases("IMAP", "IMAP.AccessAsApp", &|tokens| {
             let dir = tempfile::tempdir().unwrap();
-            let state = StateStore::open(dir.path()).unwrap();
+            let state = StateStore::open(dir.path(), None).unwrap();
             let mut mailbox = ImapMailbox::connect_with(&acc, state, bearer(&user, tokens))?;
             let count = mailbox.count()?;
             assert!(count >= 1, "{count}");
@@ -319,7 +319,7 @@ fn pop3_signs_in_with_tokens_over_stls_and_pop3s() {
         let acc = account(&user, Some(incoming(MailboxType::Pop3, port, ssl)), None);
         four_cases("POP3", "POP.AccessAsApp", &|tokens| {
             let dir = tempfile::tempdir().unwrap();
-            let state = StateStore::open(dir.path()).unwrap();
+            let state = StateStore::open(dir.path(), None).unwrap();
             let mut mailbox = Pop3Mailbox::connect_with(&acc, state, bearer(&user, tokens))?;
             let count = mailbox.count()?;
             Box::new(mailbox).finish()?;

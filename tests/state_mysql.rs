@@ -568,7 +568,7 @@ fn the_ini_state_dsn_with_an_encrypted_password_moves_the_store_into_the_databas
     .unwrap();
     let settings = pcr_email::config::Settings::load(&ini, "production").unwrap();
     assert!(settings.state_dsn.is_some());
-    let s = StateStore::open(&settings.state_dir).unwrap();
+    let s = StateStore::open(&settings.state_dir, settings.state_dsn.as_ref()).unwrap();
     assert!(s.location().starts_with("mysql://"), "{}", s.location());
     s.alert_once("via the ini").unwrap();
     assert!(!dir.path().join("state").join("pcr_email.sqlite").exists());
@@ -584,7 +584,7 @@ fn the_ini_state_dsn_with_an_encrypted_password_moves_the_store_into_the_databas
     )
     .unwrap();
     let settings = pcr_email::config::Settings::load(&ini, "production").unwrap();
-    let s = StateStore::open(&settings.state_dir).unwrap();
+    let s = StateStore::open(&settings.state_dir, settings.state_dsn.as_ref()).unwrap();
     assert!(
         s.location().ends_with("pcr_email.sqlite"),
         "{}",
@@ -598,7 +598,7 @@ fn migrate_copies_a_sqlite_store_once_and_refuses_a_filled_database() {
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
     {
-        let s = StateStore::open(&state_dir).unwrap();
+        let s = StateStore::open(&state_dir, None).unwrap();
         let run = Owner::new_run();
         for i in 0..50 {
             let key = format!("<old{i}@x>");
@@ -732,7 +732,7 @@ fn migrate_copies_daily_alerts_and_leaves_the_sqlite_file_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
     {
-        let s = StateStore::open(&state_dir).unwrap();
+        let s = StateStore::open(&state_dir, None).unwrap();
         assert!(s.once_per_day("imap 7 unreachable").unwrap());
         assert!(s.alert_once("told sysadmin").unwrap());
     }
@@ -765,7 +765,7 @@ fn migrate_refuses_an_older_sqlite_store_and_leaves_it_unchanged() {
     let db = test_db("migold");
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
-    drop(StateStore::open(&state_dir).unwrap());
+    drop(StateStore::open(&state_dir, None).unwrap());
     let file = state_dir.join("pcr_email.sqlite");
     {
         // A store last written by an older release (schema version 1).
@@ -790,7 +790,7 @@ fn migrate_refuses_a_database_whose_only_rows_are_mailbox_leases() {
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
     {
-        let s = StateStore::open(&state_dir).unwrap();
+        let s = StateStore::open(&state_dir, None).unwrap();
         s.set_kv("gmail-history", "8", "12345").unwrap();
     }
     // A server already running against the database holds a mailbox, nothing else.
@@ -835,7 +835,7 @@ fn a_mailbox_is_read_by_one_run_at_a_time_and_a_dead_run_loses_it() {
     assert_eq!(short.take_mailbox("imap:desk", &gone).unwrap(), None);
     assert_eq!(other.take_mailbox("imap:desk", &me).unwrap(), None);
     // With SQLite (one server) every run may read: its messages' claims keep runs apart.
-    let sqlite = StateStore::open(&dir.path().join("sqlite")).unwrap();
+    let sqlite = StateStore::open(&dir.path().join("sqlite"), None).unwrap();
     assert_eq!(sqlite.take_mailbox("imap:desk", &remote).unwrap(), None);
     assert_eq!(sqlite.take_mailbox("imap:desk", &me).unwrap(), None);
 }
@@ -901,7 +901,7 @@ fn migrate_takes_the_state_dir_and_an_encrypted_dsn_from_the_ini() {
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
     {
-        let s = StateStore::open(&state_dir).unwrap();
+        let s = StateStore::open(&state_dir, None).unwrap();
         let run = Owner::new_run();
         s.claim("9", "<a@x>", None, &run).unwrap();
         s.complete("9", "<a@x>", "threaded", Some("SO1")).unwrap();

@@ -87,7 +87,7 @@ fn key(i: usize) -> String {
 fn race_child() {
     let dir = child_dir();
     let worker: usize = env::var(WORKER).unwrap().parse().unwrap();
-    let store = StateStore::open(&dir).unwrap();
+    let store = StateStore::open(&dir, None).unwrap();
     let run = Owner::new_run();
     fs::write(dir.join(format!("ready-{worker}")), "").unwrap();
     while !dir.join("go").exists() {
@@ -199,7 +199,7 @@ fn each_message_is_claimed_by_exactly_one_of_eight_racing_processes() {
         (0..KEYS).collect::<BTreeSet<_>>(),
         "every key was claimed"
     );
-    let store = StateStore::open(&dir).unwrap();
+    let store = StateStore::open(&dir, None).unwrap();
     for (i, w) in &winner {
         let e = store.entry(ACCOUNT, &key(*i)).unwrap().unwrap();
         assert_eq!(e.state, LedgerState::Done);
@@ -219,7 +219,7 @@ fn each_message_is_claimed_by_exactly_one_of_eight_racing_processes() {
 /// Child: claims ten keys, says so, then waits to be killed while owning them.
 fn holder_child() {
     let dir = child_dir();
-    let store = StateStore::open(&dir).unwrap();
+    let store = StateStore::open(&dir, None).unwrap();
     let run = Owner::new_run();
     for i in 0..10 {
         assert_eq!(
@@ -242,7 +242,7 @@ fn claims_of_a_process_killed_with_sigkill_are_taken_over_at_once() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    let store = StateStore::open(&dir).unwrap();
+    let store = StateStore::open(&dir, None).unwrap();
     assert_eq!(store.lease(), Duration::from_secs(15 * 60));
     let mut children = Children(vec![spawn(
         "claims_of_a_process_killed_with_sigkill_are_taken_over_at_once",
@@ -298,7 +298,7 @@ fn claims_of_a_process_killed_with_sigkill_are_taken_over_at_once() {
 /// until it is killed.
 fn writer_child() {
     let dir = child_dir();
-    let store = StateStore::open(&dir).unwrap();
+    let store = StateStore::open(&dir, None).unwrap();
     let run = Owner::new_run();
     let mut progress = fs::OpenOptions::new()
         .create(true)
@@ -328,7 +328,7 @@ fn a_kill_in_the_middle_of_writing_loses_no_committed_message() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    drop(StateStore::open(&dir).unwrap());
+    drop(StateStore::open(&dir, None).unwrap());
     let mut children = Children(vec![spawn(
         "a_kill_in_the_middle_of_writing_loses_no_committed_message",
         "writer",
@@ -362,7 +362,7 @@ fn a_kill_in_the_middle_of_writing_loses_no_committed_message() {
     assert_eq!(check, "ok");
     drop(conn);
 
-    let store = StateStore::open(&dir).unwrap();
+    let store = StateStore::open(&dir, None).unwrap();
     for i in &reported {
         let e = store.entry(ACCOUNT, &key(*i)).unwrap().unwrap();
         assert_eq!(e.state, LedgerState::Done, "committed key {i} survived");

@@ -34,10 +34,10 @@ fn remote_owner(name: &str) -> Owner {
 #[test]
 fn a_live_owner_keeps_its_claim_until_its_lease_runs_out() {
     let tmp = tempfile::tempdir().unwrap();
-    let short = StateStore::open(tmp.path())
+    let short = StateStore::open(tmp.path(), None)
         .unwrap()
         .with_lease(Duration::from_millis(600));
-    let other = StateStore::open(tmp.path()).unwrap();
+    let other = StateStore::open(tmp.path(), None).unwrap();
     let remote = remote_owner("remote-run");
     let me = Owner::new_run();
 
@@ -65,7 +65,7 @@ fn a_live_owner_keeps_its_claim_until_its_lease_runs_out() {
 #[test]
 fn a_claim_renews_all_leases_of_its_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = StateStore::open(tmp.path())
+    let s = StateStore::open(tmp.path(), None)
         .unwrap()
         .with_lease(Duration::from_millis(500));
     let remote = remote_owner("remote-run");
@@ -84,7 +84,7 @@ fn a_claim_renews_all_leases_of_its_run() {
 #[test]
 fn a_run_from_a_previous_boot_of_this_machine_is_dead_at_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = StateStore::open(tmp.path()).unwrap();
+    let s = StateStore::open(tmp.path(), None).unwrap();
     let me = Owner::new_run();
     let before_reboot = Owner::from_parts(
         "before-reboot",
@@ -105,7 +105,7 @@ fn a_run_from_a_previous_boot_of_this_machine_is_dead_at_once() {
 #[test]
 fn a_recycled_pid_does_not_keep_a_dead_runs_claim() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = StateStore::open(tmp.path()).unwrap();
+    let s = StateStore::open(tmp.path(), None).unwrap();
     let me = Owner::new_run();
     // Our own pid, but recorded with another start time: the pid was reused by this process.
     let previous = me.sibling("old-run", me.pid(), me.start_ticks().saturating_sub(1));
@@ -119,7 +119,7 @@ fn a_recycled_pid_does_not_keep_a_dead_runs_claim() {
 #[test]
 fn a_message_that_keeps_killing_its_run_reaches_the_quarantine_threshold() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = StateStore::open(tmp.path()).unwrap();
+    let s = StateStore::open(tmp.path(), None).unwrap();
     let me = Owner::new_run();
     let mut last = None;
     for n in 0..3u64 {
@@ -144,8 +144,8 @@ fn a_message_that_keeps_killing_its_run_reaches_the_quarantine_threshold() {
 #[test]
 fn a_slower_token_refresh_never_overwrites_a_newer_token() {
     let tmp = tempfile::tempdir().unwrap();
-    let a = StateStore::open(tmp.path()).unwrap();
-    let b = StateStore::open(tmp.path()).unwrap();
+    let a = StateStore::open(tmp.path(), None).unwrap();
+    let b = StateStore::open(tmp.path(), None).unwrap();
     assert_eq!(a.load_token("7", "refresh").unwrap(), None);
     assert!(a
         .save_token_if_newer("7", "refresh", "ENC:newer", Some(100), 2000)
@@ -173,7 +173,7 @@ fn a_slower_token_refresh_never_overwrites_a_newer_token() {
             let dir = dir.clone();
             let barrier = barrier.clone();
             thread::spawn(move || {
-                let s = StateStore::open(&dir).unwrap();
+                let s = StateStore::open(&dir, None).unwrap();
                 barrier.wait();
                 for i in 0..40i64 {
                     let version = 10_000 + i * 6 + t;
@@ -206,7 +206,7 @@ fn compare_and_swap_loses_no_update_under_contention() {
             let dir = dir.clone();
             let barrier = barrier.clone();
             thread::spawn(move || {
-                let s = StateStore::open(&dir).unwrap();
+                let s = StateStore::open(&dir, None).unwrap();
                 barrier.wait();
                 let mut lost_races = 0;
                 for _ in 0..rounds {
@@ -233,7 +233,7 @@ fn compare_and_swap_loses_no_update_under_contention() {
         })
         .collect();
     let lost: u32 = handles.into_iter().map(|h| h.join().unwrap()).sum();
-    let s = StateStore::open(&dir).unwrap();
+    let s = StateStore::open(&dir, None).unwrap();
     let t = s.load_token("7", "counter").unwrap().unwrap();
     assert_eq!(t.value.expose(), (threads * rounds).to_string());
     eprintln!("compare-and-swap retries: {lost}");
@@ -256,8 +256,8 @@ fn compare_and_swap_loses_no_update_under_contention() {
 #[test]
 fn a_pending_authorization_is_taken_once_and_expires() {
     let tmp = tempfile::tempdir().unwrap();
-    let a = StateStore::open(tmp.path()).unwrap();
-    let b = StateStore::open(tmp.path()).unwrap();
+    let a = StateStore::open(tmp.path(), None).unwrap();
+    let b = StateStore::open(tmp.path(), None).unwrap();
     let data = r#"{"recid":7,"verifier":"pkce-verifier-value","redirect":"https://x/cb"}"#;
     a.put_pending_auth("state-1", data, now_secs() + 600)
         .unwrap();
@@ -293,7 +293,7 @@ fn a_pending_authorization_is_taken_once_and_expires() {
 #[test]
 fn a_pending_authorization_raced_by_two_callbacks_is_given_to_one() {
     let tmp = tempfile::tempdir().unwrap();
-    StateStore::open(tmp.path())
+    StateStore::open(tmp.path(), None)
         .unwrap()
         .put_pending_auth("st", "data", now_secs() + 600)
         .unwrap();
@@ -303,7 +303,7 @@ fn a_pending_authorization_raced_by_two_callbacks_is_given_to_one() {
             let dir = tmp.path().to_path_buf();
             let barrier = barrier.clone();
             thread::spawn(move || {
-                let s = StateStore::open(&dir).unwrap();
+                let s = StateStore::open(&dir, None).unwrap();
                 barrier.wait();
                 matches!(s.take_pending_auth("st").unwrap(), PendingAuth::Valid(_))
             })
@@ -326,7 +326,7 @@ fn an_alert_is_raised_once_across_connections() {
             let dir = tmp.path().to_path_buf();
             let barrier = barrier.clone();
             thread::spawn(move || {
-                let s = StateStore::open(&dir).unwrap();
+                let s = StateStore::open(&dir, None).unwrap();
                 barrier.wait();
                 s.alert_once("quarantine:7:<poison@x>").unwrap()
             })
@@ -338,7 +338,7 @@ fn an_alert_is_raised_once_across_connections() {
         .filter(|r| *r)
         .count();
     assert_eq!(raised, 1);
-    let s = StateStore::open(tmp.path()).unwrap();
+    let s = StateStore::open(tmp.path(), None).unwrap();
     assert!(!s.alert_once("quarantine:7:<poison@x>").unwrap());
     assert!(s.alert_once("oversized:7:<big@x>").unwrap());
     // Once the problem is resolved, the next occurrence alerts again.
@@ -352,7 +352,7 @@ fn everything_survives_closing_and_reopening() {
     let dir = tmp.path().join("email-state");
     let run = Owner::new_run();
     {
-        let s = StateStore::open(&dir).unwrap();
+        let s = StateStore::open(&dir, None).unwrap();
         assert_eq!(
             s.claim("7", "<a@x>", Some("1/5/10"), &run).unwrap(),
             Claim::New
@@ -369,7 +369,7 @@ fn everything_survives_closing_and_reopening() {
         s.put_pending_auth("st", "data", now_secs() + 600).unwrap();
         assert!(s.alert_once("a").unwrap());
     }
-    let s = StateStore::open(&dir).unwrap();
+    let s = StateStore::open(&dir, None).unwrap();
     let next = Owner::new_run();
     assert_eq!(
         s.claim("7", "<a@x>", None, &next).unwrap(),
@@ -420,7 +420,7 @@ fn the_directory_and_files_are_shared_with_their_directorys_group_only() {
         fs::metadata(tmp.path()).unwrap().gid()
     };
     let dir = tmp.path().join("a/b/email-state");
-    let s = StateStore::open(&dir).unwrap();
+    let s = StateStore::open(&dir, None).unwrap();
     s.set_kv("n", "k", "v").unwrap();
     let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
     let gid = |p: &std::path::Path| fs::metadata(p).unwrap().gid();
@@ -440,7 +440,7 @@ fn the_directory_and_files_are_shared_with_their_directorys_group_only() {
     drop(s);
     // A database someone made world-readable loses the others' access, not the group's.
     fs::set_permissions(dir.join(DB_FILE), fs::Permissions::from_mode(0o664)).unwrap();
-    StateStore::open(&dir).unwrap();
+    StateStore::open(&dir, None).unwrap();
     assert_eq!(mode(&dir.join(DB_FILE)), 0o660);
 }
 
@@ -458,7 +458,7 @@ fn unusable_locations_give_a_configuration_error_naming_the_path() {
     // STATE_DIR under a regular file cannot be created.
     let file = tmp.path().join("not-a-dir");
     fs::write(&file, "x").unwrap();
-    let msg = config_message(StateStore::open(&file.join("state")));
+    let msg = config_message(StateStore::open(&file.join("state"), None));
     assert!(msg.contains("not-a-dir"), "{msg}");
     assert!(msg.contains("STATE_DIR"), "{msg}");
 
@@ -470,7 +470,7 @@ fn unusable_locations_give_a_configuration_error_naming_the_path() {
         "this is not an SQLite database, not even close......",
     )
     .unwrap();
-    let msg = config_message(StateStore::open(&dir));
+    let msg = config_message(StateStore::open(&dir, None));
     assert!(
         msg.contains(&dir.join(DB_FILE).display().to_string()),
         "{msg}"
@@ -479,18 +479,18 @@ fn unusable_locations_give_a_configuration_error_naming_the_path() {
 
     // A database written by a newer version of the extension.
     let newer = tmp.path().join("newer");
-    drop(StateStore::open(&newer).unwrap());
+    drop(StateStore::open(&newer, None).unwrap());
     let conn = rusqlite::Connection::open(newer.join(DB_FILE)).unwrap();
     conn.pragma_update(None, "user_version", 99).unwrap();
     drop(conn);
-    let msg = config_message(StateStore::open(&newer));
+    let msg = config_message(StateStore::open(&newer, None));
     assert!(msg.contains("schema version 99"), "{msg}");
 }
 
 #[test]
 fn a_lock_held_too_long_gives_an_error_not_a_hang() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = StateStore::open(tmp.path())
+    let s = StateStore::open(tmp.path(), None)
         .unwrap()
         .with_busy_timeout(Duration::from_millis(300))
         .unwrap();
@@ -522,7 +522,7 @@ fn a_lock_held_too_long_gives_an_error_not_a_hang() {
 #[test]
 fn errors_never_carry_stored_secrets() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = StateStore::open(tmp.path())
+    let s = StateStore::open(tmp.path(), None)
         .unwrap()
         .with_busy_timeout(Duration::from_millis(50))
         .unwrap();
@@ -559,7 +559,7 @@ fn many_first_opens_of_a_fresh_database_at_once_all_succeed() {
                 let barrier = barrier.clone();
                 thread::spawn(move || {
                     barrier.wait();
-                    let s = StateStore::open(&dir)
+                    let s = StateStore::open(&dir, None)
                         .unwrap_or_else(|e| panic!("round {round}, opener {t}: {e}"));
                     s.claim("1", "k", None, &Owner::new_run()).unwrap()
                 })

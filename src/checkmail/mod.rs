@@ -190,7 +190,7 @@ pub fn event_check_mail(
             crate::net::prewarm_tls_connector(&account.tls);
         }
     }
-    let state = match StateStore::open(&settings.state_dir) {
+    let state = match StateStore::open(&settings.state_dir, settings.state_dsn.as_ref()) {
         Ok(state) => state,
         Err(e) => {
             // E.g. a state directory another user created: the Error Log says why no
@@ -335,7 +335,7 @@ pub fn event_check_mail(
         let (owner, state_dir) = (run.owner.clone(), &settings.state_dir);
         // Automatic checkpoints stop only once the helper's connection is open. (The run's
         // own connection is closed at its end: nothing to restore.)
-        let helper_store = StateStore::open(state_dir);
+        let helper_store = StateStore::open(state_dir, settings.state_dsn.as_ref());
         let checkpoints = helper_store.is_ok() && run.state.set_autocheckpoint(0).is_ok();
         let helper = std::thread::Builder::new()
             .name("pcr-email-leases".into())
@@ -590,7 +590,7 @@ mod tests {
         )
         .unwrap();
         // What a run leaves when it dies after recording the skip, before its mailbox actions.
-        let state = StateStore::open(&state_dir).unwrap();
+        let state = StateStore::open(&state_dir, None).unwrap();
         let dead = Owner::new_run();
         let key = "ooo@example.org";
         let master = crate::config::Settings::load(&ini, "prod")
@@ -674,7 +674,7 @@ mod tests {
     #[test]
     fn a_successful_read_ends_the_login_failure_alert() {
         let (_dir, _maildir, ini, state_dir) = maildir_master("");
-        let state = StateStore::open(&state_dir).unwrap();
+        let state = StateStore::open(&state_dir, None).unwrap();
         assert!(state.alert_once("auth:master").unwrap());
         assert!(!state.alert_once("auth:master").unwrap(), "alerted once");
         run_event(&ini, &mut RecordingHost::default());

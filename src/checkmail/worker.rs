@@ -169,7 +169,7 @@ pub(super) fn read_mailbox(
         .incoming
         .as_ref()
         .ok_or_else(|| Error::message("the account has no incoming settings"))?;
-    let state = StateStore::open(state_dir)?;
+    let state = StateStore::open(state_dir, env.state_dsn.as_ref())?;
     // A local mailbox's ledger moves from the configured spelling of its path to the resolved
     // one (once; a no-op read afterwards), so upgrading never hands its mail over again.
     let (legacy, scope) = (legacy_ledger_scope(account), ledger_scope(account));

@@ -1,11 +1,13 @@
-//! `email.STATE_DSN`: where the shared state database is, and which `STATE_DIR` uses it.
-//! Read here with the rest of the INI file; `crate::state` opens the database.
+//! `email.STATE_DSN`: where the shared state database is. Read here with the rest of the INI
+//! file into `Settings::state_dsn`; `crate::state` opens the database it is given.
 
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::PathBuf;
 
 use crate::config::Secret;
 use crate::error::Result;
+
+/// What to do when a password holds a character the DSN reads as a separator.
+const PASSWORD_HINT: &str = "percent-encode ? # @ / in the password (%3F %23 %40 %2F)";
 
 /// Where the database is: `mysql://USER:PASSWORD@HOST:PORT/DATABASE[?ssl=required&ca=PATH]`.
 #[derive(Clone, PartialEq, Eq)]
@@ -59,9 +61,14 @@ impl Dsn {
             .or_else(|| text.strip_prefix("mariadb://"))
             .ok_or("must start with mysql:// (mysql://USER:PASSWORD@HOST:PORT/DATABASE)")?;
         let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
+        // An `@` after the `?`: an unencoded `?` in the password started the query early, so
+        // the rest may be the password's tail; nothing of it is repeated.
+        if query.contains('@') {
+            return Err(format!("has an @ after the ?; {PASSWORD_HINT}"));
+        }
         let at = main
             .rfind('@')
-            .ok_or("has no USER:PASSWORD@ before the host")?;
+            .ok_or_else(|| format!("has no USER:PASSWORD@ before the host; {PASSWORD_HINT}"))?;
         let (userinfo, hostpart) = (&main[..at], &main[at + 1..]);
         let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
         let user = percent_decode(user).map_err(|e| format!("user {e}"))?;
@@ -103,21 +110,30 @@ impl Dsn {
         let (mut ssl, mut ca) = (false, None);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_decode(v).map_err(|e| format!("{k} {e}"))?;
+            let known = ["ssl", "ssl-mode", "sslmode", "ca", "ssl-ca", "sslca"].contains(&k);
+            let v = percent_decode(v).map_err(|e| match known {
+                true => format!("{k} {e}"),
+                false => format!("has a parameter that {e}; {PASSWORD_HINT}"),
+            })?;
             match k {
                 "ssl" | "ssl-mode" | "sslmode" => {
                     ssl = match v.to_ascii_lowercase().as_str() {
                         "required" | "require" | "true" | "1" | "on" | "verify_identity"
                         | "verify-full" => true,
                         "disabled" | "disable" | "false" | "0" | "off" => false,
-                        _ => return Err(format!("has ssl={v}: use ssl=required or ssl=disabled")),
+                        _ => return Err("has an ssl value other than required or disabled".into()),
                     }
                 }
                 "ca" | "ssl-ca" | "sslca" => {
                     ssl = true;
                     ca = Some(PathBuf::from(v));
                 }
-                _ => return Err(format!("has an unknown parameter {k:?} (known: ssl, ca)")),
+                // Never repeated: it could be the tail of a password with an unencoded `?`.
+                _ => {
+                    return Err(format!(
+                        "has an unknown parameter after the ? (known: ssl, ca); {PASSWORD_HINT}"
+                    ))
+                }
             }
         }
         Ok(Dsn {
@@ -144,28 +160,6 @@ impl Dsn {
     }
 }
 
-// ---- Which STATE_DIR uses a database ----------------------------------------------------
-
-static DATABASES: Mutex<Vec<(PathBuf, Dsn)>> = Mutex::new(Vec::new());
-
-/// Makes the stores of `state_dir` live in `dsn`'s database (`None`: in SQLite under
-/// `state_dir` again). Called when the configuration is read (`email.STATE_DSN`).
-pub fn use_database(state_dir: &Path, dsn: Option<Dsn>) {
-    let mut all = DATABASES.lock().unwrap_or_else(|e| e.into_inner());
-    all.retain(|(dir, _)| dir != state_dir);
-    if let Some(dsn) = dsn {
-        all.push((state_dir.to_path_buf(), dsn));
-    }
-}
-
-/// The database the stores of `state_dir` live in, when `email.STATE_DSN` says so.
-pub fn database_for(state_dir: &Path) -> Option<Dsn> {
-    let all = DATABASES.lock().unwrap_or_else(|e| e.into_inner());
-    all.iter()
-        .find(|(dir, _)| dir == state_dir)
-        .map(|(_, d)| d.clone())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,7 +184,7 @@ mod tests {
         );
         assert_eq!(d.database, "pcr360");
         assert!(d.ssl);
-        assert_eq!(d.ca.as_deref(), Some(Path::new("/etc/ca.pem")));
+        assert_eq!(d.ca.as_deref(), Some(std::path::Path::new("/etc/ca.pem")));
         assert_eq!(
             d.label(),
             "mysql://pcr@db.example.edu:3307/pcr360?ssl=required"
@@ -207,6 +201,26 @@ mod tests {
         ] {
             let e = plain(bad).unwrap_err();
             assert!(!e.contains(":p@"), "{e}");
+        }
+    }
+
+    #[test]
+    fn no_part_of_a_password_with_separators_is_repeated_in_the_error() {
+        for (text, tail) in [
+            ("mysql://pcr:p@s/s?tail@db.example.edu/pcr360", "tail"),
+            ("mysql://pcr:xq?ssl=Zsecr3t@db.example.edu/pcr360", "secr3t"),
+            ("mysql://pcr:xq?Zsecr3t", "secr3t"),
+            ("mysql://pcr:p@h/d?Zsecr3t=1", "secr3t"),
+            ("mysql://pcr:p@h/d?ssl=Zsecr3t", "secr3t"),
+            ("mysql://pcr:p@h/d?Zsecr3t=%zz", "secr3t"),
+        ] {
+            let err = plain(text).unwrap_err();
+            assert!(!err.contains(tail), "{text}: {err}");
+            assert!(!err.contains("@db"), "{text}: {err}");
+            assert!(
+                err.contains("percent-encode ? # @ / in the password") || err.contains("ssl"),
+                "{text}: {err}"
+            );
         }
     }
 

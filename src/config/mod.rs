@@ -55,7 +55,8 @@ pub struct Settings {
     pub warnings: Vec<String>,
     pub state_dir: PathBuf,
     /// `email.STATE_DSN`: the state lives in this MariaDB/MySQL database instead of SQLite
-    /// under `state_dir` (registered with [`dsn::use_database`] for `state_dir`).
+    /// under `state_dir`. Every store of these settings is opened with it
+    /// (`StateStore::open(&settings.state_dir, settings.state_dsn.as_ref())`).
     pub state_dsn: Option<dsn::Dsn>,
     pub key_file: PathBuf,
     pub log_file: Option<PathBuf>,
@@ -244,7 +245,6 @@ impl Settings {
             }
             settings.state_dsn = Some(parsed);
         }
-        dsn::use_database(&settings.state_dir, settings.state_dsn.clone());
         if let Some(pattern) = fields.get("SD_NUMBER_PATTERN") {
             if let Err(e) = regex::Regex::new(pattern) {
                 let detail = e.to_string();

@@ -175,11 +175,14 @@ impl Provider {
     }
 }
 
-/// Where the OAuth state lives: the state store directory and the key file that encrypts the
-/// tokens (both from the INI: `STATE_DIR`, `KEY_FILE`).
+/// Where the OAuth state lives: the state store directory, the shared database when there is
+/// one, and the key file that encrypts the tokens (from the INI: `STATE_DIR`, `STATE_DSN`,
+/// `KEY_FILE`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OAuthEnv {
     pub state_dir: PathBuf,
+    /// `email.STATE_DSN` of the same INI file: the tokens and their refresh lock live there.
+    pub state_dsn: Option<crate::config::dsn::Dsn>,
     pub key_file: PathBuf,
 }
 
@@ -187,13 +190,14 @@ impl OAuthEnv {
     pub fn from_settings(settings: &Settings) -> OAuthEnv {
         OAuthEnv {
             state_dir: settings.state_dir.clone(),
+            state_dsn: settings.state_dsn.clone(),
             key_file: settings.key_file.clone(),
         }
     }
 
     /// A new connection to the state store.
     pub fn open_store(&self) -> Result<StateStore> {
-        StateStore::open(&self.state_dir)
+        StateStore::open(&self.state_dir, self.state_dsn.as_ref())
     }
 
     /// The key store (the key file is created on first use).
@@ -682,7 +686,12 @@ pub fn complete_authorization(
         signed_in_mailbox(&http, provider, &ep.api_base, &access, &id)?
     };
     {
-        let _lock = AccountLock::acquire(&tokens::lock_dir(store), &id, account.timeout * 2)?;
+        let _lock = AccountLock::acquire(
+            &tokens::lock_dir(store),
+            store.dsn(),
+            &id,
+            account.timeout * 2,
+        )?;
         store.save_token(&id, REFRESH, &keys.encrypt(&refresh), None)?;
         store.save_token(
             &id,
@@ -1031,7 +1040,7 @@ mod tests {
     /// A state store in a temporary directory (kept while the first value lives) and a key.
     fn store_and_keys() -> (tempfile::TempDir, StateStore, KeyStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(&dir.path().join("s")).unwrap();
+        let store = StateStore::open(&dir.path().join("s"), None).unwrap();
         (dir, store, KeyStore::from_key([7; 32]))
     }
 
@@ -1179,6 +1188,7 @@ mod tests {
 
         let env = OAuthEnv {
             state_dir: dir.path().join("s"),
+            state_dsn: None,
             key_file: dir.path().join("k.key"),
         };
         let api = ApiClient::new(&a, &env, Role::Send).unwrap();

@@ -81,6 +81,8 @@ pub struct TokenManager {
     store: Mutex<StateStore>,
     keys: KeyStore,
     lock_dir: PathBuf,
+    /// The shared database the store lives in: the refresh lock is taken there too.
+    lock_dsn: Option<crate::state::Dsn>,
     lock_wait: Duration,
     role: Role,
 }
@@ -163,6 +165,7 @@ impl TokenManager {
             access_kind,
             http: HttpClient::new(&account.tls, account.timeout)?,
             lock_dir: lock_dir(&store),
+            lock_dsn: store.dsn().cloned(),
             store: Mutex::new(store),
             keys: env.open_keys()?,
             lock_wait: account.timeout.max(Duration::from_secs(5)) * 2,
@@ -245,7 +248,12 @@ impl TokenManager {
     }
 
     fn renew(&self, rejected: Option<&Secret>) -> Result<Secret> {
-        let _lock = AccountLock::acquire(&self.lock_dir, &self.account, self.lock_wait)?;
+        let _lock = AccountLock::acquire(
+            &self.lock_dir,
+            self.lock_dsn.as_ref(),
+            &self.account,
+            self.lock_wait,
+        )?;
         // Someone else may have refreshed while we waited for the lock.
         if let Some(token) = self.cached(rejected)? {
             return Ok(token);
@@ -488,14 +496,20 @@ pub(crate) fn lock_dir(store: &StateStore) -> PathBuf {
 }
 
 /// An exclusive `flock` on one account's lock file, held until dropped; with
-/// `email.STATE_DSN` also a lock in the shared database, so that servers exclude each other.
+/// `email.STATE_DSN` (`dsn`: the database of the store the token is in) also a lock in the
+/// shared database, so that servers exclude each other.
 pub(crate) struct AccountLock {
     _file: File,
     _database: Option<crate::state::DatabaseLock>,
 }
 
 impl AccountLock {
-    pub(crate) fn acquire(dir: &Path, account: &str, wait: Duration) -> Result<AccountLock> {
+    pub(crate) fn acquire(
+        dir: &Path,
+        dsn: Option<&crate::state::Dsn>,
+        account: &str,
+        wait: Duration,
+    ) -> Result<AccountLock> {
         let fail = |what: String| {
             Error::auth(
                 account,
@@ -518,11 +532,10 @@ impl AccountLock {
         loop {
             match file.try_lock() {
                 Ok(()) => {
-                    let shared = dir.parent().and_then(crate::state::database_for);
-                    let database = match shared {
+                    let database = match dsn {
                         Some(dsn) => Some(
                             crate::state::database_lock(
-                                &dsn,
+                                dsn,
                                 &format!("oauth:{account}"),
                                 deadline.saturating_duration_since(Instant::now()),
                             )
@@ -563,14 +576,14 @@ mod tests {
     #[test]
     fn the_lock_excludes_a_second_holder_until_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let first = AccountLock::acquire(dir.path(), "7", Duration::from_secs(1)).unwrap();
-        let err = AccountLock::acquire(dir.path(), "7", Duration::from_millis(100))
+        let first = AccountLock::acquire(dir.path(), None, "7", Duration::from_secs(1)).unwrap();
+        let err = AccountLock::acquire(dir.path(), None, "7", Duration::from_millis(100))
             .err()
             .unwrap();
         assert!(err.to_string().contains("renewing"), "{err}");
-        let other = AccountLock::acquire(dir.path(), "8", Duration::from_millis(100));
+        let other = AccountLock::acquire(dir.path(), None, "8", Duration::from_millis(100));
         assert!(other.is_ok());
         drop(first);
-        assert!(AccountLock::acquire(dir.path(), "7", Duration::from_millis(100)).is_ok());
+        assert!(AccountLock::acquire(dir.path(), None, "7", Duration::from_millis(100)).is_ok());
     }
 }

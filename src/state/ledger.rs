@@ -899,7 +899,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, StateStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(dir.path()).unwrap();
+        let store = StateStore::open(dir.path(), None).unwrap();
         (dir, store)
     }
 

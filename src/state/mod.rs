@@ -37,17 +37,18 @@
 //! are `Error::Mailbox` naming the account and the file. None carries a stored value.
 //!
 //! # A shared database instead (`email.STATE_DSN`)
-//! With `STATE_DSN` set, [`StateStore::open`] of that `STATE_DIR` opens the MariaDB/MySQL
-//! database instead (see [`mysql`]): the same operations, the same guarantees, across several
-//! application servers. Which one a store uses is decided here ([`use_database`] registers the
-//! DSN when the INI file is read); callers do not change.
+//! With `STATE_DSN` set, [`StateStore::open`] is given that DSN with the `STATE_DIR` of the
+//! same INI file and opens the MariaDB/MySQL database instead (see [`mysql`]): the same
+//! operations, the same guarantees, across several application servers. Every caller passes
+//! the DSN of its own settings: two managers of one process with the same `STATE_DIR` but
+//! different INI files each keep their state where their own file says.
 
 pub mod ledger;
 pub mod mysql;
 pub mod owner;
 mod sqlite;
 
-pub use crate::config::dsn::{database_for, use_database, Dsn};
+pub use crate::config::dsn::Dsn;
 pub use ledger::{
     Claim, LedgerCounts, LedgerEntry, LedgerOutcome, LedgerState, Settled, MAX_ATTEMPTS,
     SKIPPED_PREFIX,
@@ -144,11 +145,13 @@ pub(crate) fn one<T>(
 }
 
 impl StateStore {
-    /// Opens (creating when missing) `state_dir/pcr_email.sqlite`; the directory is created
-    /// with mode 02770 and its parent's group when it does not exist.
-    pub fn open(state_dir: &Path) -> Result<StateStore> {
-        if let Some(dsn) = database_for(state_dir) {
-            return StateStore::open_database(&dsn, state_dir);
+    /// Opens the state of `state_dir`: in `dsn`'s database when the INI file's `STATE_DSN`
+    /// gives one (`settings.state_dsn`), else (creating when missing)
+    /// `state_dir/pcr_email.sqlite`; the directory is created with mode 02770 and its parent's
+    /// group when it does not exist.
+    pub fn open(state_dir: &Path, dsn: Option<&Dsn>) -> Result<StateStore> {
+        if let Some(dsn) = dsn {
+            return StateStore::open_database(dsn, state_dir);
         }
         if !state_dir.is_dir() {
             crate::perms::create_dir_all(state_dir, crate::perms::DIR_MODE).map_err(|e| {
@@ -195,6 +198,11 @@ impl StateStore {
             Backend::Sqlite(c) => Some(c),
             Backend::Database(_) => None,
         }
+    }
+
+    /// The shared database this store lives in (`None`: SQLite).
+    pub fn dsn(&self) -> Option<&Dsn> {
+        self.database().map(|db| db.dsn())
     }
 
     /// Where the state is, for messages: the SQLite file or the database (without password).
@@ -852,7 +860,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, StateStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(&dir.path().join("state")).unwrap();
+        let store = StateStore::open(&dir.path().join("state"), None).unwrap();
         (dir, store)
     }
 
@@ -875,7 +883,7 @@ mod tests {
                 .unwrap()
         };
         let fresh = dir.path().join("fresh");
-        drop(StateStore::open(&fresh).unwrap());
+        drop(StateStore::open(&fresh, None).unwrap());
         assert_eq!(page_size(&fresh.join(DB_FILE)), i64::from(PAGE_SIZE));
         // A database made with 4 KB pages (an earlier version) opens and keeps them.
         let old = dir.path().join("old");
@@ -885,7 +893,7 @@ mod tests {
         conn.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (x)")
             .unwrap();
         drop(conn);
-        let store = StateStore::open(&old).unwrap();
+        let store = StateStore::open(&old, None).unwrap();
         store.alert_once("still works").unwrap();
         drop(store);
         assert_eq!(page_size(&old.join(DB_FILE)), 4096);

@@ -376,7 +376,7 @@ mod tests {
         conn.pragma_update(None, "user_version", 1).unwrap();
         drop(conn);
 
-        let store = StateStore::open(dir.path()).unwrap();
+        let store = StateStore::open(dir.path(), None).unwrap();
         let version: i64 = store
             .sqlite()
             .unwrap()

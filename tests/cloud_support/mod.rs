@@ -274,6 +274,7 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let env = OAuthEnv {
             state_dir: dir.path().join("state"),
+            state_dsn: None,
             key_file: dir.path().join("pcr360-email.key"),
         };
         Env { dir, env }

@@ -340,7 +340,7 @@ mod fixtures {
                 &self.path,
                 action,
                 Duration::from_secs(5),
-                StateStore::open(&self.state_dir).unwrap(),
+                StateStore::open(&self.state_dir, None).unwrap(),
             )
             .unwrap()
         }

@@ -141,6 +141,11 @@ impl MysqlStore {
         Ok(store)
     }
 
+    /// The database this store lives in.
+    pub(crate) fn dsn(&self) -> &Dsn {
+        &self.dsn
+    }
+
     pub(crate) fn label(&self) -> String {
         self.dsn.label()
     }
