@@ -293,6 +293,46 @@ pub(super) fn takeover(
     Some((row.attempts.saturating_add(1), why))
 }
 
+/// What a claim does with the row it found (the same decision for both backends).
+pub(super) enum ClaimStep {
+    /// The answer as it is (done, quarantined, or busy with a live owner).
+    Answer(Claim),
+    /// The claim becomes `owner`'s with this attempt count (and the reason kept as the last
+    /// error, when a run was taken over); the answer is then `Claim::Retry`.
+    Own { attempts: u32, why: Option<String> },
+}
+
+/// The decision for a claim that found `row` (see [`takeover`] for rows in progress).
+pub(super) fn claim_step(
+    row: &StoredOwner,
+    mailbox_ref: Option<&str>,
+    owner: &Owner,
+    now: i64,
+    local_store: bool,
+) -> ClaimStep {
+    match LedgerState::parse(&row.state) {
+        Some(LedgerState::Done) => ClaimStep::Answer(Claim::Done {
+            outcome: LedgerOutcome::from_db(row.outcome.as_deref().unwrap_or_default()),
+            same_copy: match (&row.mailbox_ref, mailbox_ref) {
+                (Some(stored), Some(given)) => stored == given,
+                _ => true,
+            },
+        }),
+        Some(LedgerState::Quarantined) => ClaimStep::Answer(Claim::Quarantined),
+        Some(LedgerState::Failed) => ClaimStep::Own {
+            attempts: row.attempts,
+            why: None,
+        },
+        Some(LedgerState::InProgress) | None => match takeover(row, owner, now, local_store) {
+            None => ClaimStep::Answer(Claim::Busy),
+            Some((attempts, why)) => ClaimStep::Own {
+                attempts,
+                why: Some(why),
+            },
+        },
+    }
+}
+
 /// Whether a run `owner` may record a failure on a row in `state` held by `run`: not when it
 /// is settled, nor when another run holds it (it took the claim over and is working on it).
 pub(super) fn may_fail(state: &str, run: Option<&str>, owner: &Owner) -> bool {
@@ -586,28 +626,20 @@ impl StateStore {
                 params![account, key, r],
             )?;
         }
-        match LedgerState::parse(&row.state) {
-            Some(LedgerState::Done) => Ok(Claim::Done {
-                outcome: LedgerOutcome::from_db(row.outcome.as_deref().unwrap_or_default()),
-                same_copy: match (&row.mailbox_ref, mailbox_ref) {
-                    (Some(stored), Some(given)) => stored == given,
-                    _ => true,
-                },
-            }),
-            Some(LedgerState::Quarantined) => Ok(Claim::Quarantined),
-            Some(LedgerState::Failed) => {
-                set_owner(tx, account, key, owner, lease_until, row.attempts, None)?;
-                Ok(Claim::Retry {
-                    attempts: row.attempts,
-                })
+        match claim_step(&row, mailbox_ref, owner, now, true) {
+            ClaimStep::Answer(claim) => Ok(claim),
+            ClaimStep::Own { attempts, why } => {
+                set_owner(
+                    tx,
+                    account,
+                    key,
+                    owner,
+                    lease_until,
+                    attempts,
+                    why.as_deref(),
+                )?;
+                Ok(Claim::Retry { attempts })
             }
-            Some(LedgerState::InProgress) | None => match takeover(&row, owner, now, true) {
-                None => Ok(Claim::Busy),
-                Some((attempts, why)) => {
-                    set_owner(tx, account, key, owner, lease_until, attempts, Some(&why))?;
-                    Ok(Claim::Retry { attempts })
-                }
-            },
         }
     }
 

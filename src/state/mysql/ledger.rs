@@ -8,7 +8,7 @@ use super::journal::{append_journal, Journaled};
 use super::{db_now, exec, first, get, id, MysqlStore, Tx};
 use crate::error::{Error, Result};
 use crate::state::ledger::{
-    entry_parts, may_fail, takeover, truncate, Claim, LedgerCounts, LedgerEntry, LedgerOutcome,
+    claim_step, entry_parts, may_fail, truncate, Claim, ClaimStep, LedgerCounts, LedgerEntry,
     LedgerState, Settled, StoredOwner, SKIPPED_PREFIX,
 };
 use crate::state::{now_ms, Owner};
@@ -427,28 +427,12 @@ fn claim_in(
             ],
         )
     };
-    match LedgerState::parse(&row.state) {
-        Some(LedgerState::Done) => Ok(Claim::Done {
-            outcome: LedgerOutcome::from_db(row.outcome.as_deref().unwrap_or_default()),
-            same_copy: match (&row.mailbox_ref, mailbox_ref) {
-                (Some(stored), Some(given)) => stored == given,
-                _ => true,
-            },
-        }),
-        Some(LedgerState::Quarantined) => Ok(Claim::Quarantined),
-        Some(LedgerState::Failed) => {
-            set_owner(tx, row.attempts, None)?;
-            Ok(Claim::Retry {
-                attempts: row.attempts,
-            })
+    match claim_step(&row, mailbox_ref, owner, now, false) {
+        ClaimStep::Answer(claim) => Ok(claim),
+        ClaimStep::Own { attempts, why } => {
+            set_owner(tx, attempts, why.as_deref())?;
+            Ok(Claim::Retry { attempts })
         }
-        Some(LedgerState::InProgress) | None => match takeover(&row, owner, now, false) {
-            None => Ok(Claim::Busy),
-            Some((attempts, why)) => {
-                set_owner(tx, attempts, Some(&why))?;
-                Ok(Claim::Retry { attempts })
-            }
-        },
     }
 }
 
